@@ -1,0 +1,125 @@
+"""CoMa configuration.
+
+Part of the remote code shipped with every checkpoint: imports only transformers and sibling files.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+
+from .backbones import get_family
+
+POOLING_MODES = ("mean", "last")
+LOSS_ON_MODES = ("answers", "all_after_compression")
+ATTENTION_RULES = ("bottleneck", "causal")
+
+DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."
+DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
+DEFAULT_DOCUMENT_INSTRUCTION = "Represent the given image or text."
+
+
+class CoMaConfig(PretrainedConfig):
+    r"""Configuration of a CoMa embedding model: a backbone MLLM plus K learnable compression tokens.
+
+    Args:
+        backbone_config (`dict` or `PretrainedConfig`, *optional*):
+            The full config of the backbone MLLM (Qwen2-VL, Qwen2.5-VL or Qwen3-VL). Defaults to a stock
+            Qwen2.5-VL config.
+        num_compression_tokens (`int`, defaults to 32):
+            K, the number of compression tokens appended after every input. The paper's ablation found 32 best.
+        compression_token_ids (`list[int]`, *optional*):
+            Vocabulary ids of `<cmp_0>` … `<cmp_{K-1}>`, in order. Set by `CoMaModel.from_backbone`.
+        pooling (`str`, defaults to `"mean"`):
+            How the embedding is read off the K final (post-norm) compression states: `"mean"` (the paper) or
+            `"last"` (the released evaluation script).
+        loss_on (`str`, defaults to `"answers"`):
+            Stage-1 loss positions: `"answers"` (answer tokens and their `<|im_end|>`, the paper) or
+            `"all_after_compression"` (every token after the compression tokens, the released code).
+        attention_rule (`str`, defaults to `"bottleneck"`):
+            `"bottleneck"`: tokens after the compression tokens never see the input (CoMa).
+            `"causal"`: plain causal attention everywhere (the control that isolates compression).
+        compress_instruction (`str`):
+            Instruction placed between the stage-1 input and the compression tokens.
+        query_instruction (`str`):
+            Default instruction of `encode_query` (and the sentence-transformers prompt `query`).
+        document_instruction (`str`):
+            Default instruction of `encode_document` (and the sentence-transformers prompt `document`).
+        contrastive_temperature (`float`, defaults to 0.03):
+            Stage-2 InfoNCE temperature (cosine similarity / temperature). Not called `temperature`, which
+            transformers reserves for generation.
+        embedding_dim (`int`, *optional*):
+            Truncate pooled embeddings to their first `embedding_dim` dimensions (Matryoshka-style) before
+            normalising. `None` keeps the full hidden size.
+        normalize_embeddings (`bool`, defaults to `True`):
+            L2-normalise `pooler_output` (the contract every encode API relies on).
+    """
+
+    model_type = "coma"
+    sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        backbone_config: dict | PretrainedConfig | None = None,
+        num_compression_tokens: int = 32,
+        compression_token_ids: list[int] | None = None,
+        pooling: str = "mean",
+        loss_on: str = "answers",
+        attention_rule: str = "bottleneck",
+        compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
+        query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
+        document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
+        contrastive_temperature: float = 0.03,
+        embedding_dim: int | None = None,
+        normalize_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.backbone_config = _as_backbone_config(backbone_config)
+        get_family(self.backbone_config.model_type)  # fail early on an unsupported family
+        self.num_compression_tokens = num_compression_tokens
+        self.compression_token_ids = list(compression_token_ids) if compression_token_ids is not None else None
+        self.pooling = _check_choice("pooling", pooling, POOLING_MODES)
+        self.loss_on = _check_choice("loss_on", loss_on, LOSS_ON_MODES)
+        self.attention_rule = _check_choice("attention_rule", attention_rule, ATTENTION_RULES)
+        self.compress_instruction = compress_instruction
+        self.query_instruction = query_instruction
+        self.document_instruction = document_instruction
+        self.contrastive_temperature = contrastive_temperature
+        self.embedding_dim = embedding_dim
+        self.normalize_embeddings = normalize_embeddings
+        if self.compression_token_ids is not None and len(self.compression_token_ids) != num_compression_tokens:
+            raise ValueError(
+                f"compression_token_ids has {len(self.compression_token_ids)} ids but num_compression_tokens is "
+                f"{num_compression_tokens}"
+            )
+        # Tying follows the backbone (Qwen2.5-VL-3B ties its embeddings, 7B does not).
+        kwargs["tie_word_embeddings"] = bool(getattr(self.backbone_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+
+    def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
+        """The language model's config (vocabulary size, hidden size), as transformers' resizing expects."""
+        return self.backbone_config.get_text_config(*args, **kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the language model, i.e. of the compression states."""
+        return self.get_text_config().hidden_size
+
+    @property
+    def embedding_size(self) -> int:
+        """Dimension of `pooler_output` (what sentence-transformers reports as the embedding dimension)."""
+        return self.embedding_dim or self.hidden_size
+
+
+def _as_backbone_config(backbone_config: dict | PretrainedConfig | None) -> PretrainedConfig:
+    if backbone_config is None:
+        return AutoConfig.for_model("qwen2_5_vl")
+    if isinstance(backbone_config, dict):
+        backbone_config = dict(backbone_config)
+        return AutoConfig.for_model(backbone_config.pop("model_type"), **backbone_config)
+    return backbone_config
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value

@@ -1,0 +1,504 @@
+"""CoMaProcessor: the one renderer of CoMa's token layout, for both stages.
+
+Stage 1 (compression pre-training), one sample, no system prompt::
+
+    <|vision_start|><|image_pad|>…<|vision_end|>{text}\\n{compress_instruction}<cmp_0>…<cmp_{K-1}>
+    <|im_start|>user\\n{Q1}<|im_end|>\\n<|im_start|>assistant\\n{A1}<|im_end|>\\n …
+
+Stage 2 (a query or a candidate), nothing after the compression tokens::
+
+    <|vision_start|><|image_pad|>…<|vision_end|>{instruction}\\n{text}<cmp_0>…<cmp_{K-1}>
+
+Missing parts are simply absent. A text that carries an image placeholder (`<|image_1|>` as in MMEB, or `<image>`
+as in LLaVA) gets the image tokens where the placeholder stands, and no instruction is added.
+User text is tokenized with special tokens split, so a text cannot inject `<|im_end|>` or a compression token.
+
+Part of the remote code shipped with every checkpoint: imports only torch, transformers, Pillow, numpy (a
+transformers dependency) and the standard library.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>|<image>")
+DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."
+LOSS_ON_MODES = ("answers", "all_after_compression")
+IGNORE_INDEX = -100
+
+
+class CoMaInputError(ValueError):
+    """Bad input, reported with the sample and the field it came from."""
+
+    def __init__(self, message: str, sample: Any = None, field: str | None = None):
+        where = ", ".join(part for part in (_sample_name(sample), f"field {field!r}" if field else "") if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.sample = sample
+        self.field = field
+
+
+def _sample_name(sample: Any) -> str:
+    return "" if sample is None else f"sample {sample}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------------
+def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Image:
+    """Return `image` as a decoded RGB PIL image.
+
+    Accepts a PIL image, a local path (str or `os.PathLike`), an http(s) URL (fetched only because the caller named
+    it), raw bytes, or a `datasets.Image(decode=False)` dict with `bytes` and/or `path`. Images in modes L, LA, P,
+    RGBA, CMYK, I;16, I, F and 1 are converted; transparency is composited onto white.
+    Raises `CoMaInputError` naming the sample, the field and the path when the image is missing or unreadable.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return _open(io.BytesIO(image), "<bytes>", sample, field)
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path.startswith(("http://", "https://")):
+            from transformers.image_utils import load_image as load_url
+
+            try:
+                return to_rgb(load_url(path))
+            except Exception as error:  # network or decoding failure: name the URL
+                raise CoMaInputError(f"cannot fetch image {path}: {error}", sample, field) from error
+        if not os.path.isfile(path):
+            raise CoMaInputError(f"image file not found: {path}", sample, field)
+        return _open(path, path, sample, field)
+    raise CoMaInputError(f"expected a PIL image, a path, bytes or a URL, got {type(image).__name__}", sample, field)
+
+
+def _open(source: Any, name: str, sample: Any, field: str) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            opened.load()  # decode now, so a truncated file fails here and not inside a batch
+            return to_rgb(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise CoMaInputError(f"cannot read image {name}: {error}", sample, field) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited onto white, 16-bit and float scaled to 0..255)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RenderedSample:
+    """One sample as token ids, before padding.
+
+    Attributes:
+        input_ids: the whole sequence.
+        labels: per-token targets (`-100` = no loss), or `None` for embedding inputs.
+        pixel_values: `[num_patches, patch_dim]` of the sample's image, or `None`.
+        image_grid_thw: `[1, 3]` grid of the sample's image, or `None`.
+        dropped_turns: stage-1 QA turns left out because they did not fit in `max_length`.
+        truncated_text_tokens: input-text tokens cut to fit in `max_length`.
+    """
+
+    input_ids: list[int]
+    labels: list[int] | None = None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    dropped_turns: int = 0
+    truncated_text_tokens: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+class CoMaProcessor(ProcessorMixin):
+    r"""Renders CoMa inputs (image, text, instruction, conversation) into model inputs; left padding.
+
+    Args:
+        image_processor: the backbone's image processor (Qwen2-VL's, shared by all supported families).
+        tokenizer: the backbone's tokenizer, carrying the K compression tokens `<cmp_0>` … `<cmp_{K-1}>`.
+        chat_template (`str`, *optional*): the backbone's chat template, kept for `apply_chat_template` users.
+        num_compression_tokens (`int`, defaults to 32): K.
+        compress_instruction (`str`): instruction between the stage-1 input and the compression tokens.
+        min_image_tokens / max_image_tokens (`int`, *optional*): bounds on visual tokens per image, given in tokens
+            (one token covers `patch_size * merge_size` pixels per side: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
+            The paper uses 256–1024. `None` keeps the image processor's own bounds.
+        max_length (`int`, *optional*): longest sequence in tokens. The compression tokens are never cut: input
+            text is truncated first; in stage 1, trailing QA turns that do not fit are dropped and counted, and a
+            sample whose first answer cannot fit is an error naming the sample.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        num_compression_tokens: int = 32,
+        compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
+        min_image_tokens: int | None = None,
+        max_image_tokens: int | None = None,
+        max_length: int | None = None,
+        **kwargs,
+    ):
+        self.num_compression_tokens = num_compression_tokens
+        self.compress_instruction = compress_instruction
+        self.min_image_tokens = min_image_tokens
+        self.max_image_tokens = max_image_tokens
+        self.max_length = max_length
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self._apply_image_token_bounds()
+        self._special = self._special_token_ids()
+
+    # ---- setup -------------------------------------------------------------------------------------------------------
+    @property
+    def pixels_per_token(self) -> int:
+        return self.image_processor.patch_size * self.image_processor.merge_size
+
+    @property
+    def compression_tokens(self) -> list[str]:
+        return [f"<cmp_{index}>" for index in range(self.num_compression_tokens)]
+
+    @property
+    def compression_token_ids(self) -> list[int]:
+        return list(self._special["compression"])
+
+    def _apply_image_token_bounds(self) -> None:
+        """Translate token bounds into the pixel bounds the image processor understands."""
+        size = dict(self.image_processor.size or {})
+        if self.min_image_tokens is not None:
+            size["shortest_edge"] = self.min_image_tokens * self.pixels_per_token**2
+        if self.max_image_tokens is not None:
+            size["longest_edge"] = self.max_image_tokens * self.pixels_per_token**2
+        self.image_processor.size = size
+        for name, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if hasattr(self.image_processor, name) and key in size:
+                setattr(self.image_processor, name, size[key])
+
+    def _special_token_ids(self) -> dict:
+        tokenizer = self.tokenizer
+        names = {
+            "im_start": "<|im_start|>",
+            "im_end": "<|im_end|>",
+            "vision_start": "<|vision_start|>",
+            "vision_end": "<|vision_end|>",
+            "image": "<|image_pad|>",
+        }
+        ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
+        ids["compression"] = tokenizer.convert_tokens_to_ids(self.compression_tokens)
+        unknown = tokenizer.unk_token_id
+        missing = [names.get(key, key) for key, value in ids.items() if key != "compression" and value in (None, unknown)]
+        missing += [token for token, value in zip(self.compression_tokens, ids["compression"]) if value in (None, unknown)]
+        if missing:
+            raise ValueError(f"The tokenizer lacks these CoMa tokens: {missing}. Build models with CoMaModel.from_backbone.")
+        ids["pad"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids["im_end"]
+        return ids
+
+    # ---- pieces ------------------------------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        """Tokenize user text; special-token strings inside it stay plain text."""
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _image_block(self, image: Any, sample: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Vision tokens for one image, with its pixel patches and grid."""
+        picture = load_image(image, sample=sample)
+        try:
+            features = self.image_processor(images=[picture], return_tensors="pt")
+        except ValueError as error:  # e.g. an aspect ratio the vision tower cannot take
+            raise CoMaInputError(f"cannot process image: {error}", sample, "image") from error
+        grid = features["image_grid_thw"]
+        num_tokens = int(grid.prod()) // self.image_processor.merge_size**2
+        ids = [self._special["vision_start"]] + [self._special["image"]] * num_tokens + [self._special["vision_end"]]
+        return ids, features["pixel_values"], grid
+
+    def _turn(self, question: str, answer: str | None) -> tuple[list[int], list[bool]]:
+        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n{A}<|im_end|>\\n` and a per-token answer flag."""
+        special = self._special
+        prompt = (
+            [special["im_start"]] + self._encode("user\n") + self._encode(question) + [special["im_end"]]
+            + self._encode("\n") + [special["im_start"]] + self._encode("assistant\n")
+        )
+        if answer is None:
+            return prompt, [False] * len(prompt)
+        reply = self._encode(answer) + [special["im_end"]]
+        tail = self._encode("\n")
+        return prompt + reply + tail, [False] * len(prompt) + [True] * len(reply) + [False] * len(tail)
+
+    def _text_budget(self, fixed_length: int, sample: Any, what: str, field_name: str) -> int | None:
+        if self.max_length is None:
+            return None
+        budget = self.max_length - fixed_length
+        if budget < 0:
+            raise CoMaInputError(
+                f"{what} take {fixed_length} tokens, more than max_length={self.max_length}", sample, field_name
+            )
+        return budget
+
+    # ---- stage 2 -----------------------------------------------------------------------------------------------------
+    def render_embedding_input(
+        self, text: str | None = None, image: Any = None, instruction: str | None = None, sample: Any = None
+    ) -> RenderedSample:
+        """Render one query or candidate: `[image]{instruction}\\n{text}<cmp_0>…<cmp_{K-1}>`."""
+        text = text or ""
+        if not text.strip() and image is None:
+            raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
+        pixel_values = grid = None
+        vision: list[int] = []
+        if image is not None:
+            vision, pixel_values, grid = self._image_block(image, sample)
+        compression = self.compression_token_ids
+
+        match = IMAGE_PLACEHOLDER.search(text)
+        if match and image is not None:  # MMEB rows carry their instruction and the image's place
+            before, after = self._encode(text[: match.start()]), self._encode(text[match.end():])
+            budget = self._text_budget(len(vision) + len(compression), sample, "the image and compression tokens", "image")
+            before, after, cut = _truncate_tail([before, after], budget)
+            ids = before + vision + after + compression
+        else:
+            text = IMAGE_PLACEHOLDER.sub("", text) if match else text
+            if instruction:
+                prefix = self._encode(instruction + "\n") if text else self._encode(instruction)
+            else:
+                prefix = []
+            fixed = len(vision) + len(prefix) + len(compression)
+            budget = self._text_budget(fixed, sample, "the image, instruction and compression tokens", "instruction")
+            body, cut = _truncate_tail([self._encode(text)], budget)
+            ids = vision + prefix + body + compression
+        return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
+
+    # ---- stage 1 -----------------------------------------------------------------------------------------------------
+    def render_compression_sample(
+        self,
+        image: Any = None,
+        text: str | None = None,
+        conversation: Sequence[dict] = (),
+        loss_on: str = "answers",
+        sample: Any = None,
+    ) -> RenderedSample:
+        """Render one stage-1 sample; `conversation` is a list of `{"question": …, "answer": …}` turns (≥ 1).
+
+        Labels cover the answers and their `<|im_end|>` (`loss_on="answers"`), or every token after the compression
+        tokens (`loss_on="all_after_compression"`).
+        """
+        if loss_on not in LOSS_ON_MODES:
+            raise ValueError(f"loss_on must be one of {LOSS_ON_MODES}, got {loss_on!r}")
+        text = IMAGE_PLACEHOLDER.sub("", text or "").strip()
+        if not text and image is None:
+            raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
+        turns = [self._checked_turn(turn, index, sample) for index, turn in enumerate(conversation or ())]
+        if not turns:
+            raise CoMaInputError("the conversation has no question/answer turn", sample, "conversation")
+
+        pixel_values = grid = None
+        vision: list[int] = []
+        if image is not None:
+            vision, pixel_values, grid = self._image_block(image, sample)
+        instruction = self._encode(("\n" if text else "") + self.compress_instruction)
+        compression = self.compression_token_ids
+        fixed = len(vision) + len(instruction) + len(compression)
+        first_turn_length = len(turns[0][0])
+        if self.max_length is not None and fixed + first_turn_length > self.max_length:
+            raise CoMaInputError(
+                f"the first question and answer cannot fit: image, instruction and compression tokens take {fixed} "
+                f"tokens and the first turn {first_turn_length}, more than max_length={self.max_length}",
+                sample,
+                "conversation",
+            )
+        body = self._encode(text)
+        cut = 0
+        if self.max_length is not None and fixed + len(body) + first_turn_length > self.max_length:
+            keep = self.max_length - fixed - first_turn_length
+            cut, body = len(body) - keep, body[:keep]
+        prefix = vision + body + instruction + compression
+
+        ids, answer_flags = list(prefix), [False] * len(prefix)
+        kept = 0
+        for turn_ids, flags in turns:
+            if self.max_length is not None and len(ids) + len(turn_ids) > self.max_length:
+                break
+            ids += turn_ids
+            answer_flags += flags
+            kept += 1
+        if loss_on == "answers":
+            labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, answer_flags)]
+        else:
+            labels = [IGNORE_INDEX] * len(prefix) + ids[len(prefix):]
+        return RenderedSample(ids, labels, pixel_values, grid, dropped_turns=len(turns) - kept, truncated_text_tokens=cut)
+
+    def _checked_turn(self, turn: Any, index: int, sample: Any) -> tuple[list[int], list[bool]]:
+        if isinstance(turn, dict):
+            question, answer = turn.get("question"), turn.get("answer")
+        elif isinstance(turn, (tuple, list)) and len(turn) == 2:
+            question, answer = turn
+        else:
+            raise CoMaInputError(f"turn {index} must be a {{'question', 'answer'}} dict", sample, "conversation")
+        for name, value in (("question", question), ("answer", answer)):
+            if not isinstance(value, str) or not value.strip():
+                raise CoMaInputError(f"turn {index} has an empty or missing {name}", sample, "conversation")
+        return self._turn(question, answer)
+
+    def render_question(self, question: str) -> list[int]:
+        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n`: what follows the compression tokens when asking."""
+        return self._turn(question, None)[0]
+
+    # ---- batching ----------------------------------------------------------------------------------------------------
+    def collate(self, samples: Sequence[RenderedSample]) -> BatchFeature:
+        """Left-pad rendered samples into a batch.
+
+        Returns a `BatchFeature` with `input_ids`, `attention_mask`, `mm_token_type_ids` `[batch, length]`,
+        `labels` when the samples have them, and `pixel_values` `[patches, patch_dim]` / `image_grid_thw`
+        `[images, 3]` (images in sample order) when any sample has an image.
+        """
+        length = max(len(sample.input_ids) for sample in samples)
+        pad = self._special["pad"]
+        input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        with_labels = all(sample.labels is not None for sample in samples)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long) if with_labels else None
+        for row, sample in enumerate(samples):
+            start = length - len(sample.input_ids)
+            input_ids[row, start:] = torch.tensor(sample.input_ids, dtype=torch.long)
+            attention_mask[row, start:] = 1
+            if labels is not None:
+                labels[row, start:] = torch.tensor(sample.labels, dtype=torch.long)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": (input_ids == self._special["image"]).to(torch.int32),
+        }
+        if labels is not None:
+            batch["labels"] = labels
+        images = [sample for sample in samples if sample.pixel_values is not None]
+        if images:
+            batch["pixel_values"] = torch.cat([sample.pixel_values for sample in images])
+            batch["image_grid_thw"] = torch.cat([sample.image_grid_thw for sample in images])
+        return BatchFeature(batch)
+
+    def process_for_embedding(
+        self, inputs: Sequence[Any], instruction: str | None = None, offset: int = 0
+    ) -> BatchFeature:
+        """Render and pad a list of embedding inputs.
+
+        Each input is a text (`str`), an image (a PIL image), or a dict `{"image": …, "text": …, "instruction": …}`
+        whose `image` may be a PIL image, a path or a URL. A bare string is always text here; only the dict form
+        makes a string an image. `offset` numbers samples in error messages.
+        """
+        rendered = []
+        for index, item in enumerate(inputs):
+            text, image, item_instruction = split_input(item, sample=offset + index)
+            rendered.append(
+                self.render_embedding_input(
+                    text, image, item_instruction if item_instruction is not None else instruction, sample=offset + index
+                )
+            )
+        return self.collate(rendered)
+
+    def process_for_compression(
+        self, samples: Sequence[dict], loss_on: str = "answers", offset: int = 0
+    ) -> BatchFeature:
+        """Render and pad stage-1 samples (`{"image", "text", "conversation"}` dicts); dropped turns are logged."""
+        rendered = [
+            self.render_compression_sample(
+                sample.get("image"), sample.get("text"), sample.get("conversation", ()), loss_on, sample=offset + index
+            )
+            for index, sample in enumerate(samples)
+        ]
+        dropped = sum(sample.dropped_turns for sample in rendered)
+        if dropped:
+            logger.warning("Dropped %d QA turns that did not fit in max_length=%s", dropped, self.max_length)
+        return self.collate(rendered)
+
+    def process_questions(self, questions: Sequence[str]) -> BatchFeature:
+        """Left-padded question prompts (`input_ids`, `attention_mask`) for `generate_from_compression`."""
+        rendered = [RenderedSample(self.render_question(question)) for question in questions]
+        batch = self.collate(rendered)
+        return BatchFeature({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+
+    def __call__(self, images=None, text=None, instruction: str | None = None, **kwargs) -> BatchFeature:
+        """Embedding inputs from parallel lists of `images` and/or `text` (either may be `None` or hold `None`s)."""
+        images = _as_list(images)
+        text = _as_list(text)
+        count = max(len(images), len(text))
+        images = images or [None] * count
+        text = text or [None] * count
+        if len(images) != len(text):
+            raise ValueError(f"got {len(images)} images and {len(text)} texts; pass lists of equal length")
+        return self.process_for_embedding(
+            [{"image": image, "text": item} for image, item in zip(images, text)], instruction=instruction
+        )
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def split_input(item: Any, sample: Any = None) -> tuple[str | None, Any, str | None]:
+    """`(text, image, instruction)` of one embedding input: a `str` is text, a PIL image is an image, a dict has
+    `text` / `image` / `instruction` keys."""
+    if isinstance(item, str):
+        return item, None, None
+    if isinstance(item, Image.Image):
+        return None, item, None
+    if isinstance(item, dict):
+        unknown = set(item) - {"text", "image", "instruction"}
+        if unknown:
+            raise CoMaInputError(f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input")
+        return item.get("text"), item.get("image"), item.get("instruction")
+    raise CoMaInputError(f"expected str, PIL image or dict, got {type(item).__name__}", sample, "input")
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _truncate_tail(pieces: list[list[int]], budget: int | None) -> tuple[list[int], ...]:
+    """Cut tokens from the end of the last pieces first so their total fits `budget`; returns pieces and the cut."""
+    pieces = [list(piece) for piece in pieces]
+    total = sum(len(piece) for piece in pieces)
+    cut = 0 if budget is None else max(0, total - budget)
+    remaining = cut
+    for piece in reversed(pieces):
+        take = min(remaining, len(piece))
+        if take:
+            del piece[len(piece) - take:]
+        remaining -= take
+    return (*pieces, cut)

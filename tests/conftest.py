@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny backbones built offline (seconds, CPU), deterministic images."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from coma_hf.tiny import build_tiny_coma
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(family: str, attn_implementation: str, num_compression_tokens: int):
+    torch.manual_seed(0)
+    return build_tiny_coma(family, num_compression_tokens=num_compression_tokens, attn_implementation=attn_implementation)
+
+
+def tiny_coma(family: str = "qwen2_5_vl", attn_implementation: str = "sdpa", num_compression_tokens: int = 4):
+    """A cached (model, processor) pair in float32 eval mode; tests must not modify the model in place."""
+    model, processor = _tiny(family, attn_implementation, num_compression_tokens)
+    return model.eval(), processor
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (84, 112)) -> Image.Image:
+    """A deterministic RGB noise image of `size` (width, height)."""
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture
+def model_and_processor():
+    return tiny_coma()
