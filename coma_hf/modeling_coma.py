@@ -271,9 +271,12 @@ class CoMaModel(PreTrainedModel):
         questions: Sequence[str],
         max_new_tokens: int = 32,
         processor: CoMaProcessor | None = None,
-    ) -> list[str]:
+        return_token_ids: bool = False,
+    ) -> list[str] | torch.LongTensor:
         """Greedily answer one question per compressed input, seeing the input only through its K compression tokens.
 
+        Returns the answers as strings (up to `<|im_end|>`), or with `return_token_ids` the generated ids
+        `[batch, steps]` (rows that finished early are filled with `<|im_end|>`).
         Hand-written rather than `generate`: the cache holds only the K compression positions, at the input's rope
         offset, which `GenerationMixin` cannot express.
         """
@@ -314,6 +317,8 @@ class CoMaModel(PreTrainedModel):
             token_ids = next_ids[:, None]
             positions = positions[:, -1:] + 1
             key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        if return_token_ids:
+            return generated
         return [_decode_until(processor, row.tolist(), end_id) for row in generated]
 
     # ---- encode API ----------------------------------------------------------------------------------------------------
@@ -400,13 +405,14 @@ class CoMaModel(PreTrainedModel):
             if processor is None:
                 raise ValueError("Pass the backbone's processor (tokenizer + image processor) with a model object.")
         else:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
             source = model_name_or_path_or_model
             backbone = AutoModelForImageTextToText.from_pretrained(
                 source, attn_implementation=attn_implementation, dtype=dtype
             )
-            processor = processor or AutoProcessor.from_pretrained(source)
+            if processor is None:  # tokenizer + image processor only: the stock processor also wants video support
+                processor = _ProcessorParts(AutoTokenizer.from_pretrained(source), AutoImageProcessor.from_pretrained(source))
         family = get_family(backbone.config.model_type)
         check_language_model_attention(backbone.config.get_text_config()._attn_implementation)
 
@@ -456,6 +462,15 @@ class CoMaModel(PreTrainedModel):
         output = self.get_output_embeddings().weight
         if output.data_ptr() != embeddings.data_ptr():
             output[ids] = output[:reference_rows].float().mean(dim=0).to(output.dtype)
+
+
+@dataclass
+class _ProcessorParts:
+    """The two parts of a backbone's processor that CoMa uses."""
+
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str | None = None
 
 
 def _decoding_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:

@@ -107,12 +107,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16"):
         array = np.asarray(image, dtype=np.float32) / 257.0
-        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
     if mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float32)
         low, high = float(array.min()), float(array.max())
         scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
 
 

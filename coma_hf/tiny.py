@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from .backbones import get_family
-from .modeling_coma import CoMaModel
+from .modeling_coma import CoMaModel, _ProcessorParts
 from .processing_coma import CoMaProcessor
 
 # Qwen2/2.5/3-VL special tokens, in the order (and, from 151643, at the ids) of the published tokenizers.
@@ -214,17 +214,8 @@ def build_tiny_backbone(
     config = config or tiny_backbone_config(family, tokenizer)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    backbone = spec.generation_class(config).eval()
-    return backbone, _Parts(tokenizer=tokenizer, image_processor=build_image_processor(family))
-
-
-class _Parts:
-    """What `CoMaModel.from_backbone` needs of a processor."""
-
-    def __init__(self, tokenizer, image_processor):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = tokenizer.chat_template
+    backbone = spec.generation_class(config).to(torch.float32).eval()  # published configs say bfloat16
+    return backbone, _ProcessorParts(tokenizer, build_image_processor(family), tokenizer.chat_template)
 
 
 def build_tiny_coma(

@@ -1,0 +1,124 @@
+"""A saved CoMa checkpoint loads like a Hub model: no coma_hf needed, identical vectors, stock-loadable weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAMILIES, random_image, tiny_coma
+
+# Runs in a fresh interpreter in which `import coma_hf` fails, as on a machine without the package.
+CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["coma_hf"] = None
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    source, image_path, output = sys.argv[1:4]
+    model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    assert "coma_hf" not in type(model).__module__, type(model).__module__
+    image = Image.open(image_path)
+    inputs = ["a red circle", image, {"image": image, "text": "a caption"}]
+    with torch.no_grad():
+        through_processor = model(**processor.process_for_embedding(inputs, instruction="Find it")).pooler_output
+    torch.save({"processor": through_processor, "encode": model.encode(inputs, instruction="Find it")}, output)
+    """
+)
+
+
+def _reference(model, processor, image_path):
+    from PIL import Image
+
+    image = Image.open(image_path)
+    inputs = ["a red circle", image, {"image": image, "text": "a caption"}]
+    with torch.no_grad():
+        return model(**processor.process_for_embedding(inputs, instruction="Find it")).pooler_output
+
+
+def _run_child(source: str, image_path: Path, output: Path, env: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, source, str(image_path), str(output)],
+        env=env, cwd=output.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(output)
+
+
+def _clean_env(hf_home: Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_checkpoint_loads_without_coma_hf_from_folder_and_from_hub_cache(family, tmp_path):
+    model, processor = tiny_coma(family)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    files = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors", "modeling_coma.py", "configuration_coma.py", "processing_coma.py",
+            "masking.py", "backbones.py", "processor_config.json", "tokenizer.json"} <= files  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_coma.CoMaConfig", "AutoModel": "modeling_coma.CoMaModel"}
+    for name in ("modeling_coma.py", "configuration_coma.py", "processing_coma.py", "masking.py", "backbones.py"):
+        assert "coma_hf" not in (folder / name).read_text().replace('"coma_hf"', ""), name
+
+    image_path = tmp_path / "image.png"
+    random_image(7).save(image_path)
+    expected = _reference(model, processor, image_path)
+
+    from_folder = _run_child(str(folder), image_path, tmp_path / "folder.pt", _clean_env(tmp_path / "home1"))
+    torch.testing.assert_close(from_folder["processor"], expected, atol=0, rtol=0)
+    torch.testing.assert_close(from_folder["encode"], expected, atol=0, rtol=0)
+
+    # The same files laid out as the Hub cache snapshot of `org/coma`, loaded by repo id, offline.
+    hf_home = tmp_path / "home2"
+    repo = hf_home / "hub" / "models--org--coma"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    from_hub = _run_child("org/coma", image_path, tmp_path / "hub.pt", _clean_env(hf_home))
+    torch.testing.assert_close(from_hub["processor"], expected, atol=0, rtol=0)
+    torch.testing.assert_close(from_hub["encode"], expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_backbone_weights_load_into_the_stock_class(family, tmp_path):
+    model, _ = tiny_coma(family)
+    model.save_pretrained(tmp_path)
+    from coma_hf.backbones import get_family
+
+    stock_class = get_family(family).generation_class
+    stock, info = stock_class.from_pretrained(tmp_path, config=model.config.backbone_config, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = model.state_dict()
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(tensor, ours[name]), name
+
+
+def test_in_process_reload_gives_identical_outputs(tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    import coma_hf  # noqa: F401  (registers the Auto classes locally)
+
+    model, processor = tiny_coma()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert reloaded_processor.compression_token_ids == processor.compression_token_ids
+    assert reloaded_processor.max_length == processor.max_length
+    batch = processor.process_for_embedding(["text", random_image(0)])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).pooler_output, model(**batch).pooler_output, atol=0, rtol=0)
