@@ -36,7 +36,7 @@ def test_config_rejects_unknown_choices_and_documents_defaults():
 def test_compression_rows_grow_the_embedding_and_are_initialised_explicitly():
     model, processor = tiny_coma()
     vocabulary = len(processor.tokenizer) - model.config.num_compression_tokens
-    embeddings = model.get_input_embeddings().weight
+    embeddings = model.get_input_embeddings().weight.detach()
     assert embeddings.shape[0] == len(processor.tokenizer)  # grown by exactly K rows
     rows = embeddings[model.config.compression_token_ids]
     reference = embeddings[:vocabulary]
