@@ -62,6 +62,16 @@ class CoMaCompression(ModelOutput):
     position_offset: torch.LongTensor | None = None
     pooler_output: torch.FloatTensor | None = None
 
+    def select(self, rows: Sequence[int] | torch.Tensor) -> CoMaCompression:
+        """The compressions of `rows`, in that order (repeat a row to ask it several questions)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.compression_states.device)
+        return CoMaCompression(
+            compression_states=self.compression_states[index],
+            key_values=tuple((keys[index], values[index]) for keys, values in self.key_values),
+            position_offset=self.position_offset[index],
+            pooler_output=None if self.pooler_output is None else self.pooler_output[index],
+        )
+
 
 class CoMaModel(PreTrainedModel):
     """A multimodal embedding model: backbone MLLM + K compression tokens (CoMa, arXiv 2511.08480).

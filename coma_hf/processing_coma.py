@@ -315,36 +315,14 @@ class CoMaProcessor(ProcessorMixin):
         """
         if loss_on not in LOSS_ON_MODES:
             raise ValueError(f"loss_on must be one of {LOSS_ON_MODES}, got {loss_on!r}")
-        text = IMAGE_PLACEHOLDER.sub("", text or "").strip()
-        if not text and image is None:
+        if not (text or "").strip() and image is None:
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
         turns = [self._checked_turn(turn, index, sample) for index, turn in enumerate(conversation or ())]
         if not turns:
             raise CoMaInputError("the conversation has no question/answer turn", sample, "conversation")
 
-        pixel_values = grid = None
-        vision: list[int] = []
-        if image is not None:
-            vision, pixel_values, grid = self._image_block(image, sample)
-        instruction = self._encode(("\n" if text else "") + self.compress_instruction)
-        compression = self.compression_token_ids
-        fixed = len(vision) + len(instruction) + len(compression)
-        first_turn_length = len(turns[0][0])
-        if self.max_length is not None and fixed + first_turn_length > self.max_length:
-            raise CoMaInputError(
-                f"the first question and answer cannot fit: image, instruction and compression tokens take {fixed} "
-                f"tokens and the first turn {first_turn_length}, more than max_length={self.max_length}",
-                sample,
-                "conversation",
-            )
-        body = self._encode(text)
-        cut = 0
-        if self.max_length is not None and fixed + len(body) + first_turn_length > self.max_length:
-            keep = self.max_length - fixed - first_turn_length
-            cut, body = len(body) - keep, body[:keep]
-        prefix = vision + body + instruction + compression
-
-        ids, answer_flags = list(prefix), [False] * len(prefix)
+        prefix = self.render_compression_input(image, text, sample=sample, reserve=len(turns[0][0]))
+        ids, answer_flags = list(prefix.input_ids), [False] * len(prefix.input_ids)
         kept = 0
         for turn_ids, flags in turns:
             if self.max_length is not None and len(ids) + len(turn_ids) > self.max_length:
@@ -355,8 +333,40 @@ class CoMaProcessor(ProcessorMixin):
         if loss_on == "answers":
             labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, answer_flags)]
         else:
-            labels = [IGNORE_INDEX] * len(prefix) + ids[len(prefix):]
-        return RenderedSample(ids, labels, pixel_values, grid, dropped_turns=len(turns) - kept, truncated_text_tokens=cut)
+            labels = [IGNORE_INDEX] * len(prefix.input_ids) + ids[len(prefix.input_ids):]
+        prefix.input_ids, prefix.labels, prefix.dropped_turns = ids, labels, len(turns) - kept
+        return prefix
+
+    def render_compression_input(
+        self, image: Any = None, text: str | None = None, sample: Any = None, reserve: int = 0
+    ) -> RenderedSample:
+        """The stage-1 input alone: `[image]{text}\n{compress_instruction}<cmp_0>…<cmp_{K-1}>` (what `compress`
+        takes to answer questions as in stage 1). `reserve` keeps that many tokens free after it (the first QA
+        turn): the text is truncated for them, and if even the empty text leaves too little room it is an error."""
+        text = IMAGE_PLACEHOLDER.sub("", text or "").strip()
+        if not text and image is None:
+            raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
+        pixel_values = grid = None
+        vision: list[int] = []
+        if image is not None:
+            vision, pixel_values, grid = self._image_block(image, sample)
+        instruction = self._encode(("\n" if text else "") + self.compress_instruction)
+        compression = self.compression_token_ids
+        fixed = len(vision) + len(instruction) + len(compression)
+        if self.max_length is not None and fixed + reserve > self.max_length:
+            raise CoMaInputError(
+                f"the first question and answer cannot fit: image, instruction and compression tokens take {fixed} "
+                f"tokens and the first turn {reserve}, more than max_length={self.max_length}",
+                sample,
+                "conversation" if reserve else "image",
+            )
+        body = self._encode(text)
+        cut = 0
+        if self.max_length is not None and fixed + len(body) + reserve > self.max_length:
+            keep = self.max_length - fixed - reserve
+            cut, body = len(body) - keep, body[:keep]
+        ids = vision + body + instruction + compression
+        return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
 
     def _checked_turn(self, turn: Any, index: int, sample: Any) -> tuple[list[int], list[bool]]:
         if isinstance(turn, dict):
@@ -440,6 +450,15 @@ class CoMaProcessor(ProcessorMixin):
         if dropped:
             logger.warning("Dropped %d QA turns that did not fit in max_length=%s", dropped, self.max_length)
         return self.collate(rendered)
+
+    def process_compression_inputs(self, samples: Sequence[dict], offset: int = 0) -> BatchFeature:
+        """Render and pad stage-1 inputs without their conversations (`{"image", "text"}` dicts), for `compress`."""
+        return self.collate(
+            [
+                self.render_compression_input(sample.get("image"), sample.get("text"), sample=offset + index)
+                for index, sample in enumerate(samples)
+            ]
+        )
 
     def process_questions(self, questions: Sequence[str]) -> BatchFeature:
         """Left-padded question prompts (`input_ids`, `attention_mask`) for `generate_from_compression`."""

@@ -111,19 +111,26 @@ def build_image_processor(family: str = DEFAULT_FAMILY):
 
 
 def tiny_backbone_config(
-    family: str = DEFAULT_FAMILY, tokenizer: PreTrainedTokenizerFast | None = None, tie_word_embeddings: bool = True
+    family: str = DEFAULT_FAMILY,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    tie_word_embeddings: bool = True,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_width: int = 32,
+    vision_depth: int = 2,
 ) -> PretrainedConfig:
-    """A small config of `family` (hidden 64, 2 layers, 2 vision blocks), special ids taken from `tokenizer`."""
+    """A small config of `family` (by default hidden 64, 2 layers, 2 vision blocks of width 32), special ids taken
+    from `tokenizer`. Heads are 16 wide, so the rope sections (2, 3, 3) fit any width."""
     spec = get_family(family)
     tokenizer = tokenizer or build_tokenizer()
     head_dim = 16
     text = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": hidden_size // head_dim,
+        "num_key_value_heads": max(1, hidden_size // head_dim // 2),
         "head_dim": head_dim,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
@@ -133,7 +140,7 @@ def tiny_backbone_config(
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
     }
     vision = {
-        "depth": 2,
+        "depth": vision_depth,
         "num_heads": 2,
         "patch_size": spec.patch_size,
         "spatial_merge_size": spec.spatial_merge_size,
@@ -141,15 +148,18 @@ def tiny_backbone_config(
         "in_channels": 3,
     }
     if family == "qwen2_vl":
-        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+        vision.update(embed_dim=vision_width, mlp_ratio=2, hidden_size=hidden_size)
     elif family == "qwen2_5_vl":
-        # windows of 2×2 merged tokens and one full-attention block, so small images still use several windows
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+        # windows of 2×2 merged tokens and a last full-attention block, so small images still use several windows
+        vision.update(
+            hidden_size=vision_width, intermediate_size=2 * vision_width, out_hidden_size=hidden_size, window_size=56,
+            fullatt_block_indexes=[vision_depth - 1],
+        )  # fmt: skip
     elif family == "qwen3_vl":
         text["rope_parameters"]["mrope_interleaved"] = True
         vision.update(
-            hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
+            hidden_size=vision_width, intermediate_size=2 * vision_width, out_hidden_size=hidden_size,
+            num_position_embeddings=64, deepstack_visual_indexes=[0],
         )  # fmt: skip
     ids = {
         name: tokenizer.convert_tokens_to_ids(token)

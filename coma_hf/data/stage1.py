@@ -1,0 +1,153 @@
+"""Stage-1 data: one schema, several readers.
+
+The schema of one stage-1 sample (what `normalize_stage1_record` returns)::
+
+    {"id": str, "image": path | PIL image | None, "text": str | None,
+     "conversation": [{"question": str, "answer": str}, ...]}      # at least one turn
+
+Readers accept, per row, any of:
+
+* this schema (`conversation` with `question` / `answer`, an optional `type` per turn is kept);
+* LLaVA / ShareGPT: `conversations` with `from` (`human`/`user`, `gpt`/`assistant`) and `value`; the `<image>`
+  placeholder is removed from the questions;
+* chat messages: `messages` with `role` and `content` (a string, or a list of `{"type": "text"|"image", …}`);
+
+with the image under `image` (or the first of `images`): a path — relative paths are resolved against the image
+root, which defaults to the JSONL file's folder — or a `datasets.Image` value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..processing_coma import CoMaInputError
+
+logger = logging.getLogger(__name__)
+PLACEHOLDER = re.compile(r"<image>|<\|image_\d+\|>")
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant", "model")
+
+
+def load_stage1_dataset(source: str | os.PathLike, split: str = "train", image_root: str | None = None):
+    """A `datasets.Dataset` of raw stage-1 rows and the image root to resolve them with.
+
+    `source` is a JSONL/JSON file, a folder holding `{split}.jsonl` (as `write_synthetic_dataset` writes), a folder
+    saved with `Dataset.save_to_disk`, or a Hub dataset id (the only case that may touch the network).
+    Returns `(dataset, image_root)`.
+    """
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+        return dataset, image_root or str(path.parent)
+    if path.is_dir() and (path / f"{split}.jsonl").is_file():
+        return load_stage1_dataset(path / f"{split}.jsonl", split, image_root)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        return (loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded), image_root
+    if path.exists():
+        raise ValueError(f"{source}: not a JSONL file, a folder with {split}.jsonl, or a saved dataset")
+    return datasets.load_dataset(str(source), split=split), image_root
+
+
+def normalize_stage1_record(row: dict, index: int = 0, image_root: str | None = None) -> dict:
+    """Map a row in any supported format onto the stage-1 schema; `CoMaInputError` names the row and field."""
+    sample = row.get("id", index)
+    image = _image_of(row)
+    if isinstance(image, (str, os.PathLike)) and image_root and not os.path.isabs(image):
+        image = os.path.join(image_root, image)
+    text = row.get("text")
+    if text is not None and not isinstance(text, str):
+        raise CoMaInputError(f"text must be a string, got {type(text).__name__}", sample, "text")
+    if "conversation" in row and row["conversation"] is not None:
+        conversation = _schema_turns(row["conversation"], sample)
+    elif row.get("conversations") is not None:
+        conversation = _pair_turns(
+            [(turn.get("from"), turn.get("value")) for turn in row["conversations"]], sample, "conversations"
+        )
+    elif row.get("messages") is not None:
+        conversation = _pair_turns(
+            [(message.get("role"), _message_text(message.get("content"))) for message in row["messages"]
+             if message.get("role") != "system"],
+            sample,
+            "messages",
+        )  # fmt: skip
+    else:
+        raise CoMaInputError("no 'conversation', 'conversations' or 'messages' field", sample, "conversation")
+    if not conversation:
+        raise CoMaInputError("the conversation has no question/answer turn", sample, "conversation")
+    return {"id": sample, "image": image, "text": text, "conversation": conversation}
+
+
+def _image_of(row: dict) -> Any:
+    image = row.get("image")
+    if image is None and row.get("images"):
+        image = row["images"][0]
+    return image
+
+
+def _schema_turns(turns: Any, sample: Any) -> list[dict]:
+    if not isinstance(turns, list):
+        raise CoMaInputError("conversation must be a list of {'question', 'answer'} turns", sample, "conversation")
+    normalized = []
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "question" not in turn or "answer" not in turn:
+            raise CoMaInputError(f"turn {position} needs 'question' and 'answer'", sample, "conversation")
+        normalized.append({key: turn[key] for key in ("question", "answer", "type") if turn.get(key) is not None})
+    return normalized
+
+
+def _pair_turns(messages: list[tuple[Any, Any]], sample: Any, field_name: str) -> list[dict]:
+    """Pair alternating user/assistant messages into turns."""
+    turns = []
+    for position in range(0, len(messages) - 1, 2):
+        (user_role, question), (assistant_role, answer) = messages[position], messages[position + 1]
+        if user_role not in USER_ROLES or assistant_role not in ASSISTANT_ROLES:
+            raise CoMaInputError(
+                f"messages {position} and {position + 1} must be a user turn then an assistant turn, got "
+                f"{user_role!r}, {assistant_role!r}",
+                sample,
+                field_name,
+            )
+        turns.append({"question": PLACEHOLDER.sub("", question or "").strip(), "answer": (answer or "").strip()})
+    return turns
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return ""
+
+
+@dataclass
+class BadSample:
+    """A row that cannot be used, and why."""
+
+    index: int
+    id: Any
+    error: str
+
+
+def validate_stage1_dataset(dataset, processor, image_root: str | None = None, loss_on: str = "answers") -> list[BadSample]:
+    """Render every row once (images decoded, lengths checked) and return the rows that fail, with reasons."""
+    from transformers.utils.logging import tqdm
+
+    bad = []
+    for index in tqdm(range(len(dataset)), desc="Validating stage-1 data", unit="row"):
+        row = dataset[index]
+        try:
+            record = normalize_stage1_record(row, index, image_root)
+            processor.render_compression_sample(
+                record["image"], record["text"], record["conversation"], loss_on, sample=record["id"]
+            )
+        except CoMaInputError as error:
+            bad.append(BadSample(index, row.get("id", index), str(error)))
+    return bad

@@ -1,0 +1,1 @@
+"""Evaluation: stage-1 answer accuracy from the compression states (`compression`)."""

@@ -1,0 +1,95 @@
+"""Stage 1: the collator and `CoMaCompressionTrainer`.
+
+`CoMaCompressionTrainer` is a thin `transformers.Trainer` subclass (not trl's `SFTTrainer`: its chat-template
+tokenization and completion masks would duplicate what `CoMaProcessor` already renders, compression tokens
+included). The loss is the model's own `forward` loss, which Trainer normalises through `num_items_in_batch`;
+everything `TrainingArguments` offers (bf16, accumulation, gradient checkpointing, evaluation, saving, resuming,
+logging) is Trainer's. What the subclass adds: the collator by default, raw rows kept (`remove_unused_columns` off),
+tokens/s logged, a loss-only evaluation, and `save_merged` for a plain checkpoint ready for stage 2.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import BatchFeature, Trainer
+
+from .data.stage1 import normalize_stage1_record
+from .processing_coma import CoMaProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class CoMaCompressionCollator:
+    """Turns raw stage-1 rows (any format `normalize_stage1_record` reads) into a left-padded batch with labels.
+
+    A bad row raises `CoMaInputError` naming the row's id and the field. `dropped_turns` counts QA turns that did
+    not fit in the processor's `max_length`.
+    """
+
+    def __init__(self, processor: CoMaProcessor, loss_on: str = "answers", image_root: str | None = None):
+        self.processor = processor
+        self.loss_on = loss_on
+        self.image_root = image_root
+        self.dropped_turns = 0
+
+    def __call__(self, rows: list[dict[str, Any]]) -> BatchFeature:
+        rendered = []
+        for position, row in enumerate(rows):
+            record = normalize_stage1_record(row, position, self.image_root)
+            sample = self.processor.render_compression_sample(
+                record["image"], record["text"], record["conversation"], self.loss_on, sample=record["id"]
+            )
+            self.dropped_turns += sample.dropped_turns
+            rendered.append(sample)
+        return self.processor.collate(rendered)
+
+
+class CoMaCompressionTrainer(Trainer):
+    """`Trainer` for CoMa's compression pre-training (stage 1).
+
+    Args: as `Trainer`, plus `image_root` (resolves relative image paths in the rows). Pass the `CoMaProcessor` as
+    `processing_class`: it renders the batches and is saved with every checkpoint. `data_collator` defaults to a
+    `CoMaCompressionCollator` with the model's `config.loss_on`.
+    """
+
+    def __init__(self, model=None, args=None, data_collator=None, processing_class=None, image_root=None, **kwargs):
+        if args is not None:
+            if args.remove_unused_columns:  # the collator needs the raw rows (images, conversations)
+                args.remove_unused_columns = False
+            if args.include_num_input_tokens_seen in (False, "no"):  # Trainer then logs tokens/s itself
+                args.include_num_input_tokens_seen = "non_padding"
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("Pass the CoMaProcessor as `processing_class` (or a `data_collator`).")
+            loss_on = _coma_config(model).loss_on
+            data_collator = CoMaCompressionCollator(processing_class, loss_on=loss_on, image_root=image_root)
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the loss only; embeddings are not gathered."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def save_merged(self, output_dir: str) -> Any:
+        """Merge any LoRA into the weights and save a plain CoMa checkpoint (processor included); returns the model."""
+        from .recipes import merge_lora
+
+        model = merge_lora(self.accelerator.unwrap_model(self.model))
+        if self.processing_class is not None:
+            model.processor = self.processing_class
+        if self.args.should_save:
+            model.save_pretrained(output_dir)
+        return model
+
+
+def _coma_config(model) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "loss_on"):
+        base = getattr(model, "get_base_model", lambda: model)()
+        config = base.config
+    return config
