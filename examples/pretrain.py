@@ -1,35 +1,241 @@
-"""Stage 1 of CoMa (compression pre-training) — for now: build the embedded default and save it.
+"""Stage 1 of CoMa: compression pre-training — the project's main job.
 
-With no arguments this builds the embedded default (a tiny Qwen2.5-VL-architecture backbone with random weights,
-made offline) turned into a CoMa model, and saves it to `outputs/stage1`. With `--model_name_or_path` it wraps a
-pretrained MLLM (Hub id or folder) instead.
+With no arguments it runs on the embedded default: builds a small random-weight Qwen2.5-VL-architecture backbone
+offline, writes the synthetic scenes (train/dev/test) to `outputs/synthetic`, trains all weights (`--recipe tiny`),
+measures how well answers decoded from the compression states alone match on unseen dev scenes, prints a summary
+and saves the merged checkpoint to `outputs/stage1` with `pretrain_summary.json`.
+
+With `--model_name_or_path` (a Hub id or folder of a Qwen2/2.5/3-VL model) the paper's recipe is the default
+(`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained).
+
+    python examples/pretrain.py
+    python examples/pretrain.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset data/stage1.jsonl
+    python examples/pretrain.py --recipe examples/configs/stage1_paper.json --use_dora true
+
+Every `TrainingArguments` option works on the command line and overrides the recipe.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from coma_hf import CoMaModel
-from coma_hf.tiny import build_tiny_coma
+from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
+from coma_hf.data.synthetic import write_synthetic_dataset
+from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
+from coma_hf.recipes import LoraArguments, apply_lora
+from coma_hf.tiny import build_tiny_coma, tiny_backbone_config
 
 logger = logging.getLogger("pretrain")
+CONFIGS = Path(__file__).parent / "configs"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default=None, help="backbone MLLM: Hub id or folder (default: tiny)")
-    parser.add_argument("--output_dir", default="outputs/stage1")
-    parser.add_argument("--num_compression_tokens", type=int, default=32)
-    args = parser.parse_args()
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Backbone MLLM (Hub id or folder). Default: the embedded tiny backbone."}
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: tiny for the embedded backbone, "
+                  "paper otherwise)."},
+    )  # fmt: skip
+    num_compression_tokens: int = field(default=32, metadata={"help": "K, the number of compression tokens."})
+    loss_on: str = field(default="answers", metadata={"help": "'answers' or 'all_after_compression'."})
+    attention_rule: str = field(default="bottleneck", metadata={"help": "'bottleneck' (CoMa) or 'causal' (control)."})
+    min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens per image."})
+    max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens per image."})
+    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence in tokens."})
+    family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the embedded backbone's language model."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "Depth of the embedded backbone's language model."})
+    tiny_vision_width: int = field(default=32, metadata={"help": "Width of the embedded backbone's vision tower."})
+    tiny_vision_depth: int = field(default=1, metadata={"help": "Depth of the embedded backbone's vision tower."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Stage-1 data: JSONL, folder with train.jsonl, saved dataset, or Hub id. "
+                  "Default: synthetic scenes written to --synthetic_dir."},
+    )  # fmt: skip
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Held-out data (default: the dev split next to --dataset, if any)."}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
+    synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where synthetic scenes are written."})
+    num_train_scenes: int = field(default=4000, metadata={"help": "Synthetic training scenes."})
+    num_dev_scenes: int = field(default=200, metadata={"help": "Synthetic dev scenes."})
+    num_test_scenes: int = field(default=200, metadata={"help": "Synthetic test scenes."})
+    scene_size: int = field(default=112, metadata={"help": "Side of the synthetic images in pixels."})
+    validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
+    max_eval_samples: int = field(default=200, metadata={"help": "Held-out samples for the answer evaluation."})
+
+
+def resolve_recipe(argv: list[str]) -> dict:
+    """Recipe defaults for the parser, chosen from `--recipe` or from whether a backbone was named."""
+    recipe = None
+    for position, argument in enumerate(argv):
+        if argument == "--recipe" and position + 1 < len(argv):
+            recipe = argv[position + 1]
+        elif argument.startswith("--recipe="):
+            recipe = argument.split("=", 1)[1]
+    if recipe is None:
+        recipe = "paper" if any(arg.startswith("--model_name_or_path") for arg in argv) else "tiny"
+    path = Path(recipe) if recipe.endswith(".json") else CONFIGS / f"stage1_{recipe}.json"
+    if not path.is_file():
+        raise SystemExit(f"Unknown recipe {recipe!r}: no file {path}")
+    return json.loads(path.read_text())
+
+
+def build_model(model_args: ModelArguments, seed: int):
+    common = dict(
+        num_compression_tokens=model_args.num_compression_tokens,
+        min_image_tokens=model_args.min_image_tokens,
+        max_image_tokens=model_args.max_image_tokens,
+        max_length=model_args.max_length,
+        loss_on=model_args.loss_on,
+        attention_rule=model_args.attention_rule,
+    )
+    if model_args.model_name_or_path is None:
+        backbone_config = tiny_backbone_config(
+            model_args.family,
+            hidden_size=model_args.tiny_hidden_size,
+            num_layers=model_args.tiny_num_layers,
+            vision_width=model_args.tiny_vision_width,
+            vision_depth=model_args.tiny_vision_depth,
+        )
+        return build_tiny_coma(model_args.family, seed=seed, backbone_config=backbone_config, **common)
+    model = CoMaModel.from_backbone(model_args.model_name_or_path, seed=seed, **common)
+    return model, model.processor
+
+
+def load_data(data_args: DataArguments):
+    """(train, train image root, eval, eval image root); synthetic scenes when no dataset is named."""
+    if data_args.dataset is None:
+        paths = write_synthetic_dataset(
+            data_args.synthetic_dir, data_args.num_train_scenes, data_args.num_dev_scenes, data_args.num_test_scenes,
+            image_size=data_args.scene_size,
+        )  # fmt: skip
+        train, root = load_stage1_dataset(paths["train"], image_root=data_args.image_root)
+        evaluation, eval_root = load_stage1_dataset(paths["dev"], image_root=data_args.image_root)
+        return train, root, evaluation, eval_root
+    train, root = load_stage1_dataset(data_args.dataset, "train", data_args.image_root)
+    evaluation = eval_root = None
+    if data_args.eval_dataset:
+        evaluation, eval_root = load_stage1_dataset(data_args.eval_dataset, "dev", data_args.image_root)
+    elif Path(data_args.dataset).is_dir() and (Path(data_args.dataset) / "dev.jsonl").is_file():
+        evaluation, eval_root = load_stage1_dataset(data_args.dataset, "dev", data_args.image_root)
+    return train, root, evaluation, eval_root
+
+
+def drop_bad_rows(dataset, processor, root, data_args: DataArguments, loss_on: str, name: str):
+    """Validate up front when asked; skip and count bad rows, or stop naming them."""
+    if not (data_args.validate_data or data_args.skip_bad_samples):
+        return dataset, []
+    bad = validate_stage1_dataset(dataset, processor, root, loss_on)
+    if bad and not data_args.skip_bad_samples:
+        listing = "\n".join(f"  row {sample.index}: {sample.error}" for sample in bad[:20])
+        raise SystemExit(f"{len(bad)} bad rows in the {name} data (use --skip_bad_samples to skip them):\n{listing}")
+    for sample in bad:
+        logger.warning("Skipping %s row %d: %s", name, sample.index, sample.error)
+    bad_indices = {sample.index for sample in bad}
+    return dataset.select([index for index in range(len(dataset)) if index not in bad_indices]), bad
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    parser.set_defaults(output_dir="outputs/stage1", **resolve_recipe(argv))
+    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_seed(training_args.seed)
+    started = time.time()
 
-    if args.model_name_or_path is None:
-        model, _ = build_tiny_coma(num_compression_tokens=args.num_compression_tokens)
-    else:
-        model = CoMaModel.from_backbone(args.model_name_or_path, num_compression_tokens=args.num_compression_tokens)
-    model.save_pretrained(args.output_dir)
-    logger.info("Saved a CoMa model (K=%d) to %s", model.config.num_compression_tokens, args.output_dir)
+    model, processor = build_model(model_args, training_args.seed)
+    train, root, evaluation, eval_root = load_data(data_args)
+    train, bad_train = drop_bad_rows(train, processor, root, data_args, model_args.loss_on, "training")
+    if evaluation is not None:
+        evaluation, _ = drop_bad_rows(evaluation, processor, eval_root, data_args, model_args.loss_on, "evaluation")
+    logger.info(
+        "Training on %d samples; per-device batch %d × accumulation %d × %d processes = global batch %d",
+        len(train), training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
+        training_args.world_size, training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps * training_args.world_size,
+    )  # fmt: skip
+
+    from coma_hf.trainer import CoMaCompressionTrainer
+
+    trainer = CoMaCompressionTrainer(
+        model=apply_lora(model, lora_args),
+        args=training_args,
+        train_dataset=train,
+        processing_class=processor,
+        image_root=root,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    merged = trainer.save_merged(training_args.output_dir)
+
+    summary = summarize(trainer, merged, processor, train, evaluation, eval_root, data_args, bad_train, started)
+    if training_args.should_save:
+        (Path(training_args.output_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, training_args.output_dir)
+    return summary
+
+
+def summarize(trainer, model, processor, train, evaluation, eval_root, data_args, bad_train, started) -> dict:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = {
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "num_train_samples": len(train),
+        "num_skipped_samples": len(bad_train),
+        "skipped_samples": [asdict(sample) for sample in bad_train],
+        "dropped_qa_turns": trainer.data_collator.dropped_turns,
+        "global_steps": trainer.state.global_step,
+    }
+    if evaluation is not None and len(evaluation):
+        rows = [evaluation[index] for index in range(min(len(evaluation), data_args.max_eval_samples))]
+        model.eval()
+        heldout = answer_accuracy(model, processor, rows, eval_root)
+        control = answer_accuracy(model, processor, rows, eval_root, control=True)
+        majority = majority_baseline((train[index] for index in range(len(train))), rows)
+        summary.update(
+            heldout_answer_accuracy=heldout["accuracy"],
+            majority_baseline_accuracy=majority["accuracy"],
+            control_answer_accuracy=control["accuracy"],
+            num_eval_questions=heldout["num_questions"],
+            per_type={
+                kind: {"heldout": heldout["per_type"][kind], "majority": majority["per_type"].get(kind),
+                       "control": control["per_type"].get(kind)}
+                for kind in heldout["per_type"]
+            },  # fmt: skip
+        )
+    summary["seconds"] = round(time.time() - started, 1)
+    summary["device"] = str(model.device)
+    return summary
+
+
+def print_summary(summary: dict, output_dir: str) -> None:
+    print(f"\nStage 1 finished in {summary['seconds']} s ({summary['global_steps']} steps); saved to {output_dir}")
+    print(f"  train loss            {summary['train_loss_first']} -> {summary['train_loss_last']}")
+    if "heldout_answer_accuracy" in summary:
+        print(f"  held-out answers      {summary['heldout_answer_accuracy']:.3f} exact match (from the K states alone)")
+        print(f"  majority baseline     {summary['majority_baseline_accuracy']:.3f}")
+        print(f"  control (other input) {summary['control_answer_accuracy']:.3f}")
+        for kind, scores in summary["per_type"].items():
+            print(f"    {kind:<10} held-out {scores['heldout']:.2f}  majority {scores['majority']:.2f}  control "
+                  f"{scores['control']:.2f}")  # fmt: skip
+    print(f"  samples {summary['num_train_samples']} trained, {summary['num_skipped_samples']} skipped")
 
 
 if __name__ == "__main__":

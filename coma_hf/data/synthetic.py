@@ -7,8 +7,9 @@ paper's kinds — objects and attributes (colour, shape, size), counts, visible 
 left/right) — answered from the scene's ground truth.
 
 Splits: `train`, `dev` and `test` are drawn from disjoint random streams (no image is shared) and some
-colour–shape combinations (`HELD_OUT_COMBINATIONS`) never appear in `train`, while every dev/test scene contains at
-least one of them. Everything is deterministic from `seed`.
+colour–shape combinations (`HELD_OUT_COMBINATIONS`) never appear in `train`, while half of the dev/test scenes
+(`HELD_OUT_SHARE`) show one of them; a record's `held_out` says whether it does. Everything is deterministic from
+`seed`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.28, "large": 0.45}  # half-extent as a fraction of a grid cell
 HELD_OUT_COMBINATIONS = (("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square"))
+HELD_OUT_SHARE = 0.5  # of dev/test scenes that show a held-out combination (the rest are in-distribution)
 CELL_NAMES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_TYPES = ("colour", "shape", "size", "count", "text", "position", "relation")
@@ -109,7 +111,7 @@ def sample_scene(scene_id: str, split: str, rng: random.Random, image_size: int 
     count = rng.randint(1, 3)
     allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_COMBINATIONS]
     pairs = rng.sample(allowed, count)  # distinct colour–shape pairs, so every shape can be named
-    if split != "train":  # every evaluation scene shows at least one combination never seen in training
+    if split != "train" and rng.random() < HELD_OUT_SHARE:  # a combination never seen in training
         pairs[rng.randrange(count)] = rng.choice(HELD_OUT_COMBINATIONS)
     for (colour, shape), cell in zip(pairs, cells):
         size = rng.choice(tuple(SIZES))
@@ -248,6 +250,7 @@ def scene_record(scene: Scene, image_path: str, rng: random.Random) -> dict:
         "caption": scene.caption(),
         "description": scene.description(),
         "objects": [asdict(obj) for obj in scene.objects],
+        "held_out": any((obj.colour, obj.shape) in HELD_OUT_COMBINATIONS for obj in scene.shapes),
         "split": scene.split,
     }
 

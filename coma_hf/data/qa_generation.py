@@ -1,0 +1,178 @@
+"""Automatic QA for real images, following the paper's two steps with any instruction-tuned VLM in transformers.
+
+1. **Questions.** The VLM is asked, in one chat per image, for retrieval-oriented questions, one per turn and each
+   about one of the paper's kinds (objects and attributes; scene, time and weather; visible text and logos; spatial
+   relations; then objects again). Asking one per turn, rather than parsing a list, gives every image exactly
+   `num_questions` questions (3–5) covering the kinds, whatever the model's formatting habits.
+2. **Answers.** The same VLM answers the questions as one multi-turn chat about the image.
+
+Batched across images, with a progress bar; records are appended to a JSONL file in the stage-1 schema as each batch
+finishes, and images whose id is already in the file are skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils.logging import tqdm
+
+from ..processing_coma import CoMaInputError, load_image
+
+logger = logging.getLogger(__name__)
+
+QUESTION_KINDS = (
+    ("objects", "the main objects and their attributes (colour, size, material, count)"),
+    ("scene", "the scene, the place, the time of day or the weather"),
+    ("text", "any visible text, numbers, signs or logos"),
+    ("spatial", "where things are relative to each other"),
+    ("details", "a distinctive detail that sets this image apart from similar ones"),
+)
+FIRST_QUESTION = (
+    "We want to find this image again in a large collection. Ask one short question about {about} in this "
+    "image. Reply with the question only."
+)
+NEXT_QUESTION = "Ask one more short question, this time about {about}. Reply with the question only."
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def iter_images(source: str | os.PathLike, image_root: str | None = None) -> Iterator[tuple[str, str]]:
+    """`(id, path)` of every image in a folder (recursively; id = relative path) or a JSONL with `image` fields."""
+    source = Path(source)
+    if source.is_dir():
+        for path in sorted(source.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                yield str(path.relative_to(source)), str(path)
+        return
+    root = Path(image_root) if image_root else source.parent
+    with source.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "image" not in row:
+                raise CoMaInputError("no 'image' field", f"line {line_number + 1}", "image")
+            path = row["image"] if os.path.isabs(row["image"]) else str(root / row["image"])
+            yield str(row.get("id", row["image"])), path
+
+
+def finished_ids(output_path: str | os.PathLike) -> set[str]:
+    """Ids already written to `output_path` (a resumed run skips them)."""
+    path = Path(output_path)
+    if not path.exists():
+        return set()
+    done = set()
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    done.add(str(json.loads(line)["id"]))
+                except (json.JSONDecodeError, KeyError):  # a line cut by an interruption: that image is redone
+                    continue
+    return done
+
+
+@torch.no_grad()
+def _reply(model, processor, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """One greedy assistant turn for each chat."""
+    inputs = processor.apply_chat_template(
+        chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    ).to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _user(text: str, image: Any = None) -> dict:
+    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def questions_and_answers(model, processor, images: list, num_questions: int = 4, max_new_tokens: int = 64) -> list[list[dict]]:
+    """For each image, `num_questions` questions (step 1) and their answers from one multi-turn chat (step 2)."""
+    if not 3 <= num_questions <= 5:
+        raise ValueError(f"num_questions must be between 3 and 5 (the paper's range), got {num_questions}")
+    kinds = QUESTION_KINDS[:num_questions]
+    asking = [[_user(FIRST_QUESTION.format(about=kinds[0][1]), image)] for image in images]
+    questions: list[list[str]] = [[] for _ in images]
+    for index, (_, about) in enumerate(kinds):
+        if index:
+            for chat in asking:
+                chat.append(_user(NEXT_QUESTION.format(about=about)))
+        for chat, asked, reply in zip(asking, questions, _reply(model, processor, asking, max_new_tokens)):
+            chat.append(_assistant(reply))
+            asked.append(reply)
+    answering = [[] for _ in images]
+    turns: list[list[dict]] = [[] for _ in images]
+    for index, (kind, _) in enumerate(kinds):
+        for chat, image, asked in zip(answering, images, questions):
+            chat.append(_user(asked[index], image if index == 0 else None))
+        for chat, record, asked, reply in zip(answering, turns, questions, _reply(model, processor, answering, max_new_tokens)):
+            chat.append(_assistant(reply))
+            record.append({"question": asked[index], "answer": reply, "type": kind})
+    return turns
+
+
+def generate_qa(
+    model,
+    processor,
+    images: Iterable[tuple[str, Any]],
+    output_path: str | os.PathLike,
+    num_questions: int = 4,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    image_root: str | None = None,
+    total: int | None = None,
+) -> dict:
+    """Write stage-1 records (`id`, `image`, `text`, `conversation`) for `images` (`(id, path or PIL image)` pairs)
+    to `output_path`, skipping ids already there. Unreadable images are skipped, counted and logged.
+
+    Returns counts: `written`, `skipped_done`, `skipped_unreadable`.
+    """
+    processor.tokenizer.padding_side = "left"  # generation continues from the right end
+    done = finished_ids(output_path)
+    counts = {"written": 0, "skipped_done": 0, "skipped_unreadable": 0}
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_path.open("a", encoding="utf-8") as handle, tqdm(total=total, desc="Generating QA", unit="image") as bar:
+        batch: list[tuple[str, Any, Any]] = []
+        for image_id, image in images:
+            if str(image_id) in done:
+                counts["skipped_done"] += 1
+                bar.update(1)
+                continue
+            try:
+                batch.append((str(image_id), image, load_image(image, sample=image_id)))
+            except CoMaInputError as error:
+                logger.warning("Skipping unreadable image: %s", error)
+                counts["skipped_unreadable"] += 1
+                bar.update(1)
+                continue
+            if len(batch) == batch_size:
+                counts["written"] += _write_batch(model, processor, batch, handle, num_questions, max_new_tokens, image_root)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            counts["written"] += _write_batch(model, processor, batch, handle, num_questions, max_new_tokens, image_root)
+            bar.update(len(batch))
+    return counts
+
+
+def _write_batch(model, processor, batch, handle, num_questions, max_new_tokens, image_root) -> int:
+    conversations = questions_and_answers(model, processor, [picture for _, _, picture in batch], num_questions, max_new_tokens)
+    for (image_id, image, _), conversation in zip(batch, conversations):
+        stored = image if isinstance(image, str) else None
+        if stored and image_root and os.path.isabs(stored):
+            stored = os.path.relpath(stored, image_root)
+        handle.write(json.dumps({"id": image_id, "image": stored, "text": None, "conversation": conversation}) + "\n")
+    handle.flush()
+    return len(batch)
