@@ -1,0 +1,166 @@
+"""CoMaCompressionTrainer: what TrainingArguments offers works, resuming is exact, recipes and merging."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from coma_hf import CoMaInputError
+from coma_hf.data.stage1 import load_stage1_dataset
+from coma_hf.data.synthetic import write_synthetic_dataset
+from coma_hf.recipes import LoraArguments, apply_lora
+from coma_hf.tiny import build_tiny_coma
+from coma_hf.trainer import CoMaCompressionCollator, CoMaCompressionTrainer
+from conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenes")
+    paths = write_synthetic_dataset(folder, num_train=48, num_dev=8, num_test=8, seed=0, image_size=56)
+    return load_stage1_dataset(paths["train"])
+
+
+def _args(output_dir, **overrides):
+    values = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=6, logging_steps=1,
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True,
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def _fresh_model():
+    return build_tiny_coma(num_compression_tokens=4, seed=0, max_image_tokens=4)
+
+
+def _weights(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(scenes, tmp_path):
+    dataset, root = scenes
+    model, processor = _fresh_model()
+    CoMaCompressionTrainer(model=model, args=_args(tmp_path / "full"), train_dataset=dataset,
+                           processing_class=processor, image_root=root).train()  # fmt: skip
+    uninterrupted = _weights(model)
+
+    model, processor = _fresh_model()
+    interrupted_args = _args(tmp_path / "part", save_strategy="steps", save_steps=3)  # same run, checkpointed
+    CoMaCompressionTrainer(model=model, args=interrupted_args, train_dataset=dataset, processing_class=processor,
+                           image_root=root).train()  # fmt: skip
+    checkpoint = tmp_path / "part" / "checkpoint-3"
+    assert (checkpoint / "processor_config.json").exists()  # checkpoints carry the processor
+
+    model, processor = _fresh_model()
+    resumed = CoMaCompressionTrainer(model=model, args=_args(tmp_path / "resumed", save_strategy="steps", save_steps=3),
+                                     train_dataset=dataset,
+                                     processing_class=processor, image_root=root)  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    for name, value in _weights(model).items():
+        torch.testing.assert_close(value, uninterrupted[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(scenes, tmp_path):
+    """Loss normalised by the global label count: 2 × 2 accumulated equals one batch of 4."""
+    dataset, root = scenes
+    results = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model, processor = _fresh_model()
+        args = _args(tmp_path / f"acc{accumulation}", per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accumulation, max_steps=2, optim="sgd", learning_rate=0.5)  # fmt: skip
+        CoMaCompressionTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                               image_root=root).train()  # fmt: skip
+        results.append(_weights(model))
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_logs_loss_tokens_per_second_and_evaluates(scenes, tmp_path):
+    dataset, root = scenes
+    model, processor = _fresh_model()
+    args = _args(tmp_path / "log", eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4,
+                 gradient_checkpointing=True)  # fmt: skip
+    trainer = CoMaCompressionTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(8)),
+                                     processing_class=processor, image_root=root)  # fmt: skip
+    trainer.train()
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    assert any("eval_loss" in entry for entry in history)
+    speeds = [entry["train_tokens_per_second"] for entry in history if "train_tokens_per_second" in entry]
+    assert len(speeds) >= 6 and all(speed > 0 for speed in speeds)
+    assert history[-1]["num_input_tokens_seen"] > 0
+
+
+def test_bad_row_stops_training_naming_row_and_field(tmp_path):
+    random_image(0).save(tmp_path / "good.png")
+    turns = [{"question": "What?", "answer": "this"}]
+    rows = [{"id": f"row-{i}", "image": "good.png", "conversation": turns} for i in range(3)]
+    rows.append({"id": "row-bad", "image": "missing.png", "conversation": turns})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset, root = load_stage1_dataset(tmp_path / "data.jsonl")
+    model, processor = _fresh_model()
+    trainer = CoMaCompressionTrainer(model=model, args=_args(tmp_path / "out", max_steps=1), train_dataset=dataset,
+                                     processing_class=processor, image_root=root)  # fmt: skip
+    with pytest.raises(CoMaInputError, match=r"sample row-bad, field 'image'.*missing.png"):
+        trainer.train()
+
+
+def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_path):
+    dataset, root = scenes
+    model, processor = _fresh_model()
+    vision_before = {name: value.clone() for name, value in model.model.visual.state_dict().items()}
+    embeddings_before = model.get_input_embeddings().weight.detach().clone()
+    peft_model = apply_lora(model, LoraArguments(use_lora=True, lora_r=4, lora_alpha=16))
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert trainable and all("lora_" in name or "token_adapter" in name for name in trainable), trainable
+    assert not any("visual" in name for name in trainable)
+    assert any("q_proj" in name for name in trainable) and any("o_proj" in name for name in trainable)
+
+    trainer = CoMaCompressionTrainer(model=peft_model, args=_args(tmp_path / "lora", learning_rate=1e-2, max_steps=3),
+                                     train_dataset=dataset, processing_class=processor, image_root=root)  # fmt: skip
+    trainer.train()
+    merged = trainer.save_merged(str(tmp_path / "merged"))
+    assert type(merged).__name__ == "CoMaModel" and not any("lora" in name for name in merged.state_dict())
+    for name, value in merged.model.visual.state_dict().items():
+        assert torch.equal(value, vision_before[name]), name  # vision tower frozen
+    after = merged.get_input_embeddings().weight.detach()
+    ids = merged.config.compression_token_ids
+    assert not torch.equal(after[ids], embeddings_before[ids])  # compression rows trained
+    others = [index for index in range(after.shape[0]) if index not in ids]
+    assert torch.equal(after[others], embeddings_before[others])  # the rest of the vocabulary untouched
+
+    # the merged checkpoint is plain: it loads without coma_hf and embeds like the merged model
+    child = textwrap.dedent(
+        """
+        import sys; sys.modules["coma_hf"] = None
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+        torch.save(model.encode_text(["a red circle", "two squares"]), sys.argv[2])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child, str(tmp_path / "merged"), str(tmp_path / "vectors.pt")],
+                            capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                            "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged.eval()
+    expected = merged.encode_text(["a red circle", "two squares"])
+    torch.testing.assert_close(torch.load(tmp_path / "vectors.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_collator_counts_dropped_turns():
+    model, processor = _fresh_model()
+    processor.max_length = 64
+    collator = CoMaCompressionCollator(processor)
+    turns = [{"question": f"Question number {index} about the picture?", "answer": "an answer"} for index in range(6)]
+    batch = collator([{"id": "x", "image": random_image(0, (56, 56)), "conversation": turns}])
+    assert batch["input_ids"].shape[1] <= 64 and collator.dropped_turns > 0
