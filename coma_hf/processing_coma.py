@@ -227,10 +227,19 @@ class CoMaProcessor(ProcessorMixin):
 
     # ---- pieces ------------------------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
-        """Tokenize user text; special-token strings inside it stay plain text."""
+        """Tokenize user text; special-token strings inside it stay plain text.
+
+        Memoised: templates, instructions and many questions repeat, and tokenizer calls dominated rendering time.
+        """
         if not text:
             return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        cache = self.__dict__.setdefault("_token_cache", {})
+        ids = cache.get(text)
+        if ids is None:
+            if len(cache) >= 65536:
+                cache.clear()
+            ids = cache[text] = tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return list(ids)
 
     def _image_block(self, image: Any, sample: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Vision tokens for one image, with its pixel patches and grid."""

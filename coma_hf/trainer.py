@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 class CoMaCompressionCollator:
     """Turns raw stage-1 rows (any format `normalize_stage1_record` reads) into a left-padded batch with labels.
 
-    A bad row raises `CoMaInputError` naming the row's id and the field. `dropped_turns` counts QA turns that did
-    not fit in the processor's `max_length`.
+    A bad row raises `CoMaInputError` naming the row's id and the field. QA turns that did not fit in the
+    processor's `max_length` are counted in the batch's `dropped_turns` (the trainer sums them in the main process,
+    since collators may run in dataloader workers) and in `self.dropped_turns`.
     """
 
     def __init__(self, processor: CoMaProcessor, loss_on: str = "answers", image_root: str | None = None):
@@ -39,12 +40,16 @@ class CoMaCompressionCollator:
         rendered = []
         for position, row in enumerate(rows):
             record = normalize_stage1_record(row, position, self.image_root)
-            sample = self.processor.render_compression_sample(
-                record["image"], record["text"], record["conversation"], self.loss_on, sample=record["id"]
+            rendered.append(
+                self.processor.render_compression_sample(
+                    record["image"], record["text"], record["conversation"], self.loss_on, sample=record["id"]
+                )
             )
-            self.dropped_turns += sample.dropped_turns
-            rendered.append(sample)
-        return self.processor.collate(rendered)
+        batch = self.processor.collate(rendered)
+        dropped = sum(sample.dropped_turns for sample in rendered)
+        self.dropped_turns += dropped
+        batch["dropped_turns"] = torch.tensor(dropped)
+        return batch
 
 
 class CoMaCompressionTrainer(Trainer):
@@ -67,6 +72,13 @@ class CoMaCompressionTrainer(Trainer):
             loss_on = _coma_config(model).loss_on
             data_collator = CoMaCompressionCollator(processing_class, loss_on=loss_on, image_root=image_root)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        self.dropped_turns = 0  # QA turns cut by max_length, summed over the batches this process trained on
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        dropped = inputs.pop("dropped_turns", None)
+        if dropped is not None and model.training:
+            self.dropped_turns += int(dropped)
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss only; embeddings are not gathered."""

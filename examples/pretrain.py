@@ -200,7 +200,7 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
         "num_train_samples": len(train),
         "num_skipped_samples": len(bad_train),
         "skipped_samples": [asdict(sample) for sample in bad_train],
-        "dropped_qa_turns": trainer.data_collator.dropped_turns,
+        "dropped_qa_turns": trainer.dropped_turns,
         "global_steps": trainer.state.global_step,
     }
     if evaluation is not None and len(evaluation):

@@ -164,3 +164,4 @@ def test_collator_counts_dropped_turns():
     turns = [{"question": f"Question number {index} about the picture?", "answer": "an answer"} for index in range(6)]
     batch = collator([{"id": "x", "image": random_image(0, (56, 56)), "conversation": turns}])
     assert batch["input_ids"].shape[1] <= 64 and collator.dropped_turns > 0
+    assert int(batch["dropped_turns"]) == collator.dropped_turns

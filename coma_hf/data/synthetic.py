@@ -7,7 +7,7 @@ paper's kinds — objects and attributes (colour, shape, size), counts, visible 
 left/right) — answered from the scene's ground truth.
 
 Splits: `train`, `dev` and `test` are drawn from disjoint random streams (no image is shared) and some
-colour–shape combinations (`HELD_OUT_COMBINATIONS`) never appear in `train`, while half of the dev/test scenes
+colour–shape combinations (`HELD_OUT_COMBINATIONS`) never appear in `train`, while a quarter of the dev/test scenes
 (`HELD_OUT_SHARE`) show one of them; a record's `held_out` says whether it does. Everything is deterministic from
 `seed`.
 """
@@ -34,10 +34,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.28, "large": 0.45}  # half-extent as a fraction of a grid cell
 HELD_OUT_COMBINATIONS = (("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square"))
-HELD_OUT_SHARE = 0.5  # of dev/test scenes that show a held-out combination (the rest are in-distribution)
+HELD_OUT_SHARE = 0.25  # of dev/test scenes that show a held-out combination (the rest are in-distribution)
 CELL_NAMES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_TYPES = ("colour", "shape", "size", "count", "text", "position", "relation")
+QUESTION_WEIGHTS = {"colour": 3, "position": 3, "count": 2, "size": 2, "shape": 1, "text": 1, "relation": 1}
 SPLITS = ("train", "dev", "test")
 BACKGROUND = (248, 248, 248)
 
@@ -165,10 +166,18 @@ def _font(size: int) -> ImageFont.ImageFont:
 # Questions and answers
 # --------------------------------------------------------------------------------------------------------------------
 def scene_questions(scene: Scene, rng: random.Random) -> list[dict]:
-    """3–5 question/answer turns of distinct types, in random order; each turn records its `type`."""
+    """3–5 question/answer turns of distinct types, in random order; each turn records its `type`.
+
+    Types are drawn without replacement with `QUESTION_WEIGHTS`, so most conversations ask for an object's colour
+    and position (as retrieval-oriented questions mostly do) and every type occurs.
+    """
     candidates = {kind: builder(scene, rng) for kind, builder in _QUESTION_BUILDERS.items()}
     available = [kind for kind, turn in candidates.items() if turn is not None]
-    chosen = rng.sample(available, min(len(available), rng.randint(3, 5)))
+    chosen = []
+    for _ in range(min(len(available), rng.randint(3, 5))):
+        kind = rng.choices(available, weights=[QUESTION_WEIGHTS[kind] for kind in available])[0]
+        available.remove(kind)
+        chosen.append(kind)
     return [{**candidates[kind], "type": kind} for kind in chosen]
 
 
