@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ TOY = ["--num_train_scenes", "24", "--num_dev_scenes", "6", "--num_test_scenes",
 def _pretrain():
     spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
