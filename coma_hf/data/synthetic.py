@@ -185,28 +185,31 @@ def _unique(scene: Scene, predicate) -> list[SceneObject]:
     return [obj for obj in scene.shapes if sum(predicate(other, obj) for other in scene.shapes) == 1]
 
 
-def _colour_question(scene: Scene, rng: random.Random) -> dict | None:
-    targets = _unique(scene, lambda a, b: a.shape == b.shape)
+def _about_one(scene: Scene, rng: random.Random, same, question, answer) -> dict | None:
+    """Ask about one shape that `same` singles out in the scene (None when no shape is unambiguous)."""
+    targets = _unique(scene, same)
     if not targets:
         return None
     target = rng.choice(targets)
-    return {"question": f"What colour is the {target.shape}?", "answer": target.colour}
+    return {"question": question(target), "answer": answer(target)}
+
+
+def _colour_question(scene: Scene, rng: random.Random) -> dict | None:
+    return _about_one(
+        scene, rng, lambda a, b: a.shape == b.shape, lambda t: f"What colour is the {t.shape}?", lambda t: t.colour
+    )
 
 
 def _shape_question(scene: Scene, rng: random.Random) -> dict | None:
-    targets = _unique(scene, lambda a, b: a.colour == b.colour)
-    if not targets:
-        return None
-    target = rng.choice(targets)
-    return {"question": f"What shape is the {target.colour} object?", "answer": target.shape}
+    return _about_one(
+        scene, rng, lambda a, b: a.colour == b.colour, lambda t: f"What shape is the {t.colour} object?", lambda t: t.shape
+    )
 
 
 def _size_question(scene: Scene, rng: random.Random) -> dict | None:
-    targets = _unique(scene, lambda a, b: a.name == b.name)
-    if not targets:
-        return None
-    target = rng.choice(targets)
-    return {"question": f"Is the {target.name} small or large?", "answer": target.size}
+    return _about_one(
+        scene, rng, lambda a, b: a.name == b.name, lambda t: f"Is the {t.name} small or large?", lambda t: t.size
+    )
 
 
 def _count_question(scene: Scene, rng: random.Random) -> dict:
@@ -218,11 +221,7 @@ def _text_question(scene: Scene, rng: random.Random) -> dict:
 
 
 def _position_question(scene: Scene, rng: random.Random) -> dict | None:
-    targets = _unique(scene, lambda a, b: a.name == b.name)
-    if not targets:
-        return None
-    target = rng.choice(targets)
-    return {"question": f"Where is the {target.name}?", "answer": target.position}
+    return _about_one(scene, rng, lambda a, b: a.name == b.name, lambda t: f"Where is the {t.name}?", lambda t: t.position)
 
 
 def _relation_question(scene: Scene, rng: random.Random) -> dict | None:
