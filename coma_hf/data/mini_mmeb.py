@@ -1,0 +1,194 @@
+"""A synthetic mini-MMEB built from the synthetic scenes: the same four meta-tasks, the same file layout.
+
+Evaluation datasets (dev and test, from the scenes of those splits; gold candidate first):
+
+| meta-task | dataset | query → candidates |
+| --- | --- | --- |
+| Classification | Mini-Count, Mini-Digit, Mini-DominantColour | image → label texts |
+| VQA | Mini-VQA | image + question → answers of that question type |
+| Retrieval | Mini-Caption2Image, Mini-Image2Caption | caption → images; image → captions |
+| Visual Grounding | Mini-Grounding | image + referring expression → crops of objects |
+
+Training pairs (from the train scenes) use MMEB's training layout: `qry`, `qry_image_path`, `pos_text`,
+`pos_image_path`, `neg_text`, `neg_image_path`, plus `dataset` (to draw batches from one dataset at a time).
+Image paths are relative to the synthetic-scene folder, which `mmeb_manifest.json` names as the image root.
+Since the scenes' splits share no image and hold colour–shape combinations out of train, so does the mini-MMEB.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from .synthetic import COLOURS, NUMBER_WORDS, write_synthetic_dataset
+
+META_TASKS = {
+    "Mini-Count": "Classification",
+    "Mini-Digit": "Classification",
+    "Mini-DominantColour": "Classification",
+    "Mini-VQA": "VQA",
+    "Mini-Caption2Image": "Retrieval",
+    "Mini-Image2Caption": "Retrieval",
+    "Mini-Grounding": "Visual Grounding",
+}
+NUM_RETRIEVAL_CANDIDATES = 16
+NUM_GROUNDING_DISTRACTOR_SCENES = 2
+IMAGE = "<|image_1|>"
+
+
+def _shapes(record: dict) -> list[dict]:
+    return [obj for obj in record["objects"] if obj["kind"] == "shape"]
+
+
+def _digit(record: dict) -> str:
+    return next((obj["text"] for obj in record["objects"] if obj["kind"] == "text"), "none")
+
+
+def _dominant_colour(record: dict) -> str:
+    area = lambda obj: (obj["box"][2] - obj["box"][0]) * (obj["box"][3] - obj["box"][1])  # noqa: E731
+    return max(_shapes(record), key=area)["colour"]
+
+
+CLASSIFICATION = {
+    "Mini-Count": ("counting the shapes", lambda record: NUMBER_WORDS[len(_shapes(record))], NUMBER_WORDS[1:4]),
+    "Mini-Digit": ("reading the digit", _digit, tuple(str(digit) for digit in range(10)) + ("none",)),
+    "Mini-DominantColour": ("the colour of the largest shape", _dominant_colour, tuple(COLOURS)),
+}
+
+
+def _row(query_text, query_image, texts, images) -> dict:
+    return {"qry_text": query_text, "qry_img_path": query_image or "", "tgt_text": texts, "tgt_img_path": images}
+
+
+def classification_rows(records: list[dict], name: str) -> list[dict]:
+    aspect, label_of, labels = CLASSIFICATION[name]
+    rows = []
+    for record in records:
+        gold = label_of(record)
+        candidates = [gold] + [label for label in labels if label != gold]
+        query = f"{IMAGE} Represent the given image for classification by {aspect}."
+        rows.append(_row(query, record["image"], candidates, [""] * len(candidates)))
+    return rows
+
+
+def vqa_rows(records: list[dict]) -> list[dict]:
+    answers_by_type: dict[str, list[str]] = {}
+    for record in records:
+        for turn in record["conversation"]:
+            answers = answers_by_type.setdefault(turn["type"], [])
+            if turn["answer"] not in answers:
+                answers.append(turn["answer"])
+    rows = []
+    for record in records:
+        turn = record["conversation"][0]
+        candidates = [turn["answer"]] + [answer for answer in answers_by_type[turn["type"]] if answer != turn["answer"]]
+        query = f"{IMAGE} Represent the given image with the following question: {turn['question']}"
+        rows.append(_row(query, record["image"], candidates, [""] * len(candidates)))
+    return rows
+
+
+def _distractors(records: list[dict], index: int, count: int, rng: random.Random) -> list[dict]:
+    """Other scenes whose caption differs from scene `index`'s (identical captions would be unfair ties)."""
+    caption = records[index]["caption"]
+    pool = [record for position, record in enumerate(records) if position != index and record["caption"] != caption]
+    return rng.sample(pool, min(count, len(pool)))
+
+
+def retrieval_rows(records: list[dict], rng: random.Random) -> tuple[list[dict], list[dict]]:
+    to_image, to_caption = [], []
+    for index, record in enumerate(records):
+        others = _distractors(records, index, NUM_RETRIEVAL_CANDIDATES - 1, rng)
+        images = [record["image"]] + [other["image"] for other in others]
+        captions = [record["caption"]] + [other["caption"] for other in others]
+        to_image.append(_row(f"Find me an image that matches the given caption: {record['caption']}", None,
+                             [""] * len(images), images))  # fmt: skip
+        to_caption.append(_row(f"{IMAGE} Find an image caption describing the given image.", record["image"],
+                               captions, [""] * len(captions)))  # fmt: skip
+    return to_image, to_caption
+
+
+def _crop(record: dict, obj_index: int, root: Path, crops: Path) -> str:
+    """Save (once) and return the path, relative to `root`, of one object's crop."""
+    relative = crops.relative_to(root) / f"{record['id']}-{obj_index}.png"
+    if not (root / relative).exists():
+        with Image.open(root / record["image"]) as image:
+            x0, y0, x1, y1 = record["objects"][obj_index]["box"]
+            width, height = image.size
+            box = (max(0, x0 - 2), max(0, y0 - 2), min(width, x1 + 2), min(height, y1 + 2))
+            image.crop(box).save(root / relative)
+    return str(relative)
+
+
+def grounding_rows(records: list[dict], rng: random.Random, root: Path, crops: Path) -> list[dict]:
+    rows = []
+    for index, record in enumerate(records):
+        shapes = [position for position, obj in enumerate(record["objects"]) if obj["kind"] == "shape"]
+        target = rng.choice(shapes)
+        obj = record["objects"][target]
+        candidates = [_crop(record, target, root, crops)]
+        candidates += [_crop(record, position, root, crops) for position in range(len(record["objects"])) if position != target]
+        for other in _distractors(records, index, NUM_GROUNDING_DISTRACTOR_SCENES, rng):
+            candidates += [_crop(other, position, root, crops) for position in range(len(other["objects"]))
+                           if (other["objects"][position]["colour"], other["objects"][position]["shape"])
+                           != (obj["colour"], obj["shape"])]  # fmt: skip
+        query = f'{IMAGE} Select the portion of the image that isolates the object labeled as "{obj["colour"]} {obj["shape"]}".'
+        rows.append(_row(query, record["image"], [""] * len(candidates), candidates))
+    return rows
+
+
+def evaluation_datasets(records: list[dict], seed: int, root: Path, crops: Path) -> dict[str, list[dict]]:
+    """All mini-MMEB datasets of one split."""
+    rng = random.Random(f"mini-mmeb/{seed}")
+    datasets = {name: classification_rows(records, name) for name in CLASSIFICATION}
+    datasets["Mini-VQA"] = vqa_rows(records)
+    datasets["Mini-Caption2Image"], datasets["Mini-Image2Caption"] = retrieval_rows(records, rng)
+    datasets["Mini-Grounding"] = grounding_rows(records, rng, root, crops)
+    return datasets
+
+
+def training_pairs(records: list[dict], seed: int, root: Path, crops: Path) -> list[dict]:
+    """MMEB-layout training pairs with one hard negative each, taken from every evaluation dataset's recipe."""
+    pairs = []
+    for name, rows in evaluation_datasets(records, seed, root, crops).items():
+        for row in rows:
+            texts, images = row["tgt_text"], row["tgt_img_path"]
+            negative = 1 if len(texts) > 1 else None
+            pairs.append({
+                "dataset": name,
+                "qry": row["qry_text"], "qry_image_path": row["qry_img_path"],
+                "pos_text": texts[0], "pos_image_path": images[0],
+                "neg_text": texts[negative] if negative else "", "neg_image_path": images[negative] if negative else "",
+            })  # fmt: skip
+    return pairs
+
+
+def write_mini_mmeb(synthetic_dir: str | Path, max_train_scenes: int | None = 2000, **scene_settings) -> Path:
+    """Write the mini-MMEB under `synthetic_dir/mini_mmeb` (`{dev,test}/{dataset}.jsonl` with `mmeb_manifest.json`,
+    and `train.jsonl` from the first `max_train_scenes` train scenes; 0 skips the training pairs) from the scenes
+    there. Scenes already in `synthetic_dir` are reused unless `scene_settings` (`num_train`, `num_dev`,
+    `num_test`, `seed`, `image_size`) ask for others; missing scenes are written."""
+    root = Path(synthetic_dir)
+    metadata = root / "metadata.json"
+    settings = json.loads(metadata.read_text())["settings"] if metadata.exists() else {}
+    settings.update(scene_settings)
+    paths = write_synthetic_dataset(root, **settings)
+    seed = settings.get("seed", 0)
+    output = root / "mini_mmeb"
+    crops = output / "crops"
+    crops.mkdir(parents=True, exist_ok=True)
+    for split in ("dev", "test"):
+        records = [json.loads(line) for line in paths[split].read_text().splitlines()]
+        folder = output / split
+        folder.mkdir(exist_ok=True)
+        for name, rows in evaluation_datasets(records, seed, root, crops).items():
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        manifest = {"image_root": "../..", "meta_tasks": META_TASKS}
+        (folder / "mmeb_manifest.json").write_text(json.dumps(manifest, indent=2))
+    if max_train_scenes != 0:
+        records = [json.loads(line) for line in paths["train"].read_text().splitlines()][:max_train_scenes]
+        pairs = training_pairs(records, seed, root, crops)
+        (output / "train.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return output

@@ -1,0 +1,287 @@
+"""MMEB-format evaluation: Precision@1 (plus Recall@k and MRR) per dataset, per meta-task and overall.
+
+An evaluation set is one file per dataset, rows in MMEB's published layout::
+
+    {"qry_text": str, "qry_img_path": str, "tgt_text": [str, ...], "tgt_img_path": [str, ...]}
+
+with the gold candidate first. Read from local JSONL/parquet (image paths relative to an image root) or, by Hub id,
+through `datasets` (e.g. `TIGER-Lab/MMEB-eval`, one config per dataset).
+
+Scoring cannot be fooled by the gold-first convention: the gold candidate's rank counts every other candidate whose
+score is greater **or equal**, so ties are misses, and a NaN score ranks last. An encoder that returns one vector for
+everything scores 0.
+
+Anything with CoMa's `encode` API or a `SentenceTransformer` can be scored; each distinct query and candidate of a
+dataset is encoded once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# MMEB's assignment of its 36 evaluation datasets to meta-tasks.
+MMEB_META_TASKS: dict[str, tuple[str, ...]] = {
+    "Classification": (
+        "ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A", "ImageNet-R",
+        "ObjectNet", "Country211",
+    ),
+    "VQA": (
+        "OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
+        "TextVQA",
+    ),
+    "Retrieval": (
+        "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS", "WebQA",
+        "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS",
+    ),
+    "Visual Grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
+}  # fmt: skip
+META_TASK_OF = {name: task for task, names in MMEB_META_TASKS.items() for name in names}
+RECALL_AT = (1, 5, 10)
+
+
+def meta_task(dataset_name: str, extra: dict[str, str] | None = None) -> str:
+    """The meta-task of a dataset: MMEB's assignment, then `extra` (e.g. the mini-MMEB's), else "Other"."""
+    return META_TASK_OF.get(dataset_name) or (extra or {}).get(dataset_name, "Other")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------------
+def gold_ranks(scores: Sequence[torch.Tensor]) -> list[int]:
+    """1-based rank of the gold candidate (index 0) in each score vector; ties and NaNs count against the gold."""
+    ranks = []
+    for row in scores:
+        row = row.float()
+        gold = row[0]
+        if torch.isnan(gold):
+            ranks.append(len(row))
+            continue
+        others = row[1:]
+        ranks.append(1 + int((torch.nan_to_num(others, nan=-math.inf) >= gold).sum()))
+    return ranks
+
+
+def ranking_metrics(ranks: Sequence[int], recall_at: Sequence[int] = RECALL_AT) -> dict[str, float]:
+    """Precision@1, Recall@k and MRR from gold ranks."""
+    count = len(ranks)
+    if not count:
+        return {"precision@1": 0.0, "mrr": 0.0, **{f"recall@{k}": 0.0 for k in recall_at}, "num_queries": 0}
+    metrics = {"precision@1": sum(rank == 1 for rank in ranks) / count}
+    metrics.update({f"recall@{k}": sum(rank <= k for rank in ranks) / count for k in recall_at})
+    metrics["mrr"] = sum(1.0 / rank for rank in ranks) / count
+    metrics["num_queries"] = count
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class MMEBDataset:
+    """One evaluation dataset: its name, rows and where relative image paths start."""
+
+    name: str
+    rows: list[dict]
+    image_root: str | None = None
+    meta_task: str = "Other"
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import datasets
+
+        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_mmeb_datasets(
+    source: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    image_root: str | None = None,
+    split: str = "test",
+) -> list[MMEBDataset]:
+    """Datasets from a folder of `{name}.jsonl` / `{name}.parquet` files, or from a Hub id (one config per name;
+    `names` required). A folder may hold `mmeb_manifest.json` with `meta_tasks` (extra dataset names → meta-task)
+    and `image_root` (relative to the folder); image paths start at `image_root`, else at the folder."""
+    path = Path(source)
+    if path.is_dir():
+        manifest_path = path / "mmeb_manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        extra = manifest.get("meta_tasks", {})
+        files = sorted(list(path.glob("*.jsonl")) + list(path.glob("*.parquet")))
+        chosen = [file for file in files if names is None or file.stem in names]
+        root = image_root or os.path.normpath(path / manifest.get("image_root", "."))
+        return [MMEBDataset(file.stem, _read_rows(file), root, meta_task(file.stem, extra)) for file in chosen]
+    if path.exists():
+        raise ValueError(f"{source} is not a folder of MMEB-format files")
+    if not names:
+        raise ValueError("Loading MMEB from the Hub needs the dataset names (one config each)")
+    import datasets
+
+    return [
+        MMEBDataset(name, list(datasets.load_dataset(str(source), name, split=split)), image_root, meta_task(name))
+        for name in names
+    ]
+
+
+def _item(text: str | None, image_path: str | None, image_root: str | None) -> tuple[str, str | None]:
+    image = image_path or None
+    if image and image_root and not os.path.isabs(image):
+        image = os.path.join(image_root, image)
+    return (text or "", image)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------------------------------
+Encoder = Callable[[list[tuple[str, str | None]]], torch.Tensor]
+
+
+def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True) -> Encoder:
+    """A function from `(text, image path)` items to `[N, dim]` embeddings, for a CoMa model (its `encode`; the
+    MMEB text keeps its `<|image_1|>` placeholder and instruction) or a `SentenceTransformer` (placeholder removed,
+    images opened)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:  # pragma: no cover - sentence-transformers is a dependency
+        SentenceTransformer = ()
+
+    if isinstance(model, SentenceTransformer):
+        import re
+
+        from PIL import Image
+
+        placeholder = re.compile(r"<\|image_\d+\|>\s*")
+
+        def encode_with_sentence_transformer(items):
+            inputs = []
+            for text, image in items:
+                text = placeholder.sub("", text).strip()
+                if image is None:
+                    inputs.append(text)
+                else:
+                    picture = Image.open(image).convert("RGB")
+                    inputs.append({"image": picture, "text": text} if text else picture)
+            vectors = model.encode(inputs, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar)
+            return torch.as_tensor(vectors).float().cpu()
+
+        return encode_with_sentence_transformer
+
+    if callable(getattr(model, "encode", None)):
+
+        def encode_with_coma(items):
+            inputs = [{"text": text, "image": image} if image else {"text": text} for text, image in items]
+            return model.encode(inputs, batch_size=batch_size, show_progress_bar=show_progress_bar).float().cpu()
+
+        return encode_with_coma
+    if callable(model):
+        return model
+    raise TypeError(f"Cannot encode with {type(model).__name__}: pass a CoMa model, a SentenceTransformer or a function")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class MMEBEvaluator:
+    """Scores an encoder on MMEB-format datasets.
+
+    Example::
+
+        evaluator = MMEBEvaluator(load_mmeb_datasets("outputs/mini_mmeb/test"))
+        results = evaluator(model, output_dir="outputs/eval")   # JSON + Markdown written there
+        results["overall"]["precision@1"]
+    """
+
+    datasets: list[MMEBDataset]
+    batch_size: int = 16
+    show_progress_bar: bool = True
+    results: dict = field(default_factory=dict)
+
+    def __call__(self, model: Any, output_dir: str | os.PathLike | None = None) -> dict:
+        encode = as_encoder(model, self.batch_size, self.show_progress_bar)
+        per_dataset = {}
+        for dataset in self.datasets:
+            ranks = self.rank_dataset(encode, dataset)
+            per_dataset[dataset.name] = {**ranking_metrics(ranks), "meta_task": dataset.meta_task}
+            logger.info("%s: P@1 %.3f over %d queries", dataset.name, per_dataset[dataset.name]["precision@1"], len(ranks))
+        self.results = summarize(per_dataset)
+        if output_dir is not None:
+            write_results(self.results, output_dir)
+        return self.results
+
+    def rank_dataset(self, encode: Encoder, dataset: MMEBDataset) -> list[int]:
+        """Gold ranks for every row; each distinct query and candidate encoded once."""
+        queries, candidate_lists = [], []
+        for index, row in enumerate(dataset.rows):
+            texts, images = row.get("tgt_text") or [], row.get("tgt_img_path") or []
+            count = max(len(texts), len(images))
+            if count == 0:
+                raise ValueError(f"{dataset.name} row {index}: no candidates")
+            texts, images = list(texts) + [""] * (count - len(texts)), list(images) + [""] * (count - len(images))
+            queries.append(_item(row.get("qry_text"), row.get("qry_img_path"), dataset.image_root))
+            candidate_lists.append([_item(text, image, dataset.image_root) for text, image in zip(texts, images)])
+        query_vectors = _encode_unique(encode, queries)
+        candidate_vectors = _encode_unique(encode, [item for items in candidate_lists for item in items])
+        scores = []
+        for query, candidates in zip(queries, candidate_lists):
+            matrix = torch.stack([candidate_vectors[item] for item in candidates])
+            scores.append(matrix @ query_vectors[query])
+        return gold_ranks(scores)
+
+
+def _encode_unique(encode: Encoder, items: list[tuple[str, str | None]]) -> dict[tuple, torch.Tensor]:
+    unique = list(dict.fromkeys(items))
+    vectors = encode(unique) if unique else torch.empty(0)
+    return dict(zip(unique, vectors))
+
+
+def summarize(per_dataset: dict[str, dict]) -> dict:
+    """Per-dataset metrics → means per meta-task and overall (each dataset weighs the same, as in MMEB)."""
+    groups: dict[str, list[dict]] = {}
+    for metrics in per_dataset.values():
+        groups.setdefault(metrics["meta_task"], []).append(metrics)
+    keys = [key for key in next(iter(per_dataset.values()), {}) if key not in ("meta_task", "num_queries")]
+    average = lambda rows: {key: sum(row[key] for row in rows) / len(rows) for key in keys}  # noqa: E731
+    return {
+        "datasets": per_dataset,
+        "meta_tasks": {task: {**average(rows), "num_datasets": len(rows)} for task, rows in groups.items()},
+        "overall": {**average(list(per_dataset.values())), "num_datasets": len(per_dataset)} if per_dataset else {},
+    }
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table: datasets grouped by meta-task, then meta-task means and overall."""
+    lines = ["| meta-task | dataset | P@1 | R@5 | MRR | queries |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, metrics in sorted(results["datasets"].items(), key=lambda item: (item[1]["meta_task"], item[0])):
+        lines.append(
+            f"| {metrics['meta_task']} | {name} | {100 * metrics['precision@1']:.1f} | {100 * metrics['recall@5']:.1f} "
+            f"| {100 * metrics['mrr']:.1f} | {metrics['num_queries']} |"
+        )
+    for task, metrics in sorted(results["meta_tasks"].items()):
+        lines.append(f"| **{task}** | mean of {metrics['num_datasets']} | {100 * metrics['precision@1']:.1f} | "
+                     f"{100 * metrics['recall@5']:.1f} | {100 * metrics['mrr']:.1f} | |")  # fmt: skip
+    overall = results["overall"]
+    if overall:
+        lines.append(f"| **Overall** | {overall['num_datasets']} datasets | {100 * overall['precision@1']:.1f} | "
+                     f"{100 * overall['recall@5']:.1f} | {100 * overall['mrr']:.1f} | |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, output_dir: str | os.PathLike) -> None:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "mmeb_results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "mmeb_results.md").write_text(markdown_table(results))

@@ -1,0 +1,61 @@
+"""MMEB-format evaluation of a CoMa model (or any SentenceTransformer).
+
+    python examples/evaluate.py                                   # outputs/stage2 on the mini-MMEB test split
+    python examples/evaluate.py --model_name_or_path outputs/stage1 --data outputs/synthetic/mini_mmeb/dev
+    python examples/evaluate.py --data TIGER-Lab/MMEB-eval --datasets ImageNet-1K,MSCOCO_t2i --image_root eval_images
+
+`--data` is a folder of MMEB-format files (default: the synthetic mini-MMEB test split, generated if absent) or a
+Hub dataset id with `--datasets` naming its configs. Prints a table; writes `mmeb_results.json` and
+`mmeb_results.md` to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets, markdown_table
+
+DEFAULT_SYNTHETIC = "outputs/synthetic"
+
+
+def load_model(name_or_path: str):
+    """A SentenceTransformer when the folder is one without CoMa's remote code, else a CoMa model via AutoModel."""
+    folder = Path(name_or_path)
+    if (folder / "modules.json").exists() and not (folder / "modeling_coma.py").exists():
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(name_or_path, trust_remote_code=True)
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default="outputs/stage2")
+    parser.add_argument("--data", default=None, help="MMEB-format folder or Hub id (default: mini-MMEB test split)")
+    parser.add_argument("--datasets", default=None, help="comma-separated dataset names (required for a Hub id)")
+    parser.add_argument("--image_root", default=None, help="folder that image paths start from")
+    parser.add_argument("--split", default="test", help="split of a Hub dataset")
+    parser.add_argument("--output_dir", default="outputs/eval")
+    parser.add_argument("--batch_size", type=int, default=16)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    data = args.data
+    if data is None:
+        data = str(Path(DEFAULT_SYNTHETIC) / "mini_mmeb" / "test")
+        if not Path(data).exists():
+            write_mini_mmeb(DEFAULT_SYNTHETIC, max_train_scenes=0)  # evaluation needs no training pairs
+    names = args.datasets.split(",") if args.datasets else None
+    datasets = load_mmeb_datasets(data, names=names, image_root=args.image_root, split=args.split)
+    results = MMEBEvaluator(datasets, batch_size=args.batch_size)(load_model(args.model_name_or_path), args.output_dir)
+    print(markdown_table(results))
+    print(f"Results written to {args.output_dir}/mmeb_results.json and .md")
+
+
+if __name__ == "__main__":
+    main()
