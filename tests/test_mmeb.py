@@ -198,3 +198,33 @@ def test_evaluate_script_prints_and_writes_the_table(mini, tmp_path):
     assert "| **Overall** | 7 datasets |" in result.stdout
     saved = json.loads((tmp_path / "eval" / "mmeb_results.json").read_text())
     assert set(saved["meta_tasks"]) == {"Classification", "VQA", "Retrieval", "Visual Grounding"}
+
+
+def test_sentence_transformer_is_scored_like_a_hand_computation(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    from coma_hf.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "right"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    model = SentenceTransformer(modules=[Transformer(str(tmp_path / "bert")), Pooling(32, "mean")], device="cpu")
+
+    rows = [{"qry_text": f"<|image_1|> query {i} about shapes", "qry_img_path": "",
+             "tgt_text": [f"answer {j} for {i}" for j in range(5)], "tgt_img_path": [""] * 5} for i in range(6)]  # fmt: skip
+    results = MMEBEvaluator([MMEBDataset("GQA", rows, None, "VQA")], show_progress_bar=False)(model)
+
+    expected_ranks = []
+    for row in rows:
+        query = model.encode([row["qry_text"].replace("<|image_1|> ", "")], convert_to_tensor=True)[0]
+        candidates = model.encode(row["tgt_text"], convert_to_tensor=True)
+        expected_ranks.append(gold_ranks([candidates @ query])[0])
+    expected = ranking_metrics(expected_ranks)
+    for key in ("precision@1", "recall@5", "mrr"):
+        assert results["datasets"]["GQA"][key] == pytest.approx(expected[key], abs=1e-6)
