@@ -98,3 +98,11 @@ def output_cache(output) -> object:
     """The KV cache of a base-model output, under either name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def image_processor_class() -> type:
+    """The Qwen2-VL image processor that needs no torchvision (all supported families share it)."""
+    try:  # transformers ≥ 5.17 names the PIL implementation; the plain name may need torchvision
+        return transformers.Qwen2VLImageProcessorPil
+    except AttributeError:
+        return transformers.Qwen2VLImageProcessor

@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
-from .backbones import cache_argument_name, get_family, language_model, output_cache
+from .backbones import cache_argument_name, get_family, image_processor_class, language_model, output_cache
 from .configuration_coma import CoMaConfig
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
 from .processing_coma import IGNORE_INDEX, CoMaInputError, CoMaProcessor
@@ -422,7 +422,11 @@ class CoMaModel(PreTrainedModel):
                 source, attn_implementation=attn_implementation, dtype=dtype
             )
             if processor is None:  # tokenizer + image processor only: the stock processor also wants video support
-                processor = _ProcessorParts(AutoTokenizer.from_pretrained(source), AutoImageProcessor.from_pretrained(source))
+                try:
+                    image_processor = AutoImageProcessor.from_pretrained(source)
+                except ImportError:  # transformers < 5.2x maps it to a torchvision-only class
+                    image_processor = image_processor_class().from_pretrained(source)
+                processor = _ProcessorParts(AutoTokenizer.from_pretrained(source), image_processor)
         family = get_family(backbone.config.model_type)
         check_language_model_attention(backbone.config.get_text_config()._attn_implementation)
 

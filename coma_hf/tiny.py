@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
-from .backbones import get_family
+from .backbones import get_family, image_processor_class
 from .modeling_coma import CoMaModel, _ProcessorParts
 from .processing_coma import CoMaProcessor
 
@@ -99,10 +99,7 @@ def _merges(tokenizer: Tokenizer) -> list:
 def build_image_processor(family: str = DEFAULT_FAMILY):
     """The Qwen2-VL image processor (shared by all supported families) with the family's patch size."""
     spec = get_family(family)
-    try:  # transformers ≥ 5.2x names the torchvision-free implementation explicitly
-        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
+    ImageProcessor = image_processor_class()
     if family == "qwen3_vl":  # Qwen3-VL normalises to [-1, 1]
         return ImageProcessor(
             patch_size=spec.patch_size, merge_size=spec.spatial_merge_size, image_mean=[0.5] * 3, image_std=[0.5] * 3
