@@ -1,0 +1,112 @@
+"""Stage-2 data: MMEB-format training pairs (the `TIGER-Lab/MMEB-train` layout).
+
+A row holds a query and its positive, optionally a hard negative::
+
+    {"qry": str, "qry_image_path": str, "pos_text": str, "pos_image_path": str,
+     "neg_text": str, "neg_image_path": str, "dataset": str}          # neg_* and dataset optional
+
+Each side becomes one embedding input: its text (which keeps MMEB's `<|image_1|>` placeholder, where
+`CoMaProcessor` puts the image tokens) and its image path (relative paths start at the image root). The loaded
+dataset has flat string columns `anchor_text`, `anchor_image`, `positive_text`, `positive_image` (and
+`negative_text`, `negative_image` when the data has negative columns; both empty for a row without one) plus
+`dataset`; `embedding_input` turns a
+text/image pair back into the `{"text", "image"}` dict that `encode` and the collators take. With `by_dataset=True`
+the result is a `DatasetDict` keyed by dataset, so that a multi-dataset batch sampler draws each batch from one
+dataset (the paper's interleaving).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..processing_coma import CoMaInputError
+
+REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+SIDES = (("anchor", "qry", "qry_image_path"), ("positive", "pos_text", "pos_image_path"),
+         ("negative", "neg_text", "neg_image_path"))  # fmt: skip
+
+
+def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, with_negative: bool = False) -> dict:
+    """One MMEB training row → flat `{side}_text` / `{side}_image` columns; an error names the row and column."""
+    sample = row.get("id", index)
+    missing = [column for column in REQUIRED if column not in row]
+    if missing:
+        raise CoMaInputError(f"missing column(s) {missing}", sample, missing[0])
+    pair = {"dataset": str(row.get("dataset") or "default")}
+    for side, text_column, image_column in SIDES:
+        if side == "negative" and not with_negative:
+            continue
+        text, image = row.get(text_column) or "", row.get(image_column) or ""
+        if not isinstance(text, str) or not isinstance(image, str):
+            raise CoMaInputError("expected strings", sample, text_column if not isinstance(text, str) else image_column)
+        if not text.strip() and not image:
+            if side == "negative":  # MMEB-train carries the columns but leaves most negatives empty
+                pair["negative_text"] = pair["negative_image"] = ""
+                continue
+            raise CoMaInputError(f"both {text_column} and {image_column} are empty", sample, text_column)
+        if image and image_root and not os.path.isabs(image):
+            image = os.path.join(image_root, image)
+        pair[f"{side}_text"], pair[f"{side}_image"] = text, image
+    return pair
+
+
+def embedding_input(text: str, image: str) -> dict[str, Any]:
+    """The `{"text", "image"}` input of one side (no `image` key when there is none)."""
+    return {"text": text, "image": image} if image else {"text": text}
+
+
+def _read(source: str | os.PathLike, subsets, split: str):
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        return datasets.load_dataset(kind, data_files=str(path), split="train"), str(path.parent)
+    if path.is_dir():
+        files = sorted(list(path.glob("*.jsonl")) + list(path.glob("*.parquet")))
+        files = [file for file in files if subsets is None or file.stem in subsets]
+        if not files:
+            raise ValueError(f"{source}: no JSONL or parquet files{' for ' + str(subsets) if subsets else ''}")
+        parts = []
+        for file in files:
+            part, _ = _read(file, None, split)
+            if "dataset" not in part.column_names and len(files) > 1:
+                part = part.add_column("dataset", [file.stem] * len(part))
+            parts.append(part)
+        return datasets.concatenate_datasets(parts), str(path)
+    if not subsets:
+        raise ValueError("Loading MMEB-train from the Hub needs the subset names (one config each)")
+    parts = []
+    for subset in subsets:
+        part = datasets.load_dataset(str(source), subset, split=split)
+        parts.append(part.add_column("dataset", [subset] * len(part)) if "dataset" not in part.column_names else part)
+    return datasets.concatenate_datasets(parts), None
+
+
+def load_mmeb_train(
+    source: str | os.PathLike,
+    image_root: str | None = None,
+    subsets: list[str] | None = None,
+    split: str = "train",
+    by_dataset: bool = False,
+):
+    """MMEB-format training pairs from a JSONL/parquet file, a folder of `{subset}` files, or a Hub id (with
+    `subsets`). Relative image paths start at `image_root` (default: the file's folder). Hard negatives are kept when
+    the data has `neg_text` / `neg_image_path`."""
+    raw, default_root = _read(source, subsets, split)
+    root = image_root or default_root
+    with_negative = "neg_text" in raw.column_names or "neg_image_path" in raw.column_names
+    pairs = raw.map(
+        lambda row, index: normalize_pair(row, index, root, with_negative),
+        with_indices=True,
+        remove_columns=raw.column_names,
+        desc="Reading MMEB training pairs",
+    )
+    if not by_dataset:
+        return pairs
+    import datasets
+
+    names = sorted(set(pairs["dataset"]))
+    return datasets.DatasetDict({name: pairs.filter(lambda row, name=name: row["dataset"] == name) for name in names})

@@ -1,0 +1,54 @@
+"""Stage-2 training pairs in the MMEB layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coma_hf import CoMaInputError
+from coma_hf.data.mini_mmeb import META_TASKS, write_mini_mmeb
+from coma_hf.data.stage2 import embedding_input, load_mmeb_train, normalize_pair
+from conftest import random_image, tiny_coma
+
+
+def test_pairs_resolve_images_keep_placeholders_and_negatives(tmp_path):
+    random_image(0).save(tmp_path / "a.png")
+    rows = [
+        {"qry": "<|image_1|> Represent the given image.", "qry_image_path": "a.png", "pos_text": "a cat",
+         "pos_image_path": "", "neg_text": "a dog", "neg_image_path": "", "dataset": "ImageNet-1K"},
+        {"qry": "Find the image of a cat", "qry_image_path": "", "pos_text": "", "pos_image_path": "a.png",
+         "neg_text": "", "neg_image_path": "a.png", "dataset": "MSCOCO_t2i"},
+    ]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = load_mmeb_train(tmp_path / "train.jsonl")
+    assert pairs[0]["anchor_text"] == rows[0]["qry"] and pairs[0]["anchor_image"] == str(tmp_path / "a.png")
+    assert pairs[0]["negative_text"] == "a dog" and pairs[1]["positive_image"] == str(tmp_path / "a.png")
+    assert embedding_input(pairs[0]["positive_text"], pairs[0]["positive_image"]) == {"text": "a cat"}
+
+    # the anchor renders with the image tokens where the placeholder stood
+    _, processor = tiny_coma()
+    anchor = embedding_input(pairs[0]["anchor_text"], pairs[0]["anchor_image"])
+    text = processor.tokenizer.decode(processor.render_embedding_input(anchor["text"], anchor["image"]).input_ids)
+    assert text.startswith("<|vision_start|>") and "<|image_1|>" not in text
+
+    by_dataset = load_mmeb_train(tmp_path / "train.jsonl", by_dataset=True)
+    assert sorted(by_dataset) == ["ImageNet-1K", "MSCOCO_t2i"] and len(by_dataset["MSCOCO_t2i"]) == 1
+
+
+def test_bad_rows_name_the_row_and_column():
+    with pytest.raises(CoMaInputError, match=r"sample 4, field 'pos_text'.*missing column"):
+        normalize_pair({"qry": "q", "qry_image_path": "", "pos_image_path": ""}, index=4)
+    with pytest.raises(CoMaInputError, match=r"sample 2, field 'pos_text'.*both pos_text and pos_image_path are empty"):
+        normalize_pair({"qry": "q", "qry_image_path": "", "pos_text": " ", "pos_image_path": ""}, index=2)
+    no_negative = {"qry": "q", "qry_image_path": "", "pos_text": "p", "pos_image_path": "", "neg_text": ""}
+    assert normalize_pair(no_negative, with_negative=True)["negative_text"] == ""
+
+
+def test_mini_mmeb_training_pairs_load_by_dataset(tmp_path):
+    output = write_mini_mmeb(tmp_path, num_train=20, num_dev=4, num_test=4, image_size=56)
+    by_dataset = load_mmeb_train(output / "train.jsonl", image_root=str(tmp_path), by_dataset=True)
+    assert set(by_dataset) == set(META_TASKS)
+    for name, pairs in by_dataset.items():
+        assert len(pairs) == 20 and set(pairs["dataset"]) == {name}
+        assert {"negative_text", "negative_image"} <= set(pairs.column_names)
