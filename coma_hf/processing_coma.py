@@ -177,6 +177,7 @@ class CoMaProcessor(ProcessorMixin):
         self.min_image_tokens = min_image_tokens
         self.max_image_tokens = max_image_tokens
         self.max_length = max_length
+        self._token_cache: dict[str, tuple[int, ...]] = {}  # see `_encode`
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self._apply_image_token_bounds()
         self._special = self._special_token_ids()
@@ -233,12 +234,12 @@ class CoMaProcessor(ProcessorMixin):
         """
         if not text:
             return []
-        cache = self.__dict__.setdefault("_token_cache", {})
-        ids = cache.get(text)
+        ids = self._token_cache.get(text)
         if ids is None:
-            if len(cache) >= 65536:
-                cache.clear()
-            ids = cache[text] = tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            if len(self._token_cache) >= 65536:
+                self._token_cache.clear()
+            ids = tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            self._token_cache[text] = ids
         return list(ids)
 
     def _image_block(self, image: Any, sample: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
