@@ -19,6 +19,7 @@ transformers dependency) and the standard library.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -196,7 +197,13 @@ class CoMaProcessor(ProcessorMixin):
         return list(self._special["compression"])
 
     def _apply_image_token_bounds(self) -> None:
-        """Translate token bounds into the pixel bounds the image processor understands."""
+        """Translate token bounds into the pixel bounds the image processor understands.
+
+        The bounds go on a copy: the image processor passed in may be shared (by another processor, or the caller).
+        """
+        if self.min_image_tokens is None and self.max_image_tokens is None:
+            return
+        self.image_processor = copy.deepcopy(self.image_processor)
         size = dict(self.image_processor.size or {})
         if self.min_image_tokens is not None:
             size["shortest_edge"] = self.min_image_tokens * self.pixels_per_token**2

@@ -127,6 +127,9 @@ def test_image_token_bounds_are_given_in_tokens():
         tokens = int(rendered.image_grid_thw.prod()) // 4
         assert 16 * 0.5 <= tokens <= 16, (size, tokens)
     assert get_family("qwen3_vl").pixels_per_token == 32 and get_family("qwen2_5_vl").pixels_per_token == 28
+    # the shared image processor keeps its own bounds: an image renders as before
+    assert processor.image_processor is not bounded.image_processor
+    assert processor.render_embedding_input(image=random_image(0, (400, 300))).image_grid_thw.prod() // 4 > 16
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "I", "F"])
