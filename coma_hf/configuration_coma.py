@@ -109,6 +109,11 @@ class CoMaConfig(PretrainedConfig):
         """Dimension of `pooler_output` (what sentence-transformers reports as the embedding dimension)."""
         return self.embedding_dim or self.hidden_size
 
+    @property
+    def projection_dim(self) -> int:
+        """Alias of `embedding_size`: where sentence-transformers looks for the size of a pooled output."""
+        return self.embedding_size
+
 
 def _as_backbone_config(backbone_config: dict | PretrainedConfig | None) -> PretrainedConfig:
     if backbone_config is None:

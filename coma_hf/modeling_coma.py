@@ -27,6 +27,7 @@ from .backbones import cache_argument_name, get_family, image_processor_class, l
 from .configuration_coma import CoMaConfig
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
 from .processing_coma import IGNORE_INDEX, CoMaInputError, CoMaProcessor
+from .sentence_transformers_files import write_sentence_transformers_files
 
 logger = hf_logging.get_logger(__name__)
 
@@ -142,10 +143,17 @@ class CoMaModel(PreTrainedModel):
         self._processor = processor
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, config and remote code, and the processor (tokenizer, image processor) beside them."""
+        """Save weights, config and remote code, the processor (tokenizer, image processor) and the
+        sentence-transformers files beside them."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        if self._processor is None and self.name_or_path:
+            try:
+                self.processor  # noqa: B018 - loads the processor the model came with
+            except (OSError, ValueError) as error:
+                logger.warning("Saved without a processor: none could be loaded from %s (%s)", self.name_or_path, error)
         if self._processor is not None:
             self._processor.save_pretrained(save_directory)
+        write_sentence_transformers_files(save_directory, self.config.query_instruction, self.config.document_instruction)
 
     # ---- the backbone under the CoMa mask ----------------------------------------------------------------------------
     def _run_backbone(

@@ -496,6 +496,36 @@ class CoMaProcessor(ProcessorMixin):
             [{"image": image, "text": item} for image, item in zip(images, text)], instruction=instruction
         )
 
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        chat_template: str | None = None,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        **kwargs,
+    ) -> BatchFeature | list[str] | str:
+        """Render chat messages as embedding inputs: how sentence-transformers' `Transformer` module feeds CoMa.
+
+        One conversation is `[{"role": "system", "content": instruction}, {"role": "user", "content": …}]`, the
+        system message optional; content is a string or a list of `{"type": "text", "text": …}` and
+        `{"type": "image", "image": …}` items (at most one image). The system message goes to CoMa's instruction
+        slot (that is where sentence-transformers puts a prompt such as `prompt_name="query"`), so rendering
+        matches `process_for_embedding` exactly; `chat_template` and sentence-transformers' tokenizer and
+        truncation keywords are ignored (`max_length` is the processor's own).
+
+        Returns the padded `BatchFeature` when `tokenize=True`, else the rendered text of each conversation.
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        inputs = [_message_input(messages, index) for index, messages in enumerate(conversations)]
+        if tokenize:
+            return self.process_for_embedding(inputs)
+        texts = [
+            self.tokenizer.decode(self.render_embedding_input(**item, sample=index).input_ids)
+            for index, item in enumerate(inputs)
+        ]
+        return texts if batched else texts[0]
+
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
@@ -516,6 +546,38 @@ def split_input(item: Any, sample: Any = None) -> tuple[str | None, Any, str | N
             raise CoMaInputError(f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input")
         return item.get("text"), item.get("image"), item.get("instruction")
     raise CoMaInputError(f"expected str, PIL image or dict, got {type(item).__name__}", sample, "input")
+
+
+def _message_input(messages: Sequence[dict], sample: Any) -> dict:
+    """`{"text", "image", "instruction"}` of one chat conversation (see `CoMaProcessor.apply_chat_template`)."""
+    parts: dict[str, list] = {"system": [], "text": [], "image": []}
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "user"):
+            raise CoMaInputError(
+                f"CoMa embeds one input at a time: expected 'system' and 'user' messages, got role {role!r}",
+                sample,
+                "message",
+            )
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for item in items:
+            kind = item.get("type", "text")
+            if kind not in ("text", "image"):
+                raise CoMaInputError(f"unsupported content type {kind!r}", sample, "message")
+            value = item.get(kind)
+            if kind == "text" and value is None:
+                continue
+            if value is None or (kind == "text" and not isinstance(value, str)):
+                raise CoMaInputError(f"expected a {kind}, got {type(value).__name__}", sample, kind)
+            parts["system" if role == "system" else kind].append(value)
+    if len(parts["image"]) > 1:
+        raise CoMaInputError(f"{len(parts['image'])} images in one input; CoMa takes at most one", sample, "image")
+    return {
+        "text": "\n".join(parts["text"]) or None,
+        "image": parts["image"][0] if parts["image"] else None,
+        "instruction": "\n".join(parts["system"]) or None,
+    }
 
 
 def _as_list(value) -> list:

@@ -1,4 +1,6 @@
-"""Stage 1: the collator and `CoMaCompressionTrainer`.
+"""The trainers and collators of both stages.
+
+Stage 1: `CoMaCompressionCollator` and `CoMaCompressionTrainer`.
 
 `CoMaCompressionTrainer` is a thin `transformers.Trainer` subclass (not trl's `SFTTrainer`: its chat-template
 tokenization and completion masks would duplicate what `CoMaProcessor` already renders, compression tokens
@@ -6,6 +8,9 @@ included). The loss is the model's own `forward` loss, which Trainer normalises 
 everything `TrainingArguments` offers (bf16, accumulation, gradient checkpointing, evaluation, saving, resuming,
 logging) is Trainer's. What the subclass adds: the collator by default, raw rows kept (`remove_unused_columns` off),
 tokens/s logged, a loss-only evaluation, and `save_merged` for a plain checkpoint ready for stage 2.
+
+Stage 2: `CoMaContrastiveCollator` and `CoMaContrastiveTrainer`, a thin `SentenceTransformerTrainer` subclass; the
+loss is `coma_hf.losses.CoMaContrastiveLoss`.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import logging
 from typing import Any
 
 import torch
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from transformers import BatchFeature, Trainer
 
 from .data.stage1 import normalize_stage1_record
+from .data.stage2 import embedding_input, sides
 from .processing_coma import CoMaProcessor
 
 logger = logging.getLogger(__name__)
@@ -97,6 +105,47 @@ class CoMaCompressionTrainer(Trainer):
         if self.args.should_save:
             model.save_pretrained(output_dir)
         return model
+
+
+class CoMaContrastiveCollator(SentenceTransformerDataCollator):
+    """Stage-2 rows (`{side}_text` / `{side}_image` columns, see `coma_hf.data.stage2`) → one sentence-transformers
+    input per side, in loss order (anchor, positive[, negative]).
+
+    The negative column takes part only when every row of the batch has a negative (MMEB-train leaves most of them
+    empty; the loss takes any number of columns per batch). Other columns (`dataset`) are dropped.
+    """
+
+    def __call__(self, features: list[dict]) -> dict:
+        columns = ["anchor", "positive"]
+        if "negative_text" in features[0]:
+            if all(len(sides(row)) == 3 for row in features):
+                columns.append("negative")
+            else:
+                logger.info("A batch has rows without a hard negative; it trains without the negative column.")
+        rows = []
+        for row in features:
+            inputs = {side: embedding_input(row[f"{side}_text"], row[f"{side}_image"]) for side in columns}
+            if "dataset_name" in row:
+                inputs["dataset_name"] = row["dataset_name"]
+            rows.append(inputs)
+        return super().__call__(rows)
+
+
+class CoMaContrastiveTrainer(SentenceTransformerTrainer):
+    """`SentenceTransformerTrainer` for CoMa's contrastive matching (stage 2).
+
+    Differences: the data collator defaults to `CoMaContrastiveCollator`, and sentence-transformers' automatic
+    model card is not tracked (it tokenizes raw dataset columns for statistics, which split text and image here;
+    CoMa checkpoints carry their own card).
+    """
+
+    def get_data_collator(self, model, args, processing_class=None) -> CoMaContrastiveCollator:
+        return CoMaContrastiveCollator(
+            preprocess_fn=model.preprocess, router_mapping=args.router_mapping, prompts=args.prompts
+        )
+
+    def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
+        pass
 
 
 def _coma_config(model) -> Any:

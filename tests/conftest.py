@@ -35,3 +35,18 @@ def random_image(seed: int = 0, size: tuple[int, int] = (84, 112)) -> Image.Imag
 @pytest.fixture
 def model_and_processor():
     return tiny_coma()
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_sentence_transformer(family: str, num_compression_tokens: int, folder: str):
+    from sentence_transformers import SentenceTransformer
+
+    model, _ = _tiny(family, "sdpa", num_compression_tokens)
+    model.save_pretrained(folder)
+    return SentenceTransformer(folder, trust_remote_code=True, device="cpu")
+
+
+def tiny_sentence_transformer(tmp_path_factory, family: str = "qwen2_5_vl", num_compression_tokens: int = 4):
+    """A SentenceTransformer over a saved tiny CoMa checkpoint (cached per session; copy it before training)."""
+    folder = tmp_path_factory.getbasetemp() / f"st-{family}-{num_compression_tokens}"
+    return _tiny_sentence_transformer(family, num_compression_tokens, str(folder))

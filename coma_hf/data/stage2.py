@@ -11,8 +11,9 @@ dataset has flat string columns `anchor_text`, `anchor_image`, `positive_text`, 
 `negative_text`, `negative_image` when the data has negative columns; both empty for a row without one) plus
 `dataset`; `embedding_input` turns a
 text/image pair back into the `{"text", "image"}` dict that `encode` and the collators take. With `by_dataset=True`
-the result is a `DatasetDict` keyed by dataset, so that a multi-dataset batch sampler draws each batch from one
-dataset (the paper's interleaving).
+the result is a `DatasetDict` keyed by dataset, so that sentence-transformers' multi-dataset batch sampler draws each
+batch from one dataset (the paper's interleaving). `coma_hf.trainer.CoMaContrastiveCollator` hands the rows to
+sentence-transformers as (anchor, positive[, negative]) inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..processing_coma import CoMaInputError
+from .stage1 import BadSample
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 SIDES = (("anchor", "qry", "qry_image_path"), ("positive", "pos_text", "pos_image_path"),
@@ -104,9 +106,36 @@ def load_mmeb_train(
         remove_columns=raw.column_names,
         desc="Reading MMEB training pairs",
     )
-    if not by_dataset:
-        return pairs
+    return split_by_dataset(pairs) if by_dataset else pairs
+
+
+def split_by_dataset(pairs):
+    """A `DatasetDict` with one split per value of the `dataset` column."""
     import datasets
 
     names = sorted(set(pairs["dataset"]))
     return datasets.DatasetDict({name: pairs.filter(lambda row, name=name: row["dataset"] == name) for name in names})
+
+
+def validate_pairs(pairs, processor) -> list[BadSample]:
+    """Render every side of every row once (images decoded, lengths checked); the rows that fail, with reasons."""
+    from transformers.utils.logging import tqdm
+
+    bad = []
+    for index in tqdm(range(len(pairs)), desc="Validating stage-2 pairs", unit="row"):
+        row = pairs[index]
+        for side in sides(row):
+            try:
+                processor.render_embedding_input(**embedding_input(row[f"{side}_text"], row[f"{side}_image"]), sample=index)
+            except CoMaInputError as error:
+                bad.append(BadSample(index, index, f"{side}: {error}"))
+                break
+    return bad
+
+
+def sides(row: dict) -> list[str]:
+    """The sides a row has, in loss order; a negative only when it is not empty."""
+    sides = ["anchor", "positive"]
+    if row.get("negative_text") or row.get("negative_image"):
+        sides.append("negative")
+    return sides

@@ -262,6 +262,32 @@ def summarize(per_dataset: dict[str, dict]) -> dict:
     }
 
 
+def chance_baselines(datasets: Sequence[MMEBDataset]) -> dict:
+    """Precision@1 that needs no model, per dataset and averaged like `summarize`.
+
+    `random`: the expected P@1 of a random ranking (mean of 1 / candidates). `constant`: always ranking one fixed
+    candidate first (the most frequent gold answer, e.g. the majority class). `best`: the larger of the two per
+    dataset — the bar a model must clear to show it read its inputs.
+    """
+    per_dataset = {}
+    for dataset in datasets:
+        golds, inverse_sizes = {}, []
+        for row in dataset.rows:
+            texts, images = list(row.get("tgt_text") or []), list(row.get("tgt_img_path") or [])
+            count = max(len(texts), len(images))
+            gold = (texts[0] if texts else "", images[0] if images else "")
+            golds[gold] = golds.get(gold, 0) + 1
+            inverse_sizes.append(1.0 / count)
+        rows = max(len(dataset.rows), 1)
+        random_guess = sum(inverse_sizes) / rows
+        constant = max(golds.values(), default=0) / rows
+        per_dataset[dataset.name] = {
+            "random": random_guess, "constant": constant, "best": max(random_guess, constant),
+            "meta_task": dataset.meta_task, "num_queries": len(dataset.rows),
+        }  # fmt: skip
+    return summarize(per_dataset)
+
+
 def markdown_table(results: dict) -> str:
     """The results as a Markdown table: datasets grouped by meta-task, then meta-task means and overall."""
     lines = ["| meta-task | dataset | P@1 | R@5 | MRR | queries |", "| --- | --- | --- | --- | --- | --- |"]

@@ -1,0 +1,214 @@
+"""Stage-2 loss: InfoNCE over in-batch candidates, read off CoMa's compression tokens (sentence-transformers).
+
+`CoMaContrastiveLoss` is sentence-transformers' `CachedMultipleNegativesRankingLoss` (GradCache) with two CoMa
+needs added: the scale comes from the checkpoint's `contrastive_temperature` (0.03, the paper), and rows whose
+positives are the same input are not each other's negatives (image→label data repeats its labels, and without the
+mask the loss pushes an image away from its own class name). Everything else — mini-batches, gradient caching,
+gathering across processes, `MatryoshkaLoss` compatibility — is inherited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
+from torch import Tensor
+
+DEFAULT_TEMPERATURE = 0.03
+
+
+class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
+    r"""InfoNCE with in-batch negatives, optional hard negatives and an optional symmetric term.
+
+    For anchors :math:`q_i` and positives :math:`d_i` of a batch of :math:`B` rows (all processes together when
+    `gather_across_devices`), with hard negatives :math:`n_{i,1..m}` from further columns::
+
+        loss = mean_i  -log  exp(s(q_i, d_i) / τ) / Σ_{c ∈ C_i} exp(s(q_i, c) / τ)
+
+    where `s` is cosine similarity, τ the temperature and :math:`C_i` every positive and hard negative of the
+    batch except the positives :math:`d_j` (j ≠ i) that are the *same input* as :math:`d_i` (same tokens and
+    pixels), which are masked out. `symmetric=True` averages this with the document→query term (each positive
+    against every anchor, the same mask applied), as in CLIP.
+
+    Args:
+        model: a SentenceTransformer loaded from a CoMa checkpoint.
+        temperature: τ; defaults to the checkpoint's `config.contrastive_temperature` (0.03).
+        mini_batch_size: rows embedded at once (GradCache); the paper used 8 for 3B, 4 for 7B.
+        cached: `False` embeds the whole batch with gradients in one pass (plain InfoNCE; same loss and gradients,
+            more activation memory).
+        symmetric: add the document→query term.
+        mask_duplicate_positives: exclude same-input positives from each other's denominators.
+        gather_across_devices: gather anchors and candidates from all processes, gradients kept.
+        show_progress_bar: show GradCache mini-batch progress.
+
+    Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, …, negative_m) tuples; no labels.
+
+    Reference: Compressing then Matching (CoMa), arXiv 2511.08480, stage 2; GradCache, arXiv 2101.06983.
+    """
+
+    def __init__(
+        self,
+        model,
+        temperature: float | None = None,
+        mini_batch_size: int = 8,
+        cached: bool = True,
+        symmetric: bool = False,
+        mask_duplicate_positives: bool = True,
+        gather_across_devices: bool = False,
+        show_progress_bar: bool = False,
+    ) -> None:
+        temperature = temperature if temperature is not None else _config_temperature(model)
+        super().__init__(
+            model,
+            scale=1.0 / temperature,
+            similarity_fct=cos_sim,
+            mini_batch_size=mini_batch_size,
+            gather_across_devices=gather_across_devices,
+            directions=("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",),
+            partition_mode="per_direction",
+            show_progress_bar=show_progress_bar,
+        )
+        self.uses_gradient_cache = cached  # read by MatryoshkaLoss, see sentence-transformers' gradcache
+        self.symmetric = symmetric
+        self.mask_duplicate_positives = mask_duplicate_positives
+        self._positive_keys: Tensor | None = None
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"Expected (anchor, positive[, negatives…]) columns, got {len(sentence_features)}")
+        self._positive_keys = input_keys(sentence_features[1]) if self.mask_duplicate_positives else None
+        if self.uses_gradient_cache:
+            return self.forward_cached(sentence_features, labels)
+        reps = [[self.model(features)["sentence_embedding"]] for features in sentence_features]
+        return self.calculate_loss(reps, labels)
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False) -> Tensor:
+        """The loss from per-mini-batch embeddings, chunked over `mini_batch_size` anchors.
+
+        Restated from the parent (whose score loop has no hook for excluding pairs) with the duplicate mask added.
+        """
+        queries = torch.cat(reps[0])
+        docs = [torch.cat(columns) for columns in reps[1:]]
+        batch_size = len(queries)
+        keys = self._positive_keys
+        offset = 0
+        if self.gather_across_devices:
+            queries = all_gather_with_grad(queries)
+            docs = [all_gather_with_grad(column) for column in docs]
+            keys = all_gather(keys) if keys is not None else None
+            offset = get_rank() * batch_size
+        world_size = len(queries)
+        candidates = torch.cat(docs)  # [world * (1 + m), dim]: positives first, then each negative column
+        same_positive = _same_key(keys, world_size, queries.device)
+
+        total = queries.new_zeros(())
+        for begin in range(0, batch_size, self.mini_batch_size):
+            rows = torch.arange(offset + begin, offset + min(begin + self.mini_batch_size, batch_size), device=queries.device)
+            local = torch.arange(len(rows), device=queries.device)
+            excluded = _exclusions(same_positive, rows, world_size, len(docs))
+            scores = self.similarity_fct(queries[rows], candidates) * self.scale
+            terms = [_info_nce(scores, local, rows, excluded)]
+            if self.symmetric:
+                reverse = self.similarity_fct(docs[0][rows], queries) * self.scale
+                terms.append(_info_nce(reverse, local, rows, excluded[:, :world_size]))
+            chunk = torch.stack(terms).mean() * len(rows) / batch_size
+            if with_backward:
+                chunk.backward()
+                chunk = chunk.detach()
+            total = total + chunk
+        return total
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "mini_batch_size": self.mini_batch_size,
+            "cached": self.uses_gradient_cache,
+            "symmetric": self.symmetric,
+            "mask_duplicate_positives": self.mask_duplicate_positives,
+            "gather_across_devices": self.gather_across_devices,
+        }
+
+    @property
+    def citation(self) -> str:
+        return """
+@inproceedings{li2026coma,
+    title={Compressing then Matching: An Efficient Pre-training Paradigm for Multimodal Embedding},
+    author={Li and Luo and Bi and Guo and Yuan and Yang and Wang and Yang and Gao and Zhou},
+    booktitle={ACL},
+    year={2026},
+    eprint={2511.08480},
+    archivePrefix={arXiv}
+}
+"""
+
+
+def _info_nce(scores: Tensor, local: Tensor, rows: Tensor, excluded: Tensor) -> Tensor:
+    """Mean of `-log softmax` at each row's own positive (column `rows[i]`), excluded columns removed."""
+    positive = scores[local, rows]
+    scores = scores.masked_fill(excluded, float("-inf"))
+    return (torch.logsumexp(scores, dim=1) - positive).mean()
+
+
+def _same_key(keys: Tensor | None, size: int, device: torch.device) -> Tensor | None:
+    """`[size, size]` True where two different rows have the same positive."""
+    if keys is None:
+        return None
+    keys = keys.to(device)
+    same = keys[:, None] == keys[None, :]
+    return same & ~torch.eye(size, dtype=torch.bool, device=device)
+
+
+def _exclusions(same_positive: Tensor | None, rows: Tensor, world_size: int, num_columns: int) -> Tensor:
+    """`[len(rows), world_size * num_columns]` mask of candidates left out of each row's denominator."""
+    excluded = torch.zeros(len(rows), world_size * num_columns, dtype=torch.bool, device=rows.device)
+    if same_positive is not None:
+        excluded[:, :world_size] = same_positive[rows]
+    return excluded
+
+
+def input_keys(features: dict[str, Any]) -> Tensor:
+    """One int64 per row identifying the row's input (its tokens and its image's pixels).
+
+    A digest, not Python's `hash`, so that keys agree across processes when gathered.
+    """
+    input_ids, attention_mask = features["input_ids"], features.get("attention_mask")
+    image_rows = _rows_with_images(features)
+    pixel_slices = _pixel_slices(features) if image_rows else []
+    keys = []
+    for row in range(len(input_ids)):
+        tokens = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
+        digest = hashlib.blake2b(tokens.cpu().numpy().tobytes(), digest_size=8)
+        if row in image_rows:
+            digest.update(pixel_slices[image_rows.index(row)].cpu().numpy().tobytes())
+        keys.append(int.from_bytes(digest.digest(), "little", signed=True))
+    return torch.tensor(keys, dtype=torch.long)
+
+
+def _rows_with_images(features: dict[str, Any]) -> list[int]:
+    if "pixel_values" not in features:
+        return []
+    counts = features.get("num_images_per_sample")
+    if counts is None:
+        counts = features["mm_token_type_ids"].any(dim=1).long()
+    return [row for row, count in enumerate(counts.tolist()) if count]
+
+
+def _pixel_slices(features: dict[str, Any]) -> list[Tensor]:
+    sizes = features["image_grid_thw"].prod(dim=1).tolist()
+    return list(torch.split(features["pixel_values"], sizes))
+
+
+def _config_temperature(model) -> float:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "model_type", None) == "coma":
+            return float(config.contrastive_temperature)
+    return DEFAULT_TEMPERATURE
+
+
+__all__ = ["CoMaContrastiveLoss", "input_keys"]

@@ -1,0 +1,280 @@
+"""Stage 2 of CoMa: contrastive matching with sentence-transformers, starting from the stage-1 checkpoint.
+
+With no arguments it continues the embedded default: loads `outputs/stage1` (made by `python examples/pretrain.py`)
+as a `SentenceTransformer`, trains all weights (`--recipe tiny`) with `CoMaContrastiveLoss` on the synthetic
+mini-MMEB training pairs (each batch from one dataset), scores the dev split with `MMEBEvaluator`, and saves the
+checkpoint to `outputs/stage2` (loads through `AutoModel` and `SentenceTransformer`) with `contrastive_summary.json`.
+
+    python examples/train_contrastive.py
+    python examples/train_contrastive.py --from_backbone          # skip stage 1 (the comparison of issue 6)
+    python examples/train_contrastive.py --model_name_or_path outputs/stage1-3b --recipe paper \\
+        --dataset TIGER-Lab/MMEB-train --subsets ImageNet_1K,MSCOCO_t2i --image_root mmeb_images
+
+`--recipe paper` is the paper's setting: a fresh LoRA (r=16, alpha=64) on the language model, global batch 1024 in
+GradCache mini-batches of 8, temperature 0.03, lr 5e-5, cosine, 5 % warm-up, 1500 steps. Every
+`SentenceTransformerTrainingArguments` option works on the command line and overrides the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformerTrainingArguments
+from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+from transformers import HfArgumentParser, set_seed
+
+from coma_hf import CoMaModel
+from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pairs
+from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
+from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
+from coma_hf.losses import CoMaContrastiveLoss
+from coma_hf.recipes import LoraArguments, apply_lora, merge_lora
+from coma_hf.sentence_transformer import load_sentence_transformer
+from coma_hf.tiny import build_tiny_coma, tiny_backbone_config
+from coma_hf.trainer import CoMaContrastiveTrainer
+
+logger = logging.getLogger("train_contrastive")
+CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_STAGE1 = "outputs/stage1"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_STAGE1, metadata={"help": "Stage-1 CoMa checkpoint (folder or Hub id)."}
+    )
+    from_backbone: bool = field(
+        default=False,
+        metadata={"help": "Skip stage 1: start from --backbone (default: the embedded tiny backbone) with fresh "
+                  "compression tokens."},
+    )  # fmt: skip
+    backbone: str | None = field(default=None, metadata={"help": "Backbone MLLM for --from_backbone."})
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: tiny for the embedded model, "
+                  "paper otherwise)."},
+    )  # fmt: skip
+    num_compression_tokens: int = field(default=32, metadata={"help": "K, for --from_backbone."})
+    min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens, for --from_backbone."})
+    max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens, for --from_backbone."})
+    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence, for --from_backbone."})
+    family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Embedded backbone: language-model width."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "Embedded backbone: language-model depth."})
+    tiny_vision_width: int = field(default=32, metadata={"help": "Embedded backbone: vision width."})
+    tiny_vision_depth: int = field(default=1, metadata={"help": "Embedded backbone: vision depth."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "MMEB-format training pairs: JSONL/parquet file, folder of per-dataset files, or Hub id "
+                  "(with --subsets). Default: the synthetic mini-MMEB training pairs."},
+    )  # fmt: skip
+    subsets: str | None = field(default=None, metadata={"help": "Comma-separated subsets (files or Hub configs)."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
+    eval_data: str | None = field(
+        default=None, metadata={"help": "MMEB-format evaluation folder (default: the mini-MMEB dev split)."}
+    )
+    eval_datasets: str | None = field(default=None, metadata={"help": "Comma-separated evaluation datasets."})
+    synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where the synthetic scenes live."})
+    max_train_scenes: int = field(default=2000, metadata={"help": "Synthetic scenes that make mini-MMEB pairs."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    by_dataset: bool = field(default=True, metadata={"help": "Draw each batch from one dataset (the paper)."})
+    validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
+
+
+@dataclass
+class LossArguments:
+    temperature: float | None = field(default=None, metadata={"help": "InfoNCE τ (default: the checkpoint's, 0.03)."})
+    mini_batch_size: int = field(default=8, metadata={"help": "GradCache mini-batch (rows embedded at once)."})
+    cached: bool = field(default=True, metadata={"help": "GradCache; false embeds the batch in one pass."})
+    symmetric: bool = field(default=False, metadata={"help": "Add the document→query term."})
+    mask_duplicate_positives: bool = field(default=True, metadata={"help": "Same-input positives are no negatives."})
+    gather_across_devices: bool = field(default=False, metadata={"help": "Negatives from every process."})
+    matryoshka_dims: str | None = field(default=None, metadata={"help": "e.g. '2048,512,128': wrap in MatryoshkaLoss."})
+
+
+def resolve_recipe(argv: list[str]) -> dict:
+    """Recipe defaults for the parser: `--recipe`, else `paper` for a named backbone or checkpoint and `tiny` else."""
+    recipe = None
+    for position, argument in enumerate(argv):
+        if argument == "--recipe" and position + 1 < len(argv):
+            recipe = argv[position + 1]
+        elif argument.startswith("--recipe="):
+            recipe = argument.split("=", 1)[1]
+    if recipe is None:
+        named = any(arg.startswith(("--model_name_or_path", "--backbone")) for arg in argv)
+        recipe = "paper" if named else "tiny"
+    path = Path(recipe) if recipe.endswith(".json") else CONFIGS / f"stage2_{recipe}.json"
+    if not path.is_file():
+        raise SystemExit(f"Unknown recipe {recipe!r}: no file {path}")
+    return json.loads(path.read_text())
+
+
+def initial_checkpoint(model_args: ModelArguments, output_dir: str, seed: int) -> str:
+    """The folder or Hub id stage 2 starts from; with --from_backbone, a fresh CoMa model saved for the purpose."""
+    if not model_args.from_backbone:
+        path = model_args.model_name_or_path
+        if path == DEFAULT_STAGE1 and not Path(path).is_dir():
+            raise SystemExit(
+                f"No stage-1 checkpoint at {path}. Make it with `python examples/pretrain.py` (about 5 minutes on "
+                "2 CPU cores), name another with --model_name_or_path, or pass --from_backbone to skip stage 1."
+            )
+        return path
+    common = dict(
+        num_compression_tokens=model_args.num_compression_tokens,
+        min_image_tokens=model_args.min_image_tokens,
+        max_image_tokens=model_args.max_image_tokens,
+        max_length=model_args.max_length,
+    )
+    if model_args.backbone is None:
+        backbone_config = tiny_backbone_config(
+            model_args.family,
+            hidden_size=model_args.tiny_hidden_size,
+            num_layers=model_args.tiny_num_layers,
+            vision_width=model_args.tiny_vision_width,
+            vision_depth=model_args.tiny_vision_depth,
+        )
+        model, _ = build_tiny_coma(model_args.family, seed=seed, backbone_config=backbone_config, **common)
+    else:
+        model = CoMaModel.from_backbone(model_args.backbone, seed=seed, **common)
+    folder = Path(output_dir) / "initial"
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def mini_mmeb(data_args: DataArguments) -> Path:
+    folder = Path(data_args.synthetic_dir) / "mini_mmeb"
+    if not (folder / "train.jsonl").is_file() or not (folder / "dev").is_dir():
+        write_mini_mmeb(data_args.synthetic_dir, max_train_scenes=data_args.max_train_scenes)
+    return folder
+
+
+def load_training_pairs(data_args: DataArguments, processor):
+    """(pairs, skipped rows): a `DatasetDict` by dataset when `by_dataset`, else one `Dataset`."""
+    subsets = data_args.subsets.split(",") if data_args.subsets else None
+    if data_args.dataset is None:
+        source, root = mini_mmeb(data_args) / "train.jsonl", data_args.image_root or data_args.synthetic_dir
+    else:
+        source, root = data_args.dataset, data_args.image_root
+    pairs = load_mmeb_train(source, image_root=root, subsets=subsets)
+    if data_args.max_train_pairs is not None and len(pairs) > data_args.max_train_pairs:
+        pairs = pairs.shuffle(seed=0).select(range(data_args.max_train_pairs))
+    bad = []
+    if data_args.validate_data or data_args.skip_bad_samples:
+        bad = validate_pairs(pairs, processor)
+        if bad and not data_args.skip_bad_samples:
+            listing = "\n".join(f"  row {sample.index}: {sample.error}" for sample in bad[:20])
+            raise SystemExit(f"{len(bad)} bad training rows (use --skip_bad_samples to skip them):\n{listing}")
+        for sample in bad:
+            logger.warning("Skipping training row %d: %s", sample.index, sample.error)
+        skip = {sample.index for sample in bad}
+        pairs = pairs.select([index for index in range(len(pairs)) if index not in skip])
+    return (split_by_dataset(pairs) if data_args.by_dataset else pairs), bad
+
+
+def evaluation_datasets(data_args: DataArguments):
+    folder = data_args.eval_data or str(mini_mmeb(data_args) / "dev")
+    names = data_args.eval_datasets.split(",") if data_args.eval_datasets else None
+    return load_mmeb_datasets(folder, names=names, image_root=None if data_args.eval_data is None else data_args.image_root)
+
+
+def build_loss(model, loss_args: LossArguments):
+    loss = CoMaContrastiveLoss(
+        model,
+        temperature=loss_args.temperature,
+        mini_batch_size=loss_args.mini_batch_size,
+        cached=loss_args.cached,
+        symmetric=loss_args.symmetric,
+        mask_duplicate_positives=loss_args.mask_duplicate_positives,
+        gather_across_devices=loss_args.gather_across_devices,
+    )
+    if loss_args.matryoshka_dims:
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=[int(dim) for dim in loss_args.matryoshka_dims.split(",")])
+    return loss
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments))
+    parser.set_defaults(output_dir="outputs/stage2", **resolve_recipe(argv))
+    model_args, data_args, loss_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_seed(training_args.seed)
+    started = time.time()
+
+    start_from = initial_checkpoint(model_args, training_args.output_dir, training_args.seed)
+    model = load_sentence_transformer(start_from, device="cpu" if training_args.use_cpu else None)
+    transformer = model[0]
+    transformer.model = apply_lora(transformer.model, lora_args)
+    train, bad = load_training_pairs(data_args, transformer.processor)
+    evaluator = MMEBSentenceEvaluator(evaluation_datasets(data_args), name="dev", batch_size=training_args.per_device_eval_batch_size)
+    num_pairs = sum(len(part) for part in train.values()) if hasattr(train, "values") else len(train)
+    logger.info(
+        "Stage 2 from %s on %d pairs; per-device batch %d × accumulation %d × %d processes = global batch %d",
+        start_from, num_pairs, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
+        training_args.world_size, training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps * training_args.world_size,
+    )  # fmt: skip
+
+    trainer = CoMaContrastiveTrainer(
+        model=model, args=training_args, train_dataset=train, loss=build_loss(model, loss_args), evaluator=evaluator
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    coma = merge_lora(transformer.model)
+    transformer.model = coma
+    coma.processor = transformer.processor
+    if training_args.should_save:
+        coma.save_pretrained(training_args.output_dir)
+    summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
+    if training_args.should_save:
+        (Path(training_args.output_dir) / "contrastive_summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, training_args.output_dir)
+    return summary
+
+
+def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) -> dict:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    model.eval()
+    results = evaluator.evaluator(model)
+    baselines = chance_baselines(evaluator.evaluator.datasets)
+    return {
+        "started_from": start_from,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "eval_precision_at_1": results["overall"]["precision@1"],
+        "eval_per_meta_task": {task: values["precision@1"] for task, values in results["meta_tasks"].items()},
+        "eval_per_dataset": {name: values["precision@1"] for name, values in results["datasets"].items()},
+        "baseline_precision_at_1": baselines["overall"]["best"],
+        "baseline_per_meta_task": {task: values["best"] for task, values in baselines["meta_tasks"].items()},
+        "num_train_pairs": num_pairs,
+        "num_skipped_samples": len(bad),
+        "skipped_samples": [asdict(sample) for sample in bad],
+        "global_steps": trainer.state.global_step,
+        "seconds": round(time.time() - started, 1),
+        "device": str(model.device),
+    }
+
+
+def print_summary(summary: dict, output_dir: str) -> None:
+    print(f"\nStage 2 finished in {summary['seconds']} s ({summary['global_steps']} steps); saved to {output_dir}")
+    print(f"  train loss          {summary['train_loss_first']} -> {summary['train_loss_last']}")
+    print(f"  dev P@1             {summary['eval_precision_at_1']:.3f} (chance/constant baseline "
+          f"{summary['baseline_precision_at_1']:.3f})")  # fmt: skip
+    for task, value in summary["eval_per_meta_task"].items():
+        print(f"    {task:<17} {value:.3f}  baseline {summary['baseline_per_meta_task'][task]:.3f}")
+    print(f"  pairs {summary['num_train_pairs']} trained, {summary['num_skipped_samples']} skipped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""CoMaContrastiveLoss: InfoNCE as written in the paper, duplicate positives masked, GradCache = plain."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+from coma_hf.losses import CoMaContrastiveLoss, input_keys
+from conftest import random_image, tiny_sentence_transformer
+
+TAU = 0.05
+
+
+@pytest.fixture(scope="module")
+def st(tmp_path_factory):
+    model = copy.deepcopy(tiny_sentence_transformer(tmp_path_factory))
+    model.train()
+    return model
+
+
+def _features(st, column):
+    return st.preprocess(column)
+
+
+def _embed(st, column):
+    with torch.no_grad():
+        return st(_features(st, column))["sentence_embedding"]
+
+
+def _hand_loss(queries, columns, excluded=lambda i, j: False, symmetric=False):
+    """The loss with explicit loops: row i against every candidate of every column, minus excluded positives."""
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    positives = columns[0]
+    total = 0.0
+    for i in range(len(queries)):
+        denominator = 0.0
+        for c, column in enumerate(columns):
+            for j in range(len(column)):
+                if c == 0 and j != i and excluded(i, j):
+                    continue
+                denominator += math.exp(cos(queries[i], column[j]) / TAU)
+        forward = -(cos(queries[i], positives[i]) / TAU - math.log(denominator))
+        if symmetric:
+            back = sum(
+                math.exp(cos(positives[i], queries[j]) / TAU) for j in range(len(queries)) if j == i or not excluded(i, j)
+            )
+            forward = (forward - (cos(queries[i], positives[i]) / TAU - math.log(back))) / 2
+        total += forward
+    return total / len(queries)
+
+
+ANCHORS = ["a red circle", "two blue squares", "a green triangle", "the digit seven"]
+POSITIVES = ["red", "blue", "green", "seven"]
+NEGATIVES = ["yellow", "purple", "orange", "three"]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_loss_equals_hand_computation_with_hard_negatives(st, symmetric):
+    loss_fn = CoMaContrastiveLoss(st, temperature=TAU, cached=False, symmetric=symmetric)
+    columns = [ANCHORS, POSITIVES, NEGATIVES]
+    with torch.no_grad():
+        loss = loss_fn([_features(st, column) for column in columns], None)
+        without_negatives = loss_fn([_features(st, column) for column in columns[:2]], None)
+    queries, positives, negatives = (_embed(st, column) for column in columns)
+    expected = _hand_loss(queries, [positives, negatives], symmetric=symmetric)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # hard negatives enter the denominator: the loss grows (the symmetric term never sees them)
+    assert loss.item() > without_negatives.item()
+    assert without_negatives.item() == pytest.approx(_hand_loss(queries, [positives], symmetric=symmetric), rel=1e-5)
+
+
+def test_duplicate_positives_are_not_negatives(st):
+    positives = ["red", "blue", "red", "seven"]  # rows 0 and 2 share their positive
+    columns = [ANCHORS, positives]
+    features = [_features(st, column) for column in columns]
+    keys = input_keys(features[1])
+    assert keys[0] == keys[2] and len(set(keys.tolist())) == 3
+
+    with torch.no_grad():
+        masked = CoMaContrastiveLoss(st, temperature=TAU, cached=False)(features, None)
+        unmasked = CoMaContrastiveLoss(st, temperature=TAU, cached=False, mask_duplicate_positives=False)(features, None)
+    queries, embedded = _embed(st, ANCHORS), _embed(st, positives)
+    duplicate = lambda i, j: {i, j} == {0, 2}  # noqa: E731
+    assert masked.item() == pytest.approx(_hand_loss(queries, [embedded], excluded=duplicate), rel=1e-5)
+    assert unmasked.item() == pytest.approx(_hand_loss(queries, [embedded]), rel=1e-5)
+    assert masked.item() < unmasked.item()
+
+
+def test_image_inputs_differ_by_pixels_not_only_by_tokens(st):
+    same_size = [{"image": random_image(1)}, {"image": random_image(2)}, {"image": random_image(1)}]
+    keys = input_keys(_features(st, same_size)).tolist()
+    assert keys[0] == keys[2] != keys[1]
+
+
+def _batch(size):
+    anchors = [{"image": random_image(i), "text": f"picture {i}"} if i % 2 else f"caption number {i}" for i in range(size)]
+    positives = [f"label {i % 5}" for i in range(size)]
+    negatives = [{"image": random_image(100 + i)} for i in range(size)]
+    return [anchors, positives, negatives]
+
+
+def _loss_and_grads(st, loss_fn, columns):
+    st.zero_grad()
+    loss = loss_fn([_features(st, column) for column in columns], None)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in st.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_cached_mode_gives_the_plain_loss_and_gradients(st):
+    columns = _batch(6)
+    plain_loss, plain_grads = _loss_and_grads(st, CoMaContrastiveLoss(st, cached=False, symmetric=True), columns)
+    cached_loss, cached_grads = _loss_and_grads(
+        st, CoMaContrastiveLoss(st, cached=True, mini_batch_size=2, symmetric=True), columns
+    )
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():  # float32; the mini-batches only change summation order
+        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _SavedBytes:
+    """Peak bytes of activations held for backward (parameters excluded), via saved-tensor hooks."""
+
+    def __init__(self, parameters):
+        self.parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+        self.live = self.peak = 0
+
+    def pack(self, tensor):
+        meter = self
+
+        class Held:
+            def __init__(self):
+                self.tensor = tensor
+                self.size = 0 if tensor.untyped_storage().data_ptr() in meter.parameter_storages else (
+                    tensor.numel() * tensor.element_size()
+                )
+                meter.live += self.size
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self):
+                meter.live -= self.size
+
+        return Held()
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor
+
+
+def _peak_saved_bytes(st, loss_fn, columns) -> int:
+    meter = _SavedBytes(st.parameters())
+    st.zero_grad()
+    features = [_features(st, column) for column in columns]
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        loss_fn(features, None).backward()
+    return meter.peak
+
+
+def test_cached_mode_keeps_fewer_saved_activations_for_a_larger_batch(st):
+    plain = _peak_saved_bytes(st, CoMaContrastiveLoss(st, cached=False), _batch(8))
+    cached = _peak_saved_bytes(st, CoMaContrastiveLoss(st, cached=True, mini_batch_size=2), _batch(16))
+    assert 0 < cached < plain / 2, (cached, plain)
+
+
+def test_matryoshka_wraps_the_cached_loss(st):
+    columns = [ANCHORS, POSITIVES]
+    features = [_features(st, column) for column in columns]
+    loss = MatryoshkaLoss(st, CoMaContrastiveLoss(st, temperature=TAU, mini_batch_size=2), matryoshka_dims=[64, 16])
+    with torch.no_grad():
+        value = loss(features, None)
+    queries, positives = _embed(st, ANCHORS), _embed(st, POSITIVES)
+    expected = sum(_hand_loss(queries[:, :dim], [positives[:, :dim]]) for dim in (64, 16))
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_temperature_defaults_to_the_checkpoint_config(st):
+    assert CoMaContrastiveLoss(st).scale == pytest.approx(1 / 0.03)

@@ -1,0 +1,119 @@
+"""CoMa checkpoints are SentenceTransformers: same vectors as AutoModel, prompts in the instruction slot, order kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from coma_hf import CoMaInputError
+from coma_hf.sentence_transformer import load_sentence_transformer
+from conftest import random_image, tiny_coma
+
+# A fresh interpreter in which `import coma_hf` fails: AutoModel and SentenceTransformer from the same folder.
+CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["coma_hf"] = None
+    import torch
+    from PIL import Image
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    folder, image_path, output = sys.argv[1:4]
+    image = Image.open(image_path)
+    texts = ["a red circle left of a blue square", "the digit seven"]
+    mixed = [image, "some text", {"image": image, "text": "a question"}, {"image": image_path, "text": "by path"}]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
+    assert "coma_hf" not in type(model).__module__
+    encode = lambda inputs, **kwargs: st.encode(inputs, convert_to_tensor=True, **kwargs)
+    torch.save({
+        "auto_text": model.encode_text(texts), "st_text": encode(texts),
+        "auto_images": model.encode_images([image, image_path]), "st_images": encode([image, image_path]),
+        "auto_mixed": model.encode(mixed), "st_mixed": encode(mixed),
+        "auto_query": model.encode_query(mixed), "st_query": encode(mixed, prompt_name="query"),
+        "auto_document": model.encode_document(texts), "st_document": encode(texts, prompt_name="document"),
+        "similarity": st.similarity(encode(texts), encode([image, image_path])),
+        "dimension": st.get_embedding_dimension(),
+    }, output)
+    """
+)
+
+
+def test_same_vectors_through_automodel_and_sentence_transformer_without_coma_hf(tmp_path):
+    model, _ = tiny_coma()
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    assert {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"} <= set(os.listdir(folder))
+    image_path = tmp_path / "image.png"
+    random_image(3).save(image_path)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
+    env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(image_path), str(tmp_path / "out.pt")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = torch.load(tmp_path / "out.pt")
+    for name in ("text", "images", "mixed", "query", "document"):
+        torch.testing.assert_close(out[f"st_{name}"], out[f"auto_{name}"], atol=1e-5, rtol=0, msg=name)
+    # the prompt reaches the instruction slot: query vectors differ from plain ones
+    assert (out["st_query"] - out["st_mixed"]).abs().max() > 1e-3
+    torch.testing.assert_close(out["similarity"], out["auto_text"] @ out["auto_images"].T, atol=1e-5, rtol=0)
+    assert out["dimension"] == model.config.embedding_size
+
+
+@pytest.fixture(scope="module")
+def st(tmp_path_factory):
+    from conftest import tiny_sentence_transformer
+
+    return tiny_sentence_transformer(tmp_path_factory)
+
+
+def test_mixed_lists_keep_their_order(st):
+    model, _ = tiny_coma()
+    items = [random_image(1), "first text", {"image": random_image(2), "text": "caption"}, "second text",
+             {"image": random_image(3)}, random_image(4)]  # fmt: skip
+    one_by_one = torch.cat([model.encode([item]) for item in items])
+    together = st.encode(items, convert_to_tensor=True, batch_size=4)
+    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
+    order = [5, 2, 0, 3, 1, 4]
+    shuffled = st.encode([items[index] for index in order], convert_to_tensor=True, batch_size=4)
+    torch.testing.assert_close(shuffled, one_by_one[order], atol=1e-5, rtol=0)
+
+
+def test_mmeb_rows_keep_their_own_instruction(st):
+    """A text with an image placeholder carries its instruction; the prompt does not add another."""
+    row = {"image": random_image(5), "text": "<|image_1|> Represent the given image for classification"}
+    plain = st.encode([row], convert_to_tensor=True)
+    with_prompt = st.encode([row], prompt_name="query", convert_to_tensor=True)
+    torch.testing.assert_close(with_prompt, plain, atol=0, rtol=0)
+
+
+def test_messages_that_are_not_one_input_are_refused(st):
+    processor = st[0].processor
+    two_images = [{"role": "user", "content": [{"type": "image", "image": random_image(1)},
+                                               {"type": "image", "image": random_image(2)}]}]  # fmt: skip
+    with pytest.raises(CoMaInputError, match=r"sample 0, field 'image'.*2 images"):
+        processor.apply_chat_template(two_images, tokenize=True)
+    pair = [[{"role": "query", "content": "q"}, {"role": "document", "content": "d"}]]
+    with pytest.raises(CoMaInputError, match=r"role 'query'"):
+        processor.apply_chat_template(pair, tokenize=True)
+
+
+def test_load_sentence_transformer_takes_folders_without_the_sentence_transformers_files(tmp_path):
+    model, _ = tiny_coma()
+    model.save_pretrained(tmp_path)
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        os.remove(tmp_path / name)
+    st = load_sentence_transformer(str(tmp_path), device="cpu")
+    inputs = ["a text", random_image(6)]
+    torch.testing.assert_close(st.encode(inputs, convert_to_tensor=True), model.encode(inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        st.encode(inputs, prompt_name="query", convert_to_tensor=True), model.encode_query(inputs), atol=1e-5, rtol=0
+    )
