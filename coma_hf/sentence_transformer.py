@@ -1,36 +1,87 @@
-"""A CoMa checkpoint as a `SentenceTransformer`, whether or not the folder carries the sentence-transformers files.
+"""CoMa checkpoints in sentence-transformers: single-vector (`SentenceTransformer`) and multi-vector
+(`MultiVectorEncoder`, late interaction over the K compression states).
 
-Checkpoints saved by `CoMaModel.save_pretrained` carry them, so `SentenceTransformer(path, trust_remote_code=True)`
-is all a user needs; `load_sentence_transformer` also takes older folders and builds the same module in memory.
+Checkpoints saved by `CoMaModel.save_pretrained` carry the sentence-transformers files, so
+`SentenceTransformer(path, trust_remote_code=True)` is all a single-vector user needs; `load_sentence_transformer`
+also takes older folders. `load_multi_vector_encoder` reads the same checkpoint as K vectors per input, scored with
+sentence-transformers' MaxSim and trainable with its multi-vector losses.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from sentence_transformers.base.modules import Module, Normalize
+
 from .sentence_transformers_files import prompts, transformer_module_config
+
+REMOTE = {"trust_remote_code": True}
 
 
 def load_sentence_transformer(name_or_path: str, device: str | None = None, **model_kwargs):
     """`SentenceTransformer` over a CoMa checkpoint (folder or Hub id): sentence-transformers' own `Transformer`
     module calling `CoMaModel.forward`, prompts `query` / `document` from the config's instructions."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules import Transformer
 
     if (Path(name_or_path) / "modules.json").is_file():
         return SentenceTransformer(name_or_path, device=device, trust_remote_code=True, model_kwargs=model_kwargs)
-    remote = {"trust_remote_code": True}
-    module = Transformer(
-        name_or_path,
-        model_kwargs={**remote, **model_kwargs},
-        processor_kwargs=remote,
-        config_kwargs=remote,
-        **transformer_module_config(),
-    )
+    module = _transformer(name_or_path, model_kwargs)
     config = module.model.config
     return SentenceTransformer(
         modules=[module],
         device=device,
         prompts=prompts(config.query_instruction, config.document_instruction),
         similarity_fn_name="cosine",
+    )
+
+
+class CompressionStatesMask(Module):
+    """Marks all K compression states of every input as scored vectors.
+
+    The `Transformer` module leaves the input's `[batch, length]` attention mask in the features, while its
+    `token_embeddings` are the `[batch, K, hidden]` compression states; this replaces the mask with `[batch, K]`
+    ones so that sentence-transformers' multi-vector encode and losses slice and score the K states.
+    """
+
+    def forward(self, features: dict, **kwargs) -> dict:
+        states = features["token_embeddings"]
+        features["attention_mask"] = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        return features
+
+    def save(self, output_path: str, *args, **kwargs) -> None:
+        self.save_config(output_path)
+
+
+def load_multi_vector_encoder(name_or_path: str, device: str | None = None, **model_kwargs):
+    """`MultiVectorEncoder` over a CoMa checkpoint: each input becomes its K final compression states (unit-norm),
+    and query–document scores are MaxSim (for each query state, the best-matching document state, summed)."""
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+
+    config = {
+        **transformer_module_config(),
+        "modality_config": {
+            name: {**params, "method_output_name": "compression_states"}
+            for name, params in transformer_module_config()["modality_config"].items()
+        },
+        "module_output_name": "token_embeddings",
+    }
+    module = _transformer(name_or_path, model_kwargs, **config)
+    coma_config = module.model.config
+    return MultiVectorEncoder(
+        modules=[module, CompressionStatesMask(), Normalize(module_input_name="token_embeddings")],
+        device=device,
+        prompts=prompts(coma_config.query_instruction, coma_config.document_instruction),
+    )
+
+
+def _transformer(name_or_path: str, model_kwargs: dict, **config):
+    from sentence_transformers.base.modules import Transformer
+
+    return Transformer(
+        name_or_path,
+        model_kwargs={**REMOTE, **model_kwargs},
+        processor_kwargs=REMOTE,
+        config_kwargs=REMOTE,
+        **(config or transformer_module_config()),
     )

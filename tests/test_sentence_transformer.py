@@ -117,3 +117,49 @@ def test_load_sentence_transformer_takes_folders_without_the_sentence_transforme
     torch.testing.assert_close(
         st.encode(inputs, prompt_name="query", convert_to_tensor=True), model.encode_query(inputs), atol=1e-5, rtol=0
     )
+
+
+def test_multi_vector_encoder_scores_the_k_states_with_maxsim(tmp_path):
+    from coma_hf.sentence_transformer import load_multi_vector_encoder
+
+    model, processor = tiny_coma()
+    model.save_pretrained(tmp_path)
+    mve = load_multi_vector_encoder(str(tmp_path), device="cpu")
+    queries = ["a red circle", {"image": random_image(1), "text": "what colour?"}]
+    documents = [random_image(2), "blue", {"image": random_image(3)}]
+    scores = mve.similarity(mve.encode(queries, prompt_name="query"), mve.encode(documents))
+
+    def states(items, instruction=None):
+        with torch.no_grad():
+            batch = processor.process_for_embedding(items, instruction=instruction)
+            return torch.nn.functional.normalize(model.compress(**batch).compression_states, dim=-1)
+
+    query_states, document_states = states(queries, model.config.query_instruction), states(documents)
+    assert query_states.shape[1] == model.config.num_compression_tokens
+    for i in range(len(queries)):
+        for j in range(len(documents)):
+            maxsim = sum(max(float(q @ d) for d in document_states[j]) for q in query_states[i])
+            assert float(scores[i, j]) == pytest.approx(maxsim, abs=1e-4)
+
+
+def test_multi_vector_losses_train_coma(tmp_path):
+    from sentence_transformers.multi_vector_encoder.losses import CachedMultiVectorMultipleNegativesRankingLoss
+
+    from coma_hf.sentence_transformer import load_multi_vector_encoder
+
+    model, _ = tiny_coma()
+    model.save_pretrained(tmp_path)
+    mve = load_multi_vector_encoder(str(tmp_path), device="cpu")
+    loss_fn = CachedMultiVectorMultipleNegativesRankingLoss(mve, mini_batch_size=2)
+    anchors = [random_image(i) for i in range(4)]
+    positives = ["red one", "blue two", "green three", "yellow four"]
+    features = [mve.preprocess(anchors), mve.preprocess(positives)]
+    optimizer = torch.optim.SGD(mve.parameters(), lr=0.05)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = loss_fn([dict(feature) for feature in features], None)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses

@@ -52,3 +52,49 @@ def test_mini_mmeb_training_pairs_load_by_dataset(tmp_path):
     for name, pairs in by_dataset.items():
         assert len(pairs) == 20 and set(pairs["dataset"]) == {name}
         assert {"negative_text", "negative_image"} <= set(pairs.column_names)
+
+
+def test_collator_builds_one_input_per_side_and_drops_a_partial_negative_column(tmp_path_factory):
+    from coma_hf.trainer import CoMaContrastiveCollator
+    from conftest import tiny_sentence_transformer
+
+    st = tiny_sentence_transformer(tmp_path_factory)
+    seen = []
+
+    def preprocess(inputs, prompt=None, task=None):
+        seen.append(inputs)
+        return st.preprocess(inputs, prompt=prompt)
+
+    collator = CoMaContrastiveCollator(preprocess_fn=preprocess)
+    image = str(tmp_path_factory.mktemp("images") / "a.png")
+    random_image(0).save(image)
+    row = {"anchor_text": "<|image_1|> Classify", "anchor_image": image, "positive_text": "cat", "positive_image": "",
+           "negative_text": "dog", "negative_image": "", "dataset": "ImageNet-1K"}  # fmt: skip
+    batch = collator([row, {**row, "positive_text": "", "positive_image": image}])
+    assert seen == [
+        [{"text": "<|image_1|> Classify", "image": image}] * 2,
+        [{"text": "cat"}, {"text": "", "image": image}],
+        [{"text": "dog"}, {"text": "dog"}],
+    ]
+    assert {key.split("_")[0] for key in batch} == {"anchor", "positive", "negative"}
+    assert batch["positive_num_images_per_sample"].tolist() == [0, 1]
+
+    seen.clear()
+    batch = collator([row, {**row, "negative_text": ""}])  # one row lacks a negative: the column sits this batch out
+    assert len(seen) == 2 and not any(key.startswith("negative") for key in batch)
+
+
+def test_chance_baselines_by_hand():
+    from coma_hf.evaluation.mmeb import MMEBDataset, chance_baselines
+
+    labels = ["one", "two", "three"]
+    classification = MMEBDataset("Count", [
+        {"qry_text": "q", "tgt_text": [gold] + [label for label in labels if label != gold]} for gold in
+        ["two", "two", "one", "two"]
+    ], meta_task="Classification")  # fmt: skip
+    retrieval = MMEBDataset("Find", [{"qry_text": f"q{i}", "tgt_text": [f"d{i}", "x", "y", "z"]} for i in range(4)],
+                            meta_task="Retrieval")  # fmt: skip
+    result = chance_baselines([classification, retrieval])
+    assert result["datasets"]["Count"]["constant"] == 0.75 and result["datasets"]["Count"]["random"] == pytest.approx(1 / 3)
+    assert result["datasets"]["Find"]["best"] == 0.25  # every gold differs: random 1/4 beats constant 1/4 (equal)
+    assert result["overall"]["best"] == pytest.approx((0.75 + 0.25) / 2)
