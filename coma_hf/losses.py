@@ -100,22 +100,22 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
         if self.gather_across_devices:
             queries = all_gather_with_grad(queries)
             docs = [all_gather_with_grad(column) for column in docs]
-            keys = all_gather(keys) if keys is not None else None
+            keys = all_gather(keys.to(queries.device)) if keys is not None else None  # NCCL gathers device tensors
             offset = get_rank() * batch_size
-        world_size = len(queries)
+        world_batch = len(queries)
         candidates = torch.cat(docs)  # [world * (1 + m), dim]: positives first, then each negative column
-        same_positive = _same_key(keys, world_size, queries.device)
+        same_positive = _same_key(keys, world_batch, queries.device)
 
         total = queries.new_zeros(())
         for begin in range(0, batch_size, self.mini_batch_size):
             rows = torch.arange(offset + begin, offset + min(begin + self.mini_batch_size, batch_size), device=queries.device)
             local = torch.arange(len(rows), device=queries.device)
-            excluded = _exclusions(same_positive, rows, world_size, len(docs))
+            excluded = _exclusions(same_positive, rows, world_batch, len(docs))
             scores = self.similarity_fct(queries[rows], candidates) * self.scale
             terms = [_info_nce(scores, local, rows, excluded)]
             if self.symmetric:
                 reverse = self.similarity_fct(docs[0][rows], queries) * self.scale
-                terms.append(_info_nce(reverse, local, rows, excluded[:, :world_size]))
+                terms.append(_info_nce(reverse, local, rows, excluded[:, :world_batch]))
             chunk = torch.stack(terms).mean() * len(rows) / batch_size
             if with_backward:
                 chunk.backward()
@@ -163,11 +163,11 @@ def _same_key(keys: Tensor | None, size: int, device: torch.device) -> Tensor | 
     return same & ~torch.eye(size, dtype=torch.bool, device=device)
 
 
-def _exclusions(same_positive: Tensor | None, rows: Tensor, world_size: int, num_columns: int) -> Tensor:
-    """`[len(rows), world_size * num_columns]` mask of candidates left out of each row's denominator."""
-    excluded = torch.zeros(len(rows), world_size * num_columns, dtype=torch.bool, device=rows.device)
+def _exclusions(same_positive: Tensor | None, rows: Tensor, world_batch: int, num_columns: int) -> Tensor:
+    """`[len(rows), world_batch * num_columns]` mask of candidates left out of each row's denominator."""
+    excluded = torch.zeros(len(rows), world_batch * num_columns, dtype=torch.bool, device=rows.device)
     if same_positive is not None:
-        excluded[:, :world_size] = same_positive[rows]
+        excluded[:, :world_batch] = same_positive[rows]
     return excluded
 
 

@@ -1,4 +1,5 @@
-"""What a training stage updates: peft LoRA (the paper's recipe) or all weights (the `tiny` recipe).
+"""Recipes: which model a stage builds, what it updates (peft LoRA, the paper's recipe, or all weights, the `tiny`
+recipe), and the named presets of `examples/configs/`.
 
 The paper (stage 1): LoRA r=16, alpha=64, dropout 0.1 on the language model's q/k/v/o projections (DoRA in the
 released code), the compression-token embedding rows trained, the vision tower frozen; after the stage the LoRA is
@@ -8,8 +9,10 @@ merged into the weights. `apply_lora` builds exactly that with peft; `merge_lora
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +65,60 @@ def merge_lora(model):
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+@dataclass
+class BackboneArguments:
+    """How a fresh CoMa model is built: K, image and sequence bounds, and the embedded tiny backbone's size."""
+
+    num_compression_tokens: int = field(default=32, metadata={"help": "K, the number of compression tokens."})
+    min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens per image."})
+    max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens per image."})
+    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence in tokens."})
+    family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the embedded backbone's language model."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "Depth of the embedded backbone's language model."})
+    tiny_vision_width: int = field(default=32, metadata={"help": "Width of the embedded backbone's vision tower."})
+    tiny_vision_depth: int = field(default=1, metadata={"help": "Depth of the embedded backbone's vision tower."})
+
+
+def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: int = 0, **config_kwargs):
+    """`(model, processor)`: CoMa over `backbone` (Hub id or folder), or over the embedded tiny backbone if `None`."""
+    from .modeling_coma import CoMaModel
+    from .tiny import build_tiny_coma, tiny_backbone_config
+
+    common = dict(
+        num_compression_tokens=arguments.num_compression_tokens,
+        min_image_tokens=arguments.min_image_tokens,
+        max_image_tokens=arguments.max_image_tokens,
+        max_length=arguments.max_length,
+        **config_kwargs,
+    )
+    if backbone is None:
+        backbone_config = tiny_backbone_config(
+            arguments.family,
+            hidden_size=arguments.tiny_hidden_size,
+            num_layers=arguments.tiny_num_layers,
+            vision_width=arguments.tiny_vision_width,
+            vision_depth=arguments.tiny_vision_depth,
+        )
+        return build_tiny_coma(arguments.family, seed=seed, backbone_config=backbone_config, **common)
+    model = CoMaModel.from_backbone(backbone, seed=seed, **common)
+    return model, model.processor
+
+
+def recipe_defaults(argv: list[str], stage: str, configs: Path, named_model_flags: tuple[str, ...]) -> dict:
+    """Parser defaults from the preset named by `--recipe` (`tiny`, `paper` or a JSON file); without one, `paper`
+    when the command line names a model (one of `named_model_flags`) and `tiny` for the embedded default."""
+    recipe = None
+    for position, argument in enumerate(argv):
+        if argument == "--recipe" and position + 1 < len(argv):
+            recipe = argv[position + 1]
+        elif argument.startswith("--recipe="):
+            recipe = argument.split("=", 1)[1]
+    if recipe is None:
+        recipe = "paper" if any(argument.startswith(named_model_flags) for argument in argv) else "tiny"
+    path = Path(recipe) if recipe.endswith(".json") else configs / f"{stage}_{recipe}.json"
+    if not path.is_file():
+        raise SystemExit(f"Unknown recipe {recipe!r}: no file {path}")
+    return json.loads(path.read_text())

@@ -26,12 +26,10 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from coma_hf import CoMaModel
 from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
-from coma_hf.recipes import LoraArguments, apply_lora
-from coma_hf.tiny import build_tiny_coma, tiny_backbone_config
+from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, recipe_defaults
 
 logger = logging.getLogger("pretrain")
 CONFIGS = Path(__file__).parent / "configs"
@@ -47,17 +45,8 @@ class ModelArguments:
         metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: tiny for the embedded backbone, "
                   "paper otherwise)."},
     )  # fmt: skip
-    num_compression_tokens: int = field(default=32, metadata={"help": "K, the number of compression tokens."})
     loss_on: str = field(default="answers", metadata={"help": "'answers' or 'all_after_compression'."})
     attention_rule: str = field(default="bottleneck", metadata={"help": "'bottleneck' (CoMa) or 'causal' (control)."})
-    min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens per image."})
-    max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens per image."})
-    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence in tokens."})
-    family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
-    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the embedded backbone's language model."})
-    tiny_num_layers: int = field(default=2, metadata={"help": "Depth of the embedded backbone's language model."})
-    tiny_vision_width: int = field(default=32, metadata={"help": "Width of the embedded backbone's vision tower."})
-    tiny_vision_depth: int = field(default=1, metadata={"help": "Depth of the embedded backbone's vision tower."})
 
 
 @dataclass
@@ -79,44 +68,6 @@ class DataArguments:
     validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
     max_eval_samples: int = field(default=200, metadata={"help": "Held-out samples for the answer evaluation."})
-
-
-def resolve_recipe(argv: list[str]) -> dict:
-    """Recipe defaults for the parser, chosen from `--recipe` or from whether a backbone was named."""
-    recipe = None
-    for position, argument in enumerate(argv):
-        if argument == "--recipe" and position + 1 < len(argv):
-            recipe = argv[position + 1]
-        elif argument.startswith("--recipe="):
-            recipe = argument.split("=", 1)[1]
-    if recipe is None:
-        recipe = "paper" if any(arg.startswith("--model_name_or_path") for arg in argv) else "tiny"
-    path = Path(recipe) if recipe.endswith(".json") else CONFIGS / f"stage1_{recipe}.json"
-    if not path.is_file():
-        raise SystemExit(f"Unknown recipe {recipe!r}: no file {path}")
-    return json.loads(path.read_text())
-
-
-def build_model(model_args: ModelArguments, seed: int):
-    common = dict(
-        num_compression_tokens=model_args.num_compression_tokens,
-        min_image_tokens=model_args.min_image_tokens,
-        max_image_tokens=model_args.max_image_tokens,
-        max_length=model_args.max_length,
-        loss_on=model_args.loss_on,
-        attention_rule=model_args.attention_rule,
-    )
-    if model_args.model_name_or_path is None:
-        backbone_config = tiny_backbone_config(
-            model_args.family,
-            hidden_size=model_args.tiny_hidden_size,
-            num_layers=model_args.tiny_num_layers,
-            vision_width=model_args.tiny_vision_width,
-            vision_depth=model_args.tiny_vision_depth,
-        )
-        return build_tiny_coma(model_args.family, seed=seed, backbone_config=backbone_config, **common)
-    model = CoMaModel.from_backbone(model_args.model_name_or_path, seed=seed, **common)
-    return model, model.processor
 
 
 def load_data(data_args: DataArguments):
@@ -154,14 +105,17 @@ def drop_bad_rows(dataset, processor, root, data_args: DataArguments, loss_on: s
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
-    parser.set_defaults(output_dir="outputs/stage1", **resolve_recipe(argv))
-    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((ModelArguments, BackboneArguments, DataArguments, LoraArguments, TrainingArguments))
+    parser.set_defaults(output_dir="outputs/stage1", **recipe_defaults(argv, "stage1", CONFIGS, ("--model_name_or_path",)))
+    model_args, backbone_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_seed(training_args.seed)
     started = time.time()
 
-    model, processor = build_model(model_args, training_args.seed)
+    model, processor = build_coma(
+        backbone_args, model_args.model_name_or_path, training_args.seed,
+        loss_on=model_args.loss_on, attention_rule=model_args.attention_rule,
+    )  # fmt: skip
     train, root, evaluation, eval_root = load_data(data_args)
     train, bad_train = drop_bad_rows(train, processor, root, data_args, model_args.loss_on, "training")
     if evaluation is not None:

@@ -28,15 +28,13 @@ from sentence_transformers import SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 from transformers import HfArgumentParser, set_seed
 
-from coma_hf import CoMaModel
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pairs
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.losses import CoMaContrastiveLoss
-from coma_hf.recipes import LoraArguments, apply_lora, merge_lora
+from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, merge_lora, recipe_defaults
 from coma_hf.sentence_transformer import load_sentence_transformer
-from coma_hf.tiny import build_tiny_coma, tiny_backbone_config
 from coma_hf.trainer import CoMaContrastiveTrainer
 
 logger = logging.getLogger("train_contrastive")
@@ -60,15 +58,6 @@ class ModelArguments:
         metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: tiny for the embedded model, "
                   "paper otherwise)."},
     )  # fmt: skip
-    num_compression_tokens: int = field(default=32, metadata={"help": "K, for --from_backbone."})
-    min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens, for --from_backbone."})
-    max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens, for --from_backbone."})
-    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence, for --from_backbone."})
-    family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
-    tiny_hidden_size: int = field(default=64, metadata={"help": "Embedded backbone: language-model width."})
-    tiny_num_layers: int = field(default=2, metadata={"help": "Embedded backbone: language-model depth."})
-    tiny_vision_width: int = field(default=32, metadata={"help": "Embedded backbone: vision width."})
-    tiny_vision_depth: int = field(default=1, metadata={"help": "Embedded backbone: vision depth."})
 
 
 @dataclass
@@ -103,24 +92,7 @@ class LossArguments:
     matryoshka_dims: str | None = field(default=None, metadata={"help": "e.g. '2048,512,128': wrap in MatryoshkaLoss."})
 
 
-def resolve_recipe(argv: list[str]) -> dict:
-    """Recipe defaults for the parser: `--recipe`, else `paper` for a named backbone or checkpoint and `tiny` else."""
-    recipe = None
-    for position, argument in enumerate(argv):
-        if argument == "--recipe" and position + 1 < len(argv):
-            recipe = argv[position + 1]
-        elif argument.startswith("--recipe="):
-            recipe = argument.split("=", 1)[1]
-    if recipe is None:
-        named = any(arg.startswith(("--model_name_or_path", "--backbone")) for arg in argv)
-        recipe = "paper" if named else "tiny"
-    path = Path(recipe) if recipe.endswith(".json") else CONFIGS / f"stage2_{recipe}.json"
-    if not path.is_file():
-        raise SystemExit(f"Unknown recipe {recipe!r}: no file {path}")
-    return json.loads(path.read_text())
-
-
-def initial_checkpoint(model_args: ModelArguments, output_dir: str, seed: int) -> str:
+def initial_checkpoint(model_args: ModelArguments, backbone_args: BackboneArguments, output_dir: str, seed: int) -> str:
     """The folder or Hub id stage 2 starts from; with --from_backbone, a fresh CoMa model saved for the purpose."""
     if not model_args.from_backbone:
         path = model_args.model_name_or_path
@@ -130,23 +102,7 @@ def initial_checkpoint(model_args: ModelArguments, output_dir: str, seed: int) -
                 "2 CPU cores), name another with --model_name_or_path, or pass --from_backbone to skip stage 1."
             )
         return path
-    common = dict(
-        num_compression_tokens=model_args.num_compression_tokens,
-        min_image_tokens=model_args.min_image_tokens,
-        max_image_tokens=model_args.max_image_tokens,
-        max_length=model_args.max_length,
-    )
-    if model_args.backbone is None:
-        backbone_config = tiny_backbone_config(
-            model_args.family,
-            hidden_size=model_args.tiny_hidden_size,
-            num_layers=model_args.tiny_num_layers,
-            vision_width=model_args.tiny_vision_width,
-            vision_depth=model_args.tiny_vision_depth,
-        )
-        model, _ = build_tiny_coma(model_args.family, seed=seed, backbone_config=backbone_config, **common)
-    else:
-        model = CoMaModel.from_backbone(model_args.backbone, seed=seed, **common)
+    model, _ = build_coma(backbone_args, model_args.backbone, seed)
     folder = Path(output_dir) / "initial"
     model.save_pretrained(folder)
     return str(folder)
@@ -205,14 +161,19 @@ def build_loss(model, loss_args: LossArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments))
-    parser.set_defaults(output_dir="outputs/stage2", **resolve_recipe(argv))
-    model_args, data_args, loss_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(
+        (ModelArguments, BackboneArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments)
+    )
+    recipe = recipe_defaults(argv, "stage2", CONFIGS, ("--model_name_or_path", "--backbone"))
+    parser.set_defaults(output_dir="outputs/stage2", **recipe)
+    model_args, backbone_args, data_args, loss_args, lora_args, training_args = parser.parse_args_into_dataclasses(
+        args=argv
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_seed(training_args.seed)
     started = time.time()
 
-    start_from = initial_checkpoint(model_args, training_args.output_dir, training_args.seed)
+    start_from = initial_checkpoint(model_args, backbone_args, training_args.output_dir, training_args.seed)
     model = load_sentence_transformer(start_from, device="cpu" if training_args.use_cpu else None)
     transformer = model[0]
     transformer.model = apply_lora(transformer.model, lora_args)

@@ -50,3 +50,16 @@ def tiny_sentence_transformer(tmp_path_factory, family: str = "qwen2_5_vl", num_
     """A SentenceTransformer over a saved tiny CoMa checkpoint (cached per session; copy it before training)."""
     folder = tmp_path_factory.getbasetemp() / f"st-{family}-{num_compression_tokens}"
     return _tiny_sentence_transformer(family, num_compression_tokens, str(folder))
+
+
+def load_example(name: str):
+    """The module of `examples/{name}.py`, imported fresh."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import random_image
+from conftest import load_example, random_image
 
-SCRIPT = Path(__file__).parents[1] / "examples" / "pretrain.py"
 TOY = ["--num_train_scenes", "24", "--num_dev_scenes", "6", "--num_test_scenes", "2", "--scene_size", "56",
        "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_eval_samples", "6",
        "--tiny_hidden_size", "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens", "4",
        "--dataloader_num_workers", "0"]  # fmt: skip
-
-
-def _pretrain():
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_default_run_at_toy_size_writes_summary_and_checkpoint(tmp_path):
@@ -33,7 +22,7 @@ def test_default_run_at_toy_size_writes_summary_and_checkpoint(tmp_path):
     import coma_hf  # noqa: F401
 
     output = tmp_path / "stage1"
-    summary = _pretrain().main(TOY + ["--output_dir", str(output), "--synthetic_dir", str(tmp_path / "synthetic")])
+    summary = load_example("pretrain").main(TOY + ["--output_dir", str(output), "--synthetic_dir", str(tmp_path / "synthetic")])
     saved = json.loads((output / "pretrain_summary.json").read_text())
     for key in ("train_loss_first", "train_loss_last", "heldout_answer_accuracy", "majority_baseline_accuracy",
                 "control_answer_accuracy", "num_train_samples", "num_skipped_samples", "seconds"):  # fmt: skip
@@ -59,7 +48,7 @@ def _dataset_with_bad_rows(folder: Path) -> Path:
 
 def test_skip_bad_samples_counts_and_reports_them(tmp_path):
     data = _dataset_with_bad_rows(tmp_path / "data")
-    summary = _pretrain().main(TOY + ["--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--skip_bad_samples"])
+    summary = load_example("pretrain").main(TOY + ["--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--skip_bad_samples"])
     assert summary["num_skipped_samples"] == 2 and summary["num_train_samples"] == 8
     assert {sample["id"] for sample in summary["skipped_samples"]} == {"no-image", "no-turns"}
     assert "missing.png" in json.dumps(summary["skipped_samples"])
@@ -68,4 +57,4 @@ def test_skip_bad_samples_counts_and_reports_them(tmp_path):
 def test_validate_data_stops_naming_every_bad_row(tmp_path):
     data = _dataset_with_bad_rows(tmp_path / "data")
     with pytest.raises(SystemExit, match=r"2 bad rows(.|\n)*row 8: sample no-image, field 'image'(.|\n)*row 9"):
-        _pretrain().main(TOY + ["--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--validate_data"])
+        load_example("pretrain").main(TOY + ["--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--validate_data"])

@@ -163,3 +163,16 @@ def test_multi_vector_losses_train_coma(tmp_path):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_truncated_embeddings_report_their_dimension(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from coma_hf.tiny import build_tiny_coma
+
+    model, _ = build_tiny_coma("qwen2_vl", num_compression_tokens=2, embedding_dim=16)
+    model.save_pretrained(tmp_path)
+    st = SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")
+    vectors = st.encode(["a text", random_image(0)], convert_to_tensor=True)
+    assert st.get_embedding_dimension() == 16 and vectors.shape == (2, 16)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(2))

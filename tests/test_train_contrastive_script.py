@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, chance_baselines, load_mmeb_datasets
+from conftest import load_example
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
 TOY = ["--recipe", "tiny", "--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1",
        "--per_device_eval_batch_size", "16", "--dataloader_num_workers", "0", "--cached", "true",
        "--mini_batch_size", "4", "--symmetric", "true"]  # fmt: skip
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +28,14 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
     from transformers import AutoModel
 
     stage1 = tmp_path / "stage1"
-    _script("pretrain").main([
+    load_example("pretrain").main([
         "--num_train_scenes", "12", "--num_dev_scenes", "6", "--num_test_scenes", "2", "--scene_size", "56",
         "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_eval_samples", "2", "--tiny_hidden_size",
         "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens", "4",
         "--dataloader_num_workers", "0", "--output_dir", str(stage1), "--synthetic_dir", str(synthetic),
     ])  # fmt: skip
     output = tmp_path / "stage2"
-    summary = _script("train_contrastive").main(
+    summary = load_example("train_contrastive").main(
         TOY + ["--model_name_or_path", str(stage1), "--synthetic_dir", str(synthetic), "--output_dir", str(output)]
     )
     saved = json.loads((output / "contrastive_summary.json").read_text())
@@ -74,7 +63,7 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
 def test_missing_stage_one_checkpoint_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"python examples/pretrain.py.*--from_backbone"):
-        _script("train_contrastive").main(["--max_steps", "1"])
+        load_example("train_contrastive").main(["--max_steps", "1"])
 
 
 def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, synthetic):
@@ -89,8 +78,8 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, synthetic):
                     "--image_root", str(synthetic), "--eval_data", str(synthetic / "mini_mmeb" / "dev"),
                     "--eval_datasets", "Mini-Count", "--max_steps", "1"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"2 bad training rows[\s\S]*row 5: anchor: .*broken.png"):
-        _script("train_contrastive").main(common + ["--validate_data", "true", "--output_dir", str(tmp_path / "a")])
-    summary = _script("train_contrastive").main(common + ["--skip_bad_samples", "true", "--output_dir", str(tmp_path / "b")])
+        load_example("train_contrastive").main(common + ["--validate_data", "true", "--output_dir", str(tmp_path / "a")])
+    summary = load_example("train_contrastive").main(common + ["--skip_bad_samples", "true", "--output_dir", str(tmp_path / "b")])
     assert summary["num_skipped_samples"] == 2 and summary["num_train_pairs"] == 22
     assert [sample["index"] for sample in summary["skipped_samples"]] == [5, 9]
     assert "missing.png" in summary["skipped_samples"][1]["error"]
