@@ -172,6 +172,8 @@ class CoMaModel(PreTrainedModel):
             raise ValueError("config.compression_token_ids is not set; build models with CoMaModel.from_backbone.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if image_grid_thw is not None and len(image_grid_thw) == 0:  # a slice of a batch whose images are elsewhere
+            pixel_values = image_grid_thw = None
         if mm_token_type_ids is None:
             mm_token_type_ids = (input_ids == self.config.backbone_config.image_token_id).to(torch.int32)
         start, end = compression_span(input_ids, self.config.compression_token_ids)

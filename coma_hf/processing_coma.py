@@ -519,7 +519,10 @@ class CoMaProcessor(ProcessorMixin):
         conversations = conversation if batched else [conversation]
         inputs = [_message_input(messages, index) for index, messages in enumerate(conversations)]
         if tokenize:
-            return self.process_for_embedding(inputs)
+            batch = self.process_for_embedding(inputs)
+            if "pixel_values" in batch:  # lets sentence-transformers' GradCache cut image rows per sample (< 6.2 too)
+                batch["num_images_per_sample"] = torch.tensor([int(item["image"] is not None) for item in inputs])
+            return batch
         texts = [
             self.tokenizer.decode(self.render_embedding_input(**item, sample=index).input_ids)
             for index, item in enumerate(inputs)
