@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_coma import CoMaConfig
+from .model_card import write_model_card
 from .masking import may_attend
 from .modeling_coma import CoMaCompression, CoMaModel, CoMaModelOutput
 from .processing_coma import CoMaInputError, CoMaProcessor, load_image
@@ -17,6 +18,8 @@ AutoProcessor.register(CoMaConfig, CoMaProcessor, exist_ok=True)
 CoMaConfig.register_for_auto_class()
 CoMaModel.register_for_auto_class("AutoModel")
 CoMaProcessor.register_for_auto_class("AutoProcessor")
+# Every checkpoint saved with coma_hf installed gets the CoMa model card (model_cards/coma.md) as README.md.
+CoMaModel.model_card_writer = staticmethod(write_model_card)
 
 __all__ = [
     "CoMaCompression",

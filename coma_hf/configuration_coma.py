@@ -52,6 +52,9 @@ class CoMaConfig(PretrainedConfig):
             normalising. `None` keeps the full hidden size.
         normalize_embeddings (`bool`, defaults to `True`):
             L2-normalise `pooler_output` (the contract every encode API relies on).
+        backbone_name_or_path (`str`, *optional*):
+            Where the backbone came from (Hub id or folder), set by `CoMaModel.from_backbone`; the model card's
+            `base_model`. `None` for the embedded tiny backbone.
     """
 
     model_type = "coma"
@@ -71,6 +74,7 @@ class CoMaConfig(PretrainedConfig):
         contrastive_temperature: float = 0.03,
         embedding_dim: int | None = None,
         normalize_embeddings: bool = True,
+        backbone_name_or_path: str | None = None,
         **kwargs,
     ):
         self.backbone_config = _as_backbone_config(backbone_config)
@@ -86,6 +90,7 @@ class CoMaConfig(PretrainedConfig):
         self.contrastive_temperature = contrastive_temperature
         self.embedding_dim = embedding_dim
         self.normalize_embeddings = normalize_embeddings
+        self.backbone_name_or_path = backbone_name_or_path
         if self.compression_token_ids is not None and len(self.compression_token_ids) != num_compression_tokens:
             raise ValueError(
                 f"compression_token_ids has {len(self.compression_token_ids)} ids but num_compression_tokens is "

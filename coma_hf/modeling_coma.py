@@ -11,6 +11,9 @@ Part of the remote code shipped with every checkpoint: imports only torch, trans
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,10 +145,16 @@ class CoMaModel(PreTrainedModel):
     def processor(self, processor: CoMaProcessor) -> None:
         self._processor = processor
 
+    # Set by `import coma_hf` to `coma_hf.model_card.write_model_card`; without coma_hf the source's card is carried.
+    model_card_writer = None
+    # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
+    carried_files = ("README.md", "pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, config and remote code, the processor (tokenizer, image processor) and the
-        sentence-transformers files beside them."""
+        """Save weights, config and remote code, the processor (tokenizer, image processor), the
+        sentence-transformers files and the model card beside them."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        self._carry_files(save_directory)
         if self._processor is None and self.name_or_path:
             try:
                 self.processor  # noqa: B018 - loads the processor the model came with
@@ -154,6 +163,47 @@ class CoMaModel(PreTrainedModel):
         if self._processor is not None:
             self._processor.save_pretrained(save_directory)
         write_sentence_transformers_files(save_directory, self.config.query_instruction, self.config.document_instruction)
+        if type(self).model_card_writer is not None:
+            type(self).model_card_writer(save_directory)
+
+    def _carry_files(self, save_directory) -> None:
+        source = self.name_or_path
+        if not source or not os.path.isdir(source) or os.path.abspath(source) == os.path.abspath(save_directory):
+            return
+        for name in self.carried_files:
+            if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(save_directory, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(save_directory, name))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs,
+    ) -> str:
+        """Upload everything `save_pretrained` writes (weights, remote code, processor, sentence-transformers files,
+        model card) in one commit; returns the commit URL.
+
+        transformers' own `push_to_hub` would replace the card with a generic one. The token is resolved as in
+        transformers: `token`, else `HF_TOKEN`, else the stored `hf auth login`.
+        """
+        from huggingface_hub import create_branch, create_repo, upload_folder  # transformers' Hub client
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        if revision is not None and not create_pr:
+            create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **kwargs)
+            if type(self).model_card_writer is not None:
+                type(self).model_card_writer(folder, repo_id=repo_id)
+            return upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload CoMa model",
+                token=token, revision=revision, create_pr=create_pr,
+            )  # fmt: skip
 
     # ---- the backbone under the CoMa mask ----------------------------------------------------------------------------
     def _run_backbone(
@@ -446,6 +496,8 @@ class CoMaModel(PreTrainedModel):
         tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
         token_ids = tokenizer.convert_tokens_to_ids(new_tokens)
 
+        if isinstance(model_name_or_path_or_model, str):
+            config_kwargs.setdefault("backbone_name_or_path", model_name_or_path_or_model)
         config = CoMaConfig(
             backbone_config=backbone.config,
             num_compression_tokens=num_compression_tokens,

@@ -33,15 +33,23 @@ logger = logging.getLogger(__name__)
 class CoMaCompressionCollator:
     """Turns raw stage-1 rows (any format `normalize_stage1_record` reads) into a left-padded batch with labels.
 
+    `max_turns` keeps only each conversation's first turns (the single- vs multi-turn ablation).
     A bad row raises `CoMaInputError` naming the row's id and the field. QA turns that did not fit in the
     processor's `max_length` are counted in the batch's `dropped_turns` (the trainer sums them in the main process,
     since collators may run in dataloader workers) and in `self.dropped_turns`.
     """
 
-    def __init__(self, processor: CoMaProcessor, loss_on: str = "answers", image_root: str | None = None):
+    def __init__(
+        self,
+        processor: CoMaProcessor,
+        loss_on: str = "answers",
+        image_root: str | None = None,
+        max_turns: int | None = None,
+    ):
         self.processor = processor
         self.loss_on = loss_on
         self.image_root = image_root
+        self.max_turns = max_turns
         self.dropped_turns = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> BatchFeature:
@@ -50,7 +58,8 @@ class CoMaCompressionCollator:
             record = normalize_stage1_record(row, position, self.image_root)
             rendered.append(
                 self.processor.render_compression_sample(
-                    record["image"], record["text"], record["conversation"], self.loss_on, sample=record["id"]
+                    record["image"], record["text"], record["conversation"][: self.max_turns], self.loss_on,
+                    sample=record["id"],
                 )
             )
         batch = self.processor.collate(rendered)
@@ -63,12 +72,15 @@ class CoMaCompressionCollator:
 class CoMaCompressionTrainer(Trainer):
     """`Trainer` for CoMa's compression pre-training (stage 1).
 
-    Args: as `Trainer`, plus `image_root` (resolves relative image paths in the rows). Pass the `CoMaProcessor` as
-    `processing_class`: it renders the batches and is saved with every checkpoint. `data_collator` defaults to a
-    `CoMaCompressionCollator` with the model's `config.loss_on`.
+    Args: as `Trainer`, plus `image_root` (resolves relative image paths in the rows) and `max_turns` (QA turns kept
+    per conversation; all by default). Pass the `CoMaProcessor` as `processing_class`: it renders the batches and is
+    saved with every checkpoint. `data_collator` defaults to a `CoMaCompressionCollator` with the model's
+    `config.loss_on`.
     """
 
-    def __init__(self, model=None, args=None, data_collator=None, processing_class=None, image_root=None, **kwargs):
+    def __init__(
+        self, model=None, args=None, data_collator=None, processing_class=None, image_root=None, max_turns=None, **kwargs
+    ):
         if args is not None:
             if args.remove_unused_columns:  # the collator needs the raw rows (images, conversations)
                 args.remove_unused_columns = False
@@ -78,7 +90,7 @@ class CoMaCompressionTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("Pass the CoMaProcessor as `processing_class` (or a `data_collator`).")
             loss_on = _coma_config(model).loss_on
-            data_collator = CoMaCompressionCollator(processing_class, loss_on=loss_on, image_root=image_root)
+            data_collator = CoMaCompressionCollator(processing_class, loss_on, image_root, max_turns)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self.dropped_turns = 0  # QA turns cut by max_length, summed over the batches this process trained on
 

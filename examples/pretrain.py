@@ -29,6 +29,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
+from coma_hf.model_card import write_model_card
 from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, recipe_defaults
 
 logger = logging.getLogger("pretrain")
@@ -68,6 +69,7 @@ class DataArguments:
     validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
     max_eval_samples: int = field(default=200, metadata={"help": "Held-out samples for the answer evaluation."})
+    max_qa_turns: int | None = field(default=None, metadata={"help": "Train on each conversation's first turns only."})
 
 
 def load_data(data_args: DataArguments):
@@ -135,13 +137,17 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         processing_class=processor,
         image_root=root,
+        max_turns=data_args.max_qa_turns,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     merged = trainer.save_merged(training_args.output_dir)
 
     summary = summarize(trainer, merged, processor, train, evaluation, eval_root, data_args, bad_train, started)
+    summary["recipe"] = model_args.recipe or ("paper" if model_args.model_name_or_path else "tiny")
+    summary["train_dataset"] = data_args.dataset or "synthetic scenes"
     if training_args.should_save:
         (Path(training_args.output_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(training_args.output_dir)  # again, now with the summary
     print_summary(summary, training_args.output_dir)
     return summary
 

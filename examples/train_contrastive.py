@@ -33,6 +33,7 @@ from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pair
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.losses import CoMaContrastiveLoss
+from coma_hf.model_card import write_model_card
 from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, merge_lora, recipe_defaults
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.trainer import CoMaContrastiveTrainer
@@ -40,6 +41,7 @@ from coma_hf.trainer import CoMaContrastiveTrainer
 logger = logging.getLogger("train_contrastive")
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_STAGE1 = "outputs/stage1"
+NAMED_MODEL_FLAGS = ("--model_name_or_path", "--backbone")
 
 
 @dataclass
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser(
         (ModelArguments, BackboneArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments)
     )
-    recipe = recipe_defaults(argv, "stage2", CONFIGS, ("--model_name_or_path", "--backbone"))
+    recipe = recipe_defaults(argv, "stage2", CONFIGS, NAMED_MODEL_FLAGS)
     parser.set_defaults(output_dir="outputs/stage2", **recipe)
     model_args, backbone_args, data_args, loss_args, lora_args, training_args = parser.parse_args_into_dataclasses(
         args=argv
@@ -198,8 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.should_save:
         coma.save_pretrained(training_args.output_dir)
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
+    summary["recipe"] = model_args.recipe or ("paper" if _names_model(argv) else "tiny")
+    summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"
     if training_args.should_save:
         (Path(training_args.output_dir) / "contrastive_summary.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(training_args.output_dir)  # again, now with the summary
     print_summary(summary, training_args.output_dir)
     return summary
 
@@ -225,6 +230,10 @@ def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) ->
         "seconds": round(time.time() - started, 1),
         "device": str(model.device),
     }
+
+
+def _names_model(argv: list[str]) -> bool:
+    return any(argument.startswith(NAMED_MODEL_FLAGS) for argument in argv)
 
 
 def print_summary(summary: dict, output_dir: str) -> None:

@@ -45,6 +45,12 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
     assert saved["global_steps"] == 3 and saved["started_from"] == str(stage1)
     assert set(saved["eval_per_meta_task"]) == {"Classification", "VQA", "Retrieval", "Visual Grounding"}
 
+    # the checkpoint carries both stages' summaries and CoMa's card (not sentence-transformers' generated one)
+    assert json.loads((output / "pretrain_summary.json").read_text())["global_steps"] == 1
+    card = (output / "README.md").read_text()
+    assert "CoMa" in card and "| stage 1 (compression) | 1 steps" in card and "| stage 2 (contrastive) | 3 steps" in card
+    assert "recipe tiny" in card
+
     dev = load_mmeb_datasets(synthetic / "mini_mmeb" / "dev")
     assert saved["baseline_precision_at_1"] == pytest.approx(chance_baselines(dev)["overall"]["best"])
     model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()

@@ -1,0 +1,330 @@
+"""Does compression pre-training make contrastive learning better? The paper's central claim, in miniature.
+
+From one backbone initialisation (the embedded tiny Qwen2.5-VL, per seed) and one data budget (the synthetic scenes
+and their mini-MMEB pairs), with the same number of optimizer steps and samples for every arm:
+
+- **A** contrastive only: stage 2 for S1 + S2 steps;
+- **B** CoMa: S1 steps of compression pre-training (bottleneck mask), then S2 contrastive steps;
+- **C** control: the same S1 steps on the same QA data with the plain causal mask (answers may read the input
+  directly), then the same S2 contrastive steps. B − C is what compression adds; B − A mixes it with the extra QA
+  supervision.
+
+A, B and C run for every seed; the paper's ablations run once (seed 0, all else as B): K ∈ {1, 8, 32}, `loss_on`
+answers vs all tokens after the compression tokens, single- vs multi-turn QA. Every run is the two example scripts
+(`examples/pretrain.py`, `examples/train_contrastive.py`) with the arguments printed in the JSON; hyper-parameters are
+the `tiny` recipes' and were not tuned on test: each final checkpoint is scored on dev (by the training script) and
+read once on test.
+
+    python benchmarks/warmup_ablation.py            # ≈ 60 min on 2 CPU cores; writes docs/results.md, .json, .png
+    python benchmarks/warmup_ablation.py --quick    # a smoke run of every arm in about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.data.synthetic import write_synthetic_dataset
+from coma_hf.evaluation.mmeb import MMEBEvaluator, chance_baselines, load_mmeb_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+META_TASKS = ("Classification", "VQA", "Retrieval", "Visual Grounding")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One data and compute budget, shared by every arm."""
+
+    stage1_steps: int = 400
+    stage2_steps: int = 200
+    batch_size: int = 32
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_train_scenes: int = 20000
+    num_dev_scenes: int = 200
+    num_test_scenes: int = 200
+    scene_size: int = 112
+    pair_scenes: int = 2000  # train scenes that make the mini-MMEB contrastive pairs
+    num_compression_tokens: int = 8
+    answer_eval_samples: int = 100
+
+
+QUICK = Budget(
+    stage1_steps=2, stage2_steps=2, batch_size=4, seeds=(0, 1), num_train_scenes=16, num_dev_scenes=4,
+    num_test_scenes=4, scene_size=56, pair_scenes=8, num_compression_tokens=4, answer_eval_samples=4,
+)  # fmt: skip
+QUICK_MODEL = ["--tiny_hidden_size", "32", "--min_image_tokens", "4", "--max_image_tokens", "4"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration: an arm, a seed and what differs from B."""
+
+    name: str
+    arm: str  # "A", "B" or "C"
+    seed: int
+    num_compression_tokens: int | None = None
+    loss_on: str = "answers"
+    max_qa_turns: int | None = None
+
+
+def plan(budget: Budget) -> list[Run]:
+    runs = [Run(arm, arm, seed) for seed in budget.seeds for arm in ("A", "B", "C")]
+    k = budget.num_compression_tokens
+    for other in sorted({1, 8, 32} - {k}):
+        runs.append(Run(f"B K={other}", "B", 0, num_compression_tokens=other))
+    runs.append(Run("B loss on all", "B", 0, loss_on="all_after_compression"))
+    runs.append(Run("B single-turn", "B", 0, max_qa_turns=1))
+    return runs
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_example", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage1_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, extra: list[str]) -> list[str]:
+    arguments = [
+        "--recipe", "tiny", "--output_dir", str(output), "--seed", str(run.seed),
+        "--max_steps", str(budget.stage1_steps), "--per_device_train_batch_size", str(budget.batch_size),
+        "--synthetic_dir", str(synthetic), "--num_train_scenes", str(budget.num_train_scenes),
+        "--num_dev_scenes", str(budget.num_dev_scenes), "--num_test_scenes", str(budget.num_test_scenes),
+        "--scene_size", str(budget.scene_size), "--max_eval_samples", str(budget.answer_eval_samples),
+        "--num_compression_tokens", str(run.num_compression_tokens or budget.num_compression_tokens),
+        "--attention_rule", "causal" if run.arm == "C" else "bottleneck", "--loss_on", run.loss_on,
+        "--logging_steps", str(max(1, budget.stage1_steps // 10)),
+    ]  # fmt: skip
+    if run.max_qa_turns is not None:
+        arguments += ["--max_qa_turns", str(run.max_qa_turns)]
+    return arguments + extra
+
+
+def stage2_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, start: Path | None, extra: list[str]):
+    steps = budget.stage2_steps if start is not None else budget.stage1_steps + budget.stage2_steps
+    arguments = [
+        "--recipe", "tiny", "--output_dir", str(output), "--seed", str(run.seed), "--max_steps", str(steps),
+        "--per_device_train_batch_size", str(budget.batch_size), "--synthetic_dir", str(synthetic),
+        "--logging_steps", str(max(1, steps // 10)),
+    ]  # fmt: skip
+    if start is None:  # arm A: the same initialisation stage 1 would have started from
+        arguments += ["--from_backbone", "--num_compression_tokens", str(budget.num_compression_tokens)]
+    else:
+        arguments += ["--model_name_or_path", str(start)]
+    return arguments + extra
+
+
+def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra: list[str], test) -> dict:
+    """Train one configuration; dev scores from the training script, test scores read once here."""
+    started = time.time()
+    result = {"run": asdict(run)}
+    start = None
+    if run.arm != "A":
+        arguments = stage1_arguments(run, budget, synthetic, folder / "stage1", extra)
+        stage1 = _example("pretrain").main(arguments)
+        result["stage1_arguments"] = arguments
+        result["stage1"] = {key: stage1.get(key) for key in (
+            "train_loss_first", "train_loss_last", "heldout_answer_accuracy", "majority_baseline_accuracy",
+            "control_answer_accuracy", "seconds")}  # fmt: skip
+        start = folder / "stage1"
+    arguments = stage2_arguments(run, budget, synthetic, folder / "stage2", start, extra)
+    stage2 = _example("train_contrastive").main(arguments)
+    result["stage2_arguments"] = arguments
+    result["dev"] = {"overall": stage2["eval_precision_at_1"], **stage2["eval_per_meta_task"]}
+    result["stage2_loss"] = [stage2["train_loss_first"], stage2["train_loss_last"]]
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder / "stage2"), trust_remote_code=True, device="cpu")
+    scores = MMEBEvaluator(test, show_progress_bar=False)(model)
+    result["test"] = {"overall": scores["overall"]["precision@1"],
+                      **{task: values["precision@1"] for task, values in scores["meta_tasks"].items()}}  # fmt: skip
+    result["seconds"] = round(time.time() - started, 1)
+    shutil.rmtree(folder, ignore_errors=True)  # checkpoints are reproducible from the arguments
+    return result
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of each arm, per split and metric."""
+    summary = {}
+    for arm in ("A", "B", "C"):
+        rows = [result for result in results if result["run"]["name"] == arm]
+        summary[arm] = {
+            split: {
+                metric: {"mean": statistics.mean(row[split][metric] for row in rows),
+                         "std": statistics.stdev(row[split][metric] for row in rows) if len(rows) > 1 else 0.0}
+                for metric in ("overall", *META_TASKS)
+            }
+            for split in ("dev", "test")
+        }  # fmt: skip
+    return summary
+
+
+def verdict(summary: dict, split: str = "test") -> dict:
+    """Whether B beats A and C by more than the seed spread (difference of means > sum of standard deviations)."""
+    b = summary["B"][split]["overall"]
+    out = {}
+    for other in ("A", "C"):
+        o = summary[other][split]["overall"]
+        difference = b["mean"] - o["mean"]
+        out[f"B_minus_{other}"] = difference
+        out[f"B_beats_{other}_beyond_spread"] = difference > b["std"] + o["std"]
+    return out
+
+
+def write_report(report: dict, output: Path, command: str) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "warmup_ablation.json").write_text(json.dumps(report, indent=2))
+    plot(report, output / "warmup_ablation.png")
+    (output / "results.md").write_text(markdown(report, command))
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, figure = report["summary"], plt.figure(figsize=(11, 4))
+    left = figure.add_subplot(1, 2, 1)
+    for offset, split in ((-0.2, "dev"), (0.2, "test")):
+        means = [100 * summary[arm][split]["overall"]["mean"] for arm in "ABC"]
+        stds = [100 * summary[arm][split]["overall"]["std"] for arm in "ABC"]
+        left.bar([i + offset for i in range(3)], means, 0.4, yerr=stds, capsize=4, label=split)
+    left.axhline(100 * report["baseline"]["test"], color="grey", linestyle="--", label="chance/constant (test)")
+    left.set_xticks(range(3), ["A contrastive only", "B CoMa", "C causal control"])
+    left.set_ylabel("Precision@1 (%)")
+    left.set_title(f"mean ± std over {len(report['budget']['seeds'])} seeds")
+    left.legend()
+    right = figure.add_subplot(1, 2, 2)
+    names = [result["run"]["name"] for result in report["ablations"]]
+    right.barh(names, [100 * result["dev"]["overall"] for result in report["ablations"]], color="tab:green")
+    right.set_xlabel("dev Precision@1 (%), seed 0")
+    right.set_title("ablations of B")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _cell(values: dict) -> str:
+    return f"{100 * values['mean']:.1f} ± {100 * values['std']:.1f}"
+
+
+def markdown(report: dict, command: str) -> str:
+    summary, budget = report["summary"], report["budget"]
+    lines = [
+        "# Does compression pre-training help? (issue 6)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {report['machine']}  ",
+        f"Wall time: {report['seconds'] / 60:.1f} min",
+        "",
+        f"Budget per arm: {budget['stage1_steps'] + budget['stage2_steps']} optimizer steps of batch "
+        f"{budget['batch_size']} (B and C: {budget['stage1_steps']} stage-1 + {budget['stage2_steps']} stage-2; "
+        f"A: all contrastive), K={budget['num_compression_tokens']}, seeds {budget['seeds']}; stage-1 QA from "
+        f"{budget['num_train_scenes']} synthetic scenes, contrastive pairs from the first {budget['pair_scenes']}; "
+        f"{budget['num_dev_scenes']} dev and {budget['num_test_scenes']} test scenes per mini-MMEB dataset.",
+        "",
+        "## A, B, C — Precision@1 (%), mean ± std over seeds",
+        "",
+        "| arm | split | overall | " + " | ".join(META_TASKS) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in META_TASKS) + " |",
+    ]
+    for arm, label in (("A", "A contrastive only"), ("B", "B CoMa (bottleneck)"), ("C", "C causal control")):
+        for split in ("dev", "test"):
+            row = summary[arm][split]
+            lines.append(f"| {label} | {split} | **{_cell(row['overall'])}** | "
+                         + " | ".join(_cell(row[task]) for task in META_TASKS) + " |")  # fmt: skip
+    lines.append(f"| chance/constant baseline | test | {100 * report['baseline']['test']:.1f} | "
+                 + " | ".join(f"{100 * report['baseline']['test_meta_tasks'][task]:.1f}" for task in META_TASKS)
+                 + " |")  # fmt: skip
+    lines += ["", "## Stage 1 of B and C (answers decoded from the K states; dev scenes)", "",
+              "| run | stage-1 loss | answer accuracy | majority | control (other scene) |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for result in report["results"]:
+        stage1 = result.get("stage1")
+        if stage1:
+            lines.append(
+                f"| {result['run']['name']} seed {result['run']['seed']} | {stage1['train_loss_first']:.2f} → "
+                f"{stage1['train_loss_last']:.2f} | {stage1['heldout_answer_accuracy']:.3f} | "
+                f"{stage1['majority_baseline_accuracy']:.3f} | {stage1['control_answer_accuracy']:.3f} |"
+            )
+    lines += ["", "## Ablations of B (seed 0) — Precision@1 (%)", "", "| configuration | dev | test |", "| --- | --- | --- |"]
+    reference = next(result for result in report["results"] if result["run"]["name"] == "B" and result["run"]["seed"] == 0)
+    for result in [reference, *report["ablations"]]:
+        name = "B (K=%d, answers, multi-turn)" % budget["num_compression_tokens"] if result is reference else result["run"]["name"]
+        lines.append(f"| {name} | {100 * result['dev']['overall']:.1f} | {100 * result['test']['overall']:.1f} |")
+    v = report["verdict"]
+    lines += ["", "![A, B, C and the ablations](warmup_ablation.png)", "", "## Verdict (test, overall)", "",
+              f"- B − A = {100 * v['B_minus_A']:+.1f} points; beyond the seed spread: **{v['B_beats_A_beyond_spread']}**.",
+              f"- B − C = {100 * v['B_minus_C']:+.1f} points; beyond the seed spread: **{v['B_beats_C_beyond_spread']}**.",
+              "", "(Beyond the spread = the difference of means exceeds the sum of the two standard deviations.)", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: toy sizes, two seeds")
+    parser.add_argument("--output_dir", default=None, help="report folder (default: docs, or outputs/... with --quick)")
+    parser.add_argument("--work_dir", default="outputs/warmup_ablation", help="scenes and per-run checkpoints")
+    parser.add_argument("--stage1_steps", type=int, default=None)
+    parser.add_argument("--stage2_steps", type=int, default=None)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/warmup_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    budget, extra = (QUICK, QUICK_MODEL) if args.quick else (Budget(), [])
+    overrides = {key: getattr(args, key) for key in ("stage1_steps", "stage2_steps") if getattr(args, key) is not None}
+    if args.seeds:
+        overrides["seeds"] = tuple(int(seed) for seed in args.seeds.split(","))
+    budget = replace(budget, **overrides)
+    if args.quick:
+        extra = extra + ["--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8"]
+    work = Path(args.work_dir) / ("quick" if args.quick else "full")
+    output = Path(args.output_dir or (work / "report" if args.quick else ROOT / "docs"))
+    started = time.time()
+
+    synthetic = work / "synthetic"
+    write_synthetic_dataset(synthetic, budget.num_train_scenes, budget.num_dev_scenes, budget.num_test_scenes,
+                            image_size=budget.scene_size)  # fmt: skip
+    write_mini_mmeb(synthetic, max_train_scenes=budget.pair_scenes)
+    test = load_mmeb_datasets(synthetic / "mini_mmeb" / "test")
+    results = []
+    runs = plan(budget)
+    for index, run in enumerate(runs):
+        print(f"\n=== run {index + 1}/{len(runs)}: {run.name}, seed {run.seed} ===", flush=True)
+        results.append(execute(run, budget, synthetic, work / "runs" / f"{run.name}-{run.seed}".replace(" ", "_"),
+                               extra, test))  # fmt: skip
+        print(f"=== {run.name} seed {run.seed}: dev {results[-1]['dev']['overall']:.3f} test "
+              f"{results[-1]['test']['overall']:.3f} ({results[-1]['seconds']} s) ===", flush=True)  # fmt: skip
+
+    baseline = chance_baselines(test)
+    summary = aggregate(results)
+    report = {
+        "budget": asdict(budget),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "results": results,
+        "ablations": [result for result in results if result["run"]["name"] not in ("A", "B", "C")],
+        "summary": summary,
+        "baseline": {"test": baseline["overall"]["best"],
+                     "test_meta_tasks": {task: values["best"] for task, values in baseline["meta_tasks"].items()}},
+        "verdict": verdict(summary),
+        "seconds": round(time.time() - started, 1),
+    }  # fmt: skip
+    write_report(report, output, command)
+    print((output / "results.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

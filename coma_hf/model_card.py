@@ -1,0 +1,133 @@
+"""The model card of a CoMa checkpoint: `model_cards/coma.md` filled in from the checkpoint and its run's summaries.
+
+Inputs, all read from the checkpoint folder: `config.json` (backbone, K, pooling), `pretrain_summary.json` (stage 1),
+`contrastive_summary.json` (stage 2) and `mmeb_results.json` (`examples/evaluate.py`), each used when present.
+`CoMaModel.save_pretrained` calls `write_model_card` whenever coma_hf is installed (it registers the writer), so every
+saved checkpoint carries an up-to-date `README.md`; sentence-transformers' own generated card is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .evaluation.mmeb import markdown_table
+
+SUMMARY_FILES = ("pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
+PLACEHOLDER_REPO = "path/to/this/model"
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TAGS = ["coma", "multimodal-embedding", "sentence-transformers", "transformers", "feature-extraction", "image-text"]
+
+
+def template_path() -> Path:
+    """`model_cards/coma.md` of a source checkout, else the copy a wheel installs under `share/coma_hf`."""
+    candidates = [
+        Path(__file__).resolve().parents[1] / "model_cards" / "coma.md",
+        Path(sys.prefix) / "share" / "coma_hf" / "model_cards" / "coma.md",
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("The CoMa model card template (model_cards/coma.md) is not installed")
+
+
+def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, license: str = "other") -> ModelCard:
+    """The card of the checkpoint in `folder`; `repo_id` goes into the usage snippets (a placeholder if `None`)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    summaries = {name: _read_json(folder / name) for name in SUMMARY_FILES}
+    backbone = config.get("backbone_config", {})
+    base_model = config.get("backbone_name_or_path")
+    base_model = base_model if base_model and HUB_ID.match(base_model) else None
+    evaluation = summaries["mmeb_results.json"]
+    model_name = repo_id.split("/")[-1] if repo_id else "CoMa embedding model"
+    card_data = ModelCardData(
+        language=["en"],
+        license=license,
+        library_name="sentence-transformers",
+        pipeline_tag="feature-extraction",
+        tags=TAGS + [backbone.get("model_type", "")],
+        base_model=base_model,
+        datasets=_hub_datasets(summaries),
+        model_name=model_name,
+        eval_results=_eval_results(evaluation) if evaluation else None,
+    )
+    processor = _read_json(folder / "processor_config.json") or {}
+    text = backbone.get("text_config", {})
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        model_name=model_name,
+        repo_id=repo_id or PLACEHOLDER_REPO,
+        base_model_text=f"`{base_model}`" if base_model else "the small random-initialised backbone built into coma_hf",
+        model_type=backbone.get("model_type", "unknown"),
+        num_compression_tokens=config.get("num_compression_tokens"),
+        pooling=config.get("pooling", "mean"),
+        loss_on=config.get("loss_on", "answers"),
+        embedding_size=config.get("embedding_dim") or text.get("hidden_size") or backbone.get("hidden_size"),
+        training_rows=_training_rows(summaries),
+        evaluation_table=markdown_table(evaluation) if evaluation else "",
+        evaluation_source="Precision@1 (%) in the MMEB format, from `examples/evaluate.py` "
+        "(gold ranked first among all candidates; ties count as misses).",
+        tiny=base_model is None and config.get("backbone_name_or_path") is None,
+        image_tokens=f"{processor.get('min_image_tokens') or 'the default'} and "
+        f"{processor.get('max_image_tokens') or 'the default'}",
+        max_length=processor.get("max_length") or "the model's",
+    )
+
+
+def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, license: str = "other") -> Path:
+    """Render the card of `folder` into `folder/README.md`; returns its path."""
+    path = Path(folder) / "README.md"
+    render_model_card(folder, repo_id, license).save(path)
+    return path
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _hub_datasets(summaries: dict) -> list[str] | None:
+    names = [summary.get("train_dataset") for summary in summaries.values() if summary]
+    hub = sorted({name for name in names if isinstance(name, str) and HUB_ID.match(name) and not Path(name).exists()})
+    return hub or None
+
+
+def _training_rows(summaries: dict) -> list[tuple[str, str]]:
+    rows = []
+    stage1, stage2 = summaries["pretrain_summary.json"], summaries["contrastive_summary.json"]
+    if stage1:
+        rows.append(("stage 1 (compression)", f"{stage1.get('global_steps')} steps on {stage1.get('num_train_samples')} "
+                     f"samples, recipe {stage1.get('recipe', 'n/a')}, {stage1.get('seconds')} s on {stage1.get('device')}"))  # fmt: skip
+        if stage1.get("heldout_answer_accuracy") is not None:
+            rows.append(("stage-1 held-out answers", f"{stage1['heldout_answer_accuracy']:.3f} exact match from the K "
+                         f"states (majority answer {stage1['majority_baseline_accuracy']:.3f})"))  # fmt: skip
+    if stage2:
+        rows.append(("stage 2 (contrastive)", f"{stage2.get('global_steps')} steps on {stage2.get('num_train_pairs')} "
+                     f"pairs ({stage2.get('train_dataset', 'n/a')}), recipe {stage2.get('recipe', 'n/a')}, "
+                     f"{stage2.get('seconds')} s on {stage2.get('device')}"))  # fmt: skip
+        rows.append(("stage-2 dev Precision@1", f"{100 * stage2['eval_precision_at_1']:.1f} (chance/constant baseline "
+                     f"{100 * stage2['baseline_precision_at_1']:.1f})"))  # fmt: skip
+    return rows
+
+
+def _eval_results(results: dict) -> list[EvalResult]:
+    evaluated = [("overall", results["overall"])] + sorted(results["meta_tasks"].items())
+    return [
+        EvalResult(
+            task_type="feature-extraction",
+            task_name="Multimodal embedding (MMEB format)",
+            dataset_type="mmeb",
+            dataset_name=f"MMEB-format evaluation ({name})",
+            dataset_config=name,  # the Hub groups results by dataset type and config
+            metric_type="precision_at_1",
+            metric_name="Precision@1",
+            metric_value=round(100 * metrics["precision@1"], 2),
+        )
+        for name, metrics in evaluated
+    ]

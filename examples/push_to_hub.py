@@ -1,0 +1,77 @@
+"""Share a trained CoMa model on the Hub: weights, remote code, processor and tokenizer, sentence-transformers files and
+the CoMa model card, in one commit.
+
+    python examples/push_to_hub.py --repo_id org/coma                       # outputs/stage2, public
+    python examples/push_to_hub.py --repo_id org/coma --private --revision v1
+    python examples/push_to_hub.py --repo_id org/coma --dry_run --output_dir outputs/upload   # write, list, no upload
+
+The card's evaluation table comes from `--eval_results` (default: `outputs/eval/mmeb_results.json` when it exists,
+written by `examples/evaluate.py`). The token is resolved as transformers does it: `HF_TOKEN`, else `hf auth login`;
+it is never written to a file or printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoModel
+
+import coma_hf  # noqa: F401  (the local classes and the model-card writer)
+from coma_hf.model_card import write_model_card
+
+DEFAULT_EVAL_RESULTS = "outputs/eval/mmeb_results.json"
+
+
+def prepare_folder(model_name_or_path: str, repo_id: str, folder: Path, eval_results: str | None, license: str) -> list[str]:
+    """Write exactly what will be uploaded into `folder`; returns the relative file names."""
+    model = AutoModel.from_pretrained(model_name_or_path)
+    model.save_pretrained(folder)
+    if eval_results:
+        shutil.copyfile(eval_results, folder / "mmeb_results.json")
+    write_model_card(folder, repo_id=repo_id, license=license)
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default="outputs/stage2")
+    parser.add_argument("--repo_id", required=True, help="owner/name on the Hub")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    parser.add_argument("--commit_message", default="Upload CoMa model")
+    parser.add_argument("--license", default="other", help="license identifier for the card's metadata")
+    parser.add_argument("--eval_results", default=None, help=f"MMEB results JSON (default: {DEFAULT_EVAL_RESULTS})")
+    parser.add_argument("--dry_run", action="store_true", help="write the folder to --output_dir and list it")
+    parser.add_argument("--output_dir", default="outputs/upload", help="where --dry_run writes the folder")
+    args = parser.parse_args(argv)
+    eval_results = args.eval_results or (DEFAULT_EVAL_RESULTS if Path(DEFAULT_EVAL_RESULTS).is_file() else None)
+
+    if args.dry_run:
+        folder = Path(args.output_dir)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        files = prepare_folder(args.model_name_or_path, args.repo_id, folder, eval_results, args.license)
+        print(f"Dry run: {len(files)} files that would be uploaded to {args.repo_id} are in {folder}:")
+        for name in files:
+            print(f"  {name}  ({(folder / name).stat().st_size:,} bytes)")
+        return None
+
+    from huggingface_hub import create_branch, create_repo, upload_folder
+
+    repo_id = create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
+    if args.revision:
+        create_branch(repo_id, branch=args.revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        files = prepare_folder(args.model_name_or_path, repo_id, Path(folder), eval_results, args.license)
+        commit = upload_folder(repo_id=repo_id, folder_path=folder, commit_message=args.commit_message,
+                               revision=args.revision)  # fmt: skip
+    print(f"Uploaded {len(files)} files to {repo_id} in one commit: {commit}")
+    return str(commit)
+
+
+if __name__ == "__main__":
+    main()

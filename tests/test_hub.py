@@ -1,0 +1,160 @@
+"""Hub release: the dry-run folder is a complete Hub model, the card parses and its snippets run, tokens never leak."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
+from conftest import load_example, random_image, tiny_coma
+
+REPO = "org/coma"
+TOKEN = "hf_PlantedTokenThatMustNeverBeWrittenAnywhere123"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["coma_hf"] = None
+    import torch
+    from PIL import Image
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    image = Image.open(sys.argv[1])
+    inputs = ["a red circle", image, {"image": image, "text": "what colour?"}]
+    model = AutoModel.from_pretrained("org/coma", trust_remote_code=True)
+    st = SentenceTransformer("org/coma", trust_remote_code=True, device="cpu")
+    torch.save({"auto": model.encode(inputs), "st": st.encode(inputs, convert_to_tensor=True)}, sys.argv[2])
+    """
+)
+
+
+def _hub_cache(folder, home):
+    """`folder` laid out as the Hub cache snapshot of `org/coma` under `home`."""
+    repo = home / "hub" / "models--org--coma"
+    shutil.copytree(folder, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def _offline_env(home):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def upload(tmp_path_factory):
+    """A saved tiny checkpoint with evaluation results, dry-run into an upload folder."""
+    root = tmp_path_factory.mktemp("hub")
+    model, _ = tiny_coma()
+    model.save_pretrained(root / "model")
+    from coma_hf.data.mini_mmeb import write_mini_mmeb
+
+    write_mini_mmeb(root / "synthetic", num_train=2, num_dev=2, num_test=3, image_size=56, max_train_scenes=0)
+    results = MMEBEvaluator(load_mmeb_datasets(root / "synthetic" / "mini_mmeb" / "test"), show_progress_bar=False)(
+        model, root / "eval"
+    )
+    load_example("push_to_hub").main([
+        "--model_name_or_path", str(root / "model"), "--repo_id", REPO, "--dry_run", "--output_dir",
+        str(root / "upload"), "--eval_results", str(root / "eval" / "mmeb_results.json"), "--license", "apache-2.0",
+    ])  # fmt: skip
+    return root, results
+
+
+def test_dry_run_folder_loads_by_repo_id_without_coma_hf(upload, tmp_path):
+    root, _ = upload
+    folder = root / "upload"
+    names = set(os.listdir(folder))
+    assert {"README.md", "config.json", "model.safetensors", "modeling_coma.py", "processing_coma.py",
+            "configuration_coma.py", "masking.py", "backbones.py", "sentence_transformers_files.py", "tokenizer.json",
+            "processor_config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+            "mmeb_results.json"} <= names  # fmt: skip
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
+    _hub_cache(folder, tmp_path / "home")
+    image_path = tmp_path / "image.png"
+    random_image(4).save(image_path)
+    result = subprocess.run([sys.executable, "-c", CHILD, str(image_path), str(tmp_path / "out.pt")],
+                            env=_offline_env(tmp_path / "home"), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = torch.load(tmp_path / "out.pt")
+    model, _ = tiny_coma()
+    from PIL import Image
+
+    image = Image.open(image_path)
+    expected = model.encode(["a red circle", image, {"image": image, "text": "what colour?"}])
+    torch.testing.assert_close(out["auto"], expected, atol=0, rtol=0)
+    torch.testing.assert_close(out["st"], expected, atol=1e-5, rtol=0)
+
+
+def test_card_metadata_parses_and_holds_the_evaluation(upload):
+    root, results = upload
+    card = ModelCard.load(root / "upload" / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "sentence-transformers" and data["pipeline_tag"] == "feature-extraction"
+    assert {"coma", "multimodal-embedding", "sentence-transformers"} <= set(data["tags"])
+    assert data["license"] == "apache-2.0"
+    model_name, evaluations = model_index_to_eval_results(data["model-index"])
+    assert model_name == "coma"
+    overall = next(result for result in evaluations if "(overall)" in result.dataset_name)
+    assert overall.metric_value == pytest.approx(round(100 * results["overall"]["precision@1"], 2))
+    assert {result.dataset_name for result in evaluations} >= {f"MMEB-format evaluation ({task})" for task in results["meta_tasks"]}
+    assert "| **Overall** |" in card.text and "Stage 1" in card.text
+    for name in os.listdir(root / "upload"):  # no path of the machine that wrote it
+        if name.endswith((".md", ".json")):
+            assert str(root) not in (root / "upload" / name).read_text(), name
+
+
+def test_card_snippets_run_against_the_uploaded_folder(upload, tmp_path):
+    root, _ = upload
+    snippets = re.findall(r"```python\n(.*?)```", (root / "upload" / "README.md").read_text(), flags=re.S)
+    assert len(snippets) == 2 and all(REPO in snippet for snippet in snippets)
+    _hub_cache(root / "upload", tmp_path / "home")
+    for snippet in snippets:
+        code = 'import sys\nsys.modules["coma_hf"] = None\n' + snippet
+        result = subprocess.run([sys.executable, "-c", code], env=_offline_env(tmp_path / "home"), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "tensor" in result.stdout or "[[" in result.stdout
+
+
+def test_push_uploads_one_commit_and_never_writes_the_token(upload, tmp_path, monkeypatch, capsys, caplog):
+    import huggingface_hub
+
+    root, _ = upload
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    calls = []
+
+    def upload_folder(**kwargs):
+        folder = kwargs["folder_path"]
+        files = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+        calls.append({"kwargs": {k: v for k, v in kwargs.items() if k != "folder_path"}, "files": files})
+        return "https://huggingface.co/org/coma/commit/" + COMMIT
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: type("Url", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(huggingface_hub, "create_branch", lambda *args, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    load_example("push_to_hub").main(["--model_name_or_path", str(root / "model"), "--repo_id", REPO, "--revision", "v1"])
+    model, _ = tiny_coma()
+    model.push_to_hub(REPO, commit_message="from the model")
+
+    assert len(calls) == 2  # one commit each
+    for call in calls:
+        assert {"README.md", "model.safetensors", "modules.json", "modeling_coma.py"} <= set(call["files"])
+        assert b"CoMa" in call["files"]["README.md"] and REPO.encode() in call["files"]["README.md"]
+        assert all(TOKEN.encode() not in content for content in call["files"].values())
+        assert TOKEN not in json.dumps(call["kwargs"], default=str)
+    assert calls[0]["kwargs"]["revision"] == "v1"
+    captured = capsys.readouterr()
+    assert TOKEN not in captured.out + captured.err + caplog.text
