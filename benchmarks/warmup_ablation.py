@@ -8,6 +8,8 @@ and their mini-MMEB pairs), with the same number of optimizer steps and samples 
 - **C** control: the same S1 steps on the same QA data with the plain causal mask (answers may read the input
   directly), then the same S2 contrastive steps. B − C is what compression adds; B − A mixes it with the extra QA
   supervision.
+- **A short** (not compute-matched, a diagnostic): contrastive only for S2 steps, B's contrastive budget without its
+  stage 1. B − A short is what stage 1 adds to the same contrastive training.
 
 A, B and C run for every seed; the paper's ablations run once (seed 0, all else as B): K ∈ {1, 8, 32}, `loss_on`
 answers vs all tokens after the compression tokens, single- vs multi-turn QA. Every run is the two example scripts
@@ -40,6 +42,9 @@ from coma_hf.evaluation.mmeb import MMEBEvaluator, chance_baselines, load_mmeb_d
 
 ROOT = Path(__file__).resolve().parents[1]
 META_TASKS = ("Classification", "VQA", "Retrieval", "Visual Grounding")
+ARMS = ("A", "B", "C", "A short")
+ARM_LABELS = {"A": "A contrastive only", "B": "B CoMa (bottleneck)", "C": "C causal control",
+              "A short": "A short (S2 steps only)"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class Run:
     """One configuration: an arm, a seed and what differs from B."""
 
     name: str
-    arm: str  # "A", "B" or "C"
+    arm: str  # "A", "B", "C" or "A short"
     seed: int
     num_compression_tokens: int | None = None
     loss_on: str = "answers"
@@ -79,7 +84,7 @@ class Run:
 
 
 def plan(budget: Budget) -> list[Run]:
-    runs = [Run(arm, arm, seed) for seed in budget.seeds for arm in ("A", "B", "C")]
+    runs = [Run(arm, arm, seed) for seed in budget.seeds for arm in ARMS]
     k = budget.num_compression_tokens
     for other in sorted({1, 8, 32} - {k}):
         runs.append(Run(f"B K={other}", "B", 0, num_compression_tokens=other))
@@ -113,13 +118,13 @@ def stage1_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, ex
 
 
 def stage2_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, start: Path | None, extra: list[str]):
-    steps = budget.stage2_steps if start is not None else budget.stage1_steps + budget.stage2_steps
+    steps = budget.stage1_steps + budget.stage2_steps if run.arm == "A" else budget.stage2_steps
     arguments = [
         "--recipe", "tiny", "--output_dir", str(output), "--seed", str(run.seed), "--max_steps", str(steps),
         "--per_device_train_batch_size", str(budget.batch_size), "--synthetic_dir", str(synthetic),
         "--logging_steps", str(max(1, steps // 10)),
     ]  # fmt: skip
-    if start is None:  # arm A: the same initialisation stage 1 would have started from
+    if start is None:  # arms A: the same initialisation stage 1 would have started from
         arguments += ["--from_backbone", "--num_compression_tokens", str(budget.num_compression_tokens)]
     else:
         arguments += ["--model_name_or_path", str(start)]
@@ -131,7 +136,7 @@ def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra: list
     started = time.time()
     result = {"run": asdict(run)}
     start = None
-    if run.arm != "A":
+    if run.arm in ("B", "C"):
         arguments = stage1_arguments(run, budget, synthetic, folder / "stage1", extra)
         stage1 = _example("pretrain").main(arguments)
         result["stage1_arguments"] = arguments
@@ -158,7 +163,7 @@ def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra: list
 def aggregate(results: list[dict]) -> dict:
     """Mean and standard deviation over seeds of each arm, per split and metric."""
     summary = {}
-    for arm in ("A", "B", "C"):
+    for arm in ARMS:
         rows = [result for result in results if result["run"]["name"] == arm]
         summary[arm] = {
             split: {
@@ -175,11 +180,12 @@ def verdict(summary: dict, split: str = "test") -> dict:
     """Whether B beats A and C by more than the seed spread (difference of means > sum of standard deviations)."""
     b = summary["B"][split]["overall"]
     out = {}
-    for other in ("A", "C"):
+    for other in ("A", "C", "A short"):
         o = summary[other][split]["overall"]
         difference = b["mean"] - o["mean"]
-        out[f"B_minus_{other}"] = difference
-        out[f"B_beats_{other}_beyond_spread"] = difference > b["std"] + o["std"]
+        key = other.replace(" ", "_")
+        out[f"B_minus_{key}"] = difference
+        out[f"B_beats_{key}_beyond_spread"] = difference > b["std"] + o["std"]
     return out
 
 
@@ -199,22 +205,28 @@ def plot(report: dict, path: Path) -> None:
     summary, figure = report["summary"], plt.figure(figsize=(11, 4))
     left = figure.add_subplot(1, 2, 1)
     for offset, split in ((-0.2, "dev"), (0.2, "test")):
-        means = [100 * summary[arm][split]["overall"]["mean"] for arm in "ABC"]
-        stds = [100 * summary[arm][split]["overall"]["std"] for arm in "ABC"]
-        left.bar([i + offset for i in range(3)], means, 0.4, yerr=stds, capsize=4, label=split)
+        means = [100 * summary[arm][split]["overall"]["mean"] for arm in ARMS]
+        stds = [100 * summary[arm][split]["overall"]["std"] for arm in ARMS]
+        left.bar([i + offset for i in range(len(ARMS))], means, 0.4, yerr=stds, capsize=4, label=split)
     left.axhline(100 * report["baseline"]["test"], color="grey", linestyle="--", label="chance/constant (test)")
-    left.set_xticks(range(3), ["A contrastive only", "B CoMa", "C causal control"])
+    left.set_xticks(range(len(ARMS)), ["A\ncontrastive only", "B\nCoMa", "C\ncausal control", "A short\nS2 steps only"])
     left.set_ylabel("Precision@1 (%)")
     left.set_title(f"mean ± std over {len(report['budget']['seeds'])} seeds")
     left.legend()
     right = figure.add_subplot(1, 2, 2)
-    names = [result["run"]["name"] for result in report["ablations"]]
-    right.barh(names, [100 * result["dev"]["overall"] for result in report["ablations"]], color="tab:green")
+    reference = _reference(report)
+    rows = [reference, *report["ablations"]]
+    names = [f"B (K={report['budget']['num_compression_tokens']})"] + [result["run"]["name"] for result in report["ablations"]]
+    right.barh(names, [100 * result["dev"]["overall"] for result in rows], color="tab:green")
     right.set_xlabel("dev Precision@1 (%), seed 0")
     right.set_title("ablations of B")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _reference(report: dict) -> dict:
+    return next(result for result in report["results"] if result["run"]["name"] == "B" and result["run"]["seed"] == 0)
 
 
 def _cell(values: dict) -> str:
@@ -241,7 +253,7 @@ def markdown(report: dict, command: str) -> str:
         "| arm | split | overall | " + " | ".join(META_TASKS) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in META_TASKS) + " |",
     ]
-    for arm, label in (("A", "A contrastive only"), ("B", "B CoMa (bottleneck)"), ("C", "C causal control")):
+    for arm, label in ARM_LABELS.items():
         for split in ("dev", "test"):
             row = summary[arm][split]
             lines.append(f"| {label} | {split} | **{_cell(row['overall'])}** | "
@@ -260,7 +272,7 @@ def markdown(report: dict, command: str) -> str:
                 f"{stage1['majority_baseline_accuracy']:.3f} | {stage1['control_answer_accuracy']:.3f} |"
             )
     lines += ["", "## Ablations of B (seed 0) — Precision@1 (%)", "", "| configuration | dev | test |", "| --- | --- | --- |"]
-    reference = next(result for result in report["results"] if result["run"]["name"] == "B" and result["run"]["seed"] == 0)
+    reference = _reference(report)
     for result in [reference, *report["ablations"]]:
         name = "B (K=%d, answers, multi-turn)" % budget["num_compression_tokens"] if result is reference else result["run"]["name"]
         lines.append(f"| {name} | {100 * result['dev']['overall']:.1f} | {100 * result['test']['overall']:.1f} |")
@@ -268,6 +280,8 @@ def markdown(report: dict, command: str) -> str:
     lines += ["", "![A, B, C and the ablations](warmup_ablation.png)", "", "## Verdict (test, overall)", "",
               f"- B − A = {100 * v['B_minus_A']:+.1f} points; beyond the seed spread: **{v['B_beats_A_beyond_spread']}**.",
               f"- B − C = {100 * v['B_minus_C']:+.1f} points; beyond the seed spread: **{v['B_beats_C_beyond_spread']}**.",
+              f"- B − A short = {100 * v['B_minus_A_short']:+.1f} points (same contrastive steps, B adds stage 1); beyond "
+              f"the seed spread: **{v['B_beats_A_short_beyond_spread']}**.",
               "", "(Beyond the spread = the difference of means exceeds the sum of the two standard deviations.)", ""]  # fmt: skip
     return "\n".join(lines)
 
@@ -314,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "results": results,
-        "ablations": [result for result in results if result["run"]["name"] not in ("A", "B", "C")],
+        "ablations": [result for result in results if result["run"]["name"] not in ARMS],
         "summary": summary,
         "baseline": {"test": baseline["overall"]["best"],
                      "test_meta_tasks": {task: values["best"] for task, values in baseline["meta_tasks"].items()}},

@@ -145,7 +145,8 @@ class CoMaModel(PreTrainedModel):
     def processor(self, processor: CoMaProcessor) -> None:
         self._processor = processor
 
-    # Set by `import coma_hf` to `coma_hf.model_card.write_model_card`; without coma_hf the source's card is carried.
+    # Set by the installed package to its model-card writer (`write_model_card(folder, repo_id=None)`); without the
+    # package, the card of the folder the model was loaded from is carried over.
     model_card_writer = None
     # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
     carried_files = ("README.md", "pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
