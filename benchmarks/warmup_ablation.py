@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -131,20 +132,20 @@ def stage2_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, st
     return arguments + extra
 
 
-def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra: list[str], test) -> dict:
+def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra1: list[str], extra2: list[str], test) -> dict:
     """Train one configuration; dev scores from the training script, test scores read once here."""
     started = time.time()
     result = {"run": asdict(run)}
     start = None
     if run.arm in ("B", "C"):
-        arguments = stage1_arguments(run, budget, synthetic, folder / "stage1", extra)
+        arguments = stage1_arguments(run, budget, synthetic, folder / "stage1", extra1)
         stage1 = _example("pretrain").main(arguments)
         result["stage1_arguments"] = arguments
         result["stage1"] = {key: stage1.get(key) for key in (
             "train_loss_first", "train_loss_last", "heldout_answer_accuracy", "majority_baseline_accuracy",
             "control_answer_accuracy", "seconds")}  # fmt: skip
         start = folder / "stage1"
-    arguments = stage2_arguments(run, budget, synthetic, folder / "stage2", start, extra)
+    arguments = stage2_arguments(run, budget, synthetic, folder / "stage2", start, extra2)
     stage2 = _example("train_contrastive").main(arguments)
     result["stage2_arguments"] = arguments
     result["dev"] = {"overall": stage2["eval_precision_at_1"], **stage2["eval_per_meta_task"]}
@@ -186,6 +187,7 @@ def verdict(summary: dict, split: str = "test") -> dict:
         key = other.replace(" ", "_")
         out[f"B_minus_{key}"] = difference
         out[f"B_beats_{key}_beyond_spread"] = difference > b["std"] + o["std"]
+        out[f"{key}_beats_B_beyond_spread"] = -difference > b["std"] + o["std"]
     return out
 
 
@@ -233,6 +235,17 @@ def _cell(values: dict) -> str:
     return f"{100 * values['mean']:.1f} ± {100 * values['std']:.1f}"
 
 
+def _verdict_line(verdict: dict, other: str, meaning: str) -> str:
+    key = other.replace(" ", "_")
+    if verdict[f"B_beats_{key}_beyond_spread"]:
+        outcome = f"B beats {other} beyond the seed spread"
+    elif verdict[f"{key}_beats_B_beyond_spread"]:
+        outcome = f"{other} beats B beyond the seed spread"
+    else:
+        outcome = "within the seed spread"
+    return f"- B − {other} ({meaning}) = {100 * verdict[f'B_minus_{key}']:+.1f} points: **{outcome}**."
+
+
 def markdown(report: dict, command: str) -> str:
     summary, budget = report["summary"], report["budget"]
     lines = [
@@ -276,12 +289,10 @@ def markdown(report: dict, command: str) -> str:
     for result in [reference, *report["ablations"]]:
         name = "B (K=%d, answers, multi-turn)" % budget["num_compression_tokens"] if result is reference else result["run"]["name"]
         lines.append(f"| {name} | {100 * result['dev']['overall']:.1f} | {100 * result['test']['overall']:.1f} |")
-    v = report["verdict"]
     lines += ["", "![A, B, C and the ablations](warmup_ablation.png)", "", "## Verdict (test, overall)", "",
-              f"- B − A = {100 * v['B_minus_A']:+.1f} points; beyond the seed spread: **{v['B_beats_A_beyond_spread']}**.",
-              f"- B − C = {100 * v['B_minus_C']:+.1f} points; beyond the seed spread: **{v['B_beats_C_beyond_spread']}**.",
-              f"- B − A short = {100 * v['B_minus_A_short']:+.1f} points (same contrastive steps, B adds stage 1); beyond "
-              f"the seed spread: **{v['B_beats_A_short_beyond_spread']}**.",
+              _verdict_line(report["verdict"], "A", "compute-matched, contrastive only"),
+              _verdict_line(report["verdict"], "C", "the same stage 1 with the causal mask: what compression adds"),
+              _verdict_line(report["verdict"], "A short", "the same contrastive steps without stage 1"),
               "", "(Beyond the spread = the difference of means exceeds the sum of the two standard deviations.)", ""]  # fmt: skip
     return "\n".join(lines)
 
@@ -294,8 +305,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stage1_steps", type=int, default=None)
     parser.add_argument("--stage2_steps", type=int, default=None)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds")
+    parser.add_argument("--only", default=None, help="comma-separated run names to run (e.g. 'B,A short'), for follow-ups")
+    parser.add_argument("--stage1_args", default="", help="extra arguments for examples/pretrain.py")
+    parser.add_argument("--stage2_args", default="", help="extra arguments for examples/train_contrastive.py")
+    parser.add_argument("--render", default=None, help="re-render the report from this JSON (no training)")
     args = parser.parse_args(argv)
-    command = "python benchmarks/warmup_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        report["verdict"] = verdict(report["summary"])
+        write_report(report, Path(args.output_dir or Path(args.render).parent), report["command"])
+        return report
+    command = " ".join(["python benchmarks/warmup_ablation.py", *(argv if argv is not None else sys.argv[1:])])
     budget, extra = (QUICK, QUICK_MODEL) if args.quick else (Budget(), [])
     overrides = {key: getattr(args, key) for key in ("stage1_steps", "stage2_steps") if getattr(args, key) is not None}
     if args.seeds:
@@ -303,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget = replace(budget, **overrides)
     if args.quick:
         extra = extra + ["--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8"]
+    extra1, extra2 = extra + args.stage1_args.split(), extra + args.stage2_args.split()
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
     output = Path(args.output_dir or (work / "report" if args.quick else ROOT / "docs"))
     started = time.time()
@@ -314,18 +335,26 @@ def main(argv: list[str] | None = None) -> dict:
     test = load_mmeb_datasets(synthetic / "mini_mmeb" / "test")
     results = []
     runs = plan(budget)
+    if args.only:
+        runs = [run for run in runs if run.name in args.only.split(",")]
     for index, run in enumerate(runs):
         print(f"\n=== run {index + 1}/{len(runs)}: {run.name}, seed {run.seed} ===", flush=True)
-        results.append(execute(run, budget, synthetic, work / "runs" / f"{run.name}-{run.seed}".replace(" ", "_"),
-                               extra, test))  # fmt: skip
+        folder = work / "runs" / f"{run.name}-{run.seed}".replace(" ", "_")
+        results.append(execute(run, budget, synthetic, folder, extra1, extra2, test))
         print(f"=== {run.name} seed {run.seed}: dev {results[-1]['dev']['overall']:.3f} test "
               f"{results[-1]['test']['overall']:.3f} ({results[-1]['seconds']} s) ===", flush=True)  # fmt: skip
 
+    if args.only:  # a follow-up: the runs alone, no comparison of arms
+        followup = {"command": command, "budget": asdict(budget), "results": results,
+                    "seconds": round(time.time() - started, 1)}  # fmt: skip
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "followup.json").write_text(json.dumps(followup, indent=2))
+        return followup
     baseline = chance_baselines(test)
     summary = aggregate(results)
     report = {
         "budget": asdict(budget),
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "results": results,
         "ablations": [result for result in results if result["run"]["name"] not in ARMS],
@@ -334,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "test_meta_tasks": {task: values["best"] for task, values in baseline["meta_tasks"].items()}},
         "verdict": verdict(summary),
         "seconds": round(time.time() - started, 1),
+        "command": command,
     }  # fmt: skip
     write_report(report, output, command)
     print((output / "results.md").read_text())

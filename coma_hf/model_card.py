@@ -88,6 +88,15 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, lice
     return path
 
 
+def hardware() -> str:
+    """What trained the model, for the summaries and the card: the GPU's name, or the CPU core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
+    return f"CPU, {os.cpu_count()} cores"
+
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -103,14 +112,15 @@ def _training_rows(summaries: dict) -> list[tuple[str, str]]:
     stage1, stage2 = summaries["pretrain_summary.json"], summaries["contrastive_summary.json"]
     if stage1:
         rows.append(("stage 1 (compression)", f"{stage1.get('global_steps')} steps on {stage1.get('num_train_samples')} "
-                     f"samples, recipe {stage1.get('recipe', 'n/a')}, {stage1.get('seconds')} s on {stage1.get('device')}"))  # fmt: skip
+                     f"samples, recipe {stage1.get('recipe', 'n/a')}, {stage1.get('seconds')} s on "
+                     f"{stage1.get('hardware', stage1.get('device'))}"))  # fmt: skip
         if stage1.get("heldout_answer_accuracy") is not None:
             rows.append(("stage-1 held-out answers", f"{stage1['heldout_answer_accuracy']:.3f} exact match from the K "
                          f"states (majority answer {stage1['majority_baseline_accuracy']:.3f})"))  # fmt: skip
     if stage2:
         rows.append(("stage 2 (contrastive)", f"{stage2.get('global_steps')} steps on {stage2.get('num_train_pairs')} "
                      f"pairs ({stage2.get('train_dataset', 'n/a')}), recipe {stage2.get('recipe', 'n/a')}, "
-                     f"{stage2.get('seconds')} s on {stage2.get('device')}"))  # fmt: skip
+                     f"{stage2.get('seconds')} s on {stage2.get('hardware', stage2.get('device'))}"))  # fmt: skip
         rows.append(("stage-2 dev Precision@1", f"{100 * stage2['eval_precision_at_1']:.1f} (chance/constant baseline "
                      f"{100 * stage2['baseline_precision_at_1']:.1f})"))  # fmt: skip
     return rows
