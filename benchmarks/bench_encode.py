@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import AutoConfig
 
 from coma_hf.tiny import QWEN_SPECIAL_TOKEN_START, build_tiny_coma, build_tokenizer
-from coma_hf.vision_attention import use_batched_vision_attention
+from coma_hf.vision_attention import set_vision_attention, use_batched_vision_attention
 
 CONFIGS = ("coma_fast", "coma_stock", "vlm2vec_stock")
 TEXT = "a small red circle left of the two blue squares"  # with the instruction: 16 text tokens (tiny tokenizer)
@@ -52,11 +52,10 @@ def build(config_name: str, gpu: bool, num_compression_tokens: int = 32):
     else:
         model, processor = build_tiny_coma("qwen2_5_vl", num_compression_tokens=num_compression_tokens,
                                            min_image_tokens=256, max_image_tokens=256)  # fmt: skip
-    vision_config = model.config.backbone_config.vision_config
     if config_name == "coma_fast":
-        use_batched_vision_attention(vision_config)
+        use_batched_vision_attention(model.model.visual)
     else:
-        vision_config._attn_implementation = "sdpa"
+        set_vision_attention(model.model.visual, "sdpa")
     return model.eval(), processor
 
 

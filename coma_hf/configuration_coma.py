@@ -12,6 +12,7 @@ from .backbones import get_family
 POOLING_MODES = ("mean", "last")
 LOSS_ON_MODES = ("answers", "all_after_compression")
 ATTENTION_RULES = ("bottleneck", "causal")
+VISION_ATTENTION_MODES = ("auto", "stock")
 
 DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."
 DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
@@ -52,6 +53,10 @@ class CoMaConfig(PretrainedConfig):
             normalising. `None` keeps the full hidden size.
         normalize_embeddings (`bool`, defaults to `True`):
             L2-normalise `pooler_output` (the contract every encode API relies on).
+        vision_attention (`str`, defaults to `"auto"`):
+            The vision tower's attention: `"auto"` — flash-attn when installed, else the project's batched attention
+            (all windows of a layer in one call; `vision_attention.py`); `"stock"` — whatever the backbone was loaded
+            with (transformers' per-window calls without flash-attn). The language model is not affected.
         backbone_name_or_path (`str`, *optional*):
             Where the backbone came from (Hub id or folder), set by `CoMaModel.from_backbone`; the model card's
             `base_model`. `None` for the embedded tiny backbone.
@@ -74,6 +79,7 @@ class CoMaConfig(PretrainedConfig):
         contrastive_temperature: float = 0.03,
         embedding_dim: int | None = None,
         normalize_embeddings: bool = True,
+        vision_attention: str = "auto",
         backbone_name_or_path: str | None = None,
         **kwargs,
     ):
@@ -90,6 +96,7 @@ class CoMaConfig(PretrainedConfig):
         self.contrastive_temperature = contrastive_temperature
         self.embedding_dim = embedding_dim
         self.normalize_embeddings = normalize_embeddings
+        self.vision_attention = _check_choice("vision_attention", vision_attention, VISION_ATTENTION_MODES)
         self.backbone_name_or_path = backbone_name_or_path
         if self.compression_token_ids is not None and len(self.compression_token_ids) != num_compression_tokens:
             raise ValueError(

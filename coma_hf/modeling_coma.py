@@ -31,6 +31,7 @@ from .configuration_coma import CoMaConfig
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
 from .processing_coma import IGNORE_INDEX, CoMaInputError, CoMaProcessor
 from .sentence_transformers_files import write_sentence_transformers_files
+from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 
 logger = hf_logging.get_logger(__name__)
 
@@ -117,6 +118,13 @@ class CoMaModel(PreTrainedModel):
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         self._processor: CoMaProcessor | None = None
         self.post_init()
+        self.apply_vision_attention()
+
+    def apply_vision_attention(self) -> str | None:
+        """Set the vision tower's attention as `config.vision_attention` asks; returns the implementation in use."""
+        if self.config.vision_attention == "auto":
+            return use_batched_vision_attention(self.model.visual)
+        return vision_attention_implementation(self.model.visual)
 
     # ---- plumbing ----------------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
@@ -508,6 +516,7 @@ class CoMaModel(PreTrainedModel):
         with torch.device("meta"):  # the backbone's own modules replace these; nothing is allocated twice
             model = cls(config)
         model.model, model.lm_head = backbone.model, backbone.lm_head
+        model.apply_vision_attention()  # the backbone's own vision tower
         model.tie_weights()
         if max(token_ids) >= model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)

@@ -11,6 +11,8 @@ Part of the remote code shipped with every checkpoint: imports only torch and tr
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -67,10 +69,34 @@ def batched_vision_attention(
 AttentionInterface.register(BATCHED_VISION_ATTENTION, batched_vision_attention)
 
 
-def use_batched_vision_attention(vision_config) -> str:
-    """Point the vision tower at flash-attn when it is installed, else at the batched function; returns the choice."""
+def set_vision_attention(vision_tower: torch.nn.Module, implementation: str) -> None:
+    """Make the attention layers of `vision_tower` use `implementation`.
+
+    The layers get a private copy of the vision config, so the model's own config keeps an implementation
+    transformers knows (it refuses to build models from a config naming an unknown "flash" function).
+    """
+    attention_layers = [module for module in vision_tower.modules()
+                        if type(module).__name__.endswith("Attention") and hasattr(module, "config")]  # fmt: skip
+    if not attention_layers:
+        return
+    private = copy.copy(attention_layers[0].config)
+    private._attn_implementation = implementation
+    for module in attention_layers:
+        module.config = private
+
+
+def vision_attention_implementation(vision_tower: torch.nn.Module) -> str | None:
+    """The implementation the attention layers of `vision_tower` use."""
+    for module in vision_tower.modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+            return module.config._attn_implementation
+    return None
+
+
+def use_batched_vision_attention(vision_tower: torch.nn.Module) -> str:
+    """flash-attn on the vision tower when it is installed, else the batched function; returns the choice."""
     from transformers.utils import is_flash_attn_2_available
 
     choice = "flash_attention_2" if is_flash_attn_2_available() else BATCHED_VISION_ATTENTION
-    vision_config._attn_implementation = choice
+    set_vision_attention(vision_tower, choice)
     return choice

@@ -29,7 +29,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
-from coma_hf.model_card import write_model_card
+from coma_hf.model_card import hardware, write_model_card
 from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, recipe_defaults
 
 logger = logging.getLogger("pretrain")
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(trainer, merged, processor, train, evaluation, eval_root, data_args, bad_train, started)
     summary["recipe"] = model_args.recipe or ("paper" if model_args.model_name_or_path else "tiny")
     summary["train_dataset"] = data_args.dataset or "synthetic scenes"
+    summary["hardware"] = hardware()
     if training_args.should_save:
         (Path(training_args.output_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
         write_model_card(training_args.output_dir)  # again, now with the summary

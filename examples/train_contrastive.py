@@ -33,7 +33,7 @@ from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pair
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.losses import CoMaContrastiveLoss
-from coma_hf.model_card import write_model_card
+from coma_hf.model_card import hardware, write_model_card
 from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, merge_lora, recipe_defaults
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.trainer import CoMaContrastiveTrainer
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
     summary["recipe"] = model_args.recipe or ("paper" if _names_model(argv) else "tiny")
     summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"
+    summary["hardware"] = hardware()
     if training_args.should_save:
         (Path(training_args.output_dir) / "contrastive_summary.json").write_text(json.dumps(summary, indent=2))
         write_model_card(training_args.output_dir)  # again, now with the summary

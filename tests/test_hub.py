@@ -77,7 +77,8 @@ def test_dry_run_folder_loads_by_repo_id_without_coma_hf(upload, tmp_path):
     folder = root / "upload"
     names = set(os.listdir(folder))
     assert {"README.md", "config.json", "model.safetensors", "modeling_coma.py", "processing_coma.py",
-            "configuration_coma.py", "masking.py", "backbones.py", "sentence_transformers_files.py", "tokenizer.json",
+            "configuration_coma.py", "masking.py", "backbones.py", "sentence_transformers_files.py", "vision_attention.py",
+            "tokenizer.json",
             "processor_config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
             "mmeb_results.json"} <= names  # fmt: skip
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)

@@ -7,7 +7,13 @@ import torch
 from transformers import AttentionInterface
 
 from coma_hf.tiny import build_tiny_coma
-from coma_hf.vision_attention import BATCHED_VISION_ATTENTION, batched_vision_attention, use_batched_vision_attention
+from coma_hf.vision_attention import (
+    BATCHED_VISION_ATTENTION,
+    batched_vision_attention,
+    set_vision_attention,
+    use_batched_vision_attention,
+    vision_attention_implementation,
+)
 from conftest import FAMILIES, random_image
 
 
@@ -19,8 +25,9 @@ def test_batched_vision_attention_matches_the_stock_path(family):
     sizes = [(84, 112), (224, 140), (56, 56), (112, 84)]  # several image sizes in one batch, and a text-only row
     inputs = [{"image": random_image(index, size), "text": "a caption"} for index, size in enumerate(sizes)] + ["text"]
     batch = processor.process_for_embedding(inputs)
-    vision_config = model.config.backbone_config.vision_config
-    vision_config._attn_implementation = "sdpa"
+    visual = model.model.visual
+    assert vision_attention_implementation(visual) == BATCHED_VISION_ATTENTION  # the default without flash-attn
+    set_vision_attention(visual, "sdpa")
     with torch.no_grad():
         stock_vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
         stock = model(**batch).pooler_output
@@ -33,15 +40,15 @@ def test_batched_vision_attention_matches_the_stock_path(family):
 
     AttentionInterface.register(BATCHED_VISION_ATTENTION, counted)
     try:
-        assert use_batched_vision_attention(vision_config) == BATCHED_VISION_ATTENTION
+        assert use_batched_vision_attention(visual) == BATCHED_VISION_ATTENTION
         with torch.no_grad():
             fast_vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
             fast = model(**batch).pooler_output
     finally:
         AttentionInterface.register(BATCHED_VISION_ATTENTION, batched_vision_attention)
-        vision_config._attn_implementation = "sdpa"
 
     assert model.config.backbone_config.get_text_config()._attn_implementation == "sdpa"  # the LM keeps its own
+    assert model.config.backbone_config.vision_config._attn_implementation == "sdpa"  # the config stays buildable
     depth = len(model.model.visual.blocks)
     assert len(calls) == 2 * depth and max(calls) >= len(sizes)  # one call per layer, each over several segments
     for stock_part, fast_part in zip(_as_list(stock_vision), _as_list(fast_vision)):
