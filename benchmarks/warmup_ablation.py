@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -289,6 +290,15 @@ def markdown(report: dict, command: str) -> str:
     for result in [reference, *report["ablations"]]:
         name = "B (K=%d, answers, multi-turn)" % budget["num_compression_tokens"] if result is reference else result["run"]["name"]
         lines.append(f"| {name} | {100 * result['dev']['overall']:.1f} | {100 * result['test']['overall']:.1f} |")
+    if report.get("followups"):
+        lines += ["", "## Follow-ups (seed 0, B unless named; each its own command)", "",
+                  "| what changed | dev | test | stage-1 answers | command |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for followup in report["followups"]:
+            for result in followup["results"]:
+                answers = result.get("stage1", {}).get("heldout_answer_accuracy")
+                lines.append(f"| {followup['label']} | {100 * result['dev']['overall']:.1f} | "
+                             f"{100 * result['test']['overall']:.1f} | {'' if answers is None else f'{answers:.3f}'} | "
+                             f"`{followup['command']}` |")  # fmt: skip
     lines += ["", "![A, B, C and the ablations](warmup_ablation.png)", "", "## Verdict (test, overall)", "",
               _verdict_line(report["verdict"], "A", "compute-matched, contrastive only"),
               _verdict_line(report["verdict"], "C", "the same stage 1 with the causal mask: what compression adds"),
@@ -309,13 +319,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stage1_args", default="", help="extra arguments for examples/pretrain.py")
     parser.add_argument("--stage2_args", default="", help="extra arguments for examples/train_contrastive.py")
     parser.add_argument("--render", default=None, help="re-render the report from this JSON (no training)")
+    parser.add_argument("--followups", default=None, help="with --render: folder of follow-up runs to add")
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads(Path(args.render).read_text())
         report["verdict"] = verdict(report["summary"])
+        if args.followups:
+            report["followups"] = [{"label": path.parent.name.replace("_", " "), **json.loads(path.read_text())}
+                                   for path in sorted(Path(args.followups).glob("*/followup.json"))]  # fmt: skip
         write_report(report, Path(args.output_dir or Path(args.render).parent), report["command"])
         return report
-    command = " ".join(["python benchmarks/warmup_ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "benchmarks/warmup_ablation.py", *(argv if argv is not None else sys.argv[1:])])
     budget, extra = (QUICK, QUICK_MODEL) if args.quick else (Budget(), [])
     overrides = {key: getattr(args, key) for key in ("stage1_steps", "stage2_steps") if getattr(args, key) is not None}
     if args.seeds:
