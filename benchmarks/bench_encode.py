@@ -179,18 +179,20 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = [int(size) for size in (args.batch_sizes or ("8,32" if args.gpu else "8")).split(",")]
     repeats = args.repeats or (20 if args.gpu else 10)
     results = [measure(size, args.gpu, repeats) for size in sizes]
-    report = {
-        "machine": torch.cuda.get_device_name() if args.gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "results": results,
-        "coma_over_baseline_time_ratio": max(result["coma_over_baseline_time_ratio"] for result in results),
-        "fast_over_stock_speedup": min(result["fast_over_stock_speedup"] for result in results),
-    }
-    print(table(results))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"JSON written to {args.output}")
-    return report
+    return report(results, table(results), args.output, args.gpu,
+                  coma_over_baseline_time_ratio=max(result["coma_over_baseline_time_ratio"] for result in results),
+                  fast_over_stock_speedup=min(result["fast_over_stock_speedup"] for result in results))  # fmt: skip
+
+
+def report(results: list[dict], table_text: str, output: str, gpu: bool, **headline) -> dict:
+    """Print the table and write the JSON (machine, torch version, results, headline ratios)."""
+    machine = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    content = {"machine": machine, "torch": torch.__version__, "results": results, **headline}
+    print(table_text)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(content, indent=2))
+    print(f"JSON written to {output}")
+    return content
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ Prints a table and writes JSON (`--output`) with samples/s, tokens/s, peak memor
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_encode import H100_BF16_PEAK, build, inputs, time_interleaved  # noqa: E402
+from bench_encode import H100_BF16_PEAK, build, inputs, report, time_interleaved  # noqa: E402
 
 QUESTIONS = [{"question": "What colour is the circle?", "answer": "red"},
              {"question": "How many squares are there?", "answer": "two"},
@@ -127,16 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     repeats = args.repeats or (10 if args.gpu else 5)
     results = [measure(int(size), args.gpu, repeats) for size in args.batch_sizes.split(",")]
-    report = {
-        "machine": torch.cuda.get_device_name() if args.gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "results": results,
-    }
-    print(table(results))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"JSON written to {args.output}")
-    return report
+    return report(results, table(results), args.output, args.gpu)
 
 
 if __name__ == "__main__":
