@@ -65,23 +65,23 @@ def inputs(batch_size: int) -> list[dict]:
     return [{"image": image, "text": TEXT, "instruction": INSTRUCTION} for image in images]
 
 
+def vlm2vec_embedding(model, features) -> torch.Tensor:
+    """The VLM2Vec-style embedding of CoMa-rendered `features`: the same input without the K compression tokens,
+    the stock forward, the last token's final hidden state, L2-normalised."""
+    k = model.config.num_compression_tokens
+    plain = {key: features[key][:, :-k] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "pixel_values" in features:
+        plain.update(pixel_values=features["pixel_values"], image_grid_thw=features["image_grid_thw"])
+    return torch.nn.functional.normalize(model.model(**plain).last_hidden_state[:, -1].float(), dim=-1)
+
+
 def encoder(config_name: str, model, processor, batch: list[dict]):
     """A no-argument function that embeds `batch` once, and the number of real tokens it processes."""
     features = processor.process_for_embedding(batch).to(model.device)
+    tokens = int(features["attention_mask"].sum())
     if config_name.startswith("coma"):
-        tokens = int(features["attention_mask"].sum())
         return (lambda: model(**features).pooler_output), tokens
-    # VLM2Vec-style: the same rendered input without the K compression tokens, stock forward, last-token pooling.
-    k = model.config.num_compression_tokens
-    plain = {key: features[key][:, :-k] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    plain.update(pixel_values=features["pixel_values"], image_grid_thw=features["image_grid_thw"])
-    tokens = int(plain["attention_mask"].sum())
-
-    def run():
-        hidden = model.model(**plain).last_hidden_state[:, -1]
-        return torch.nn.functional.normalize(hidden.float(), dim=-1)
-
-    return run, tokens
+    return (lambda: vlm2vec_embedding(model, features)), tokens - model.config.num_compression_tokens * len(batch)
 
 
 def synchronize(gpu: bool) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_encode import H100_BF16_PEAK, build, inputs, report, time_interleaved  # noqa: E402
+from bench_encode import H100_BF16_PEAK, build, inputs, report, time_interleaved, vlm2vec_embedding  # noqa: E402
 
 QUESTIONS = [{"question": "What colour is the circle?", "answer": "red"},
              {"question": "How many squares are there?", "answer": "two"},
@@ -44,19 +44,12 @@ def stage2_step(name: str, model, processor, batch, temperature: float = 0.03):
     queries = processor.process_for_embedding(batch).to(model.device)
     documents = processor.process_for_embedding([f"caption {index}: {item['text']}" for index, item in enumerate(batch)])
     documents = documents.to(model.device)
-    k = model.config.num_compression_tokens
-
     def embed(features):
-        if name.startswith("coma"):
-            return model(**features).pooler_output
-        plain = {key: features[key][:, :-k] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        if "pixel_values" in features:
-            plain.update(pixel_values=features["pixel_values"], image_grid_thw=features["image_grid_thw"])
-        return F.normalize(model.model(**plain).last_hidden_state[:, -1].float(), dim=-1)
+        return model(**features).pooler_output if name.startswith("coma") else vlm2vec_embedding(model, features)
 
     tokens = int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
     if not name.startswith("coma"):
-        tokens -= 2 * k * len(batch)
+        tokens -= 2 * model.config.num_compression_tokens * len(batch)
 
     def run():
         model.zero_grad(set_to_none=True)

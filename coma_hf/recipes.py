@@ -109,7 +109,8 @@ def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: 
 
 def recipe_defaults(argv: list[str], stage: str, configs: Path, named_model_flags: tuple[str, ...]) -> dict:
     """Parser defaults from the preset named by `--recipe` (`tiny`, `paper` or a JSON file); without one, `paper`
-    when the command line names a model (one of `named_model_flags`) and `tiny` for the embedded default."""
+    when the command line names a model (one of `named_model_flags`) and `tiny` for the embedded default. The chosen
+    name comes back as the `recipe` default, so the parsed arguments (and run summaries) record it."""
     recipe = None
     for position, argument in enumerate(argv):
         if argument == "--recipe" and position + 1 < len(argv):
@@ -121,4 +122,4 @@ def recipe_defaults(argv: list[str], stage: str, configs: Path, named_model_flag
     path = Path(recipe) if recipe.endswith(".json") else configs / f"{stage}_{recipe}.json"
     if not path.is_file():
         raise SystemExit(f"Unknown recipe {recipe!r}: no file {path}")
-    return json.loads(path.read_text())
+    return {**json.loads(path.read_text()), "recipe": recipe}

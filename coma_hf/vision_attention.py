@@ -69,28 +69,30 @@ def batched_vision_attention(
 AttentionInterface.register(BATCHED_VISION_ATTENTION, batched_vision_attention)
 
 
+def _attention_layers(vision_tower: torch.nn.Module) -> list[torch.nn.Module]:
+    return [module for module in vision_tower.modules()
+            if type(module).__name__.endswith("Attention") and hasattr(module, "config")]  # fmt: skip
+
+
 def set_vision_attention(vision_tower: torch.nn.Module, implementation: str) -> None:
     """Make the attention layers of `vision_tower` use `implementation`.
 
     The layers get a private copy of the vision config, so the model's own config keeps an implementation
     transformers knows (it refuses to build models from a config naming an unknown "flash" function).
     """
-    attention_layers = [module for module in vision_tower.modules()
-                        if type(module).__name__.endswith("Attention") and hasattr(module, "config")]  # fmt: skip
-    if not attention_layers:
+    layers = _attention_layers(vision_tower)
+    if not layers:
         return
-    private = copy.copy(attention_layers[0].config)
+    private = copy.copy(layers[0].config)
     private._attn_implementation = implementation
-    for module in attention_layers:
+    for module in layers:
         module.config = private
 
 
 def vision_attention_implementation(vision_tower: torch.nn.Module) -> str | None:
     """The implementation the attention layers of `vision_tower` use."""
-    for module in vision_tower.modules():
-        if type(module).__name__.endswith("Attention") and hasattr(module, "config"):
-            return module.config._attn_implementation
-    return None
+    layers = _attention_layers(vision_tower)
+    return layers[0].config._attn_implementation if layers else None
 
 
 def use_batched_vision_attention(vision_tower: torch.nn.Module) -> str:

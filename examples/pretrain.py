@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     merged = trainer.save_merged(training_args.output_dir)
 
     summary = summarize(trainer, merged, processor, train, evaluation, eval_root, data_args, bad_train, started)
-    summary["recipe"] = model_args.recipe or ("paper" if model_args.model_name_or_path else "tiny")
+    summary["recipe"] = model_args.recipe
     summary["train_dataset"] = data_args.dataset or "synthetic scenes"
     summary["hardware"] = hardware()
     if training_args.should_save:

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.should_save:
         coma.save_pretrained(training_args.output_dir)
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
-    summary["recipe"] = model_args.recipe or ("paper" if _names_model(argv) else "tiny")
+    summary["recipe"] = model_args.recipe
     summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"
     summary["hardware"] = hardware()
     if training_args.should_save:
@@ -231,10 +231,6 @@ def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) ->
         "seconds": round(time.time() - started, 1),
         "device": str(model.device),
     }
-
-
-def _names_model(argv: list[str]) -> bool:
-    return any(argument.startswith(NAMED_MODEL_FLAGS) for argument in argv)
 
 
 def print_summary(summary: dict, output_dir: str) -> None:
