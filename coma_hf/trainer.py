@@ -94,6 +94,10 @@ class CoMaCompressionTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self.dropped_turns = 0  # QA turns cut by max_length, summed over the batches this process trained on
 
+    def train(self, *args, **kwargs):
+        logger.info("Stage 1: %s", describe_batch_sizes(self.args))
+        return super().train(*args, **kwargs)
+
     def compute_loss(self, model, inputs, *args, **kwargs):
         dropped = inputs.pop("dropped_turns", None)
         if dropped is not None and model.training:
@@ -151,6 +155,10 @@ class CoMaContrastiveTrainer(SentenceTransformerTrainer):
     CoMa checkpoints carry their own card).
     """
 
+    def train(self, *args, **kwargs):
+        logger.info("Stage 2: %s", describe_batch_sizes(self.args))
+        return super().train(*args, **kwargs)
+
     def get_data_collator(self, model, args, processing_class=None) -> CoMaContrastiveCollator:
         return CoMaContrastiveCollator(
             preprocess_fn=model.preprocess, router_mapping=args.router_mapping, prompts=args.prompts
@@ -158,6 +166,17 @@ class CoMaContrastiveTrainer(SentenceTransformerTrainer):
 
     def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
         pass
+
+
+def describe_batch_sizes(args) -> str:
+    """'per-device batch 2 × accumulation 4 × 8 processes = global batch 64' for these `TrainingArguments`.
+
+    The global batch is what one optimizer step sees; with `gather_across_devices`, each stage-2 anchor is scored
+    against the candidates of per-device batch × processes rows. Both trainers log it at the start, since per-device
+    and global sizes are easy to confuse once `accelerate launch` multiplies them."""
+    per_device, accumulation, processes = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
+    return (f"per-device batch {per_device} × accumulation {accumulation} × {processes} processes = global batch "
+            f"{per_device * accumulation * processes}")  # fmt: skip
 
 
 def _coma_config(model) -> Any:

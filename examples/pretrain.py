@@ -118,16 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
         backbone_args, model_args.model_name_or_path, training_args.seed,
         loss_on=model_args.loss_on, attention_rule=model_args.attention_rule,
     )  # fmt: skip
-    train, root, evaluation, eval_root = load_data(data_args)
+    with training_args.main_process_first(desc="writing or reading the data"):  # synthetic scenes written once
+        train, root, evaluation, eval_root = load_data(data_args)
     train, bad_train = drop_bad_rows(train, processor, root, data_args, model_args.loss_on, "training")
     if evaluation is not None:
         evaluation, _ = drop_bad_rows(evaluation, processor, eval_root, data_args, model_args.loss_on, "evaluation")
-    logger.info(
-        "Training on %d samples; per-device batch %d × accumulation %d × %d processes = global batch %d",
-        len(train), training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
-        training_args.world_size, training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps * training_args.world_size,
-    )  # fmt: skip
+    logger.info("Training on %d samples (%d skipped)", len(train), len(bad_train))
 
     from coma_hf.trainer import CoMaCompressionTrainer
 

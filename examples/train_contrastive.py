@@ -90,7 +90,9 @@ class LossArguments:
     cached: bool = field(default=True, metadata={"help": "GradCache; false embeds the batch in one pass."})
     symmetric: bool = field(default=False, metadata={"help": "Add the document→query term."})
     mask_duplicate_positives: bool = field(default=True, metadata={"help": "Same-input positives are no negatives."})
-    gather_across_devices: bool = field(default=False, metadata={"help": "Negatives from every process."})
+    gather_across_devices: bool = field(
+        default=True, metadata={"help": "Candidates from every process, gradients kept (the paper; no-op on one)."}
+    )
     matryoshka_dims: str | None = field(default=None, metadata={"help": "e.g. '2048,512,128': wrap in MatryoshkaLoss."})
 
 
@@ -175,19 +177,17 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     started = time.time()
 
-    start_from = initial_checkpoint(model_args, backbone_args, training_args.output_dir, training_args.seed)
+    with training_args.main_process_first(desc="preparing the start checkpoint"):  # written once, read by all
+        start_from = initial_checkpoint(model_args, backbone_args, training_args.output_dir, training_args.seed)
     model = load_sentence_transformer(start_from, device="cpu" if training_args.use_cpu else None)
     transformer = model[0]
     transformer.model = apply_lora(transformer.model, lora_args)
-    train, bad = load_training_pairs(data_args, transformer.processor)
-    evaluator = MMEBSentenceEvaluator(evaluation_datasets(data_args), name="dev", batch_size=training_args.per_device_eval_batch_size)
+    with training_args.main_process_first(desc="writing or reading the data"):
+        train, bad = load_training_pairs(data_args, transformer.processor)
+        evaluation = evaluation_datasets(data_args)
+    evaluator = MMEBSentenceEvaluator(evaluation, name="dev", batch_size=training_args.per_device_eval_batch_size)
     num_pairs = sum(len(part) for part in train.values()) if hasattr(train, "values") else len(train)
-    logger.info(
-        "Stage 2 from %s on %d pairs; per-device batch %d × accumulation %d × %d processes = global batch %d",
-        start_from, num_pairs, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
-        training_args.world_size, training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps * training_args.world_size,
-    )  # fmt: skip
+    logger.info("Stage 2 from %s on %d pairs (%d skipped)", start_from, num_pairs, len(bad))
 
     trainer = CoMaContrastiveTrainer(
         model=model, args=training_args, train_dataset=train, loss=build_loss(model, loss_args), evaluator=evaluator

@@ -122,6 +122,12 @@ def load_mmeb_datasets(
         extra = manifest.get("meta_tasks", {})
         files = sorted(list(path.glob("*.jsonl")) + list(path.glob("*.parquet")))
         chosen = [file for file in files if names is None or file.stem in names]
+        missing = sorted(set(names or ()) - {file.stem for file in chosen})
+        if missing:
+            raise ValueError(f"{source}: no MMEB file for {', '.join(missing)} (found: "
+                             f"{', '.join(file.stem for file in files) or 'none'})")  # fmt: skip
+        if not chosen:
+            raise ValueError(f"{source}: no MMEB-format files (*.jsonl, *.parquet)")
         root = image_root or os.path.normpath(path / manifest.get("image_root", "."))
         return [MMEBDataset(file.stem, _read_rows(file), root, meta_task(file.stem, extra)) for file in chosen]
     if path.exists():

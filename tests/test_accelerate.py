@@ -1,0 +1,117 @@
+"""`accelerate launch --num_processes 2` (CPU, gloo): both example scripts run unchanged, and two processes give
+what one process gives on the same global batch.
+
+One launch does three things (tests/distributed/under_accelerate.py): the gathered contrastive loss and its
+gradients on a fixed batch, then stage 1 (`examples/pretrain.py`) and stage 2 (`examples/train_contrastive.py`)
+with per-device batch halved; the references run here, in one process, with the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.losses import CoMaContrastiveLoss
+from conftest import load_example, tiny_coma
+
+DISTRIBUTED = Path(__file__).parent / "distributed"
+sys.path.insert(0, str(DISTRIBUTED))
+from under_accelerate import batch  # noqa: E402
+
+# Dataset size = global batch, so every step sees the same rows whatever the sampler's order; SGD so that equal
+# gradients mean equal weights (Adam's first step divides by |g| and magnifies rounding in near-zero gradients).
+STAGE1 = ["--num_train_scenes", "4", "--num_dev_scenes", "2", "--num_test_scenes", "1", "--scene_size", "56",
+          "--max_steps", "3", "--max_eval_samples", "1", "--tiny_hidden_size", "32", "--num_compression_tokens", "4",
+          "--min_image_tokens", "4", "--max_image_tokens", "4", "--dataloader_num_workers", "0", "--seed", "3",
+          "--optim", "sgd", "--learning_rate", "0.05", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+          "--logging_steps", "1"]  # fmt: skip
+STAGE2 = ["--recipe", "tiny", "--max_steps", "2", "--max_train_pairs", "8", "--by_dataset", "false",
+          "--eval_datasets", "Mini-Digit", "--dataloader_num_workers", "0", "--optim", "sgd", "--learning_rate", "0.05",
+          "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--symmetric", "true", "--logging_steps", "1",
+          "--seed", "3"]  # fmt: skip (gathering across processes is the script's default)
+# Two processes pad their halves separately and sum in another order: float32 rounding, nothing more.
+WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Launch once; returns (folder, synthetic data, tiny checkpoint, launch output)."""
+    root = tmp_path_factory.mktemp("accelerate")
+    synthetic = root / "synthetic"
+    write_mini_mmeb(synthetic, num_train=4, num_dev=2, num_test=1, image_size=56)
+    model, _ = tiny_coma()
+    model.save_pretrained(root / "checkpoint")
+    (root / "out").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(DISTRIBUTED), str(Path(__file__).parent), *sys.path])}  # fmt: skip
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    command = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", "29533", str(DISTRIBUTED / "under_accelerate.py"),
+        str(root / "out"), str(root / "checkpoint"),
+        "--", *STAGE1, "--per_device_train_batch_size", "2", "--synthetic_dir", str(synthetic),
+        "--output_dir", str(root / "stage1-two"),
+        "--", *STAGE2, "--per_device_train_batch_size", "4", "--synthetic_dir", str(synthetic),
+        "--model_name_or_path", str(root / "checkpoint"), "--output_dir", str(root / "stage2-two"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return root, synthetic, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode", ["plain", "cached"])
+def test_gathered_loss_and_gradients_equal_one_process_on_the_whole_batch(two_processes, mode):
+    from sentence_transformers import SentenceTransformer
+
+    root, _, _ = two_processes
+    ranks = [torch.load(root / "out" / f"{mode}.{rank}.pt") for rank in range(2)]
+    st = SentenceTransformer(str(root / "checkpoint"), trust_remote_code=True, device="cpu")
+    st.train()
+    loss = CoMaContrastiveLoss(st, cached=False, symmetric=True)([st.preprocess(column) for column in batch()], None)
+    loss.backward()
+    # each process averages over its own anchors; DDP averages the processes' gradients
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    compared = 0
+    for name, parameter in st.named_parameters():
+        if parameter.grad is None:
+            continue
+        averaged = (ranks[0]["grads"][name] + ranks[1]["grads"][name]) / 2
+        torch.testing.assert_close(averaged, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+        compared += 1
+    assert compared > 10
+
+
+def _assert_same_weights(first: Path, second: Path, start: Path | None = None) -> None:
+    one, two = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], **WEIGHT_TOLERANCE, msg=name)
+    if start is not None:  # not vacuous: training moved the weights
+        initial = load_file(str(start / "model.safetensors"))
+        assert any(not torch.allclose(initial[name], one[name], **WEIGHT_TOLERANCE) for name in one if name in initial)
+
+
+def test_stage_one_on_two_processes_matches_one_process_with_the_same_global_batch(two_processes, tmp_path):
+    root, synthetic, log = two_processes
+    assert "Stage 1: per-device batch 2 × accumulation 1 × 2 processes = global batch 4" in log
+    load_example("pretrain").main(STAGE1 + ["--per_device_train_batch_size", "4", "--synthetic_dir", str(synthetic),
+                                            "--output_dir", str(tmp_path / "stage1-one")])  # fmt: skip
+    _assert_same_weights(tmp_path / "stage1-one", root / "stage1-two")
+
+
+def test_stage_two_on_two_processes_with_gathering_matches_one_process(two_processes, tmp_path):
+    root, synthetic, log = two_processes
+    assert "Stage 2: per-device batch 4 × accumulation 1 × 2 processes = global batch 8" in log
+    load_example("train_contrastive").main(STAGE2 + [
+        "--per_device_train_batch_size", "8", "--synthetic_dir", str(synthetic),
+        "--model_name_or_path", str(root / "checkpoint"), "--output_dir", str(tmp_path / "stage2-one"),
+    ])  # fmt: skip
+    _assert_same_weights(tmp_path / "stage2-one", root / "stage2-two", start=root / "checkpoint")
