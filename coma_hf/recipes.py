@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,30 @@ def merge_lora(model):
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+def shards_parameters(training_args) -> bool:
+    """Whether this run shards the parameters across processes (FSDP, DeepSpeed ZeRO-3), from the arguments or from
+    what `accelerate launch` put in the environment. Such a run has no full weights in any one process until
+    Trainer gathers them for saving."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or (
+        is_deepspeed_zero3_enabled()
+    )
+
+
+def check_sharding(training_args, lora: LoraArguments, stage: str) -> None:
+    """Stop before training what could not be saved: a LoRA cannot be merged into sharded weights, and stage 2
+    saves through sentence-transformers, which does not gather sharded weights. DDP and ZeRO-2 keep full weights."""
+    if not shards_parameters(training_args):
+        return
+    if lora.use_lora:
+        raise SystemExit("LoRA runs are merged before saving, which needs full weights in one process: use the DDP "
+                         "or DeepSpeed ZeRO-2 config (examples/configs), or --use_lora false with FSDP / ZeRO-3.")
+    if stage == "stage2":
+        raise SystemExit("Stage 2 does not support parameter sharding (FSDP, ZeRO-3) yet: use the DDP or DeepSpeed "
+                         "ZeRO-2 config (examples/configs).")
 
 
 @dataclass

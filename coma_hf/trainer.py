@@ -113,9 +113,16 @@ class CoMaCompressionTrainer(Trainer):
 
     def save_merged(self, output_dir: str) -> Any:
         """Merge any LoRA into the weights and save a plain CoMa checkpoint (processor included); returns the model."""
-        from .recipes import merge_lora
+        from .recipes import merge_lora, shards_parameters
 
-        model = merge_lora(self.accelerator.unwrap_model(self.model))
+        model = self.accelerator.unwrap_model(self.model)
+        if shards_parameters(self.args):
+            if hasattr(model, "peft_config"):
+                raise ValueError("A LoRA cannot be merged into sharded (FSDP / ZeRO-3) weights; save the adapter "
+                                 "with `trainer.save_model()`, or train LoRA recipes with DDP or ZeRO-2.")
+            self.save_model(output_dir)  # Trainer gathers the shards in the main process
+            return model
+        model = merge_lora(model)
         if self.processing_class is not None:
             model.processor = self.processing_class
         if self.args.should_save:

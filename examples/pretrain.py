@@ -30,7 +30,9 @@ from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
 from coma_hf.model_card import hardware, write_model_card
-from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, recipe_defaults
+from coma_hf.recipes import (
+    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, recipe_defaults,
+)
 
 logger = logging.getLogger("pretrain")
 CONFIGS = Path(__file__).parent / "configs"
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(output_dir="outputs/stage1", **recipe_defaults(argv, "stage1", CONFIGS, ("--model_name_or_path",)))
     model_args, backbone_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_sharding(training_args, lora_args, "stage1")
     set_seed(training_args.seed)
     started = time.time()
 

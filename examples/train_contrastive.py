@@ -34,7 +34,9 @@ from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.losses import CoMaContrastiveLoss
 from coma_hf.model_card import hardware, write_model_card
-from coma_hf.recipes import BackboneArguments, LoraArguments, apply_lora, build_coma, merge_lora, recipe_defaults
+from coma_hf.recipes import (
+    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, merge_lora, recipe_defaults,
+)
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.trainer import CoMaContrastiveTrainer
 
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         args=argv
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_sharding(training_args, lora_args, "stage2")
     set_seed(training_args.seed)
     started = time.time()
 

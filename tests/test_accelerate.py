@@ -8,6 +8,7 @@ with per-device batch halved; the references run here, in one process, with the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -115,3 +116,26 @@ def test_stage_two_on_two_processes_with_gathering_matches_one_process(two_proce
         "--model_name_or_path", str(root / "checkpoint"), "--output_dir", str(tmp_path / "stage2-one"),
     ])  # fmt: skip
     _assert_same_weights(tmp_path / "stage2-one", root / "stage2-two", start=root / "checkpoint")
+
+
+@pytest.mark.parametrize("config", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_accelerate_configs_load_and_name_their_deepspeed_files(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).parents[1]
+    loaded = load_config_from_file(str(root / "examples" / "configs" / f"accelerate_{config}.yaml"))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(config, "DEEPSPEED")
+    assert loaded.distributed_type.value == expected and loaded.num_processes == 8
+    if expected == "DEEPSPEED":
+        settings = json.loads((root / loaded.deepspeed_config["deepspeed_config_file"]).read_text())
+        assert settings["zero_optimization"]["stage"] == int(config[-1])
+        assert settings["train_micro_batch_size_per_gpu"] == "auto"  # Trainer fills it from the command line
+
+
+def test_lora_with_sharded_parameters_stops_before_training(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(SystemExit, match="LoRA runs are merged before saving"):
+        load_example("pretrain").main(["--use_lora", "true", "--output_dir", str(tmp_path / "never")])
+    with pytest.raises(SystemExit, match="Stage 2 does not support parameter sharding"):
+        load_example("train_contrastive").main(["--output_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
