@@ -48,6 +48,7 @@ class CoMaInputError(ValueError):
     def __init__(self, message: str, sample: Any = None, field: str | None = None):
         where = ", ".join(part for part in (_sample_name(sample), f"field {field!r}" if field else "") if part)
         super().__init__(f"{where}: {message}" if where else message)
+        self.reason = message
         self.sample = sample
         self.field = field
 

@@ -1,0 +1,112 @@
+"""Embed a corpus into sharded embedding files: a folder of images, a JSONL/CSV of texts and/or images, or a
+`datasets` dataset (streaming supported). See `coma_hf/corpus.py` for the shard layout.
+
+    python examples/encode_corpus.py --model outputs/stage2 --images photos/ --output_dir embeddings/photos
+    python examples/encode_corpus.py --model outputs/stage2 --jsonl corpus.jsonl --text_field caption --output_dir out
+    python examples/encode_corpus.py --model org/coma --dataset org/images --split train --streaming --output_dir out
+    accelerate launch --num_processes 4 examples/encode_corpus.py ...   # shards spread over processes / GPUs
+
+Run the same command again to resume: finished shards are skipped, with any number of processes. `--faiss_index`
+then builds an exact cosine index (`pip install faiss-cpu`); `examples/search_corpus.py` queries it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from pathlib import Path
+
+from coma_hf import corpus
+
+logger = logging.getLogger("encode_corpus")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="CoMa checkpoint (folder or Hub id).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="Folder of images (recursively); ids are relative paths.")
+    source.add_argument("--jsonl", help="JSONL file, one row per line.")
+    source.add_argument("--csv", help="CSV file with a header.")
+    source.add_argument("--dataset", help="`datasets` dataset: Hub id, saved folder (load_from_disk) or data files.")
+    parser.add_argument("--output_dir", required=True, help="Where the shard files go.")
+    parser.add_argument("--text_field", default="text", help="Column with text (JSONL/CSV/dataset).")
+    parser.add_argument("--image_field", default="image", help="Column with an image path or image.")
+    parser.add_argument("--id_field", default="id", help="Column with the row id (default: the row position).")
+    parser.add_argument("--image_root", help="Folder that relative image paths start from (default: the file's).")
+    parser.add_argument("--config_name", help="Dataset configuration.")
+    parser.add_argument("--split", default="train", help="Dataset split.")
+    parser.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
+    parser.add_argument("--max_rows", type=int, help="Embed only the first rows of the corpus.")
+    parser.add_argument("--shard_size", type=int, default=10_000, help="Rows per shard file.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Rows embedded at once.")
+    parser.add_argument("--format", choices=corpus.FORMATS, default="safetensors", help="Shard file format.")
+    parser.add_argument("--role", choices=("document", "query", "none"), default="document",
+                        help="Which configured instruction goes with every row (none: no instruction).")  # fmt: skip
+    parser.add_argument("--faiss_index", action="store_true", help="Build index.faiss over all shards at the end.")
+    parser.add_argument("--dtype", default="float32", help="Model dtype (bfloat16 on GPUs).")
+    return parser.parse_args(argv)
+
+
+def corpus_rows(args: argparse.Namespace):
+    fields = dict(text_field=args.text_field, image_field=args.image_field, id_field=args.id_field,
+                  image_root=args.image_root)  # fmt: skip
+    if args.images:
+        rows = corpus.image_folder_rows(args.images)
+    elif args.jsonl:
+        rows = corpus.jsonl_rows(args.jsonl, **fields)
+    elif args.csv:
+        rows = corpus.csv_rows(args.csv, **fields)
+    else:
+        rows = corpus.dataset_rows(load_dataset(args), **fields)
+    return itertools.islice(rows, args.max_rows) if args.max_rows is not None else rows
+
+
+def load_dataset(args: argparse.Namespace):
+    import datasets
+
+    if Path(args.dataset).is_dir() and (Path(args.dataset) / "dataset_info.json").is_file():
+        loaded = datasets.load_from_disk(args.dataset)
+        return loaded[args.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(args.dataset, args.config_name, split=args.split, streaming=args.streaming)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+    from transformers import AutoModel
+
+    state = PartialState()  # one process, or one per GPU under `accelerate launch`
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype))
+    model = model.to(state.device).eval()
+    instruction = {"document": model.config.document_instruction, "query": model.config.query_instruction}.get(args.role)
+    progress = tqdm(desc=f"process {state.process_index}", unit="row", disable=not state.is_local_main_process,
+                    total=args.max_rows)  # fmt: skip
+    with torch.inference_mode():
+        counts = corpus.encode_corpus(
+            model, corpus_rows(args), args.output_dir, shard_size=args.shard_size, batch_size=args.batch_size,
+            file_format=args.format, instruction=instruction, process_index=state.process_index,
+            num_processes=state.num_processes, progress=progress,
+        )  # fmt: skip
+    progress.close()
+    logger.info("process %d: %s", state.process_index, counts)
+    state.wait_for_everyone()
+    manifest = {}
+    if state.is_main_process:
+        manifest = corpus.write_manifest(args.output_dir, model=args.model, instruction=instruction)
+        if args.faiss_index:
+            corpus.build_faiss_index(args.output_dir)
+        print(f"{manifest['embedded']} of {manifest['rows']} rows embedded ({manifest['skipped']} skipped) in "
+              f"{len(manifest['shards'])} shards under {args.output_dir}")  # fmt: skip
+        for entry in manifest["skipped_rows"][:20]:
+            print(f"  skipped row {entry['row']} (id {entry['id']}): {entry['error']}")
+    return {"process": counts, "manifest": manifest}
+
+
+if __name__ == "__main__":
+    main()
