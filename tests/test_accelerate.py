@@ -42,6 +42,16 @@ STAGE2 = ["--recipe", "tiny", "--max_steps", "2", "--max_train_pairs", "8", "--b
 WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 
+def _corpus_images(root: Path) -> Path:
+    from PIL import Image
+
+    folder = root / "corpus-images"
+    folder.mkdir(exist_ok=True)
+    for index in range(10):
+        Image.new("RGB", (28, 28 + 28 * (index % 2)), (25 * index, 90, 200 - 15 * index)).save(folder / f"{index}.png")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Launch once; returns (folder, synthetic data, tiny checkpoint, launch output)."""
@@ -62,6 +72,8 @@ def two_processes(tmp_path_factory):
         "--output_dir", str(root / "stage1-two"),
         "--", *STAGE2, "--per_device_train_batch_size", "4", "--synthetic_dir", str(synthetic),
         "--model_name_or_path", str(root / "checkpoint"), "--output_dir", str(root / "stage2-two"),
+        "--", "--model", str(root / "checkpoint"), "--images", str(_corpus_images(root)), "--shard_size", "3",
+        "--output_dir", str(root / "corpus-two"),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -139,3 +151,21 @@ def test_lora_with_sharded_parameters_stops_before_training(monkeypatch, tmp_pat
     with pytest.raises(SystemExit, match="Stage 2 does not support parameter sharding"):
         load_example("train_contrastive").main(["--output_dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+
+
+def test_encode_corpus_on_two_processes_writes_the_shards_of_one_process(two_processes):
+    from coma_hf import corpus
+
+    root, _, log = two_processes
+    assert "process 0: {'rows': 10, 'embedded': 6" in log and "process 1: {'rows': 10, 'embedded': 4" in log  # 2 shards each
+    load_example("encode_corpus").main(["--model", str(root / "checkpoint"), "--images", str(root / "corpus-images"),
+                                        "--shard_size", "3", "--output_dir", str(root / "corpus-one")])  # fmt: skip
+    two, one = corpus.finished_shards(root / "corpus-two"), corpus.finished_shards(root / "corpus-one")
+    assert [path.name for path in two] == [path.name for path in one] and len(one) == 4
+    for first, second in zip(one, two):
+        ids, vectors, _ = corpus.read_shard(first)
+        ids2, vectors2, _ = corpus.read_shard(second)
+        assert ids == ids2
+        torch.testing.assert_close(vectors2, vectors, rtol=1e-5, atol=1e-6)
+    manifest = json.loads((root / "corpus-two" / "manifest.json").read_text())
+    assert manifest["rows"] == manifest["embedded"] == 10

@@ -3,9 +3,10 @@
 1. `loss`: each process takes its half of a fixed batch, computes CoMaContrastiveLoss with candidates gathered
    across processes (plain and cached) and saves its loss and parameter gradients;
 2. `stage1`: `examples/pretrain.py` with the given arguments;
-3. `stage2`: `examples/train_contrastive.py` with the given arguments.
+3. `stage2`: `examples/train_contrastive.py` with the given arguments;
+4. `encode_corpus`: `examples/encode_corpus.py` with the given arguments.
 
-    accelerate launch ... under_accelerate.py OUTPUT CHECKPOINT -- STAGE1 ARGS -- STAGE2 ARGS
+    accelerate launch ... under_accelerate.py OUTPUT CHECKPOINT -- STAGE1 ARGS -- STAGE2 ARGS -- ENCODE ARGS
 """
 
 import sys
@@ -48,9 +49,9 @@ def main(output: str, checkpoint: str, *rest: str) -> None:
     state = PartialState(cpu=True)
     assert state.num_processes == 2, f"expected two processes, got {state.num_processes} ({state.distributed_type})"
     gathered_loss_and_gradients(checkpoint, output, state)
-    separator = rest.index("--", 1)
-    load_example("pretrain").main(list(rest[1:separator]))
-    load_example("train_contrastive").main(list(rest[separator + 1:]))
+    separators = [index for index, value in enumerate(rest) if value == "--"] + [len(rest)]
+    for script, (begin, end) in zip(("pretrain", "train_contrastive", "encode_corpus"), zip(separators, separators[1:])):
+        load_example(script).main(list(rest[begin + 1:end]))
 
 
 if __name__ == "__main__":
