@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from .data.jsonl import read_jsonl_lines
 from .processing_coma import CoMaInputError
 
 logger = logging.getLogger(__name__)
@@ -67,18 +68,13 @@ def jsonl_rows(
     path: str | os.PathLike, text_field: str | None = "text", image_field: str | None = "image",
     id_field: str | None = "id", image_root: str | None = None,
 ) -> Iterator[CorpusRow]:  # fmt: skip
-    """One row per line of a JSONL file; a line that is not UTF-8 JSON is a row with an error (line numbers stay
-    positions). Image paths start at `image_root`, else at the file's folder."""
+    """One row per non-blank line of a JSONL file; a line that is not UTF-8 JSON is a row with an error that names the
+    line. Image paths start at `image_root`, else at the file's folder."""
     root = image_root or str(Path(path).parent)
-    with open(path, "rb") as handle:
-        for position, raw in enumerate(handle):
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-            except (UnicodeDecodeError, ValueError) as error:
-                yield CorpusRow(position, str(position), None, f"line {position + 1} of {path}: {error}")
-                continue
+    for position, (_, record, error) in enumerate(read_jsonl_lines(path)):
+        if error is not None:
+            yield CorpusRow(position, str(position), None, error)
+        else:
             yield _record_row(position, record, text_field, image_field, id_field, root)
 
 

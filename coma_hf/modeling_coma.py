@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,37 +181,6 @@ class CoMaModel(PreTrainedModel):
         for name in self.carried_files:
             if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(save_directory, name)):
                 shutil.copyfile(os.path.join(source, name), os.path.join(save_directory, name))
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        **kwargs,
-    ) -> str:
-        """Upload everything `save_pretrained` writes (weights, remote code, processor, sentence-transformers files,
-        model card) in one commit; returns the commit URL.
-
-        transformers' own `push_to_hub` would replace the card with a generic one. The token is resolved as in
-        transformers: `token`, else `HF_TOKEN`, else the stored `hf auth login`.
-        """
-        from huggingface_hub import create_branch, create_repo, upload_folder  # transformers' Hub client
-
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        if revision is not None and not create_pr:
-            create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, **kwargs)
-            if type(self).model_card_writer is not None:
-                type(self).model_card_writer(folder, repo_id=repo_id)
-            return upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload CoMa model",
-                token=token, revision=revision, create_pr=create_pr,
-            )  # fmt: skip
 
     # ---- the backbone under the CoMa mask ----------------------------------------------------------------------------
     def _run_backbone(
@@ -412,7 +380,7 @@ class CoMaModel(PreTrainedModel):
     ) -> torch.Tensor:
         """Embed a mixed list, keeping its order; returns `[N, embedding_size]` unit-norm float32 on the CPU.
 
-        Each input is a text (`str`), a PIL image, or `{"image": …, "text": …}` (`image` a PIL image, path or URL).
+        Each input is a text (`str`), a PIL image, or `{"image": …, "text": …}` (`image` a PIL image or a path).
         A bare string is always text here: only the dict form makes a string an image.
         `instruction` goes in the instruction slot of every input that has no `"instruction"` of its own.
         """
@@ -443,7 +411,7 @@ class CoMaModel(PreTrainedModel):
         return self.encode(texts, instruction=instruction, **kwargs)
 
     def encode_images(self, images: Any, instruction: str | None = None, **kwargs) -> torch.Tensor:
-        """Embed images (`[N, embedding_size]`): PIL images, or strings that are image paths or URLs."""
+        """Embed images (`[N, embedding_size]`): PIL images, or strings that are image paths."""
         if isinstance(images, (str, Image.Image)):
             images = [images]
         return self.encode([{"image": image} for image in images], instruction=instruction, **kwargs)

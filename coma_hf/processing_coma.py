@@ -61,15 +61,17 @@ def _sample_name(sample: Any) -> str:
 # Images
 # --------------------------------------------------------------------------------------------------------------------
 def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Image:
-    """Return `image` as a decoded RGB PIL image.
+    """Return `image` as a decoded RGB PIL image, upright (its EXIF orientation applied).
 
-    Accepts a PIL image, a local path (str or `os.PathLike`), an http(s) URL (fetched only because the caller named
-    it), raw bytes, or a `datasets.Image(decode=False)` dict with `bytes` and/or `path`. Images in modes L, LA, P,
-    RGBA, CMYK, I;16, I, F and 1 are converted; transparency is composited onto white.
-    Raises `CoMaInputError` naming the sample, the field and the path when the image is missing or unreadable.
+    Accepts a PIL image, a local path (str or `os.PathLike`), raw bytes, or a `datasets.Image(decode=False)` dict
+    with `bytes` and/or `path`. URLs are refused: this file is remote code and makes no network calls (download the
+    image, or pass `transformers.image_utils.load_image(url)`). Images in modes L, LA, P, RGBA, CMYK, I;16, I, F and 1
+    are converted; transparency is composited onto white.
+    Raises `CoMaInputError` naming the sample, the field and the path when the image is missing, unreadable, or
+    larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`).
     """
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(_upright(image, sample, field))
     if isinstance(image, dict) and ("bytes" in image or "path" in image):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, (bytes, bytearray)):
@@ -77,25 +79,37 @@ def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Im
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if path.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image as load_url
-
-            try:
-                return to_rgb(load_url(path))
-            except Exception as error:  # network or decoding failure: name the URL
-                raise CoMaInputError(f"cannot fetch image {path}: {error}", sample, field) from error
+            raise CoMaInputError(
+                f"image URLs are not fetched ({path}): CoMa's remote code makes no network calls; download the image "
+                "or pass a PIL image (e.g. transformers.image_utils.load_image(url))",
+                sample,
+                field,
+            )
         if not os.path.isfile(path):
             raise CoMaInputError(f"image file not found: {path}", sample, field)
         return _open(path, path, sample, field)
-    raise CoMaInputError(f"expected a PIL image, a path, bytes or a URL, got {type(image).__name__}", sample, field)
+    raise CoMaInputError(f"expected a PIL image, a path or bytes, got {type(image).__name__}", sample, field)
 
 
 def _open(source: Any, name: str, sample: Any, field: str) -> Image.Image:
     try:
         with Image.open(source) as opened:
             opened.load()  # decode now, so a truncated file fails here and not inside a batch
-            return to_rgb(opened)
+            return to_rgb(_upright(opened, sample, field))
+    except Image.DecompressionBombError as error:
+        raise CoMaInputError(f"image {name} is too large to decode safely: {error}", sample, field) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise CoMaInputError(f"cannot read image {name}: {error}", sample, field) from error
+
+
+def _upright(image: Image.Image, sample: Any, field: str) -> Image.Image:
+    """The image turned as its EXIF orientation says (photos from phones are stored sideways)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # a corrupt EXIF block: name it rather than fail inside Pillow
+        raise CoMaInputError(f"cannot apply the image's EXIF orientation: {error}", sample, field) from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -441,7 +455,7 @@ class CoMaProcessor(ProcessorMixin):
         """Render and pad a list of embedding inputs.
 
         Each input is a text (`str`), an image (a PIL image), or a dict `{"image": …, "text": …, "instruction": …}`
-        whose `image` may be a PIL image, a path or a URL. A bare string is always text here; only the dict form
+        whose `image` may be a PIL image or a path. A bare string is always text here; only the dict form
         makes a string an image. `offset` numbers samples in error messages.
         """
         rendered = []
@@ -520,7 +534,12 @@ class CoMaProcessor(ProcessorMixin):
         conversations = conversation if batched else [conversation]
         inputs = [_message_input(messages, index) for index, messages in enumerate(conversations)]
         if tokenize:
-            batch = self.process_for_embedding(inputs)
+            try:
+                batch = self.process_for_embedding(inputs)
+            except CoMaInputError as error:  # sentence-transformers reorders inputs: name it by content, not position
+                if not isinstance(error.sample, int) or not 0 <= error.sample < len(inputs):
+                    raise
+                raise CoMaInputError(error.reason, describe_input(inputs[error.sample]), error.field) from error
             if "pixel_values" in batch:  # lets sentence-transformers' GradCache cut image rows per sample (< 6.2 too)
                 batch["num_images_per_sample"] = torch.tensor([int(item["image"] is not None) for item in inputs])
             return batch
@@ -550,6 +569,20 @@ def split_input(item: Any, sample: Any = None) -> tuple[str | None, Any, str | N
             raise CoMaInputError(f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input")
         return item.get("text"), item.get("image"), item.get("instruction")
     raise CoMaInputError(f"expected str, PIL image or dict, got {type(item).__name__}", sample, "input")
+
+
+def describe_input(item: dict) -> str:
+    """A short description of an embedding input for error messages: its image (path or size) and text."""
+    parts = []
+    image = item.get("image")
+    if isinstance(image, Image.Image):
+        parts.append(f"<{image.mode} image {image.width}×{image.height}>")
+    elif image is not None:
+        parts.append(f"image {os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__}")
+    text = item.get("text")
+    if text is not None:
+        parts.append(f"text {text[:40]!r}{'…' if len(text) > 40 else ''}")
+    return " + ".join(parts) or "(empty input)"
 
 
 def _message_input(messages: Sequence[dict], sample: Any) -> dict:

@@ -25,7 +25,7 @@ from transformers import BatchFeature, Trainer
 
 from .data.stage1 import normalize_stage1_record
 from .data.stage2 import embedding_input, sides
-from .processing_coma import CoMaProcessor
+from .processing_coma import CoMaInputError, CoMaProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,8 @@ class CoMaContrastiveCollator(SentenceTransformerDataCollator):
                 logger.info("A batch has rows without a hard negative; it trains without the negative column.")
         rows = []
         for row in features:
+            if row.get("error"):  # a row that did not load (run with --validate_data / --skip_bad_samples to skip it)
+                raise CoMaInputError(row["error"])
             inputs = {side: embedding_input(row[f"{side}_text"], row[f"{side}_image"]) for side in columns}
             if "dataset_name" in row:
                 inputs["dataset_name"] = row["dataset_name"]

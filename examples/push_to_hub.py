@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import AutoModel
 
 import coma_hf  # noqa: F401  (the local classes and the model-card writer)
+from coma_hf.hub import upload_folder_to_hub
 from coma_hf.model_card import write_model_card
 
 DEFAULT_EVAL_RESULTS = "outputs/eval/mmeb_results.json"
@@ -60,16 +61,11 @@ def main(argv: list[str] | None = None) -> str | None:
             print(f"  {name}  ({(folder / name).stat().st_size:,} bytes)")
         return None
 
-    from huggingface_hub import create_branch, create_repo, upload_folder
-
-    repo_id = create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
-    if args.revision:
-        create_branch(repo_id, branch=args.revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
-        files = prepare_folder(args.model_name_or_path, repo_id, Path(folder), eval_results, args.license)
-        commit = upload_folder(repo_id=repo_id, folder_path=folder, commit_message=args.commit_message,
-                               revision=args.revision)  # fmt: skip
-    print(f"Uploaded {len(files)} files to {repo_id} in one commit: {commit}")
+        files = prepare_folder(args.model_name_or_path, args.repo_id, Path(folder), eval_results, args.license)
+        commit = upload_folder_to_hub(folder, args.repo_id, commit_message=args.commit_message, private=args.private,
+                                      revision=args.revision)  # fmt: skip
+    print(f"Uploaded {len(files)} files to {args.repo_id} in one commit: {commit}")
     return str(commit)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..processing_coma import CoMaInputError
+from .jsonl import check_readable, load_jsonl_dataset
 
 logger = logging.getLogger(__name__)
 PLACEHOLDER = re.compile(r"<image>|<\|image_\d+\|>")
@@ -44,7 +45,10 @@ def load_stage1_dataset(source: str | os.PathLike, split: str = "train", image_r
 
     path = Path(source)
     if path.is_file():
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+        if path.suffix == ".jsonl":
+            dataset = load_jsonl_dataset(path)  # a line that is not JSON becomes a bad row, named by its line
+        else:
+            dataset = datasets.load_dataset("json", data_files=str(path), split="train")
         return dataset, image_root or str(path.parent)
     if path.is_dir() and (path / f"{split}.jsonl").is_file():
         return load_stage1_dataset(path / f"{split}.jsonl", split, image_root)
@@ -58,7 +62,8 @@ def load_stage1_dataset(source: str | os.PathLike, split: str = "train", image_r
 
 def normalize_stage1_record(row: dict, index: int = 0, image_root: str | None = None) -> dict:
     """Map a row in any supported format onto the stage-1 schema; `CoMaInputError` names the row and field."""
-    sample = row.get("id", index)
+    sample = index if row.get("id") is None else row["id"]
+    check_readable(row, sample)
     image = _image_of(row)
     if isinstance(image, (str, os.PathLike)) and image_root and not os.path.isabs(image):
         image = os.path.join(image_root, image)

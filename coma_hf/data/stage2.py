@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..processing_coma import CoMaInputError
+from .jsonl import check_readable, load_jsonl_dataset
 from .stage1 import BadSample
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
@@ -32,7 +33,8 @@ SIDES = (("anchor", "qry", "qry_image_path"), ("positive", "pos_text", "pos_imag
 
 def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, with_negative: bool = False) -> dict:
     """One MMEB training row → flat `{side}_text` / `{side}_image` columns; an error names the row and column."""
-    sample = row.get("id", index)
+    sample = index if row.get("id") is None else row["id"]
+    check_readable(row, sample)
     missing = [column for column in REQUIRED if column not in row]
     if missing:
         raise CoMaInputError(f"missing column(s) {missing}", sample, missing[0])
@@ -64,6 +66,8 @@ def _read(source: str | os.PathLike, subsets, split: str):
 
     path = Path(source)
     if path.is_file():
+        if path.suffix == ".jsonl":
+            return load_jsonl_dataset(path), str(path.parent)
         kind = "parquet" if path.suffix == ".parquet" else "json"
         return datasets.load_dataset(kind, data_files=str(path), split="train"), str(path.parent)
     if path.is_dir():
@@ -101,12 +105,22 @@ def load_mmeb_train(
     root = image_root or default_root
     with_negative = "neg_text" in raw.column_names or "neg_image_path" in raw.column_names
     pairs = raw.map(
-        lambda row, index: normalize_pair(row, index, root, with_negative),
+        lambda row, index: _pair_or_error(row, index, root, with_negative),
         with_indices=True,
         remove_columns=raw.column_names,
         desc="Reading MMEB training pairs",
     )
     return split_by_dataset(pairs) if by_dataset else pairs
+
+
+def _pair_or_error(row: dict, index: int, image_root: str | None, with_negative: bool) -> dict:
+    """`normalize_pair`, or for a row it rejects, empty sides and the reason in `error` (validation skips and counts
+    such rows; the collator raises their error), so that one bad row does not stop loading."""
+    try:
+        return {**normalize_pair(row, index, image_root, with_negative), "error": ""}
+    except CoMaInputError as error:
+        empty = {f"{side}_{kind}": "" for side, *_ in SIDES[: 3 if with_negative else 2] for kind in ("text", "image")}
+        return {"dataset": str(row.get("dataset") or "default"), **empty, "error": str(error)}
 
 
 def split_by_dataset(pairs):
@@ -124,6 +138,9 @@ def validate_pairs(pairs, processor) -> list[BadSample]:
     bad = []
     for index in tqdm(range(len(pairs)), desc="Validating stage-2 pairs", unit="row"):
         row = pairs[index]
+        if row.get("error"):
+            bad.append(BadSample(index, index, row["error"]))
+            continue
         for side in sides(row):
             try:
                 processor.render_embedding_input(**embedding_input(row[f"{side}_text"], row[f"{side}_image"]), sample=index)

@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 
+from ..data.jsonl import read_jsonl_records
+from ..processing_coma import CoMaInputError, load_image
+
 logger = logging.getLogger(__name__)
 
 # MMEB's assignment of its 36 evaluation datasets to meta-tasks.
@@ -102,8 +105,7 @@ def _read_rows(path: Path) -> list[dict]:
         import datasets
 
         return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl_records(path)  # a bad line is named by file and line number
 
 
 def load_mmeb_datasets(
@@ -167,8 +169,6 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
     if isinstance(model, SentenceTransformer):
         import re
 
-        from PIL import Image
-
         placeholder = re.compile(r"<\|image_\d+\|>\s*")
 
         def encode_with_sentence_transformer(items):
@@ -178,7 +178,7 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
                 if image is None:
                     inputs.append(text)
                 else:
-                    picture = Image.open(image).convert("RGB")
+                    picture = load_image(image, sample=len(inputs), field="image")
                     inputs.append({"image": picture, "text": text} if text else picture)
             vectors = model.encode(inputs, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar)
             return torch.as_tensor(vectors).float().cpu()
@@ -239,8 +239,11 @@ class MMEBEvaluator:
             texts, images = list(texts) + [""] * (count - len(texts)), list(images) + [""] * (count - len(images))
             queries.append(_item(row.get("qry_text"), row.get("qry_img_path"), dataset.image_root))
             candidate_lists.append([_item(text, image, dataset.image_root) for text, image in zip(texts, images)])
-        query_vectors = _encode_unique(encode, queries)
-        candidate_vectors = _encode_unique(encode, [item for items in candidate_lists for item in items])
+        query_vectors = _encode_unique(encode, queries, _locator(dataset.name, "query", [[item] for item in queries]))
+        candidate_vectors = _encode_unique(
+            encode, [item for items in candidate_lists for item in items],
+            _locator(dataset.name, "candidate", candidate_lists),
+        )  # fmt: skip
         scores = []
         for query, candidates in zip(queries, candidate_lists):
             matrix = torch.stack([candidate_vectors[item] for item in candidates])
@@ -248,10 +251,28 @@ class MMEBEvaluator:
         return gold_ranks(scores)
 
 
-def _encode_unique(encode: Encoder, items: list[tuple[str, str | None]]) -> dict[tuple, torch.Tensor]:
+def _encode_unique(
+    encode: Encoder, items: list[tuple[str, str | None]], locate: Callable[[tuple], str]
+) -> dict[tuple, torch.Tensor]:
+    """Encode each distinct item once; an input error is re-raised naming the dataset row the item comes from."""
     unique = list(dict.fromkeys(items))
-    vectors = encode(unique) if unique else torch.empty(0)
+    try:
+        vectors = encode(unique) if unique else torch.empty(0)
+    except CoMaInputError as error:
+        if not isinstance(error.sample, int) or not 0 <= error.sample < len(unique):
+            raise
+        raise CoMaInputError(error.reason, locate(unique[error.sample]), error.field) from error
     return dict(zip(unique, vectors))
+
+
+def _locator(dataset: str, side: str, rows: list[list[tuple]]) -> Callable[[tuple], str]:
+    """`item → "Name row 12 (query)"`: the first row whose `side` holds the item."""
+
+    def locate(item: tuple) -> str:
+        row = next(index for index, items in enumerate(rows) if item in items)
+        return f"{dataset} row {row} ({side}{', image ' + item[1] if item[1] else ''})"
+
+    return locate
 
 
 def summarize(per_dataset: dict[str, dict]) -> dict:

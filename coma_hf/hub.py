@@ -1,0 +1,46 @@
+"""Sharing on the Hub: one commit with everything `save_pretrained` writes plus the CoMa model card.
+
+Lives in the package, not in the remote code: a checkpoint's remote code makes no network calls. `coma_hf`
+installs `push_to_hub` below as `CoMaModel.push_to_hub`; a model loaded with `trust_remote_code=True` where the
+package is not imported keeps transformers' own `push_to_hub` (which writes transformers' generic card).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def upload_folder_to_hub(
+    folder: str | Path, repo_id: str, *, commit_message: str = "Upload CoMa model", private: bool | None = None,
+    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+) -> str:  # fmt: skip
+    """Create the repository (and the `revision` branch) if missing and upload `folder` in one commit; returns the
+    commit URL. The token is resolved as in transformers: `token`, else `HF_TOKEN`, else `hf auth login`."""
+    from huggingface_hub import create_branch, create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not create_pr:
+        create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    return upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, revision=revision,
+        create_pr=create_pr,
+    )  # fmt: skip
+
+
+def push_to_hub(
+    model: Any, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False, **save_kwargs: Any,
+) -> str:  # fmt: skip
+    """Upload a CoMa model — weights, remote code, processor, sentence-transformers files and the CoMa model card —
+    in one commit; returns the commit URL. (transformers' own `push_to_hub` would replace the card.)"""
+    from .model_card import write_model_card
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, **save_kwargs)
+        write_model_card(folder, repo_id=repo_id)
+        return upload_folder_to_hub(
+            folder, repo_id, commit_message=commit_message or "Upload CoMa model", private=private, token=token,
+            revision=revision, create_pr=create_pr,
+        )  # fmt: skip
