@@ -61,17 +61,18 @@ def _sample_name(sample: Any) -> str:
 # Images
 # --------------------------------------------------------------------------------------------------------------------
 def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Image:
-    """Return `image` as a decoded RGB PIL image, upright (its EXIF orientation applied).
+    """Return `image` as a decoded RGB PIL image.
 
-    Accepts a PIL image, a local path (str or `os.PathLike`), raw bytes, or a `datasets.Image(decode=False)` dict
-    with `bytes` and/or `path`. URLs are refused: this file is remote code and makes no network calls (download the
+    Accepts a PIL image (taken as it is), a local path (str or `os.PathLike`), raw bytes, or a
+    `datasets.Image(decode=False)` dict with `bytes` and/or `path`; a file is read upright (its EXIF orientation
+    applied — a PIL image keeps its EXIF after `transpose`, so doing it for those could turn them twice). URLs are refused: this file is remote code and makes no network calls (download the
     image, or pass `transformers.image_utils.load_image(url)`). Images in modes L, LA, P, RGBA, CMYK, I;16, I, F and 1
     are converted; transparency is composited onto white.
     Raises `CoMaInputError` naming the sample, the field and the path when the image is missing, unreadable, or
     larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`).
     """
     if isinstance(image, Image.Image):
-        return to_rgb(_upright(image, sample, field))
+        return to_rgb(image)
     if isinstance(image, dict) and ("bytes" in image or "path" in image):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, (bytes, bytearray)):

@@ -58,7 +58,8 @@ def load_jsonl_dataset(path: str | os.PathLike):
         bad = bad or error is not None
     if not bad:
         return datasets.load_dataset("json", data_files=str(path), split="train")
-    return datasets.Dataset.from_list(rows)
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # from_list would keep the first row's only
+    return datasets.Dataset.from_list([{column: row.get(column) for column in columns} for row in rows])
 
 
 def check_readable(row: dict, sample) -> None:
