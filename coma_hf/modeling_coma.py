@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,25 @@ class CoMaCompression(ModelOutput):
             position_offset=self.position_offset[index],
             pooler_output=None if self.pooler_output is None else self.pooler_output[index],
         )
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Move a finished save from `staging` to `target` (see `CoMaModel.save_pretrained`): one rename for a new folder;
+    for an existing one, `config.json` out first and in last, and weight files of an earlier save removed."""
+    if not os.path.exists(target):
+        os.replace(staging, target)
+        return
+    names = sorted(os.listdir(staging), key=lambda name: name == "config.json")  # config.json last
+    if os.path.exists(os.path.join(target, "config.json")):
+        os.remove(os.path.join(target, "config.json"))  # from here until the end the folder does not load
+    for name in os.listdir(target):  # weights of an earlier save that this one does not overwrite (other sharding)
+        if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) and name not in names:
+            os.remove(os.path.join(target, name))
+    for name in names:
+        destination = os.path.join(target, name)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            shutil.rmtree(destination)
+        os.replace(os.path.join(staging, name), destination)
 
 
 class CoMaModel(PreTrainedModel):
@@ -160,7 +180,27 @@ class CoMaModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and remote code, the processor (tokenizer, image processor), the
-        sentence-transformers files and the model card beside them."""
+        sentence-transformers files and the model card beside them.
+
+        Atomic: everything is written to a temporary folder beside `save_directory` first. A new folder is then one
+        rename; an existing one (a Trainer output folder with checkpoints, an older save) first loses its
+        `config.json`, then receives the new files with `config.json` last — so a save cut short at any point leaves
+        either the previous model, or a folder without `config.json` that refuses to load, never a mix.
+        """
+        if kwargs.get("push_to_hub"):
+            raise ValueError("Save, then call `model.push_to_hub(repo_id)`: saving is atomic and uploads separately.")
+        if not kwargs.get("is_main_process", True):  # a data-parallel rank that writes nothing
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target = os.path.abspath(os.fspath(save_directory))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=os.path.dirname(target))
+        try:
+            self._save_files(staging, *args, **kwargs)
+            _move_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _save_files(self, save_directory: str, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
         self._carry_files(save_directory)
         if self._processor is None and self.name_or_path:
@@ -174,9 +214,10 @@ class CoMaModel(PreTrainedModel):
         if type(self).model_card_writer is not None:
             type(self).model_card_writer(save_directory)
 
-    def _carry_files(self, save_directory) -> None:
+    def _carry_files(self, save_directory: str) -> None:
+        """Copy the run summaries and card of the folder the model was loaded from (also when saving over it)."""
         source = self.name_or_path
-        if not source or not os.path.isdir(source) or os.path.abspath(source) == os.path.abspath(save_directory):
+        if not source or not os.path.isdir(source):
             return
         for name in self.carried_files:
             if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(save_directory, name)):

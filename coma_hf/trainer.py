@@ -15,7 +15,11 @@ loss is `coma_hf.losses.CoMaContrastiveLoss`.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,9 +57,10 @@ class CoMaCompressionCollator:
         self.dropped_turns = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> BatchFeature:
-        rendered = []
+        rendered, ids = [], []
         for position, row in enumerate(rows):
             record = normalize_stage1_record(row, position, self.image_root)
+            ids.append(str(record["id"]))
             rendered.append(
                 self.processor.render_compression_sample(
                     record["image"], record["text"], record["conversation"][: self.max_turns], self.loss_on,
@@ -66,21 +71,90 @@ class CoMaCompressionCollator:
         dropped = sum(sample.dropped_turns for sample in rendered)
         self.dropped_turns += dropped
         batch["dropped_turns"] = torch.tensor(dropped)
+        batch["sample_ids"] = ids  # named when the loss is not finite
         return batch
 
 
-class CoMaCompressionTrainer(Trainer):
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the batch's sample ids."""
+
+
+NONFINITE_LOSS_MODES = ("stop", "skip")
+
+
+class _CoMaTrainerMixin:
+    """What both stages' trainers add to Trainer's loop: the batch sizes logged at the start, resuming from the last
+    *complete* checkpoint, and a guard against non-finite losses (`on_nonfinite_loss`: "stop" raises
+    `NonFiniteLossError`; "skip" gives the batch zero gradients, counts it in `skipped_batches` and goes on)."""
+
+    stage_name = "training"
+
+    def _init_guard(self, on_nonfinite_loss: str) -> None:
+        if on_nonfinite_loss not in NONFINITE_LOSS_MODES:
+            raise ValueError(f"on_nonfinite_loss must be one of {NONFINITE_LOSS_MODES}, got {on_nonfinite_loss!r}")
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.skipped_batches = []  # (step, sample ids) of the batches skipped for a non-finite loss
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """As `Trainer.train`; `resume_from_checkpoint=True` (or "last" / "true" from a command line) resumes from
+        the newest checkpoint in `output_dir` that was written to the end."""
+        logger.info("%s: %s", self.stage_name, describe_batch_sizes(self.args))
+        if resume_from_checkpoint in (True, "last", "true", "True"):
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            logger.info("Resuming from %s", resume_from_checkpoint or "the start (no complete checkpoint yet)")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _checked_loss(self, model, result, sample_ids):
+        """`result` (a loss, or `(loss, outputs)`) if its loss is finite; otherwise stop, or a zero loss that still
+        touches every trainable parameter (so data-parallel gradient averaging sees the same parameters)."""
+        loss = result[0] if isinstance(result, tuple) else result
+        if not model.training or bool(torch.isfinite(loss.detach()).all()):
+            return result
+        where = f"step {self.state.global_step + 1}, samples {sample_ids}"
+        if self.on_nonfinite_loss == "stop":
+            raise NonFiniteLossError(f"{self.stage_name}: the loss is {loss.detach().float().item()} at {where} "
+                                     "(on_nonfinite_loss='skip' skips such batches)")  # fmt: skip
+        logger.warning("%s: skipping a batch whose loss is %s at %s", self.stage_name, loss.detach().item(), where)
+        self.skipped_batches.append({"step": self.state.global_step + 1, "samples": sample_ids})
+        zero = sum((parameter * 0).sum() for parameter in model.parameters() if parameter.requires_grad)
+        return (zero, *result[1:]) if isinstance(result, tuple) else zero
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that was written to the end, or None.
+
+    Trainer writes `trainer_state.json` last (after weights, optimizer, scheduler and RNG states), so a checkpoint
+    without a readable one was cut short by a kill and is skipped with a warning.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    candidates = [path for path in folder.iterdir() if path.is_dir() and re.fullmatch(r"checkpoint-\d+", path.name)]
+    for path in sorted(candidates, key=lambda path: int(path.name.split("-")[1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            logger.warning("Skipping %s: written only in part (no readable trainer_state.json)", path)
+    return None
+
+
+class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
     """`Trainer` for CoMa's compression pre-training (stage 1).
 
-    Args: as `Trainer`, plus `image_root` (resolves relative image paths in the rows) and `max_turns` (QA turns kept
-    per conversation; all by default). Pass the `CoMaProcessor` as `processing_class`: it renders the batches and is
-    saved with every checkpoint. `data_collator` defaults to a `CoMaCompressionCollator` with the model's
-    `config.loss_on`.
+    Args: as `Trainer`, plus `image_root` (resolves relative image paths in the rows), `max_turns` (QA turns kept
+    per conversation; all by default) and `on_nonfinite_loss` ("stop" or "skip", see `_CoMaTrainerMixin`). Pass the
+    `CoMaProcessor` as `processing_class`: it renders the batches and is saved with every checkpoint.
+    `data_collator` defaults to a `CoMaCompressionCollator` with the model's `config.loss_on`.
     """
 
+    stage_name = "Stage 1"
+
     def __init__(
-        self, model=None, args=None, data_collator=None, processing_class=None, image_root=None, max_turns=None, **kwargs
-    ):
+        self, model=None, args=None, data_collator=None, processing_class=None, image_root=None, max_turns=None,
+        on_nonfinite_loss: str = "stop", **kwargs,
+    ):  # fmt: skip
+        self._init_guard(on_nonfinite_loss)
         if args is not None:
             if args.remove_unused_columns:  # the collator needs the raw rows (images, conversations)
                 args.remove_unused_columns = False
@@ -94,15 +168,12 @@ class CoMaCompressionTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self.dropped_turns = 0  # QA turns cut by max_length, summed over the batches this process trained on
 
-    def train(self, *args, **kwargs):
-        logger.info("Stage 1: %s", describe_batch_sizes(self.args))
-        return super().train(*args, **kwargs)
-
     def compute_loss(self, model, inputs, *args, **kwargs):
         dropped = inputs.pop("dropped_turns", None)
+        sample_ids = inputs.pop("sample_ids", None)
         if dropped is not None and model.training:
             self.dropped_turns += int(dropped)
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        return self._checked_loss(model, super().compute_loss(model, inputs, *args, **kwargs), sample_ids)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss only; embeddings are not gathered."""
@@ -153,20 +224,29 @@ class CoMaContrastiveCollator(SentenceTransformerDataCollator):
             if "dataset_name" in row:
                 inputs["dataset_name"] = row["dataset_name"]
             rows.append(inputs)
-        return super().__call__(rows)
+        batch = super().__call__(rows)
+        if "id" in features[0]:
+            batch["sample_ids"] = [row["id"] for row in features]  # named when the loss is not finite
+        return batch
 
 
-class CoMaContrastiveTrainer(SentenceTransformerTrainer):
+class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):
     """`SentenceTransformerTrainer` for CoMa's contrastive matching (stage 2).
 
-    Differences: the data collator defaults to `CoMaContrastiveCollator`, and sentence-transformers' automatic
-    model card is not tracked (it tokenizes raw dataset columns for statistics, which split text and image here;
-    CoMa checkpoints carry their own card).
+    Differences: the data collator defaults to `CoMaContrastiveCollator`, sentence-transformers' automatic model
+    card is not tracked (it tokenizes raw dataset columns for statistics, which split text and image here; CoMa
+    checkpoints carry their own card), and `on_nonfinite_loss` ("stop" or "skip", see `_CoMaTrainerMixin`).
     """
 
-    def train(self, *args, **kwargs):
-        logger.info("Stage 2: %s", describe_batch_sizes(self.args))
-        return super().train(*args, **kwargs)
+    stage_name = "Stage 2"
+
+    def __init__(self, *args, on_nonfinite_loss: str = "stop", **kwargs):
+        self._init_guard(on_nonfinite_loss)
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        sample_ids = inputs.pop("sample_ids", None)
+        return self._checked_loss(model, super().compute_loss(model, inputs, *args, **kwargs), sample_ids)
 
     def get_data_collator(self, model, args, processing_class=None) -> CoMaContrastiveCollator:
         return CoMaContrastiveCollator(

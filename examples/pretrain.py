@@ -50,6 +50,9 @@ class ModelArguments:
     )  # fmt: skip
     loss_on: str = field(default="answers", metadata={"help": "'answers' or 'all_after_compression'."})
     attention_rule: str = field(default="bottleneck", metadata={"help": "'bottleneck' (CoMa) or 'causal' (control)."})
+    on_nonfinite_loss: str = field(
+        default="stop", metadata={"help": "A NaN/inf loss: 'stop' (naming step and samples) or 'skip' the batch."}
+    )
 
 
 @dataclass
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         image_root=root,
         max_turns=data_args.max_qa_turns,
+        on_nonfinite_loss=model_args.on_nonfinite_loss,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     merged = trainer.save_merged(training_args.output_dir)
@@ -161,6 +165,7 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
         "num_skipped_samples": len(bad_train),
         "skipped_samples": [asdict(sample) for sample in bad_train],
         "dropped_qa_turns": trainer.dropped_turns,
+        "skipped_nonfinite_batches": trainer.skipped_batches,
         "global_steps": trainer.state.global_step,
     }
     if evaluation is not None and len(evaluation):

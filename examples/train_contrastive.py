@@ -96,6 +96,9 @@ class LossArguments:
         default=True, metadata={"help": "Candidates from every process, gradients kept (the paper; no-op on one)."}
     )
     matryoshka_dims: str | None = field(default=None, metadata={"help": "e.g. '2048,512,128': wrap in MatryoshkaLoss."})
+    on_nonfinite_loss: str = field(
+        default="stop", metadata={"help": "A NaN/inf loss: 'stop' (naming step and samples) or 'skip' the batch."}
+    )
 
 
 def initial_checkpoint(model_args: ModelArguments, backbone_args: BackboneArguments, output_dir: str, seed: int) -> str:
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Stage 2 from %s on %d pairs (%d skipped)", start_from, num_pairs, len(bad))
 
     trainer = CoMaContrastiveTrainer(
-        model=model, args=training_args, train_dataset=train, loss=build_loss(model, loss_args), evaluator=evaluator
+        model=model, args=training_args, train_dataset=train, loss=build_loss(model, loss_args), evaluator=evaluator,
+        on_nonfinite_loss=loss_args.on_nonfinite_loss,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
@@ -229,6 +233,7 @@ def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) ->
         "baseline_per_meta_task": {task: values["best"] for task, values in baselines["meta_tasks"].items()},
         "num_train_pairs": num_pairs,
         "num_skipped_samples": len(bad),
+        "skipped_nonfinite_batches": trainer.skipped_batches,
         "skipped_samples": [asdict(sample) for sample in bad],
         "global_steps": trainer.state.global_step,
         "seconds": round(time.time() - started, 1),

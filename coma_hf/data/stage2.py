@@ -116,11 +116,12 @@ def load_mmeb_train(
 def _pair_or_error(row: dict, index: int, image_root: str | None, with_negative: bool) -> dict:
     """`normalize_pair`, or for a row it rejects, empty sides and the reason in `error` (validation skips and counts
     such rows; the collator raises their error), so that one bad row does not stop loading."""
+    identifier = str(index if row.get("id") is None else row["id"])
     try:
-        return {**normalize_pair(row, index, image_root, with_negative), "error": ""}
+        return {**normalize_pair(row, index, image_root, with_negative), "id": identifier, "error": ""}
     except CoMaInputError as error:
         empty = {f"{side}_{kind}": "" for side, *_ in SIDES[: 3 if with_negative else 2] for kind in ("text", "image")}
-        return {"dataset": str(row.get("dataset") or "default"), **empty, "error": str(error)}
+        return {"dataset": str(row.get("dataset") or "default"), **empty, "id": identifier, "error": str(error)}
 
 
 def split_by_dataset(pairs):
