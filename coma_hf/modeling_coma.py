@@ -178,6 +178,15 @@ class CoMaModel(PreTrainedModel):
     # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
     carried_files = ("README.md", "pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers', reading weights from safetensors only: a folder or repository that offers just a pickled
+        `pytorch_model.bin` is refused (`OSError`) instead of unpickled."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("CoMa checkpoints load from safetensors only (use_safetensors=False is not supported)")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(*args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and remote code, the processor (tokenizer, image processor), the
         sentence-transformers files and the model card beside them.
@@ -497,7 +506,7 @@ class CoMaModel(PreTrainedModel):
 
             source = model_name_or_path_or_model
             backbone = AutoModelForImageTextToText.from_pretrained(
-                source, attn_implementation=attn_implementation, dtype=dtype
+                source, attn_implementation=attn_implementation, dtype=dtype, use_safetensors=True  # never a pickle
             )
             if processor is None:  # tokenizer + image processor only: the stock processor also wants video support
                 try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import metadata
+from importlib.metadata import PackageNotFoundError, version
 
 TRANSFORMER_MODULE = "sentence_transformers.base.modules.transformer.Transformer"
 MODULE_OUTPUT_NAME = "sentence_embedding"
@@ -63,6 +63,6 @@ def write_sentence_transformers_files(save_directory: str | os.PathLike, query_i
 
 def _version(distribution: str, fallback: str) -> str:
     try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
+        return version(distribution)
+    except PackageNotFoundError:
         return fallback
