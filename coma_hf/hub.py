@@ -1,15 +1,42 @@
 """Sharing on the Hub: one commit with everything `save_pretrained` writes plus the CoMa model card.
 
-Lives in the package, not in the remote code: a checkpoint's remote code makes no network calls. `coma_hf`
+Absolute local paths in the run summaries are shortened to file names first. Lives in the package, not in the remote
+code: a checkpoint's remote code makes no network calls. `coma_hf`
 installs `push_to_hub` below as `CoMaModel.push_to_hub`; a model loaded with `trust_remote_code=True` where the
 package is not imported keeps transformers' own `push_to_hub` (which writes transformers' generic card).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+# An absolute path (POSIX or Windows) up to its last component; not the "//" of a URL, not a relative path.
+ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/\\])(?:/|[A-Za-z]:\\)(?:[^\s/\\'"]+[/\\])+([^\s/\\'"]*)""")
+SCRUBBED_FILES = ("pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
+
+
+def scrub_local_paths(folder: str | Path) -> None:
+    """Shorten every absolute path in the run summaries of `folder` to its last component before they go public (skipped
+    rows name image files, `train_dataset` may be a local file): the machine's folders are nobody's business."""
+    for name in SCRUBBED_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            path.write_text(json.dumps(_scrubbed(json.loads(path.read_text())), indent=2))
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return ABSOLUTE_PATH.sub(r"\1", value)
+    if isinstance(value, list):
+        return [_scrubbed(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    return value
 
 
 def upload_folder_to_hub(
@@ -39,6 +66,7 @@ def push_to_hub(
 
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **save_kwargs)
+        scrub_local_paths(folder)
         write_model_card(folder, repo_id=repo_id)
         return upload_folder_to_hub(
             folder, repo_id, commit_message=commit_message or "Upload CoMa model", private=private, token=token,

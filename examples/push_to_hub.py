@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoModel
 
 import coma_hf  # noqa: F401  (the local classes and the model-card writer)
-from coma_hf.hub import upload_folder_to_hub
+from coma_hf.hub import scrub_local_paths, upload_folder_to_hub
 from coma_hf.model_card import write_model_card
 
 DEFAULT_EVAL_RESULTS = "outputs/eval/mmeb_results.json"
@@ -32,6 +32,7 @@ def prepare_folder(model_name_or_path: str, repo_id: str, folder: Path, eval_res
     model.save_pretrained(folder)
     if eval_results:
         shutil.copyfile(eval_results, folder / "mmeb_results.json")
+    scrub_local_paths(folder)  # the summaries may name files by absolute path
     write_model_card(folder, repo_id=repo_id, license=license)
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
 

@@ -59,6 +59,10 @@ def upload(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     model, _ = tiny_coma()
     model.save_pretrained(root / "model")
+    summary = {"train_dataset": str(root / "data" / "qa.jsonl"), "started_from": "outputs/stage1",
+               "skipped_samples": [{"index": 3, "id": "r3", "error": f"sample r3, field 'image': image file not found: "
+                                    f"{root / 'images' / 'cat.png'}"}], "source": "https://huggingface.co/org/data"}  # fmt: skip
+    (root / "model" / "pretrain_summary.json").write_text(json.dumps(summary))
     from coma_hf.data.mini_mmeb import write_mini_mmeb
 
     write_mini_mmeb(root / "synthetic", num_train=2, num_dev=2, num_test=3, image_size=56, max_train_scenes=0)
@@ -115,6 +119,10 @@ def test_card_metadata_parses_and_holds_the_evaluation(upload):
     for name in os.listdir(root / "upload"):  # no path of the machine that wrote it
         if name.endswith((".md", ".json")):
             assert str(root) not in (root / "upload" / name).read_text(), name
+    summary = json.loads((root / "upload" / "pretrain_summary.json").read_text())  # shortened, not dropped
+    assert summary["train_dataset"] == "qa.jsonl" and summary["started_from"] == "outputs/stage1"
+    assert summary["skipped_samples"][0]["error"].endswith("image file not found: cat.png")
+    assert summary["source"] == "https://huggingface.co/org/data"
 
 
 def test_card_snippets_run_against_the_uploaded_folder(upload, tmp_path):
