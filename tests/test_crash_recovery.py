@@ -59,6 +59,30 @@ def test_a_run_killed_mid_training_resumes_from_its_last_complete_checkpoint(tmp
         assert torch.equal(whole[name], resumed[name]), name
 
 
+def test_stage_two_resumes_from_the_checkpoint_a_crash_left_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    from coma_hf.data.mini_mmeb import write_mini_mmeb
+    from conftest import tiny_coma
+
+    write_mini_mmeb(tmp_path / "synthetic", num_train=12, num_dev=2, num_test=1, image_size=56)
+    tiny_coma()[0].save_pretrained(tmp_path / "start")
+    common = ["--recipe", "tiny", "--model_name_or_path", str(tmp_path / "start"), "--synthetic_dir",
+              str(tmp_path / "synthetic"), "--max_steps", "6", "--per_device_train_batch_size", "8", "--eval_datasets",
+              "Mini-Digit", "--dataloader_num_workers", "0", "--save_strategy", "steps", "--save_steps", "2",
+              "--seed", "3"]  # fmt: skip
+    load_example("train_contrastive").main(common + ["--output_dir", str(tmp_path / "whole")])
+    # what a crash after step 2 leaves: that checkpoint (the multi-dataset sampler's position included), nothing else
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "crashed" / "checkpoint-2")
+    summary = load_example("train_contrastive").main(
+        common + ["--output_dir", str(tmp_path / "crashed"), "--resume_from_checkpoint", "last"]
+    )
+    assert summary["global_steps"] == 6
+    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "crashed")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    assert not all(torch.equal(whole[name], value) for name, value in _weights(tmp_path / "start").items())
+
+
 def _save(model, folder: Path) -> None:
     model.save_pretrained(folder)
 
