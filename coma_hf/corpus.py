@@ -137,8 +137,19 @@ def finished_shards(folder: str | os.PathLike) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.name.startswith(SHARD_PREFIX) and path.suffix[1:] in FORMATS)
 
 
-def _finished_starts(folder: Path) -> set[int]:
-    return {int(path.name[len(SHARD_PREFIX):].split("-")[0]) for path in finished_shards(folder)}
+def _finished_spans(folder: Path, shard_size: int) -> dict[int, Path]:
+    """`start → file` of the shards already written as full shards of `shard_size`. A shorter one (the corpus end
+    of an earlier run) is not listed, so it is redone if the corpus has grown; files cut with another shard size
+    are an error rather than a silently mixed folder."""
+    spans = {}
+    for path in finished_shards(folder):
+        start, end = (int(part) for part in path.stem[len(SHARD_PREFIX):].split("-"))
+        if start % shard_size or end - start > shard_size:
+            raise ValueError(f"{folder} holds shards of another shard size ({path.name}); resume with the shard size "
+                             f"that wrote them, or use a new output folder")  # fmt: skip
+        if end - start == shard_size:
+            spans[start] = path
+    return spans
 
 
 def write_shard(path: Path, ids: list[str], vectors: torch.Tensor, metadata: dict) -> None:
@@ -215,7 +226,7 @@ def encode_corpus(
         raise ValueError("shard_size and batch_size must be positive")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    finished = _finished_starts(output)
+    finished = _finished_spans(output, shard_size)
     counts = {"rows": 0, "embedded": 0, "skipped": 0, "shards_written": 0, "shards_already_done": 0}
     stream = iter(rows)
     for shard in itertools.count():
@@ -236,7 +247,11 @@ def encode_corpus(
             break
         end = start + size
         metadata = {"start": start, "end": end, "skipped": skipped, "instruction": instruction}
-        write_shard(output / shard_name(start, end, file_format), ids, vectors, metadata)
+        path = output / shard_name(start, end, file_format)
+        write_shard(path, ids, vectors, metadata)
+        for earlier in output.glob(f"{SHARD_PREFIX}{start:010d}-*"):  # a shorter shard of an earlier, smaller corpus
+            if earlier != path and earlier.suffix[1:] in FORMATS:
+                earlier.unlink()
         counts["embedded"] += len(ids)
         counts["skipped"] += len(skipped)
         counts["shards_written"] += 1

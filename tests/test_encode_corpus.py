@@ -159,3 +159,21 @@ def test_faiss_index_finds_each_image_first(checkpoint, tmp_path):
     assert len(found) == 1 and len(found[0]) == 4 and {hit[0] for hit in found[0]} <= set(ids)
     scores = [hit[1] for hit in found[0]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_a_grown_corpus_redoes_only_its_last_short_shard_and_another_shard_size_is_refused(checkpoint, tmp_path):
+    images = _write_images(tmp_path / "images", 7)
+    common = ["--model", str(checkpoint), "--images", str(images), "--shard_size", "3", "--output_dir", str(tmp_path / "out")]
+    load_example("encode_corpus").main(common)
+    first = {path.name: path.stat().st_mtime_ns for path in corpus.finished_shards(tmp_path / "out")}
+    assert sorted(first) == [corpus.shard_name(0, 3), corpus.shard_name(3, 6), corpus.shard_name(6, 7)]
+    _write_images(images, 2, start=7)
+    result = load_example("encode_corpus").main(common)
+    assert result["process"]["shards_already_done"] == 2 and result["process"]["shards_written"] == 1
+    now = {path.name: path.stat().st_mtime_ns for path in corpus.finished_shards(tmp_path / "out")}
+    assert sorted(now) == [corpus.shard_name(0, 3), corpus.shard_name(3, 6), corpus.shard_name(6, 9)]
+    assert all(now[name] == first[name] for name in sorted(now)[:2])  # the full shards were not rewritten
+    load_example("encode_corpus").main(common[:-2] + ["--output_dir", str(tmp_path / "fresh")])
+    _assert_same_shards(tmp_path / "fresh", tmp_path / "out")
+    with pytest.raises(ValueError, match="another shard size"):
+        load_example("encode_corpus").main(common[:4] + ["--shard_size", "4", "--output_dir", str(tmp_path / "out")])
