@@ -65,9 +65,10 @@ def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Im
 
     Accepts a PIL image (taken as it is), a local path (str or `os.PathLike`), raw bytes, or a
     `datasets.Image(decode=False)` dict with `bytes` and/or `path`; a file is read upright (its EXIF orientation
-    applied — a PIL image keeps its EXIF after `transpose`, so doing it for those could turn them twice). URLs are refused: this file is remote code and makes no network calls (download the
-    image, or pass `transformers.image_utils.load_image(url)`). Images in modes L, LA, P, RGBA, CMYK, I;16, I, F and 1
-    are converted; transparency is composited onto white.
+    applied — a PIL image keeps its EXIF after `transpose`, so doing it for those could turn them twice). URLs are
+    refused: this file is remote code and makes no network calls (download the image, or pass
+    `transformers.image_utils.load_image(url)`). Images in modes L, LA, P, RGBA, CMYK, I;16, I, F and 1 are
+    converted; transparency is composited onto white.
     Raises `CoMaInputError` naming the sample, the field and the path when the image is missing, unreadable, or
     larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`).
     """
