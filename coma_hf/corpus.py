@@ -291,9 +291,10 @@ def _encode_dropping_bad_rows(model, rows: list[CorpusRow], instruction, skipped
             return model.encode([row.input for row in rows], instruction=instruction, batch_size=len(rows),
                                 show_progress_bar=False)  # fmt: skip
         except CoMaInputError as error:  # names the failing input by its index in this batch
-            if not isinstance(error.sample, int) or not 0 <= error.sample < len(rows):
+            position = error.position_in(rows)
+            if position is None:
                 raise
-            bad = rows.pop(error.sample)
+            bad = rows.pop(position)
             where = f"field {error.field!r}: " if error.field else ""
             skipped.append({"row": bad.position, "id": bad.id, "error": f"{where}{error.reason}"})
     return None

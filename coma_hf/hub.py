@@ -1,9 +1,9 @@
 """Sharing on the Hub: one commit with everything `save_pretrained` writes plus the CoMa model card.
 
 Absolute local paths in the run summaries are shortened to file names first. Lives in the package, not in the remote
-code: a checkpoint's remote code makes no network calls. `coma_hf`
-installs `push_to_hub` below as `CoMaModel.push_to_hub`; a model loaded with `trust_remote_code=True` where the
-package is not imported keeps transformers' own `push_to_hub` (which writes transformers' generic card).
+code: a checkpoint's remote code makes no network calls. `coma_hf` installs `push_to_hub` below as
+`CoMaModel.push_to_hub`; a model loaded with `trust_remote_code=True` where the package is not imported keeps
+transformers' own `push_to_hub` (which writes transformers' generic card).
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .model_card import SUMMARY_FILES, write_model_card
 
 # An absolute path (POSIX or Windows) up to its last component; not the "//" of a URL, not a relative path.
 ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/\\])(?:/|[A-Za-z]:\\)(?:[^\s/\\'"]+[/\\])+([^\s/\\'"]*)""")
-SCRUBBED_FILES = ("pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
 
 
 def scrub_local_paths(folder: str | Path) -> None:
     """Shorten every absolute path in the run summaries of `folder` to its last component before they go public (skipped
     rows name image files, `train_dataset` may be a local file): the machine's folders are nobody's business."""
-    for name in SCRUBBED_FILES:
+    for name in SUMMARY_FILES:
         path = Path(folder) / name
         if path.is_file():
             path.write_text(json.dumps(_scrubbed(json.loads(path.read_text())), indent=2))
@@ -62,8 +62,6 @@ def push_to_hub(
 ) -> str:  # fmt: skip
     """Upload a CoMa model — weights, remote code, processor, sentence-transformers files and the CoMa model card —
     in one commit; returns the commit URL. (transformers' own `push_to_hub` would replace the card.)"""
-    from .model_card import write_model_card
-
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **save_kwargs)
         scrub_local_paths(folder)

@@ -81,6 +81,12 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
     )
 
 
+def write_run_summary(folder: str | os.PathLike, name: str, summary: dict) -> None:
+    """Write a run summary (one of `SUMMARY_FILES`) beside the checkpoint and render the card again, which reads it."""
+    (Path(folder) / name).write_text(json.dumps(summary, indent=2))
+    write_model_card(folder)
+
+
 def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, license: str = "other") -> Path:
     """Render the card of `folder` into `folder/README.md`; returns its path."""
     path = Path(folder) / "README.md"

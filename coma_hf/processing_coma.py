@@ -52,6 +52,13 @@ class CoMaInputError(ValueError):
         self.sample = sample
         self.field = field
 
+    def position_in(self, batch: Sequence[Any]) -> int | None:
+        """The index into `batch` this error names, if its sample is one (batch-level code names samples by
+        position; callers that know the inputs better re-raise with a clearer name)."""
+        if isinstance(self.sample, int) and 0 <= self.sample < len(batch):
+            return self.sample
+        return None
+
 
 def _sample_name(sample: Any) -> str:
     return "" if sample is None else f"sample {sample}"
@@ -539,9 +546,10 @@ class CoMaProcessor(ProcessorMixin):
             try:
                 batch = self.process_for_embedding(inputs)
             except CoMaInputError as error:  # sentence-transformers reorders inputs: name it by content, not position
-                if not isinstance(error.sample, int) or not 0 <= error.sample < len(inputs):
+                position = error.position_in(inputs)
+                if position is None:
                     raise
-                raise CoMaInputError(error.reason, describe_input(inputs[error.sample]), error.field) from error
+                raise CoMaInputError(error.reason, describe_input(inputs[position]), error.field) from error
             if "pixel_values" in batch:  # lets sentence-transformers' GradCache cut image rows per sample (< 6.2 too)
                 batch["num_images_per_sample"] = torch.tensor([int(item["image"] is not None) for item in inputs])
             return batch

@@ -74,9 +74,8 @@ def shards_parameters(training_args) -> bool:
     Trainer gathers them for saving."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or (
-        is_deepspeed_zero3_enabled()
-    )
+    fsdp_from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return bool(training_args.fsdp) or fsdp_from_launcher or is_deepspeed_zero3_enabled()
 
 
 def check_sharding(training_args, lora: LoraArguments, stage: str) -> None:

@@ -17,7 +17,6 @@ Every `TrainingArguments` option works on the command line and overrides the rec
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -29,7 +28,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
-from coma_hf.model_card import hardware, write_model_card
+from coma_hf.model_card import hardware, write_run_summary
 from coma_hf.recipes import (
     BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, recipe_defaults,
 )
@@ -150,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["train_dataset"] = data_args.dataset or "synthetic scenes"
     summary["hardware"] = hardware()
     if training_args.should_save:
-        (Path(training_args.output_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
-        write_model_card(training_args.output_dir)  # again, now with the summary
+        write_run_summary(training_args.output_dir, "pretrain_summary.json", summary)
     print_summary(summary, training_args.output_dir)
     return summary
 

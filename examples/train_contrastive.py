@@ -17,7 +17,6 @@ GradCache mini-batches of 8, temperature 0.03, lr 5e-5, cosine, 5 % warm-up, 150
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -33,7 +32,7 @@ from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pair
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.losses import CoMaContrastiveLoss
-from coma_hf.model_card import hardware, write_model_card
+from coma_hf.model_card import hardware, write_run_summary
 from coma_hf.recipes import (
     BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, merge_lora, recipe_defaults,
 )
@@ -211,8 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"
     summary["hardware"] = hardware()
     if training_args.should_save:
-        (Path(training_args.output_dir) / "contrastive_summary.json").write_text(json.dumps(summary, indent=2))
-        write_model_card(training_args.output_dir)  # again, now with the summary
+        write_run_summary(training_args.output_dir, "contrastive_summary.json", summary)
     print_summary(summary, training_args.output_dir)
     return summary
 

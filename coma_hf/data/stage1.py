@@ -60,9 +60,14 @@ def load_stage1_dataset(source: str | os.PathLike, split: str = "train", image_r
     return datasets.load_dataset(str(source), split=split), image_root
 
 
+def row_id(row: dict, index: int) -> Any:
+    """How errors and summaries name a row: its `id` when it has one, else its position."""
+    return index if row.get("id") is None else row["id"]
+
+
 def normalize_stage1_record(row: dict, index: int = 0, image_root: str | None = None) -> dict:
     """Map a row in any supported format onto the stage-1 schema; `CoMaInputError` names the row and field."""
-    sample = index if row.get("id") is None else row["id"]
+    sample = row_id(row, index)
     check_readable(row, sample)
     image = _image_of(row)
     if isinstance(image, (str, os.PathLike)) and image_root and not os.path.isabs(image):

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..processing_coma import CoMaInputError
 from .jsonl import check_readable, load_jsonl_dataset
-from .stage1 import BadSample
+from .stage1 import BadSample, row_id
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 SIDES = (("anchor", "qry", "qry_image_path"), ("positive", "pos_text", "pos_image_path"),
@@ -33,7 +33,7 @@ SIDES = (("anchor", "qry", "qry_image_path"), ("positive", "pos_text", "pos_imag
 
 def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, with_negative: bool = False) -> dict:
     """One MMEB training row → flat `{side}_text` / `{side}_image` columns; an error names the row and column."""
-    sample = index if row.get("id") is None else row["id"]
+    sample = row_id(row, index)
     check_readable(row, sample)
     missing = [column for column in REQUIRED if column not in row]
     if missing:
@@ -116,7 +116,7 @@ def load_mmeb_train(
 def _pair_or_error(row: dict, index: int, image_root: str | None, with_negative: bool) -> dict:
     """`normalize_pair`, or for a row it rejects, empty sides and the reason in `error` (validation skips and counts
     such rows; the collator raises their error), so that one bad row does not stop loading."""
-    identifier = str(index if row.get("id") is None else row["id"])
+    identifier = str(row_id(row, index))
     try:
         return {**normalize_pair(row, index, image_root, with_negative), "id": identifier, "error": ""}
     except CoMaInputError as error:

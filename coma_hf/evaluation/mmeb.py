@@ -259,9 +259,10 @@ def _encode_unique(
     try:
         vectors = encode(unique) if unique else torch.empty(0)
     except CoMaInputError as error:
-        if not isinstance(error.sample, int) or not 0 <= error.sample < len(unique):
+        position = error.position_in(unique)
+        if position is None:
             raise
-        raise CoMaInputError(error.reason, locate(unique[error.sample]), error.field) from error
+        raise CoMaInputError(error.reason, locate(unique[position]), error.field) from error
     return dict(zip(unique, vectors))
 
 
