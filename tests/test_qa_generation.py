@@ -8,7 +8,7 @@ import pytest
 from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from coma_hf.data.qa_generation import QUESTION_KINDS, finished_ids, generate_qa, iter_images
+from coma_hf.data.qa_generation import QUESTION_KINDS, finished_ids, generate_qa, iter_images, repair_cut_last_line
 from coma_hf.data.stage1 import normalize_stage1_record
 from coma_hf.tiny import build_tiny_backbone
 from conftest import random_image
@@ -81,3 +81,36 @@ def test_images_listed_in_jsonl_resolve_against_its_folder(tmp_path):
     listing = tmp_path / "list.jsonl"
     listing.write_text(json.dumps({"id": "first", "image": "pics/a.png"}) + "\n")
     assert list(iter_images(listing)) == [("first", str(tmp_path / "pics" / "a.png"))]
+
+
+def test_resume_after_a_cut_last_line_keeps_every_record_once(vlm, tmp_path):
+    model, processor = vlm
+    images = tmp_path / "images"
+    _write_images(images, 3)
+    output = tmp_path / "qa.jsonl"
+    generate_qa(model, processor, iter_images(images), output, num_questions=3, batch_size=1, max_new_tokens=4,
+                image_root=str(images))  # fmt: skip
+    complete = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(complete[:2]) + complete[2][: len(complete[2]) // 2])  # a kill mid-write
+
+    resumed = generate_qa(model, processor, iter_images(images), output, num_questions=3, batch_size=1,
+                          max_new_tokens=4, image_root=str(images))  # fmt: skip
+    assert resumed == {"written": 1, "skipped_done": 2, "skipped_unreadable": 0}
+    rows = [json.loads(line) for line in output.read_text().splitlines()]  # every line reads back
+    assert sorted(row["id"] for row in rows) == ["img_0.png", "img_1.png", "img_2.png"]
+
+
+@pytest.mark.parametrize(
+    ("written", "repaired"),
+    [
+        ('{"id": "a"}\n{"id": "b"}', '{"id": "a"}\n{"id": "b"}\n'),  # only the newline was lost: kept, done
+        ('{"id": "a"}\n{"id": "b', '{"id": "a"}\n'),  # a fragment: cut, redone
+        ('{"id": "b', ""),  # a fragment as the only line
+        ('{"id": "a"}\n', '{"id": "a"}\n'),  # a clean file is left alone
+    ],
+)
+def test_a_resumed_file_ends_on_a_complete_line(tmp_path, written, repaired):
+    output = tmp_path / "qa.jsonl"
+    output.write_text(written)
+    repair_cut_last_line(output)
+    assert output.read_text() == repaired

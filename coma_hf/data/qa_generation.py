@@ -7,7 +7,8 @@
 2. **Answers.** The same VLM answers the questions as one multi-turn chat about the image.
 
 Batched across images, with a progress bar; records are appended to a JSONL file in the stage-1 schema as each batch
-finishes, and images whose id is already in the file are skipped, so an interrupted run resumes where it stopped.
+finishes, and images whose id is already in the file are skipped, so an interrupted run resumes where it stopped
+(a last line the interruption cut is dropped first, so no record merges into it).
 """
 
 from __future__ import annotations
@@ -69,12 +70,58 @@ def finished_ids(output_path: str | os.PathLike) -> set[str]:
     done = set()
     with path.open(encoding="utf-8") as handle:
         for line in handle:
-            if line.strip():
-                try:
-                    done.add(str(json.loads(line)["id"]))
-                except (json.JSONDecodeError, KeyError):  # a line cut by an interruption: that image is redone
-                    continue
+            record_id = _record_id(line)
+            if record_id is not None:  # a line cut by an interruption is not: that image is redone
+                done.add(record_id)
     return done
+
+
+def _record_id(line: str | bytes) -> str | None:
+    """The id of a complete record line, or None for a blank or cut one."""
+    try:
+        return str(json.loads(line)["id"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+
+
+def repair_cut_last_line(output_path: str | os.PathLike) -> None:
+    """End `output_path` on a complete line, so a resumed run's first record does not merge into a fragment.
+
+    A kill mid-write leaves a last line without its newline: a fragment is cut off (its image is redone), a
+    complete record that only lost its newline gets it back (it is already counted as done).
+    """
+    path = Path(output_path)
+    if not path.exists():
+        return
+    with path.open("rb+") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        if end == 0 or _byte_at(handle, end - 1) == b"\n":
+            return
+        start = _last_line_start(handle, end)
+        handle.seek(start)
+        if _record_id(handle.read()) is not None:
+            handle.write(b"\n")
+        else:
+            logger.warning("Dropping the cut last line of %s (an interrupted run); its image is redone", path)
+            handle.truncate(start)
+
+
+def _byte_at(handle, offset: int) -> bytes:
+    handle.seek(offset)
+    return handle.read(1)
+
+
+def _last_line_start(handle, end: int, chunk: int = 1 << 16) -> int:
+    """Offset just after the last newline before `end` (0 if none), reading backwards so a large file is not read."""
+    position = end
+    while position > 0:
+        size = min(chunk, position)
+        position -= size
+        handle.seek(position)
+        newline = handle.read(size).rfind(b"\n")
+        if newline >= 0:
+            return position + newline + 1
+    return 0
 
 
 @torch.no_grad()
@@ -139,6 +186,7 @@ def generate_qa(
     Returns counts: `written`, `skipped_done`, `skipped_unreadable`.
     """
     processor.tokenizer.padding_side = "left"  # generation continues from the right end
+    repair_cut_last_line(output_path)
     done = finished_ids(output_path)
     counts = {"written": 0, "skipped_done": 0, "skipped_unreadable": 0}
     output_path = Path(output_path)
