@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from coma_hf import CoMaInputError
 from conftest import random_image, tiny_coma
@@ -45,15 +46,52 @@ def test_strings_are_text_except_in_image_apis(tmp_path):
         model.encode_text(["fine", random_image(0)])
 
 
+def _hand_embedding(model, processor, ids, image=None):
+    """Mean of the final states at the last K positions of hand-built `ids`, L2-normalised (CoMa's mean pooling)."""
+    inputs = {"input_ids": torch.tensor([ids])}
+    if image is not None:
+        features = processor.image_processor(images=[image], return_tensors="pt")
+        inputs.update(pixel_values=features["pixel_values"], image_grid_thw=features["image_grid_thw"])
+    with torch.no_grad():
+        hidden = model.backbone_hidden_states(**inputs)
+    return F.normalize(hidden[0, -model.config.num_compression_tokens :].mean(0), dim=-1)
+
+
 def test_query_and_document_use_the_configured_instructions():
-    model, _ = tiny_coma()
-    inputs = ["a red circle", random_image(0)]
-    query = model.encode_query(inputs)
-    torch.testing.assert_close(query, model.encode(inputs, instruction=model.config.query_instruction))
-    document = model.encode_document(inputs)
-    torch.testing.assert_close(document, model.encode(inputs, instruction=model.config.document_instruction))
-    assert not torch.allclose(query, document)
-    assert not torch.allclose(query, model.encode(inputs))
+    """The expected token sequences are built by hand: `{instruction}\\n{text}<cmp_0>…` for a text,
+    `<|vision_start|><|image_pad|>…<|vision_end|>{instruction}<cmp_0>…` for an image alone."""
+    model, processor = tiny_coma()
+    tokenizer, image = processor.tokenizer, random_image(0)
+
+    def tokens(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    compression = tokenizer.convert_tokens_to_ids([f"<cmp_{i}>" for i in range(model.config.num_compression_tokens)])
+    grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    vision = tokenizer.convert_tokens_to_ids(
+        ["<|vision_start|>"] + ["<|image_pad|>"] * (int(grid.prod()) // processor.image_processor.merge_size**2)
+        + ["<|vision_end|>"]
+    )  # fmt: skip
+
+    def expected(instruction):
+        return torch.stack([
+            _hand_embedding(model, processor, tokens(f"{instruction}\na red circle") + compression),
+            _hand_embedding(model, processor, vision + tokens(instruction) + compression, image),
+        ])  # fmt: skip
+
+    inputs = ["a red circle", image]
+    saved = model.config.query_instruction, model.config.document_instruction
+    try:  # instructions of our own: a hard-coded default would not pass
+        model.config.query_instruction, model.config.document_instruction = "Search for this:", "Index this:"
+        query, document = model.encode_query(inputs), model.encode_document(inputs)
+    finally:
+        model.config.query_instruction, model.config.document_instruction = saved
+    torch.testing.assert_close(query, expected("Search for this:"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(document, expected("Index this:"), atol=1e-5, rtol=1e-5)
+    plain = torch.stack([_hand_embedding(model, processor, tokens("a red circle") + compression),
+                         _hand_embedding(model, processor, vision + compression, image)])  # fmt: skip
+    torch.testing.assert_close(model.encode(inputs), plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(query, document, atol=1e-3) and not torch.allclose(query, plain, atol=1e-3)
 
 
 def test_empty_input_gives_empty_tensor():
