@@ -529,6 +529,8 @@ class CoMaModel(PreTrainedModel):
             backbone_config=backbone.config,
             num_compression_tokens=num_compression_tokens,
             compression_token_ids=token_ids,
+            # the backbone's own choice; without it the config resets every sub-config to transformers' default
+            attn_implementation=backbone.config.get_text_config()._attn_implementation,
             **config_kwargs,
         )
         with torch.device("meta"):  # the backbone's own modules replace these; nothing is allocated twice

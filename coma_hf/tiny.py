@@ -226,9 +226,10 @@ def build_tiny_backbone(
     spec = get_family(family)
     tokenizer = tokenizer or build_tokenizer()
     config = config or tiny_backbone_config(family, tokenizer)
-    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     backbone = spec.generation_class(config).to(torch.float32).eval()  # published configs say bfloat16
+    # onto every sub-config: a top-level `config._attn_implementation` leaves the layers on their own setting
+    backbone.set_attn_implementation(attn_implementation)
     return backbone, _ProcessorParts(tokenizer, build_image_processor(family), tokenizer.chat_template)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from coma_hf.backbones import language_model
 from conftest import FAMILIES, random_image, tiny_coma
 
 CONVERSATION = [
@@ -44,10 +45,18 @@ def _perturbed_text(batch, model):
     return {**batch, "input_ids": ids}
 
 
+def _language_model_attention(model) -> set[str]:
+    """The implementations the language model's attention layers read at forward time."""
+    layers = [module for module in language_model(model.model).modules() if type(module).__name__.endswith("Attention")]
+    assert layers
+    return {layer.config._attn_implementation for layer in layers}
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_input_reaches_answers_only_through_compression_tokens(family, attn):
     model, processor = tiny_coma(family, attn)
+    assert _language_model_attention(model) == {attn}  # the case runs the implementation it names
     batch = _stage1_batch(processor, random_image(1))
     other_pixels = {**batch, "pixel_values": batch["pixel_values"] + 0.5}
     other_text = _perturbed_text(batch, model)
