@@ -158,23 +158,19 @@ Encoder = Callable[[list[tuple[str, str | None]]], torch.Tensor]
 
 
 def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True) -> Encoder:
-    """A function from `(text, image path)` items to `[N, dim]` embeddings, for a CoMa model (its `encode`; the
-    MMEB text keeps its `<|image_1|>` placeholder and instruction) or a `SentenceTransformer` (placeholder removed,
-    images opened)."""
+    """A function from `(text, image path)` items to `[N, dim]` embeddings, for a CoMa model (its `encode`) or a
+    `SentenceTransformer` (images opened). Both hand the MMEB text over as it is, `<|image_1|>` placeholder and
+    instruction included, so the processor renders a row the same way on both paths and in stage-2 training."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:  # pragma: no cover - sentence-transformers is a dependency
         SentenceTransformer = ()
 
     if isinstance(model, SentenceTransformer):
-        import re
-
-        placeholder = re.compile(r"<\|image_\d+\|>\s*")
 
         def encode_with_sentence_transformer(items):
             inputs = []
             for text, image in items:
-                text = placeholder.sub("", text).strip()
                 if image is None:
                     inputs.append(text)
                 else:
