@@ -11,7 +11,7 @@ import torch
 from conftest import load_example, random_image
 
 TOY = ["--num_train_scenes", "24", "--num_dev_scenes", "6", "--num_test_scenes", "2", "--scene_size", "56",
-       "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_eval_samples", "6",
+       "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_eval_samples", "4",
        "--tiny_hidden_size", "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens", "4",
        "--dataloader_num_workers", "0"]  # fmt: skip
 
@@ -22,17 +22,43 @@ def test_default_run_at_toy_size_writes_summary_and_checkpoint(tmp_path):
     import coma_hf  # noqa: F401
 
     output = tmp_path / "stage1"
-    summary = load_example("pretrain").main(TOY + ["--output_dir", str(output), "--synthetic_dir", str(tmp_path / "synthetic")])
+    load_example("pretrain").main(TOY + ["--output_dir", str(output), "--synthetic_dir", str(tmp_path / "synthetic")])
     saved = json.loads((output / "pretrain_summary.json").read_text())
     for key in ("train_loss_first", "train_loss_last", "heldout_answer_accuracy", "majority_baseline_accuracy",
                 "control_answer_accuracy", "num_train_samples", "num_skipped_samples", "seconds"):  # fmt: skip
         assert key in saved, key
-    assert saved == json.loads(json.dumps(summary))
-    assert saved["num_train_samples"] == 24 and saved["num_skipped_samples"] == 0 and saved["global_steps"] == 2
-    assert 0 <= saved["heldout_answer_accuracy"] <= 1
+    # what was asked for, and baselines counted by hand from the scenes (not the dict that wrote the file)
+    train, dev = (_rows(tmp_path / "synthetic" / f"{split}.jsonl") for split in ("train", "dev"))
+    assert len(train) == saved["num_train_samples"] == 24 and saved["num_skipped_samples"] == 0
+    assert saved["global_steps"] == 2 and saved["skipped_samples"] == []  # --max_steps 2
+    assert saved["train_dataset"] == "synthetic scenes"
+    asked = dev[:4]  # --max_eval_samples 4 of the 6 dev scenes
+    assert saved["num_eval_questions"] == sum(len(row["conversation"]) for row in asked)
+    assert saved["majority_baseline_accuracy"] == pytest.approx(_majority_accuracy(train, asked))
     model = AutoModel.from_pretrained(output)
+    assert model.config.num_compression_tokens == 4 and model.config.get_text_config().hidden_size == 32  # as asked
     embeddings = model.encode([random_image(0, (56, 56)), "a red circle"])
+    assert embeddings.shape == (2, 32)
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _majority_accuracy(train: list[dict], asked: list[dict]) -> float:
+    """Exact match (case, outer space and a final full stop ignored) of each question type's most frequent
+    training answer, over every question asked."""
+    answers = {}
+    for row in train:
+        for turn in row["conversation"]:
+            counts = answers.setdefault(turn["type"], {})
+            answer = turn["answer"].strip().lower().rstrip(".").strip()
+            counts[answer] = counts.get(answer, 0) + 1
+    majority = {kind: max(counts, key=counts.get) for kind, counts in answers.items()}
+    turns = [turn for row in asked for turn in row["conversation"]]
+    hits = [majority.get(turn["type"]) == turn["answer"].strip().lower().rstrip(".").strip() for turn in turns]
+    return sum(hits) / len(hits)
 
 
 def _dataset_with_bad_rows(folder: Path) -> Path:
