@@ -5,7 +5,6 @@ loss is named (step, sample ids) and stops the run or skips the batch."""
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,12 +20,32 @@ from coma_hf.tiny import build_tiny_coma
 from coma_hf.trainer import CoMaCompressionTrainer, NonFiniteLossError, last_complete_checkpoint
 from conftest import load_example
 
-PRETRAIN = Path(__file__).parents[1] / "examples" / "pretrain.py"
+PAUSING_PRETRAIN = Path(__file__).parent / "pausing_pretrain.py"  # examples/pretrain.py, halting on cue
 STAGE1 = ["--num_train_scenes", "24", "--num_dev_scenes", "2", "--num_test_scenes", "1", "--scene_size", "56",
           "--max_steps", "40", "--per_device_train_batch_size", "4", "--max_eval_samples", "1", "--tiny_hidden_size",
           "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens", "4",
           "--dataloader_num_workers", "0", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1",
           "--seed", "5"]  # fmt: skip
+
+
+def _killed_at(phase: str, step: int, args: list[str], log: Path) -> None:
+    """Run examples/pretrain.py in a child that halts at `phase` of `step` (tests/pausing_pretrain.py) and SIGKILL
+    it there: the child says when it got there, so the kill point does not depend on timing."""
+    marker = log.with_suffix(".paused")
+    with log.open("wb") as output:
+        process = subprocess.Popen([sys.executable, str(PAUSING_PRETRAIN), phase, str(step), str(marker), *args],
+                                   stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 600
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert marker.exists(), f"the child never reached {phase} {step}:\n{log.read_text()[-3000:]}"
+
+
+def _checkpoint_step(output_dir: Path) -> int | None:
+    checkpoint = last_complete_checkpoint(output_dir)
+    return int(Path(checkpoint).name.split("-")[1]) if checkpoint else None
 
 
 def test_a_run_killed_mid_training_resumes_from_its_last_complete_checkpoint(tmp_path):
@@ -36,22 +55,20 @@ def test_a_run_killed_mid_training_resumes_from_its_last_complete_checkpoint(tmp
     load_example("pretrain").main(common + ["--output_dir", str(tmp_path / "whole")])
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(PRETRAIN), *common, "--output_dir", str(killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 180
-    while last_complete_checkpoint(killed) is None and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.Random().uniform(0.0, 0.2))  # an arbitrary step, perhaps in the middle of a save
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "model.safetensors").exists(), "the kill came too late: the run had finished"
-    step = int(Path(last_complete_checkpoint(killed)).name.split("-")[1])
-    assert 4 <= step < 40
-    # a checkpoint cut short in the middle of its save (weights written, trainer state not yet) is passed over
-    (killed / "checkpoint-36").mkdir(exist_ok=True)
+    args = common + ["--output_dir", str(killed)]
+    # mid-training: checkpoint-8 written, steps 9 and 10 run, then the kill
+    _killed_at("after_step", 10, args, tmp_path / "first.log")
+    assert _checkpoint_step(killed) == 8
+    # the resumed run killed in the middle of writing checkpoint-16 (weights on disk, trainer state not yet)
+    _killed_at("saving", 16, args + ["--resume_from_checkpoint", "last"], tmp_path / "second.log")
+    assert (killed / "checkpoint-16" / "model.safetensors").exists()
+    assert _checkpoint_step(killed) == 12
+    assert not (killed / "model.safetensors").exists()  # neither run got to the end
+    # a later checkpoint cut short in its save, with garbage for weights, is passed over too
+    (killed / "checkpoint-36").mkdir()
     (killed / "checkpoint-36" / "model.safetensors").write_bytes(b"half")
 
-    summary = load_example("pretrain").main(common + ["--output_dir", str(killed), "--resume_from_checkpoint", "last"])
+    summary = load_example("pretrain").main(args + ["--resume_from_checkpoint", "last"])
     assert summary["global_steps"] == 40
     whole, resumed = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert whole.keys() == resumed.keys()
