@@ -157,12 +157,25 @@ def test_mini_mmeb_splits_share_no_image_and_hold_out_combinations(mini):
 
 
 def test_coma_model_is_scored_through_its_encode_api(mini):
-    _, output = mini
+    root, output = mini
     model, _ = tiny_coma()
     datasets = [dataset for dataset in load_mmeb_datasets(output / "dev") if dataset.name in ("Mini-Count", "Mini-Caption2Image")]
     results = MMEBEvaluator(datasets, show_progress_bar=False)(model)
-    for metrics in results["datasets"].values():
-        assert 0.0 <= metrics["precision@1"] <= 1.0 and metrics["num_queries"] == 30
+
+    def item(text, image):  # the MMEB text as it is (placeholder and instruction kept), images under the scenes' root
+        return {"text": text, "image": str(root / image)} if image else {"text": text}
+
+    for dataset in datasets:  # by hand: one row at a time through `encode`, the gold (first) candidate must win
+        ranks = []
+        for row in dataset.rows:
+            candidates = [item(text, image) for text, image in zip(row["tgt_text"], row["tgt_img_path"])]
+            vectors = model.encode([item(row["qry_text"], row["qry_img_path"]), *candidates])
+            scores = vectors[1:] @ vectors[0]
+            ranks.append(1 + int((scores[1:] >= scores[0]).sum()))
+        metrics = results["datasets"][dataset.name]
+        assert metrics["num_queries"] == len(ranks) == 30
+        assert metrics["precision@1"] == pytest.approx(sum(rank == 1 for rank in ranks) / 30)
+        assert metrics["mrr"] == pytest.approx(sum(1 / rank for rank in ranks) / 30)
     assert "Overall" in markdown_table(results)
 
 
