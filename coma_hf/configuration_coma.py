@@ -60,6 +60,9 @@ class CoMaConfig(PretrainedConfig):
         backbone_name_or_path (`str`, *optional*):
             Where the backbone came from (Hub id or folder), set by `CoMaModel.from_backbone`; the model card's
             `base_model`. `None` for the embedded tiny backbone.
+        embedded_backbone (`bool`, defaults to `False`):
+            Whether the backbone is the package's embedded one (`coma_hf.tiny`), set by its builder. Scripts pick
+            the recipe a run starts with from it (`tiny` for the embedded backbone, `paper` for a real one).
     """
 
     model_type = "coma"
@@ -81,6 +84,7 @@ class CoMaConfig(PretrainedConfig):
         normalize_embeddings: bool = True,
         vision_attention: str = "auto",
         backbone_name_or_path: str | None = None,
+        embedded_backbone: bool = False,
         **kwargs,
     ):
         self.backbone_config = _as_backbone_config(backbone_config)
@@ -98,6 +102,7 @@ class CoMaConfig(PretrainedConfig):
         self.normalize_embeddings = normalize_embeddings
         self.vision_attention = _check_choice("vision_attention", vision_attention, VISION_ATTENTION_MODES)
         self.backbone_name_or_path = backbone_name_or_path
+        self.embedded_backbone = embedded_backbone
         if self.compression_token_ids is not None and len(self.compression_token_ids) != num_compression_tokens:
             raise ValueError(
                 f"compression_token_ids has {len(self.compression_token_ids)} ids but num_compression_tokens is "

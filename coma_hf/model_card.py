@@ -74,7 +74,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
         evaluation_table=markdown_table(evaluation) if evaluation else "",
         evaluation_source="Precision@1 (%) in the MMEB format, from `examples/evaluate.py` "
         "(gold ranked first among all candidates; ties count as misses).",
-        tiny=base_model is None and config.get("backbone_name_or_path") is None,
+        tiny=config.get("embedded_backbone", base_model is None and config.get("backbone_name_or_path") is None),
         image_tokens=f"{processor.get('min_image_tokens') or 'the default'} and "
         f"{processor.get('max_image_tokens') or 'the default'}",
         max_length=processor.get("max_length") or "the model's",

@@ -131,19 +131,89 @@ def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: 
     return model, model.processor
 
 
-def recipe_defaults(argv: list[str], stage: str, configs: Path, named_model_flags: tuple[str, ...]) -> dict:
-    """Parser defaults from the preset named by `--recipe` (`tiny`, `paper` or a JSON file); without one, `paper`
-    when the command line names a model (one of `named_model_flags`) and `tiny` for the embedded default. The chosen
-    name comes back as the `recipe` default, so the parsed arguments (and run summaries) record it."""
-    recipe = None
-    for position, argument in enumerate(argv):
-        if argument == "--recipe" and position + 1 < len(argv):
-            recipe = argv[position + 1]
-        elif argument.startswith("--recipe="):
-            recipe = argument.split("=", 1)[1]
-    if recipe is None:
-        recipe = "paper" if any(argument.startswith(named_model_flags) for argument in argv) else "tiny"
+RECIPES = ("tiny", "paper")
+# Run summaries a checkpoint may carry, newest stage first; each records the recipe it was trained with.
+RUN_SUMMARY_FILES = ("contrastive_summary.json", "pretrain_summary.json")
+
+
+def recipe_of_start(start: str | None) -> tuple[str, str]:
+    """`(recipe, reason)` for a run that starts from `start` (a folder or Hub id; `None` for the embedded backbone).
+
+    The recipe follows the checkpoint: the one its run summary records, else `tiny` when its config marks the
+    package's embedded backbone (`embedded_backbone`), else `paper` (a real backbone, and any Hub id, since nothing
+    is fetched to decide)."""
+    if start is None:
+        return "tiny", "no model named: the embedded tiny backbone"
+    folder = Path(start)
+    if not folder.is_dir():
+        return "paper", f"{start} is not a local folder (a Hub id of a real backbone)"
+    for name in RUN_SUMMARY_FILES:
+        recorded = _read_json(folder / name).get("recipe")
+        if recorded in RECIPES:
+            return recorded, f"{start} was trained with the {recorded!r} recipe ({name})"
+    if _read_json(folder / "config.json").get("embedded_backbone"):
+        return "tiny", f"{start} holds the package's embedded backbone (config embedded_backbone=true)"
+    return "paper", f"{start} holds a real backbone (its config does not mark the embedded one)"
+
+
+def choose_recipe(explicit: str | None, start: str | None) -> tuple[str, str]:
+    """`(recipe, reason)`: `explicit` (a `--recipe` value) when given, else what the start checkpoint calls for."""
+    if explicit is not None:
+        return explicit, "named with --recipe"
+    return recipe_of_start(start)
+
+
+def recipe_defaults(recipe: str, stage: str, configs: Path) -> dict:
+    """Parser defaults of the preset `recipe` (`tiny`, `paper` or a JSON file) for `stage` ("stage1" or "stage2"),
+    with the recipe's name as the `recipe` default, so the parsed arguments (and run summaries) record it."""
     path = Path(recipe) if recipe.endswith(".json") else configs / f"{stage}_{recipe}.json"
     if not path.is_file():
         raise SystemExit(f"Unknown recipe {recipe!r}: no file {path}")
     return {**json.loads(path.read_text()), "recipe": recipe}
+
+
+def parse_with_recipe(dataclass_types: tuple, argv: list[str], stage: str, configs: Path, start_of, **defaults):
+    """Parse `argv` into `dataclass_types` over the defaults of the recipe the run calls for.
+
+    The first dataclass holds `recipe`; `start_of(its parsed values)` names the checkpoint the run starts from
+    (`None` for the embedded backbone), from which `choose_recipe` picks when `--recipe` is absent. A bf16 recipe on
+    a machine without a GPU stops here (`check_precision`). Returns `(parsed dataclasses, why this recipe)`.
+    """
+    from transformers import HfArgumentParser
+
+    first = HfArgumentParser(dataclass_types[0], add_help=False)  # --help belongs to the full parser below
+    early = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
+    recipe, reason = choose_recipe(early.recipe, start_of(early))
+    preset = recipe_defaults(recipe, stage, configs)
+    check_precision(recipe, preset, argv)
+    parser = HfArgumentParser(dataclass_types)
+    parser.set_defaults(**defaults, **preset)
+    return parser.parse_args_into_dataclasses(args=argv), reason
+
+
+@dataclass
+class _Precision:
+    bf16: bool = False
+    use_cpu: bool = False
+
+
+def check_precision(recipe: str, defaults: dict, argv: list[str]) -> None:
+    """Stop with one line when the run would train in bf16 on a machine that has no accelerator for it (transformers
+    would refuse later with an error that does not say what to change)."""
+    from transformers import HfArgumentParser
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    parser = HfArgumentParser(_Precision, add_help=False)  # --help belongs to the script's own parser
+    parser.set_defaults(bf16=defaults.get("bf16", False), use_cpu=defaults.get("use_cpu", False))
+    precision, _ = parser.parse_known_args(argv)
+    if precision.bf16 and not precision.use_cpu and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+        raise SystemExit(f"The {recipe!r} recipe trains in bf16, which this machine has no GPU for: pass --bf16 false "
+                         "to train in float32, or --use_cpu true to run bf16 on the CPU.")  # fmt: skip
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

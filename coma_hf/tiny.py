@@ -245,7 +245,8 @@ def build_tiny_coma(
     tokenizer: PreTrainedTokenizerFast | None = None,
     **config_kwargs,
 ) -> tuple[CoMaModel, CoMaProcessor]:
-    """The embedded default: a tiny random-weight backbone of `family` turned into a CoMa model, and its processor."""
+    """The embedded default: a tiny random-weight backbone of `family` turned into a CoMa model, and its processor.
+    Its config says so (`embedded_backbone=True`), which is how scripts choose the `tiny` recipe for it."""
     backbone, parts = build_tiny_backbone(family, seed, attn_implementation, backbone_config, tokenizer)
     model = CoMaModel.from_backbone(
         backbone,
@@ -255,6 +256,7 @@ def build_tiny_coma(
         max_image_tokens=max_image_tokens,
         max_length=max_length,
         seed=seed,
+        embedded_backbone=True,
         **config_kwargs,
     )
     return model.eval(), model.processor

@@ -6,7 +6,8 @@ measures how well answers decoded from the compression states alone match on uns
 and saves the merged checkpoint to `outputs/stage1` with `pretrain_summary.json`.
 
 With `--model_name_or_path` (a Hub id or folder of a Qwen2/2.5/3-VL model) the paper's recipe is the default
-(`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained).
+(`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained); a folder whose config
+marks the package's embedded backbone keeps `tiny` (`coma_hf.recipes.recipe_of_start` says why, in the log).
 
     python examples/pretrain.py
     python examples/pretrain.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset data/stage1.jsonl
@@ -23,14 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
 from coma_hf.model_card import hardware, write_run_summary
 from coma_hf.recipes import (
-    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, recipe_defaults,
+    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, parse_with_recipe,
 )
 
 logger = logging.getLogger("pretrain")
@@ -44,8 +45,8 @@ class ModelArguments:
     )
     recipe: str | None = field(
         default=None,
-        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: tiny for the embedded backbone, "
-                  "paper otherwise)."},
+        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: what the backbone calls for: tiny "
+                  "for the embedded one, paper for a real one)."},
     )  # fmt: skip
     loss_on: str = field(default="answers", metadata={"help": "'answers' or 'all_after_compression'."})
     attention_rule: str = field(default="bottleneck", metadata={"help": "'bottleneck' (CoMa) or 'causal' (control)."})
@@ -111,10 +112,12 @@ def drop_bad_rows(dataset, processor, root, data_args: DataArguments, loss_on: s
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, BackboneArguments, DataArguments, LoraArguments, TrainingArguments))
-    parser.set_defaults(output_dir="outputs/stage1", **recipe_defaults(argv, "stage1", CONFIGS, ("--model_name_or_path",)))
-    model_args, backbone_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    (model_args, backbone_args, data_args, lora_args, training_args), why = parse_with_recipe(
+        (ModelArguments, BackboneArguments, DataArguments, LoraArguments, TrainingArguments), argv, "stage1", CONFIGS,
+        lambda model_args: model_args.model_name_or_path, output_dir="outputs/stage1",
+    )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logger.info("Recipe %r: %s", model_args.recipe, why)
     check_sharding(training_args, lora_args, "stage1")
     set_seed(training_args.seed)
     started = time.time()

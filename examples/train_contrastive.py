@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pairs
@@ -34,7 +34,7 @@ from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.losses import CoMaContrastiveLoss
 from coma_hf.model_card import hardware, write_run_summary
 from coma_hf.recipes import (
-    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, merge_lora, recipe_defaults,
+    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, merge_lora, parse_with_recipe,
 )
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.trainer import CoMaContrastiveTrainer
@@ -42,7 +42,6 @@ from coma_hf.trainer import CoMaContrastiveTrainer
 logger = logging.getLogger("train_contrastive")
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_STAGE1 = "outputs/stage1"
-NAMED_MODEL_FLAGS = ("--model_name_or_path", "--backbone")
 
 
 @dataclass
@@ -58,8 +57,8 @@ class ModelArguments:
     backbone: str | None = field(default=None, metadata={"help": "Backbone MLLM for --from_backbone."})
     recipe: str | None = field(
         default=None,
-        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: tiny for the embedded model, "
-                  "paper otherwise)."},
+        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: the recipe the start checkpoint "
+                  "was trained with, else tiny for the embedded backbone and paper for a real one)."},
     )  # fmt: skip
 
 
@@ -100,16 +99,23 @@ class LossArguments:
     )
 
 
+def start_checkpoint(model_args: ModelArguments) -> str | None:
+    """What stage 2 starts from: the stage-1 checkpoint, or with --from_backbone the backbone (`None`: embedded)."""
+    if model_args.from_backbone:
+        return model_args.backbone
+    path = model_args.model_name_or_path
+    if path == DEFAULT_STAGE1 and not Path(path).is_dir():
+        raise SystemExit(
+            f"No stage-1 checkpoint at {path}. Make it with `python examples/pretrain.py` (about 5 minutes on "
+            "2 CPU cores), name another with --model_name_or_path, or pass --from_backbone to skip stage 1."
+        )
+    return path
+
+
 def initial_checkpoint(model_args: ModelArguments, backbone_args: BackboneArguments, output_dir: str, seed: int) -> str:
     """The folder or Hub id stage 2 starts from; with --from_backbone, a fresh CoMa model saved for the purpose."""
     if not model_args.from_backbone:
-        path = model_args.model_name_or_path
-        if path == DEFAULT_STAGE1 and not Path(path).is_dir():
-            raise SystemExit(
-                f"No stage-1 checkpoint at {path}. Make it with `python examples/pretrain.py` (about 5 minutes on "
-                "2 CPU cores), name another with --model_name_or_path, or pass --from_backbone to skip stage 1."
-            )
-        return path
+        return start_checkpoint(model_args)
     model, _ = build_coma(backbone_args, model_args.backbone, seed)
     folder = Path(output_dir) / "initial"
     model.save_pretrained(folder)
@@ -169,15 +175,14 @@ def build_loss(model, loss_args: LossArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(
-        (ModelArguments, BackboneArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments)
-    )
-    recipe = recipe_defaults(argv, "stage2", CONFIGS, NAMED_MODEL_FLAGS)
-    parser.set_defaults(output_dir="outputs/stage2", **recipe)
-    model_args, backbone_args, data_args, loss_args, lora_args, training_args = parser.parse_args_into_dataclasses(
-        args=argv
+    dataclass_types = (
+        ModelArguments, BackboneArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments
+    )  # fmt: skip
+    (model_args, backbone_args, data_args, loss_args, lora_args, training_args), why = parse_with_recipe(
+        dataclass_types, argv, "stage2", CONFIGS, start_checkpoint, output_dir="outputs/stage2"
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logger.info("Recipe %r: %s", model_args.recipe, why)
     check_sharding(training_args, lora_args, "stage2")
     set_seed(training_args.seed)
     started = time.time()

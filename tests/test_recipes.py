@@ -1,0 +1,72 @@
+"""A recipe follows the checkpoint a run starts from; a bf16 recipe without a GPU stops with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers.utils import is_torch_bf16_gpu_available
+
+from coma_hf.recipes import choose_recipe, recipe_of_start
+from conftest import load_example, tiny_coma
+
+STAGE1_TOY = ["--num_train_scenes", "12", "--num_dev_scenes", "4", "--num_test_scenes", "2", "--scene_size", "56",
+              "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_eval_samples", "2",
+              "--tiny_hidden_size", "32", "--num_compression_tokens", "4", "--min_image_tokens", "4",
+              "--max_image_tokens", "4", "--dataloader_num_workers", "0"]  # fmt: skip
+STAGE2_TOY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+              "--dataloader_num_workers", "0", "--mini_batch_size", "4", "--max_train_scenes", "12"]  # fmt: skip
+needs_no_gpu = pytest.mark.skipif(is_torch_bf16_gpu_available(), reason="checks the machine without a GPU")
+
+
+def _folder(tmp_path, name, config=None, summaries=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "coma", **(config or {})}))
+    for file_name, summary in (summaries or {}).items():
+        (folder / file_name).write_text(json.dumps(summary))
+    return str(folder)
+
+
+def test_the_recipe_follows_the_start_checkpoint(tmp_path):
+    # the embedded backbone's own config carries the marker; a real backbone's does not
+    model, _ = tiny_coma()
+    model.save_pretrained(tmp_path / "embedded")
+    assert recipe_of_start(str(tmp_path / "embedded"))[0] == "tiny"
+    assert recipe_of_start(_folder(tmp_path, "real", {"backbone_name_or_path": None}))[0] == "paper"
+    assert recipe_of_start(None)[0] == "tiny"
+    assert recipe_of_start("Qwen/Qwen2.5-VL-3B-Instruct")[0] == "paper"  # a Hub id: nothing fetched to decide
+    # the recipe a run summary records wins over the marker; the newest stage's summary first
+    recorded = _folder(tmp_path, "recorded", {"embedded_backbone": True}, {"pretrain_summary.json": {"recipe": "paper"}})
+    assert recipe_of_start(recorded)[0] == "paper"
+    both = _folder(tmp_path, "both", {}, {"pretrain_summary.json": {"recipe": "paper"},
+                                          "contrastive_summary.json": {"recipe": "tiny"}})  # fmt: skip
+    assert recipe_of_start(both)[0] == "tiny"
+    # a custom preset file records no stage-neutral name: the marker decides
+    custom = _folder(tmp_path, "custom", {"embedded_backbone": True}, {"pretrain_summary.json": {"recipe": "my.json"}})
+    assert recipe_of_start(custom)[0] == "tiny"
+    assert choose_recipe("paper", str(tmp_path / "embedded")) == ("paper", "named with --recipe")
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("script", ["pretrain", "train_contrastive"])
+def test_the_paper_recipe_without_a_gpu_stops_with_one_line_saying_what_to_pass(tmp_path, script):
+    with pytest.raises(SystemExit) as stopped:
+        load_example(script).main(["--recipe", "paper", "--output_dir", str(tmp_path / "out"), "--from_backbone"
+                                   if script == "train_contrastive" else "--max_steps=1"])  # fmt: skip
+    message = str(stopped.value)
+    assert "\n" not in message and "bf16" in message
+    assert "--bf16 false" in message and "--use_cpu true" in message
+
+
+def test_stage_two_from_ones_own_stage_one_folder_runs_on_cpu(tmp_path, caplog):
+    """`pretrain.py --output_dir X` then `train_contrastive.py --model_name_or_path X`, no recipe named."""
+    synthetic, stage1 = tmp_path / "synthetic", tmp_path / "stage1"
+    load_example("pretrain").main(STAGE1_TOY + ["--output_dir", str(stage1), "--synthetic_dir", str(synthetic)])
+    caplog.set_level("INFO", logger="train_contrastive")
+    summary = load_example("train_contrastive").main(
+        STAGE2_TOY + ["--model_name_or_path", str(stage1), "--synthetic_dir", str(synthetic),
+                      "--output_dir", str(tmp_path / "stage2")]
+    )  # fmt: skip
+    assert summary["recipe"] == "tiny" and summary["global_steps"] == 1
+    assert any("Recipe 'tiny'" in line and "pretrain_summary.json" in line for line in caplog.messages)
