@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from coma_hf import CoMaInputError
@@ -83,6 +85,15 @@ def test_gradient_accumulation_matches_a_larger_batch(scenes, tmp_path):
         torch.testing.assert_close(value, results[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _hand_answer_loss(model, inputs) -> float:
+    """Mean next-token cross-entropy of the LM head's logits at the labelled positions, computed here."""
+    with torch.no_grad():
+        hidden = model.backbone_hidden_states(**inputs)
+    targets = inputs["labels"][:, 1:]
+    keep = targets != -100
+    return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), targets[keep]).item()
+
+
 def test_training_logs_loss_tokens_per_second_and_evaluates(scenes, tmp_path):
     dataset, root = scenes
     model, processor = _fresh_model()
@@ -90,14 +101,29 @@ def test_training_logs_loss_tokens_per_second_and_evaluates(scenes, tmp_path):
                  gradient_checkpointing=True)  # fmt: skip
     trainer = CoMaCompressionTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(8)),
                                      processing_class=processor, image_root=root)  # fmt: skip
+    expected, tokens, padded = [], [], []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):  # each training batch, with the weights of its step
+        if model.training:
+            expected.append(_hand_answer_loss(model, inputs))
+            tokens.append(int(inputs["attention_mask"].sum()))
+            padded.append(inputs["attention_mask"].numel())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
     trainer.train()
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
-    assert len(losses) == 6 and all(loss > 0 for loss in losses)
-    assert any("eval_loss" in entry for entry in history)
-    speeds = [entry["train_tokens_per_second"] for entry in history if "train_tokens_per_second" in entry]
-    assert len(speeds) >= 6 and all(speed > 0 for speed in speeds)
-    assert history[-1]["num_input_tokens_seen"] > 0
+    assert len(expected) == 6 and losses == pytest.approx(expected, rel=1e-5)  # one batch per logged step
+    assert [entry["eval_loss"] for entry in history if "eval_loss" in entry] and history[-1]["step"] == 6
+    seen = [entry["num_input_tokens_seen"] for entry in history if "loss" in entry]
+    assert seen == list(itertools.accumulate(tokens)) and sum(tokens) < sum(padded)  # padding is not counted
+    timed = [entry for entry in history if "train_tokens_per_second" in entry]
+    assert len(timed) >= 6
+    for entry in timed:  # the speed is the tokens counted above over the time taken
+        speed = entry["num_input_tokens_seen"] / entry["train_runtime"]
+        assert entry["train_tokens_per_second"] == pytest.approx(speed, rel=0.01)
 
 
 def test_bad_row_stops_training_naming_row_and_field(tmp_path):
@@ -162,6 +188,22 @@ def test_collator_counts_dropped_turns():
     processor.max_length = 64
     collator = CoMaCompressionCollator(processor)
     turns = [{"question": f"Question number {index} about the picture?", "answer": "an answer"} for index in range(6)]
-    batch = collator([{"id": "x", "image": random_image(0, (56, 56)), "conversation": turns}])
-    assert batch["input_ids"].shape[1] <= 64 and collator.dropped_turns > 0
+    image = random_image(0, (56, 56))
+    batch = collator([{"id": "x", "image": image, "conversation": turns}])
+    # by hand: image block, compress instruction and K compression tokens, then whole turns while they fit in 64
+    tokenizer = processor.tokenizer
+
+    def tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    length = 2 + int(grid.prod()) // processor.image_processor.merge_size**2 + tokens(processor.compress_instruction) + 4
+    kept = 0
+    for turn in turns:  # <|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n{A}<|im_end|>\n
+        turn_length = 4 + tokens("user\n") + tokens(turn["question"]) + 2 * tokens("\n") + tokens("assistant\n")
+        turn_length += tokens(turn["answer"])
+        if length + turn_length > 64:
+            break
+        length, kept = length + turn_length, kept + 1
+    assert 0 < kept < 6 and batch["input_ids"].shape[1] == length and collator.dropped_turns == 6 - kept
     assert int(batch["dropped_turns"]) == collator.dropped_turns
