@@ -107,7 +107,9 @@ def test_texts_empty_whitespace_and_huge():
     huge = "lorem ipsum " * 8_400  # 100,800 characters
     _ok(model.encode([huge, {"image": random_image(1), "text": huge}]))
     rendered = processor.render_embedding_input(text=huge)
-    assert len(rendered.input_ids) == processor.max_length and rendered.truncated_text_tokens > 0
+    text_tokens = len(processor.tokenizer(huge, add_special_tokens=False)["input_ids"])
+    kept = processor.max_length - len(processor.compression_token_ids)  # no instruction: all the rest is text
+    assert len(rendered.input_ids) == processor.max_length and rendered.truncated_text_tokens == text_tokens - kept
     # what remains of the text ends in the compression tokens, as for any input
     assert rendered.input_ids[-len(processor.compression_token_ids):] == processor.compression_token_ids
 

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 from coma_hf import CoMaInputError
 from coma_hf.data.stage1 import load_stage1_dataset, normalize_stage1_record, validate_stage1_dataset
@@ -81,7 +82,9 @@ def test_datasets_image_column(tmp_path):
     _, processor = tiny_coma()
     record = normalize_stage1_record(loaded[0], 0, root)
     rendered = processor.render_compression_sample(record["image"], record["text"], record["conversation"])
-    assert rendered.pixel_values is not None and rendered.dropped_turns == 0
+    original = processor.image_processor(images=[random_image(2)], return_tensors="pt")  # PNG: the same pixels back
+    torch.testing.assert_close(rendered.pixel_values, original["pixel_values"], rtol=0, atol=0)
+    assert rendered.image_grid_thw.tolist() == original["image_grid_thw"].tolist() and rendered.dropped_turns == 0
 
 
 def test_bad_rows_are_errors_naming_row_and_field(tmp_path):
