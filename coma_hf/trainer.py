@@ -84,8 +84,10 @@ NONFINITE_LOSS_MODES = ("stop", "skip")
 
 class _CoMaTrainerMixin:
     """What both stages' trainers add to Trainer's loop: the batch sizes logged at the start, resuming from the last
-    *complete* checkpoint, and a guard against non-finite losses (`on_nonfinite_loss`: "stop" raises
-    `NonFiniteLossError`; "skip" gives the batch zero gradients, counts it in `skipped_batches` and goes on)."""
+    *complete* checkpoint, the loss of the first and the last optimizer step (`first_step_loss`, `last_step_loss`;
+    Trainer logs only window means, which a run shorter than `logging_steps` never fills), and a guard against
+    non-finite losses (`on_nonfinite_loss`: "stop" raises `NonFiniteLossError`; "skip" gives the batch zero gradients,
+    counts it in `skipped_batches` and goes on)."""
 
     stage_name = "training"
 
@@ -94,6 +96,9 @@ class _CoMaTrainerMixin:
             raise ValueError(f"on_nonfinite_loss must be one of {NONFINITE_LOSS_MODES}, got {on_nonfinite_loss!r}")
         self.on_nonfinite_loss = on_nonfinite_loss
         self.skipped_batches = []  # (step, sample ids) of the batches skipped for a non-finite loss
+        self.first_step_loss: float | None = None  # this run's first optimizer step, mean over processes
+        self.last_step_loss: float | None = None
+        self._step_losses: dict[int, torch.Tensor] = {}  # optimizer step → summed micro-batch losses, first and last
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` (or "last" / "true" from a command line) resumes from
@@ -102,7 +107,29 @@ class _CoMaTrainerMixin:
         if resume_from_checkpoint in (True, "last", "true", "True"):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             logger.info("Resuming from %s", resume_from_checkpoint or "the start (no complete checkpoint yet)")
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._record_first_and_last_step_loss()
+        return output
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """As Trainer's; the micro-batch losses of one optimizer step are summed (each is already scaled for
+        accumulation, as Trainer's logged loss), kept on the device for the first and the latest step only."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        step = self.state.global_step + 1  # Trainer counts a step once its optimizer step is done
+        if step not in self._step_losses:
+            first = min(self._step_losses, default=step)
+            self._step_losses = {key: value for key, value in self._step_losses.items() if key == first}
+            self._step_losses[step] = torch.zeros((), device=loss.device)
+        self._step_losses[step] = self._step_losses[step] + loss.detach().float()
+        return loss
+
+    def _record_first_and_last_step_loss(self) -> None:
+        if not self._step_losses:
+            return
+        first, last = min(self._step_losses), max(self._step_losses)
+        pair = torch.stack([self._step_losses[first], self._step_losses[last]])
+        pair = self.accelerator.reduce(pair, reduction="mean")  # every process gets here: one collective, at the end
+        self.first_step_loss, self.last_step_loss = (float(value) for value in pair)
 
     def _checked_loss(self, model, result, sample_ids):
         """`result` (a loss, or `(loss, outputs)`) if its loss is finite; otherwise stop, or a zero loss that still

@@ -26,9 +26,13 @@ from pathlib import Path
 
 from transformers import TrainingArguments, set_seed
 
-from coma_hf.data.stage1 import load_stage1_dataset, validate_stage1_dataset
+from coma_hf.data.stage1 import (
+    hold_out_by_image, load_stage1_dataset, normalize_stage1_record, validate_stage1_dataset,
+)
 from coma_hf.data.synthetic import write_synthetic_dataset
-from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
+from coma_hf.evaluation.compression import (
+    MAX_ANSWER_TOKENS, SCORING, answer_accuracy, generation_length, majority_baseline,
+)
 from coma_hf.model_card import hardware, write_run_summary
 from coma_hf.recipes import (
     BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, parse_with_recipe,
@@ -63,8 +67,15 @@ class DataArguments:
                   "Default: synthetic scenes written to --synthetic_dir."},
     )  # fmt: skip
     eval_dataset: str | None = field(
-        default=None, metadata={"help": "Held-out data (default: the dev split next to --dataset, if any)."}
-    )
+        default=None,
+        metadata={"help": "Held-out data (default: the dev split next to --dataset, if any; else a slice of "
+                  "--dataset, see --validation_split_percentage)."},
+    )  # fmt: skip
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={"help": "With --dataset and no held-out data: this % of its images (whole images, at most "
+                  "--max_eval_samples rows) is held out of training for the answer evaluation; 0 turns it off."},
+    )  # fmt: skip
     image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
     synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where synthetic scenes are written."})
     num_train_scenes: int = field(default=4000, metadata={"help": "Synthetic training scenes."})
@@ -74,11 +85,15 @@ class DataArguments:
     validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
     max_eval_samples: int = field(default=200, metadata={"help": "Held-out samples for the answer evaluation."})
+    max_answer_tokens: int = field(
+        default=MAX_ANSWER_TOKENS, metadata={"help": "Cap on generated answer tokens (else the longest reference's)."}
+    )
     max_qa_turns: int | None = field(default=None, metadata={"help": "Train on each conversation's first turns only."})
 
 
-def load_data(data_args: DataArguments):
-    """(train, train image root, eval, eval image root); synthetic scenes when no dataset is named."""
+def load_data(data_args: DataArguments, seed: int = 0):
+    """(train, train image root, eval, eval image root, where eval came from); synthetic scenes when no dataset is
+    named, and with --dataset alone a held-out slice of it, split by image."""
     if data_args.dataset is None:
         paths = write_synthetic_dataset(
             data_args.synthetic_dir, data_args.num_train_scenes, data_args.num_dev_scenes, data_args.num_test_scenes,
@@ -86,14 +101,22 @@ def load_data(data_args: DataArguments):
         )  # fmt: skip
         train, root = load_stage1_dataset(paths["train"], image_root=data_args.image_root)
         evaluation, eval_root = load_stage1_dataset(paths["dev"], image_root=data_args.image_root)
-        return train, root, evaluation, eval_root
+        return train, root, evaluation, eval_root, "synthetic dev scenes"
     train, root = load_stage1_dataset(data_args.dataset, "train", data_args.image_root)
-    evaluation = eval_root = None
     if data_args.eval_dataset:
         evaluation, eval_root = load_stage1_dataset(data_args.eval_dataset, "dev", data_args.image_root)
-    elif Path(data_args.dataset).is_dir() and (Path(data_args.dataset) / "dev.jsonl").is_file():
+        return train, root, evaluation, eval_root, data_args.eval_dataset
+    if Path(data_args.dataset).is_dir() and (Path(data_args.dataset) / "dev.jsonl").is_file():
         evaluation, eval_root = load_stage1_dataset(data_args.dataset, "dev", data_args.image_root)
-    return train, root, evaluation, eval_root
+        return train, root, evaluation, eval_root, f"{data_args.dataset} (dev split)"
+    train, evaluation = hold_out_by_image(
+        train, data_args.validation_split_percentage, data_args.max_eval_samples, seed
+    )
+    if evaluation is None:
+        return train, root, None, None, None
+    logger.info("Held out %d rows of --dataset (whole images) for the answer evaluation", len(evaluation))
+    source = f"{len(evaluation)} rows held out of --dataset by image ({data_args.validation_split_percentage:g} %)"
+    return train, root, evaluation, root, source
 
 
 def drop_bad_rows(dataset, processor, root, data_args: DataArguments, loss_on: str, name: str):
@@ -127,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss_on=model_args.loss_on, attention_rule=model_args.attention_rule,
     )  # fmt: skip
     with training_args.main_process_first(desc="writing or reading the data"):  # synthetic scenes written once
-        train, root, evaluation, eval_root = load_data(data_args)
+        train, root, evaluation, eval_root, eval_source = load_data(data_args, training_args.seed)
     train, bad_train = drop_bad_rows(train, processor, root, data_args, model_args.loss_on, "training")
     if evaluation is not None:
         evaluation, _ = drop_bad_rows(evaluation, processor, eval_root, data_args, model_args.loss_on, "evaluation")
@@ -148,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     merged = trainer.save_merged(training_args.output_dir)
 
     summary = summarize(trainer, merged, processor, train, evaluation, eval_root, data_args, bad_train, started)
+    summary["eval_source"] = eval_source
     summary["recipe"] = model_args.recipe
     summary["train_dataset"] = data_args.dataset or "synthetic scenes"
     summary["hardware"] = hardware()
@@ -158,10 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarize(trainer, model, processor, train, evaluation, eval_root, data_args, bad_train, started) -> dict:
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_first": trainer.first_step_loss,  # the run's first optimizer step
+        "train_loss_last": trainer.last_step_loss,  # and its last
         "num_train_samples": len(train),
         "num_skipped_samples": len(bad_train),
         "skipped_samples": [asdict(sample) for sample in bad_train],
@@ -171,18 +194,26 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
     }
     if evaluation is not None and len(evaluation):
         rows = [evaluation[index] for index in range(min(len(evaluation), data_args.max_eval_samples))]
+        records = [normalize_stage1_record(row, index, eval_root) for index, row in enumerate(rows)]
+        length = generation_length(processor, records, data_args.max_answer_tokens)
         model.eval()
-        heldout = answer_accuracy(model, processor, rows, eval_root)
-        control = answer_accuracy(model, processor, rows, eval_root, control=True)
-        majority = majority_baseline((train[index] for index in range(len(train))), rows)
+        heldout = answer_accuracy(model, processor, records, max_new_tokens=length)
+        control = answer_accuracy(model, processor, records, control=True, max_new_tokens=length)
+        majority = majority_baseline((train[index] for index in range(len(train))), records)
         summary.update(
             heldout_answer_accuracy=heldout["accuracy"],
             majority_baseline_accuracy=majority["accuracy"],
             control_answer_accuracy=control["accuracy"],
+            heldout_answer_f1=heldout["f1"],
+            majority_baseline_f1=majority["f1"],
+            control_answer_f1=control["f1"],
+            answer_scoring=SCORING,
+            answer_max_new_tokens=length,
+            num_eval_samples=len(records),
             num_eval_questions=heldout["num_questions"],
             per_type={
                 kind: {"heldout": heldout["per_type"][kind], "majority": majority["per_type"].get(kind),
-                       "control": control["per_type"].get(kind)}
+                       "control": control["per_type"].get(kind), "heldout_f1": heldout["per_type_f1"][kind]}
                 for kind in heldout["per_type"]
             },  # fmt: skip
         )
@@ -193,14 +224,20 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
 
 def print_summary(summary: dict, output_dir: str) -> None:
     print(f"\nStage 1 finished in {summary['seconds']} s ({summary['global_steps']} steps); saved to {output_dir}")
-    print(f"  train loss            {summary['train_loss_first']} -> {summary['train_loss_last']}")
+    first, last = (summary[key] for key in ("train_loss_first", "train_loss_last"))
+    if first is not None:
+        print(f"  train loss            {first:.4f} -> {last:.4f} (first -> last optimizer step)")
     if "heldout_answer_accuracy" in summary:
-        print(f"  held-out answers      {summary['heldout_answer_accuracy']:.3f} exact match (from the K states alone)")
-        print(f"  majority baseline     {summary['majority_baseline_accuracy']:.3f}")
-        print(f"  control (other input) {summary['control_answer_accuracy']:.3f}")
+        print(f"  held-out answers on {summary['num_eval_samples']} samples ({summary['eval_source']}), "
+              f"{summary['num_eval_questions']} questions, answers of up to {summary['answer_max_new_tokens']} tokens "
+              f"generated from the K states alone; scored by {summary['answer_scoring']}:")  # fmt: skip
+        print("                          exact match  token F1")
+        for label, key in (("from the K states", "heldout_answer"), ("majority baseline", "majority_baseline"),
+                           ("control (other input)", "control_answer")):  # fmt: skip
+            print(f"    {label:<22} {summary[key + '_accuracy']:>9.3f}  {summary[key + '_f1']:>8.3f}")
         for kind, scores in summary["per_type"].items():
             print(f"    {kind:<10} held-out {scores['heldout']:.2f}  majority {scores['majority']:.2f}  control "
-                  f"{scores['control']:.2f}")  # fmt: skip
+                  f"{scores['control']:.2f}  (exact match)")  # fmt: skip
     print(f"  samples {summary['num_train_samples']} trained, {summary['num_skipped_samples']} skipped")
 
 

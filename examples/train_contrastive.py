@@ -221,14 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) -> dict:
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     model.eval()
     results = evaluator.evaluator(model)
     baselines = chance_baselines(evaluator.evaluator.datasets)
     return {
         "started_from": start_from,
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_first": trainer.first_step_loss,  # the run's first optimizer step
+        "train_loss_last": trainer.last_step_loss,  # and its last
         "eval_precision_at_1": results["overall"]["precision@1"],
         "eval_per_meta_task": {task: values["precision@1"] for task, values in results["meta_tasks"].items()},
         "eval_per_dataset": {name: values["precision@1"] for name, values in results["datasets"].items()},
@@ -246,7 +245,9 @@ def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) ->
 
 def print_summary(summary: dict, output_dir: str) -> None:
     print(f"\nStage 2 finished in {summary['seconds']} s ({summary['global_steps']} steps); saved to {output_dir}")
-    print(f"  train loss          {summary['train_loss_first']} -> {summary['train_loss_last']}")
+    first, last = (summary[key] for key in ("train_loss_first", "train_loss_last"))
+    if first is not None:
+        print(f"  train loss          {first:.4f} -> {last:.4f} (first -> last optimizer step)")
     print(f"  dev P@1             {summary['eval_precision_at_1']:.3f} (chance/constant baseline "
           f"{summary['baseline_precision_at_1']:.3f})")  # fmt: skip
     for task, value in summary["eval_per_meta_task"].items():

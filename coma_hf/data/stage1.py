@@ -137,6 +137,68 @@ def _message_text(content: Any) -> str:
     return ""
 
 
+def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
+    """Split `dataset` into (train, held out) so that no image is in both: whole images, drawn in a seeded order,
+    until the held-out part has `percentage` % of the rows (at least one), at most `max_rows`.
+
+    Rows without an image are grouped by their text. Returns `(dataset, None)` when nothing can be held out (a
+    percentage or cap of 0, or a single image behind every row).
+    """
+    import math
+    import random
+
+    target = min(math.ceil(len(dataset) * percentage / 100), max_rows)
+    if target <= 0 or len(dataset) < 2:
+        return dataset, None
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(_image_keys(dataset)):
+        groups.setdefault(key, []).append(index)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    held: list[int] = []
+    for key in order[:-1]:  # the last group always trains
+        if len(held) >= target:
+            break
+        if len(held) + len(groups[key]) > max_rows:
+            continue  # an image with many rows would overshoot the cap; a smaller one may fit
+        held += groups[key]
+    if not held:
+        return dataset, None
+    kept = sorted(set(range(len(dataset))) - set(held))
+    return dataset.select(kept), dataset.select(sorted(held))
+
+
+def _image_keys(dataset) -> list[str]:
+    """One key per row naming its image (path, or a digest of its bytes), or its text when it has none; read
+    without decoding images."""
+    import hashlib
+
+    import datasets
+
+    columns = dataset.column_names
+    if "image" in columns or "images" in columns:
+        name = "image" if "image" in columns else "images"
+        feature = dataset.features[name]
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):
+            dataset = dataset.cast_column(name, datasets.List(datasets.Image(decode=False)))
+        images = dataset[name]
+        if name == "images":
+            images = [value[0] if value else None for value in images]
+    else:
+        images = [None] * len(dataset)
+    texts = dataset["text"] if "text" in columns else [None] * len(dataset)
+    keys = []
+    for index, (image, text) in enumerate(zip(images, texts)):
+        if isinstance(image, dict):
+            image = image.get("path") or hashlib.sha1(image.get("bytes") or b"").hexdigest()
+        elif image is not None and not isinstance(image, str):  # a PIL image
+            image = hashlib.sha1(image.tobytes()).hexdigest()
+        keys.append(f"image:{os.path.normpath(image)}" if image else f"text:{text if text is not None else index}")
+    return keys
+
+
 @dataclass
 class BadSample:
     """A row that cannot be used, and why."""

@@ -1,0 +1,114 @@
+"""Stage 1 on a user's own data: a held-out slice split by image, answers scored from the K states, and the loss of
+the first and last optimizer step in runs of any length."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from coma_hf.data.stage1 import hold_out_by_image, load_stage1_dataset
+from coma_hf.evaluation.compression import token_f1
+from conftest import load_example, random_image
+
+TOY = ["--tiny_hidden_size", "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens",
+       "4", "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0"]  # fmt: skip
+ANSWERS = ("a red circle on the left", "two", "the digit seven in the lower right corner of the picture")
+
+
+def _llava_rows(folder, images: int = 12, rows_per_image: int = 2) -> list[dict]:
+    """LLaVA-format rows, several per image (different questions about the same picture)."""
+    rows = []
+    for image in range(images):
+        random_image(image, (56, 56)).save(folder / f"picture{image}.png")
+        for turn in range(rows_per_image):
+            answer = ANSWERS[(image + turn) % len(ANSWERS)]
+            rows.append({"id": f"p{image}-{turn}", "image": f"picture{image}.png", "conversations": [
+                {"from": "human", "value": f"<image>\nQuestion {turn}?"}, {"from": "gpt", "value": answer}]})
+    return rows
+
+
+def test_hold_out_by_image_keeps_every_image_on_one_side(tmp_path):
+    rows = _llava_rows(tmp_path, images=20, rows_per_image=3)
+    rows += [{"id": f"text-{index}", "text": "the same text", "conversation": []} for index in range(2)]
+    dataset = Dataset.from_list([{**row, "text": row.get("text")} for row in rows])
+    train, heldout = hold_out_by_image(dataset, percentage=10, max_rows=100, seed=0)
+    assert len(heldout) == 9 and len(train) + len(heldout) == len(dataset)  # 10 % of 62 → 7 rows → 3 whole images
+    train_keys = {row["image"] or row["text"] for row in train}
+    assert not train_keys & {row["image"] or row["text"] for row in heldout}
+    assert {row["id"] for row in train} | {row["id"] for row in heldout} == {row["id"] for row in rows}
+    # the cap is never overshot, the same seed draws the same images, and 0 % holds nothing out
+    assert len(hold_out_by_image(dataset, percentage=50, max_rows=4, seed=0)[1]) == 3
+    assert hold_out_by_image(dataset, 10, 100, seed=0)[1]["id"] == heldout["id"]
+    assert hold_out_by_image(dataset, 10, 100, seed=1)[1]["id"] != heldout["id"]
+    assert hold_out_by_image(dataset, 0, 100)[1] is None
+
+
+def test_token_f1_against_hand_counts():
+    assert token_f1("The red circle.", "a red circle") == 1.0  # articles and punctuation do not count
+    assert token_f1("red square", "red circle") == pytest.approx(0.5)  # P = R = 1/2
+    assert token_f1("red", "a red circle on the left") == pytest.approx(2 * 1 * 0.25 / 1.25)  # P = 1, R = 1/4
+    assert token_f1("blue", "red") == 0.0
+
+
+def test_short_run_on_own_data_reports_losses_and_held_out_answers(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = _llava_rows(data)
+    (data / "my.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script = load_example("pretrain")
+    summary = script.main(TOY + ["--dataset", str(data / "my.jsonl"), "--max_steps", "3", "--logging_steps", "100",
+                                 "--validation_split_percentage", "25", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    # a run shorter than one logging window still has the loss of its first and its last optimizer step
+    assert isinstance(summary["train_loss_first"], float) and isinstance(summary["train_loss_last"], float)
+    assert summary["train_loss_first"] != summary["train_loss_last"]
+    # 25 % of 24 rows is 6 rows: three whole images, never trained on
+    assert summary["num_eval_samples"] == 6 and summary["num_train_samples"] == 18
+    assert summary["num_eval_questions"] == 6 and summary["global_steps"] == 3
+    for key in ("heldout_answer", "majority_baseline", "control_answer"):
+        assert f"{key}_accuracy" in summary and f"{key}_f1" in summary
+    # answers are generated up to the longest reference answer (+ <|im_end|>), not a fixed 8 tokens
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    longest = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in ANSWERS)
+    assert summary["answer_max_new_tokens"] == longest + 1 > 8
+    # the majority baseline by hand: the most frequent training answer, exact match on the held-out turns
+    train, heldout = hold_out_by_image(load_stage1_dataset(data / "my.jsonl")[0], 25, 200, seed=0)  # the recipe's seed
+    answers = [row["conversations"][1]["value"] for row in train]
+    majority = max(set(answers), key=answers.count)
+    expected = sum(row["conversations"][1]["value"] == majority for row in heldout) / len(heldout)
+    assert summary["majority_baseline_accuracy"] == pytest.approx(expected)
+    assert "exact match" in summary["answer_scoring"] and "F1" in summary["answer_scoring"]
+    saved = json.loads((tmp_path / "out" / "pretrain_summary.json").read_text())
+    assert saved["eval_source"].startswith("6 rows held out of --dataset by image")
+
+
+def test_first_and_last_step_losses_match_trainers_own_per_step_logs(tmp_path):
+    """With accumulation, a step's loss is the sum of its scaled micro-batch losses: what Trainer logs (rounded to
+    4 digits) when it logs every step."""
+    import coma_hf.trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "my.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _llava_rows(data)))
+    trainers = []
+
+    class RecordingTrainer(coma_hf.trainer.CoMaCompressionTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    script = load_example("pretrain")
+    original, coma_hf.trainer.CoMaCompressionTrainer = coma_hf.trainer.CoMaCompressionTrainer, RecordingTrainer
+    try:
+        summary = script.main(TOY + ["--dataset", str(data / "my.jsonl"), "--max_steps", "3", "--logging_steps", "1",
+                                     "--gradient_accumulation_steps", "2", "--validation_split_percentage", "0",
+                                     "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    finally:
+        coma_hf.trainer.CoMaCompressionTrainer = original
+    logged = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    assert summary["train_loss_first"] == pytest.approx(logged[0], abs=1e-4)
+    assert summary["train_loss_last"] == pytest.approx(logged[-1], abs=1e-4)
+    assert "heldout_answer_accuracy" not in summary  # --validation_split_percentage 0: nothing held out
