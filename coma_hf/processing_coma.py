@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>|<image>")
 DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."
+# Qwen2/2.5/3-VL image processors refuse images more elongated than this (`smart_resize`); see `fit_aspect_ratio`.
+MAX_ASPECT_RATIO = 200
 LOSS_ON_MODES = ("answers", "all_after_compression")
 IGNORE_INDEX = -100
 
@@ -139,6 +142,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
         scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
         return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def fit_aspect_ratio(image: Image.Image, limit: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """`image` as it is when its long side is at most `limit` times its short side; otherwise centred on a white
+    canvas widened (on its short side) just enough to reach `limit`:1, so that every decodable image embeds.
+    White is what transparency is composited onto (`to_rgb`)."""
+    width, height = image.size
+    if max(width, height) <= limit * min(width, height):
+        return image
+    short_side = math.ceil(max(width, height) / limit)
+    size = (width, short_side) if width >= height else (short_side, height)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -275,10 +292,10 @@ class CoMaProcessor(ProcessorMixin):
 
     def _image_block(self, image: Any, sample: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Vision tokens for one image, with its pixel patches and grid."""
-        picture = load_image(image, sample=sample)
+        picture = fit_aspect_ratio(load_image(image, sample=sample))
         try:
             features = self.image_processor(images=[picture], return_tensors="pt")
-        except ValueError as error:  # e.g. an aspect ratio the vision tower cannot take
+        except ValueError as error:  # an image the backbone's processor refuses for another reason
             raise CoMaInputError(f"cannot process image: {error}", sample, "image") from error
         grid = features["image_grid_thw"]
         num_tokens = int(grid.prod()) // self.image_processor.merge_size**2

@@ -11,7 +11,7 @@ from PIL import Image
 
 from coma_hf import CoMaInputError, load_image
 from coma_hf.backbones import get_family
-from coma_hf.processing_coma import CoMaProcessor
+from coma_hf.processing_coma import CoMaProcessor, fit_aspect_ratio
 from conftest import random_image, tiny_coma
 
 
@@ -215,3 +215,34 @@ def test_collate_pads_left_and_keeps_images_in_order():
     assert batch["image_grid_thw"].shape == (2, 3)
     assert batch["image_grid_thw"][0].tolist() != batch["image_grid_thw"][1].tolist()
     assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+
+
+@pytest.mark.parametrize("size", [(84, 112), (2, 300), (300, 2), (1, 1), (400, 2)])
+def test_images_the_image_processor_accepts_are_handed_over_untouched(size):
+    """Up to 200:1 (1:150, 150:1, 1×1, exactly 200:1): the pixels the backbone's image processor makes of the image
+    itself, so vectors do not change."""
+    _, processor = tiny_coma()
+    image = random_image(4, size)
+    rendered = processor.render_embedding_input(image=image)
+    direct = processor.image_processor(images=[image], return_tensors="pt")
+    assert torch.equal(rendered.pixel_values, direct["pixel_values"])
+    assert torch.equal(rendered.image_grid_thw, direct["image_grid_thw"])
+
+
+@pytest.mark.parametrize("size", [(3000, 10), (1, 2000), (20_000, 1)])
+def test_images_beyond_200_to_1_are_centred_on_a_white_canvas_at_200_to_1(size):
+    _, processor = tiny_coma()
+    image = random_image(5, size)
+    fitted = fit_aspect_ratio(image)
+    long_side, short_side = max(size), -(-max(size) // 200)  # ceil: just wide enough
+    expected = (long_side, short_side) if size[0] >= size[1] else (short_side, long_side)
+    assert fitted.size == expected
+    left, top = (expected[0] - size[0]) // 2, (expected[1] - size[1]) // 2
+    pasted = fitted.crop((left, top, left + size[0], top + size[1]))
+    assert np.array_equal(np.asarray(pasted), np.asarray(image))  # the image itself, centred
+    canvas = np.asarray(fitted).copy()
+    canvas[top : top + size[1], left : left + size[0]] = 255
+    assert (canvas == 255).all()  # everything else is white
+    rendered = processor.render_embedding_input(image=image)
+    direct = processor.image_processor(images=[fitted], return_tensors="pt")
+    assert torch.equal(rendered.pixel_values, direct["pixel_values"])
