@@ -1,10 +1,12 @@
 """Stage-2 loss: InfoNCE over in-batch candidates, read off CoMa's compression tokens (sentence-transformers).
 
-`CoMaContrastiveLoss` is sentence-transformers' `CachedMultipleNegativesRankingLoss` (GradCache) with two CoMa
-needs added: the scale comes from the checkpoint's `contrastive_temperature` (0.03, the paper), and rows whose
+`CoMaContrastiveLoss` is sentence-transformers' `CachedMultipleNegativesRankingLoss` (GradCache) with three CoMa
+needs added: the scale comes from the checkpoint's `contrastive_temperature` (0.03, the paper); rows whose
 positives are the same input are not each other's negatives (image→label data repeats its labels, and without the
-mask the loss pushes an image away from its own class name). Everything else — mini-batches, gradient caching,
-gathering across processes, `MatryoshkaLoss` compatibility — is inherited.
+mask the loss pushes an image away from its own class name); and a batch in which only some rows have a hard
+negative keeps the negatives that exist (MMEB-train leaves most empty; the collator fills the others with a
+placeholder marked absent, see `PRESENT`). Everything else — mini-batches, gradient caching, gathering across
+processes, `MatryoshkaLoss` compatibility — is inherited.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from torch import Tensor
 
 DEFAULT_TEMPERATURE = 0.03
 
+PRESENT = "present"
+"""Feature key of a candidate column's optional `[batch]` bool tensor: False where the row has no input of its own
+there (a hard negative the row lacks, filled with a placeholder so that the column stays rectangular). The loss
+drops absent candidates from every row's denominator; the collator writes it as `negative_present`."""
+
 
 class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
     r"""InfoNCE with in-batch negatives, optional hard negatives and an optional symmetric term.
@@ -31,8 +38,9 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
 
     where `s` is cosine similarity, τ the temperature and :math:`C_i` every positive and hard negative of the
     batch except the positives :math:`d_j` (j ≠ i) that are the *same input* as :math:`d_i` (same tokens and
-    pixels), which are masked out. `symmetric=True` averages this with the document→query term (each positive
-    against every anchor, the same mask applied), as in CLIP.
+    pixels), which are masked out, and the hard negatives absent from their rows (see `PRESENT`).
+    `symmetric=True` averages this with the document→query term (each positive against every anchor, the same
+    duplicate mask applied), as in CLIP.
 
     Args:
         model: a SentenceTransformer loaded from a CoMa checkpoint.
@@ -45,7 +53,8 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
         gather_across_devices: gather anchors and candidates from all processes, gradients kept.
         show_progress_bar: show GradCache mini-batch progress.
 
-    Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, …, negative_m) tuples; no labels.
+    Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, …, negative_m) tuples; no labels. A negative
+    column may carry a `PRESENT` mask for rows without a negative of their own.
 
     Reference: Compressing then Matching (CoMa), arXiv 2511.08480, stage 2; GradCache, arXiv 2101.06983.
     """
@@ -76,11 +85,13 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
         self.symmetric = symmetric
         self.mask_duplicate_positives = mask_duplicate_positives
         self._positive_keys: Tensor | None = None
+        self._present: Tensor | None = None  # [candidate columns, batch]: which candidates are real inputs
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         if len(sentence_features) < 2:
             raise ValueError(f"Expected (anchor, positive[, negatives…]) columns, got {len(sentence_features)}")
+        sentence_features, self._present = _split_present(sentence_features)
         self._positive_keys = input_keys(sentence_features[1]) if self.mask_duplicate_positives else None
         if self.uses_gradient_cache:
             return self.forward_cached(sentence_features, labels)
@@ -90,27 +101,33 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False) -> Tensor:
         """The loss from per-mini-batch embeddings, chunked over `mini_batch_size` anchors.
 
-        Restated from the parent (whose score loop has no hook for excluding pairs) with the duplicate mask added.
+        Restated from the parent (whose score loop has no hook for excluding pairs) with the duplicate mask and the
+        absent candidates added.
         """
         queries = torch.cat(reps[0])
         docs = [torch.cat(columns) for columns in reps[1:]]
         batch_size = len(queries)
         keys = self._positive_keys
+        present = self._present.to(queries.device)  # NCCL gathers device tensors
         offset = 0
         if self.gather_across_devices:
+            docs, present = _pad_to_the_most_columns(docs, present)
             queries = all_gather_with_grad(queries)
             docs = [all_gather_with_grad(column) for column in docs]
-            keys = all_gather(keys.to(queries.device)) if keys is not None else None  # NCCL gathers device tensors
+            keys = all_gather(keys.to(queries.device)) if keys is not None else None
+            # gathered on every process, whether or not its batch lacks a negative, so that the collectives pair up
+            present = all_gather(present.T.contiguous().long()).T.bool()
             offset = get_rank() * batch_size
         world_batch = len(queries)
         candidates = torch.cat(docs)  # [world * (1 + m), dim]: positives first, then each negative column
+        absent = ~present.reshape(-1)  # in the order of `candidates`
         same_positive = _same_key(keys, world_batch, queries.device)
 
         total = queries.new_zeros(())
         for begin in range(0, batch_size, self.mini_batch_size):
             rows = torch.arange(offset + begin, offset + min(begin + self.mini_batch_size, batch_size), device=queries.device)
             local = torch.arange(len(rows), device=queries.device)
-            excluded = _exclusions(same_positive, rows, world_batch, len(docs))
+            excluded = _exclusions(same_positive, absent, rows, world_batch)
             scores = self.similarity_fct(queries[rows], candidates) * self.scale
             terms = [_info_nce(scores, local, rows, excluded)]
             if self.symmetric:
@@ -163,12 +180,43 @@ def _same_key(keys: Tensor | None, size: int, device: torch.device) -> Tensor | 
     return same & ~torch.eye(size, dtype=torch.bool, device=device)
 
 
-def _exclusions(same_positive: Tensor | None, rows: Tensor, world_batch: int, num_columns: int) -> Tensor:
-    """`[len(rows), world_batch * num_columns]` mask of candidates left out of each row's denominator."""
-    excluded = torch.zeros(len(rows), world_batch * num_columns, dtype=torch.bool, device=rows.device)
+def _exclusions(same_positive: Tensor | None, absent: Tensor, rows: Tensor, world_batch: int) -> Tensor:
+    """`[len(rows), len(absent)]` mask of candidates left out of each row's denominator: absent candidates for every
+    row, and the positives that duplicate the row's own."""
+    excluded = absent.expand(len(rows), -1).clone()
     if same_positive is not None:
-        excluded[:, :world_batch] = same_positive[rows]
+        excluded[:, :world_batch] |= same_positive[rows]
     return excluded
+
+
+def _pad_to_the_most_columns(docs: list[Tensor], present: Tensor) -> tuple[list[Tensor], Tensor]:
+    """`docs` and `present` with absent zero columns added up to the most candidate columns any process has.
+
+    Processes can be on batches with different hard-negative columns at one step (accelerate shards the batches,
+    and a batch has a negative column only when some row has a negative); gathering needs the same columns on all.
+    """
+    counts = all_gather(torch.tensor([len(docs)], device=present.device))
+    missing = int(counts.max()) - len(docs)
+    if missing <= 0:
+        return docs, present
+    # requiring grad as the real columns do, so that the gathers' backward collectives pair up as well
+    docs = docs + [torch.zeros_like(docs[0]).requires_grad_(docs[0].requires_grad) for _ in range(missing)]
+    return docs, torch.cat([present, present.new_zeros(missing, present.shape[1])])
+
+
+def _split_present(features: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Tensor]:
+    """The features without their `PRESENT` masks (copies: `MatryoshkaLoss` passes the same features once per
+    dimension), and `[len(features) - 1, batch]` bool: which candidates (positives, then each negative column) are
+    real inputs. Anchors and positives always are."""
+    if any(PRESENT in column for column in features[:2]):
+        raise ValueError(f"Only hard-negative columns may mark rows absent ({PRESENT!r}); anchors and positives cannot")
+    batch_size = len(features[0]["input_ids"])
+    present = [torch.ones(batch_size, dtype=torch.bool)]
+    for column in features[2:]:
+        mask = column.get(PRESENT)
+        present.append(torch.ones(batch_size, dtype=torch.bool) if mask is None else mask.bool().cpu())
+    stripped = [{key: value for key, value in column.items() if key != PRESENT} for column in features]
+    return stripped, torch.stack(present)
 
 
 def input_keys(features: dict[str, Any]) -> Tensor:
@@ -211,4 +259,4 @@ def _config_temperature(model) -> float:
     return DEFAULT_TEMPERATURE
 
 
-__all__ = ["CoMaContrastiveLoss", "input_keys"]
+__all__ = ["PRESENT", "CoMaContrastiveLoss", "input_keys"]

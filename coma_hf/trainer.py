@@ -29,6 +29,7 @@ from transformers import BatchFeature, Trainer
 
 from .data.stage1 import normalize_stage1_record
 from .data.stage2 import embedding_input, sides
+from .losses import PRESENT
 from .processing_coma import CoMaInputError, CoMaProcessor
 
 logger = logging.getLogger(__name__)
@@ -232,29 +233,37 @@ class CoMaContrastiveCollator(SentenceTransformerDataCollator):
     """Stage-2 rows (`{side}_text` / `{side}_image` columns, see `coma_hf.data.stage2`) → one sentence-transformers
     input per side, in loss order (anchor, positive[, negative]).
 
-    The negative column takes part only when every row of the batch has a negative (MMEB-train leaves most of them
-    empty; the loss takes any number of columns per batch). Other columns (`dataset`) are dropped.
+    The negative column takes part when any row of the batch has a negative (MMEB-train leaves most of them empty;
+    the loss takes any number of columns per batch). The rows without one get `MISSING_NEGATIVE` (a short text: the
+    column must be rectangular) and the batch a `negative_present` mask, with which `CoMaContrastiveLoss` leaves those
+    placeholders out of every denominator. Other columns (`dataset`) are dropped.
     """
 
+    MISSING_NEGATIVE = {"text": "no hard negative"}
+
     def __call__(self, features: list[dict]) -> dict:
-        columns = ["anchor", "positive"]
-        if "negative_text" in features[0]:
-            if all(len(sides(row)) == 3 for row in features):
-                columns.append("negative")
-            else:
-                logger.info("A batch has rows without a hard negative; it trains without the negative column.")
+        has_negative = [len(sides(row)) == 3 for row in features]
+        columns = ["anchor", "positive", "negative"] if any(has_negative) else ["anchor", "positive"]
         rows = []
         for row in features:
             if row.get("error"):  # a row that did not load (run with --validate_data / --skip_bad_samples to skip it)
                 raise CoMaInputError(row["error"])
-            inputs = {side: embedding_input(row[f"{side}_text"], row[f"{side}_image"]) for side in columns}
+            inputs = {side: self._side_input(row, side) for side in columns}
             if "dataset_name" in row:
                 inputs["dataset_name"] = row["dataset_name"]
             rows.append(inputs)
         batch = super().__call__(rows)
+        if "negative" in columns and not all(has_negative):
+            batch[f"negative_{PRESENT}"] = torch.tensor(has_negative)
         if "id" in features[0]:
             batch["sample_ids"] = [row["id"] for row in features]  # named when the loss is not finite
         return batch
+
+    def _side_input(self, row: dict, side: str) -> dict[str, Any]:
+        """The embedding input of one side of `row`; the placeholder for a negative the row lacks."""
+        if side == "negative" and len(sides(row)) < 3:
+            return dict(self.MISSING_NEGATIVE)
+        return embedding_input(row[f"{side}_text"], row[f"{side}_image"])
 
 
 class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):

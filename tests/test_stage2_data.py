@@ -54,7 +54,7 @@ def test_mini_mmeb_training_pairs_load_by_dataset(tmp_path):
         assert {"negative_text", "negative_image"} <= set(pairs.column_names)
 
 
-def test_collator_builds_one_input_per_side_and_drops_a_partial_negative_column(tmp_path_factory):
+def test_collator_builds_one_input_per_side_and_marks_missing_negatives(tmp_path_factory):
     from coma_hf.trainer import CoMaContrastiveCollator
     from conftest import tiny_sentence_transformer
 
@@ -78,9 +78,15 @@ def test_collator_builds_one_input_per_side_and_drops_a_partial_negative_column(
     ]
     assert {key.split("_")[0] for key in batch} == {"anchor", "positive", "negative"}
     assert batch["positive_num_images_per_sample"].tolist() == [0, 1]
+    assert "negative_present" not in batch  # every row has its negative: the batch is as it always was
 
     seen.clear()
-    batch = collator([row, {**row, "negative_text": ""}])  # one row lacks a negative: the column sits this batch out
+    batch = collator([row, {**row, "negative_text": ""}])  # one row lacks a negative: a placeholder, marked absent
+    assert seen[2] == [{"text": "dog"}, CoMaContrastiveCollator.MISSING_NEGATIVE]
+    assert batch["negative_present"].tolist() == [True, False]
+
+    seen.clear()
+    batch = collator([{**row, "negative_text": ""}] * 2)  # no row has one: the column sits this batch out
     assert len(seen) == 2 and not any(key.startswith("negative") for key in batch)
 
 
