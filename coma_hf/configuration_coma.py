@@ -61,7 +61,7 @@ class CoMaConfig(PretrainedConfig):
             Where the backbone came from (Hub id or folder), set by `CoMaModel.from_backbone`; the model card's
             `base_model`. `None` for the embedded tiny backbone.
         embedded_backbone (`bool`, defaults to `False`):
-            Whether the backbone is the package's embedded one (`coma_hf.tiny`), set by its builder. Scripts pick
+            Whether the backbone is the package's embedded one (its `tiny` module), set by its builder. Scripts pick
             the recipe a run starts with from it (`tiny` for the embedded backbone, `paper` for a real one).
     """
 
