@@ -132,6 +132,15 @@ class CoMaConfig(PretrainedConfig):
         return self.embedding_size
 
 
+def is_embedded_backbone(config: dict) -> bool:
+    """Whether a saved config (`config.json` as a dict) holds the package's embedded backbone: its
+    `embedded_backbone` marker; CoMa checkpoints saved before the marker existed built the embedded backbone without
+    naming a source (`backbone_name_or_path` unset). Any other config (a stock backbone's) holds a real one."""
+    if "embedded_backbone" in config:
+        return bool(config["embedded_backbone"])
+    return config.get("model_type") == CoMaConfig.model_type and config.get("backbone_name_or_path") is None
+
+
 def _as_backbone_config(backbone_config: dict | PretrainedConfig | None) -> PretrainedConfig:
     if backbone_config is None:
         return AutoConfig.for_model("qwen2_5_vl")

@@ -16,9 +16,12 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_coma import is_embedded_backbone
 from .evaluation.mmeb import markdown_table
 
-SUMMARY_FILES = ("pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
+PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records beside its checkpoint
+CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
+SUMMARY_FILES = (PRETRAIN_SUMMARY, CONTRASTIVE_SUMMARY, "mmeb_results.json")
 PLACEHOLDER_REPO = "path/to/this/model"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 TAGS = ["coma", "multimodal-embedding", "sentence-transformers", "transformers", "feature-extraction", "image-text"]
@@ -40,7 +43,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
     """The card of the checkpoint in `folder`; `repo_id` goes into the usage snippets (a placeholder if `None`)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    summaries = {name: _read_json(folder / name) for name in SUMMARY_FILES}
+    summaries = {name: read_json_file(folder / name) for name in SUMMARY_FILES}
     backbone = config.get("backbone_config", {})
     base_model = config.get("backbone_name_or_path")
     base_model = base_model if base_model and HUB_ID.match(base_model) else None
@@ -57,7 +60,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
         model_name=model_name,
         eval_results=_eval_results(evaluation) if evaluation else None,
     )
-    processor = _read_json(folder / "processor_config.json") or {}
+    processor = read_json_file(folder / "processor_config.json") or {}
     text = backbone.get("text_config", {})
     return ModelCard.from_template(
         card_data,
@@ -74,7 +77,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
         evaluation_table=markdown_table(evaluation) if evaluation else "",
         evaluation_source="Precision@1 (%) in the MMEB format, from `examples/evaluate.py` "
         "(gold ranked first among all candidates; ties count as misses).",
-        tiny=config.get("embedded_backbone", base_model is None and config.get("backbone_name_or_path") is None),
+        tiny=is_embedded_backbone(config),
         image_tokens=f"{processor.get('min_image_tokens') or 'the default'} and "
         f"{processor.get('max_image_tokens') or 'the default'}",
         max_length=processor.get("max_length") or "the model's",
@@ -103,8 +106,13 @@ def hardware() -> str:
     return f"CPU, {os.cpu_count()} cores"
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json_file(path: Path) -> dict | None:
+    """The JSON object in `path`, or `None` when there is no such file or it does not hold a readable object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _hub_datasets(summaries: dict) -> list[str] | None:

@@ -15,6 +15,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .configuration_coma import is_embedded_backbone
+from .model_card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, read_json_file
+
 logger = logging.getLogger(__name__)
 
 # A regex, not a name list: on Qwen2.5-VL the names q/k/v/o-like also occur in the vision tower's MLP.
@@ -132,35 +135,58 @@ def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: 
 
 
 RECIPES = ("tiny", "paper")
-# Run summaries a checkpoint may carry, newest stage first; each records the recipe it was trained with.
-RUN_SUMMARY_FILES = ("contrastive_summary.json", "pretrain_summary.json")
+HELP_FLAGS = ("-h", "--help")
 
 
 def recipe_of_start(start: str | None) -> tuple[str, str]:
     """`(recipe, reason)` for a run that starts from `start` (a folder or Hub id; `None` for the embedded backbone).
 
     The recipe follows the checkpoint: the one its run summary records, else `tiny` when its config marks the
-    package's embedded backbone (`embedded_backbone`), else `paper` (a real backbone, and any Hub id, since nothing
-    is fetched to decide)."""
+    package's embedded backbone (`is_embedded_backbone`), else `paper`. A Hub id is read from the Hub (the user named
+    it); when that fails, `paper`, the recipe of real backbones."""
     if start is None:
         return "tiny", "no model named: the embedded tiny backbone"
-    folder = Path(start)
-    if not folder.is_dir():
-        return "paper", f"{start} is not a local folder (a Hub id of a real backbone)"
-    for name in RUN_SUMMARY_FILES:
-        recorded = _read_json(folder / name).get("recipe")
+    read = _local_reader(start) if Path(start).is_dir() else _hub_reader(start)
+    if read is None:
+        return "paper", f"{start} is neither a local folder nor a readable Hub repository (taken for a real backbone)"
+    for name in (CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY):  # the newest stage first
+        recorded = (read(name) or {}).get("recipe")
         if recorded in RECIPES:
             return recorded, f"{start} was trained with the {recorded!r} recipe ({name})"
-    if _read_json(folder / "config.json").get("embedded_backbone"):
-        return "tiny", f"{start} holds the package's embedded backbone (config embedded_backbone=true)"
+    if is_embedded_backbone(read("config.json") or {}):
+        return "tiny", f"{start} holds the package's embedded backbone (its config says so)"
     return "paper", f"{start} holds a real backbone (its config does not mark the embedded one)"
 
 
-def choose_recipe(explicit: str | None, start: str | None) -> tuple[str, str]:
-    """`(recipe, reason)`: `explicit` (a `--recipe` value) when given, else what the start checkpoint calls for."""
+def _local_reader(folder: str):
+    return lambda name: read_json_file(Path(folder) / name)
+
+
+def _hub_reader(repo_id: str):
+    """A reader of the repository's small JSON files, or `None` when the repository cannot be reached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def read(name: str) -> dict | None:
+        try:
+            return read_json_file(Path(hf_hub_download(repo_id, name)))
+        except EntryNotFoundError:
+            return None
+
+    try:
+        read("config.json")
+    except Exception as error:  # offline, no such repository, no access: decide without it
+        logger.info("Could not read %s from the Hub (%s)", repo_id, error)
+        return None
+    return read
+
+
+def choose_recipe(explicit: str | None, start_of, model_args) -> tuple[str, str]:
+    """`(recipe, reason)`: `explicit` (a `--recipe` value) when given, else what the start checkpoint calls for
+    (`start_of(model_args)`, asked only then)."""
     if explicit is not None:
         return explicit, "named with --recipe"
-    return recipe_of_start(start)
+    return recipe_of_start(start_of(model_args))
 
 
 def recipe_defaults(recipe: str, stage: str, configs: Path) -> dict:
@@ -175,17 +201,23 @@ def recipe_defaults(recipe: str, stage: str, configs: Path) -> dict:
 def parse_with_recipe(dataclass_types: tuple, argv: list[str], stage: str, configs: Path, start_of, **defaults):
     """Parse `argv` into `dataclass_types` over the defaults of the recipe the run calls for.
 
-    The first dataclass holds `recipe`; `start_of(its parsed values)` names the checkpoint the run starts from
-    (`None` for the embedded backbone), from which `choose_recipe` picks when `--recipe` is absent. A bf16 recipe on
-    a machine without a GPU stops here (`check_precision`). Returns `(parsed dataclasses, why this recipe)`.
+    The first dataclass holds `recipe`; without `--recipe`, `start_of(its parsed values)` names the checkpoint the
+    run starts from (`None` for the embedded backbone) and `recipe_of_start` picks from it. A bf16 recipe on a
+    machine without a bf16-capable GPU stops here (`check_precision`). `--help` shows the `tiny` defaults unless a
+    recipe is named. Returns `(parsed dataclasses, why this recipe)`.
     """
     from transformers import HfArgumentParser
 
     first = HfArgumentParser(dataclass_types[0], add_help=False)  # --help belongs to the full parser below
     early = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
-    recipe, reason = choose_recipe(early.recipe, start_of(early))
+    asks_for_help = any(argument in HELP_FLAGS for argument in argv)
+    if asks_for_help:
+        recipe, reason = early.recipe or "tiny", "help"
+    else:
+        recipe, reason = choose_recipe(early.recipe, start_of, early)
     preset = recipe_defaults(recipe, stage, configs)
-    check_precision(recipe, preset, argv)
+    if not asks_for_help:
+        check_precision(recipe, preset, argv)
     parser = HfArgumentParser(dataclass_types)
     parser.set_defaults(**defaults, **preset)
     return parser.parse_args_into_dataclasses(args=argv), reason
@@ -193,27 +225,23 @@ def parse_with_recipe(dataclass_types: tuple, argv: list[str], stage: str, confi
 
 @dataclass
 class _Precision:
+    """The precision flags of `TrainingArguments`, parsed ahead of it by `check_precision`."""
+
     bf16: bool = False
+    bf16_full_eval: bool = False
     use_cpu: bool = False
 
 
 def check_precision(recipe: str, defaults: dict, argv: list[str]) -> None:
-    """Stop with one line when the run would train in bf16 on a machine that has no accelerator for it (transformers
-    would refuse later with an error that does not say what to change)."""
+    """Stop with one line when the run would use bf16 on a machine without a bf16-capable GPU (transformers would
+    refuse later with an error that does not say what to change)."""
     from transformers import HfArgumentParser
     from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
     parser = HfArgumentParser(_Precision, add_help=False)  # --help belongs to the script's own parser
-    parser.set_defaults(bf16=defaults.get("bf16", False), use_cpu=defaults.get("use_cpu", False))
+    parser.set_defaults(**{key: defaults.get(key, False) for key in ("bf16", "bf16_full_eval", "use_cpu")})
     precision, _ = parser.parse_known_args(argv)
-    if precision.bf16 and not precision.use_cpu and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-        raise SystemExit(f"The {recipe!r} recipe trains in bf16, which this machine has no GPU for: pass --bf16 false "
+    wants_bf16 = precision.bf16 or precision.bf16_full_eval
+    if wants_bf16 and not precision.use_cpu and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+        raise SystemExit(f"The {recipe!r} recipe uses bf16, for which this machine has no GPU: pass --bf16 false "
                          "to train in float32, or --use_cpu true to run bf16 on the CPU.")  # fmt: skip
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -97,8 +97,9 @@ class _CoMaTrainerMixin:
             raise ValueError(f"on_nonfinite_loss must be one of {NONFINITE_LOSS_MODES}, got {on_nonfinite_loss!r}")
         self.on_nonfinite_loss = on_nonfinite_loss
         self.skipped_batches = []  # (step, sample ids) of the batches skipped for a non-finite loss
-        self.first_step_loss: float | None = None  # this run's first optimizer step, mean over processes
+        self.first_step_loss: float | None = None  # the first optimizer step of this `train()`, mean over processes
         self.last_step_loss: float | None = None
+        self.loss_steps: tuple[int, int] | None = None  # which steps those are (a resumed run starts after 1)
         self._step_losses: dict[int, torch.Tensor] = {}  # optimizer step → summed micro-batch losses, first and last
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -108,6 +109,7 @@ class _CoMaTrainerMixin:
         if resume_from_checkpoint in (True, "last", "true", "True"):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             logger.info("Resuming from %s", resume_from_checkpoint or "the start (no complete checkpoint yet)")
+        self._step_losses = {}
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._record_first_and_last_step_loss()
         return output
@@ -125,9 +127,11 @@ class _CoMaTrainerMixin:
         return loss
 
     def _record_first_and_last_step_loss(self) -> None:
+        """`first_step_loss`, `last_step_loss` and `loss_steps` from the kept step sums, averaged over processes."""
         if not self._step_losses:
             return
         first, last = min(self._step_losses), max(self._step_losses)
+        self.loss_steps = (first, last)
         pair = torch.stack([self._step_losses[first], self._step_losses[last]])
         pair = self.accelerator.reduce(pair, reduction="mean")  # every process gets here: one collective, at the end
         self.first_step_loss, self.last_step_loss = (float(value) for value in pair)

@@ -6,8 +6,9 @@ measures how well answers decoded from the compression states alone match on uns
 and saves the merged checkpoint to `outputs/stage1` with `pretrain_summary.json`.
 
 With `--model_name_or_path` (a Hub id or folder of a Qwen2/2.5/3-VL model) the paper's recipe is the default
-(`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained); a folder whose config
-marks the package's embedded backbone keeps `tiny` (`coma_hf.recipes.recipe_of_start` says why, in the log).
+(`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained). The recipe follows the
+start checkpoint (`coma_hf.recipes.recipe_of_start`, which the log quotes): the recipe its run summary records, else
+`tiny` when its config marks the package's embedded backbone, else `paper`.
 
     python examples/pretrain.py
     python examples/pretrain.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset data/stage1.jsonl
@@ -73,8 +74,9 @@ class DataArguments:
     )  # fmt: skip
     validation_split_percentage: float = field(
         default=5.0,
-        metadata={"help": "With --dataset and no held-out data: this % of its images (whole images, at most "
-                  "--max_eval_samples rows) is held out of training for the answer evaluation; 0 turns it off."},
+        metadata={"help": "With --dataset and no held-out data: this % of its rows, drawn as whole images (no image "
+                  "on both sides) and at most --max_eval_samples rows, is held out of training for the answer "
+                  "evaluation; 0 turns it off."},
     )  # fmt: skip
     image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
     synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where synthetic scenes are written."})
@@ -113,6 +115,10 @@ def load_data(data_args: DataArguments, seed: int = 0):
         train, data_args.validation_split_percentage, data_args.max_eval_samples, seed
     )
     if evaluation is None:
+        if data_args.validation_split_percentage > 0:
+            logger.warning("No held-out rows: --dataset has too few images for --validation_split_percentage %g and "
+                           "--max_eval_samples %d; name held-out data with --eval_dataset for a quality signal",
+                           data_args.validation_split_percentage, data_args.max_eval_samples)  # fmt: skip
         return train, root, None, None, None
     logger.info("Held out %d rows of --dataset (whole images) for the answer evaluation", len(evaluation))
     source = f"{len(evaluation)} rows held out of --dataset by image ({data_args.validation_split_percentage:g} %)"
@@ -185,6 +191,7 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
     summary = {
         "train_loss_first": trainer.first_step_loss,  # the run's first optimizer step
         "train_loss_last": trainer.last_step_loss,  # and its last
+        "train_loss_steps": trainer.loss_steps,  # their step numbers (after a resume, the first is not step 1)
         "num_train_samples": len(train),
         "num_skipped_samples": len(bad_train),
         "skipped_samples": [asdict(sample) for sample in bad_train],
@@ -195,7 +202,8 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
     if evaluation is not None and len(evaluation):
         rows = [evaluation[index] for index in range(min(len(evaluation), data_args.max_eval_samples))]
         records = [normalize_stage1_record(row, index, eval_root) for index, row in enumerate(rows)]
-        length = generation_length(processor, records, data_args.max_answer_tokens)
+        needed = generation_length(processor, records, cap=None)
+        length = min(needed, data_args.max_answer_tokens)
         model.eval()
         heldout = answer_accuracy(model, processor, records, max_new_tokens=length)
         control = answer_accuracy(model, processor, records, control=True, max_new_tokens=length)
@@ -209,7 +217,10 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
             control_answer_f1=control["f1"],
             answer_scoring=SCORING,
             answer_max_new_tokens=length,
+            answer_token_cap=data_args.max_answer_tokens,
+            answers_cut_at_cap=needed > length,  # then the longest references cannot be matched exactly
             num_eval_samples=len(records),
+            eval_sample_ids=[str(record["id"]) for record in records],
             num_eval_questions=heldout["num_questions"],
             per_type={
                 kind: {"heldout": heldout["per_type"][kind], "majority": majority["per_type"].get(kind),

@@ -99,23 +99,27 @@ class LossArguments:
     )
 
 
-def start_checkpoint(model_args: ModelArguments) -> str | None:
-    """What stage 2 starts from: the stage-1 checkpoint, or with --from_backbone the backbone (`None`: embedded)."""
+def recipe_start(model_args: ModelArguments) -> str | None:
+    """The checkpoint whose recipe stage 2 follows: the stage-1 checkpoint, or with --from_backbone the backbone
+    (`None`: the embedded one). The default stage-1 folder is the embedded default run's output, so before it exists
+    it counts as the embedded backbone (`initial_checkpoint` then says how to make it)."""
     if model_args.from_backbone:
         return model_args.backbone
-    path = model_args.model_name_or_path
-    if path == DEFAULT_STAGE1 and not Path(path).is_dir():
-        raise SystemExit(
-            f"No stage-1 checkpoint at {path}. Make it with `python examples/pretrain.py` (about 5 minutes on "
-            "2 CPU cores), name another with --model_name_or_path, or pass --from_backbone to skip stage 1."
-        )
-    return path
+    if model_args.model_name_or_path == DEFAULT_STAGE1 and not Path(DEFAULT_STAGE1).is_dir():
+        return None
+    return model_args.model_name_or_path
 
 
 def initial_checkpoint(model_args: ModelArguments, backbone_args: BackboneArguments, output_dir: str, seed: int) -> str:
     """The folder or Hub id stage 2 starts from; with --from_backbone, a fresh CoMa model saved for the purpose."""
     if not model_args.from_backbone:
-        return start_checkpoint(model_args)
+        path = model_args.model_name_or_path
+        if path == DEFAULT_STAGE1 and not Path(path).is_dir():
+            raise SystemExit(
+                f"No stage-1 checkpoint at {path}. Make it with `python examples/pretrain.py` (about 5 minutes on "
+                "2 CPU cores), name another with --model_name_or_path, or pass --from_backbone to skip stage 1."
+            )
+        return path
     model, _ = build_coma(backbone_args, model_args.backbone, seed)
     folder = Path(output_dir) / "initial"
     model.save_pretrained(folder)
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         ModelArguments, BackboneArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments
     )  # fmt: skip
     (model_args, backbone_args, data_args, loss_args, lora_args, training_args), why = parse_with_recipe(
-        dataclass_types, argv, "stage2", CONFIGS, start_checkpoint, output_dir="outputs/stage2"
+        dataclass_types, argv, "stage2", CONFIGS, recipe_start, output_dir="outputs/stage2"
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("Recipe %r: %s", model_args.recipe, why)
@@ -228,6 +232,7 @@ def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) ->
         "started_from": start_from,
         "train_loss_first": trainer.first_step_loss,  # the run's first optimizer step
         "train_loss_last": trainer.last_step_loss,  # and its last
+        "train_loss_steps": trainer.loss_steps,  # their step numbers (after a resume, the first is not step 1)
         "eval_precision_at_1": results["overall"]["precision@1"],
         "eval_per_meta_task": {task: values["precision@1"] for task, values in results["meta_tasks"].items()},
         "eval_per_dataset": {name: values["precision@1"] for name, values in results["datasets"].items()},

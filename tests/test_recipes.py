@@ -28,14 +28,16 @@ def _folder(tmp_path, name, config=None, summaries=None):
     return str(folder)
 
 
-def test_the_recipe_follows_the_start_checkpoint(tmp_path):
+def test_the_recipe_follows_the_start_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # tests never touch the network
     # the embedded backbone's own config carries the marker; a real backbone's does not
     model, _ = tiny_coma()
     model.save_pretrained(tmp_path / "embedded")
     assert recipe_of_start(str(tmp_path / "embedded"))[0] == "tiny"
-    assert recipe_of_start(_folder(tmp_path, "real", {"backbone_name_or_path": None}))[0] == "paper"
+    real = {"backbone_name_or_path": "Qwen/Qwen2.5-VL-3B-Instruct", "embedded_backbone": False}
+    assert recipe_of_start(_folder(tmp_path, "real", real))[0] == "paper"
     assert recipe_of_start(None)[0] == "tiny"
-    assert recipe_of_start("Qwen/Qwen2.5-VL-3B-Instruct")[0] == "paper"  # a Hub id: nothing fetched to decide
+    assert recipe_of_start("org/unreachable-coma")[0] == "paper"  # a Hub id that cannot be read (offline here)
     # the recipe a run summary records wins over the marker; the newest stage's summary first
     recorded = _folder(tmp_path, "recorded", {"embedded_backbone": True}, {"pretrain_summary.json": {"recipe": "paper"}})
     assert recipe_of_start(recorded)[0] == "paper"
@@ -45,7 +47,14 @@ def test_the_recipe_follows_the_start_checkpoint(tmp_path):
     # a custom preset file records no stage-neutral name: the marker decides
     custom = _folder(tmp_path, "custom", {"embedded_backbone": True}, {"pretrain_summary.json": {"recipe": "my.json"}})
     assert recipe_of_start(custom)[0] == "tiny"
-    assert choose_recipe("paper", str(tmp_path / "embedded")) == ("paper", "named with --recipe")
+    assert choose_recipe("paper", lambda args: 1 / 0, None) == ("paper", "named with --recipe")  # start not asked
+    # checkpoints saved before the marker: a CoMa config without a backbone source is the embedded backbone
+    legacy = tmp_path / "legacy-coma"
+    legacy.mkdir()
+    (legacy / "config.json").write_text(json.dumps({"model_type": "coma", "backbone_name_or_path": None}))
+    assert recipe_of_start(str(legacy))[0] == "tiny"
+    stock = _folder(tmp_path, "stock", {"model_type": "qwen2_5_vl"})  # a stock backbone names no source either
+    assert recipe_of_start(stock)[0] == "paper"
 
 
 @needs_no_gpu
@@ -59,7 +68,7 @@ def test_the_paper_recipe_without_a_gpu_stops_with_one_line_saying_what_to_pass(
     assert "--bf16 false" in message and "--use_cpu true" in message
 
 
-def test_stage_two_from_ones_own_stage_one_folder_runs_on_cpu(tmp_path, caplog):
+def test_stage_two_from_ones_own_stage_one_folder_runs_on_cpu(tmp_path, caplog, capsys):
     """`pretrain.py --output_dir X` then `train_contrastive.py --model_name_or_path X`, no recipe named."""
     synthetic, stage1 = tmp_path / "synthetic", tmp_path / "stage1"
     load_example("pretrain").main(STAGE1_TOY + ["--output_dir", str(stage1), "--synthetic_dir", str(synthetic)])
@@ -69,4 +78,9 @@ def test_stage_two_from_ones_own_stage_one_folder_runs_on_cpu(tmp_path, caplog):
                       "--output_dir", str(tmp_path / "stage2")]
     )  # fmt: skip
     assert summary["recipe"] == "tiny" and summary["global_steps"] == 1
+    # one step, shorter than any logging window: its loss is both the first and the last, recorded and printed
+    assert isinstance(summary["train_loss_first"], float) and summary["train_loss_first"] == summary["train_loss_last"]
+    printed = capsys.readouterr().out
+    loss = f"{summary['train_loss_first']:.4f}"
+    assert f"train loss          {loss} -> {loss} (first -> last optimizer step)" in printed
     assert any("Recipe 'tiny'" in line and "pretrain_summary.json" in line for line in caplog.messages)

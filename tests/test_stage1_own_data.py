@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from coma_hf.data.stage1 import hold_out_by_image, load_stage1_dataset
+from coma_hf.data.stage1 import hold_out_by_image
 from coma_hf.evaluation.compression import token_f1
 from conftest import load_example, random_image
 
@@ -73,20 +73,25 @@ def test_short_run_on_own_data_reports_losses_and_held_out_answers(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     longest = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in ANSWERS)
     assert summary["answer_max_new_tokens"] == longest + 1 > 8
+    # the rows the run held out, as it lists them: whole images, none of them trained on
+    heldout_ids = set(summary["eval_sample_ids"])
+    heldout = [row for row in rows if row["id"] in heldout_ids]
+    train = [row for row in rows if row["id"] not in heldout_ids]
+    assert len(heldout) == 6 and not {row["image"] for row in heldout} & {row["image"] for row in train}
     # the majority baseline by hand: the most frequent training answer, exact match on the held-out turns
-    train, heldout = hold_out_by_image(load_stage1_dataset(data / "my.jsonl")[0], 25, 200, seed=0)  # the recipe's seed
     answers = [row["conversations"][1]["value"] for row in train]
     majority = max(set(answers), key=answers.count)
     expected = sum(row["conversations"][1]["value"] == majority for row in heldout) / len(heldout)
     assert summary["majority_baseline_accuracy"] == pytest.approx(expected)
+    assert summary["answer_token_cap"] == 128 and summary["answers_cut_at_cap"] is False
     assert "exact match" in summary["answer_scoring"] and "F1" in summary["answer_scoring"]
     saved = json.loads((tmp_path / "out" / "pretrain_summary.json").read_text())
     assert saved["eval_source"].startswith("6 rows held out of --dataset by image")
 
 
 def test_first_and_last_step_losses_match_trainers_own_per_step_logs(tmp_path):
-    """With accumulation, a step's loss is the sum of its scaled micro-batch losses: what Trainer logs (rounded to
-    4 digits) when it logs every step."""
+    """With accumulation, a step's loss is the sum of its scaled micro-batch losses: what Trainer logs when it logs
+    every step."""
     import coma_hf.trainer
 
     data = tmp_path / "data"
@@ -109,6 +114,25 @@ def test_first_and_last_step_losses_match_trainers_own_per_step_logs(tmp_path):
         coma_hf.trainer.CoMaCompressionTrainer = original
     logged = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
     assert len(logged) == 3
-    assert summary["train_loss_first"] == pytest.approx(logged[0], abs=1e-4)
-    assert summary["train_loss_last"] == pytest.approx(logged[-1], abs=1e-4)
+    assert summary["train_loss_first"] == pytest.approx(logged[0], rel=1e-6)
+    assert summary["train_loss_last"] == pytest.approx(logged[-1], rel=1e-6)
     assert "heldout_answer_accuracy" not in summary  # --validation_split_percentage 0: nothing held out
+
+
+def test_hold_out_reads_stored_images_by_their_bytes_and_checks_the_percentage():
+    import io
+
+    import datasets
+
+    def png(seed):
+        buffer = io.BytesIO()
+        random_image(seed, (8, 8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    # ten different pictures stored under one bare file name, two rows each: ten groups, not one
+    rows = [{"image": {"bytes": png(index), "path": "image.png"}, "text": None} for index in range(10) for _ in range(2)]
+    dataset = Dataset.from_list(rows).cast_column("image", datasets.Image())
+    train, heldout = hold_out_by_image(dataset, percentage=20, max_rows=100)
+    assert len(heldout) == 4 and len(train) == 16
+    with pytest.raises(ValueError, match="percentage"):
+        hold_out_by_image(dataset, percentage=100, max_rows=100)

@@ -4,6 +4,8 @@ merged, saved without adapter keys) and `--matryoshka_dims` through the cached (
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +40,10 @@ def test_dora_adapter_trains_and_merges_into_the_same_outputs(tmp_path):
     paths = write_synthetic_dataset(tmp_path / "scenes", num_train=8, num_dev=1, num_test=1, seed=0, image_size=56)
     dataset, root = load_stage1_dataset(paths["train"])
     model, processor = build_tiny_coma(num_compression_tokens=4, seed=0, max_image_tokens=4)
-    peft_model = apply_lora(model, LoraArguments(use_lora=True, lora_r=4, lora_alpha=16, use_dora=True))
+    paper = json.loads((Path(__file__).parents[1] / "examples" / "configs" / "stage1_paper.json").read_text())
+    recipe = {key: value for key, value in paper.items() if key in LoraArguments.__dataclass_fields__}
+    assert recipe["use_lora"] and recipe["lora_r"] == 16 and recipe["lora_alpha"] == 64  # the paper's recipe
+    peft_model = apply_lora(model, LoraArguments(**{**recipe, "use_dora": True}))
     adapter = {name: value.detach().clone() for name, value in peft_model.named_parameters() if value.requires_grad}
     assert any("lora_magnitude_vector" in name for name in adapter) and any("lora_B" in name for name in adapter)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
-from ..processing_coma import CoMaInputError, load_image
+from ..processing_coma import CoMaInputError, fit_aspect_ratio, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def generate_qa(
                 bar.update(1)
                 continue
             try:
-                batch.append((str(image_id), image, load_image(image, sample=image_id)))
+                batch.append((str(image_id), image, fit_aspect_ratio(load_image(image, sample=image_id))))
             except CoMaInputError as error:
                 logger.warning("Skipping unreadable image: %s", error)
                 counts["skipped_unreadable"] += 1

@@ -139,7 +139,7 @@ def _message_text(content: Any) -> str:
 
 def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
     """Split `dataset` into (train, held out) so that no image is in both: whole images, drawn in a seeded order,
-    until the held-out part has `percentage` % of the rows (at least one), at most `max_rows`.
+    until the held-out part has `percentage` % of the rows (at least one), never more than `max_rows`.
 
     Rows without an image are grouped by their text. Returns `(dataset, None)` when nothing can be held out (a
     percentage or cap of 0, or a single image behind every row).
@@ -147,6 +147,8 @@ def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
     import math
     import random
 
+    if not 0 <= percentage < 100:
+        raise ValueError(f"the held-out percentage must be in [0, 100), got {percentage}")
     target = min(math.ceil(len(dataset) * percentage / 100), max_rows)
     if target <= 0 or len(dataset) < 2:
         return dataset, None
@@ -168,35 +170,47 @@ def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
     return dataset.select(kept), dataset.select(sorted(held))
 
 
-def _image_keys(dataset) -> list[str]:
-    """One key per row naming its image (path, or a digest of its bytes), or its text when it has none; read
-    without decoding images."""
-    import hashlib
-
+def _image_keys(dataset, batch_size: int = 1000) -> list[str]:
+    """One key per row naming its image (a digest of its bytes, else its path), or its text when it has none; read
+    a batch at a time and without decoding images."""
     import datasets
 
     columns = dataset.column_names
-    if "image" in columns or "images" in columns:
-        name = "image" if "image" in columns else "images"
+    name = "image" if "image" in columns else "images" if "images" in columns else None
+    if name is not None:
         feature = dataset.features[name]
         if isinstance(feature, datasets.Image):
             dataset = dataset.cast_column(name, datasets.Image(decode=False))
         elif isinstance(getattr(feature, "feature", None), datasets.Image):
             dataset = dataset.cast_column(name, datasets.List(datasets.Image(decode=False)))
-        images = dataset[name]
-        if name == "images":
-            images = [value[0] if value else None for value in images]
-    else:
-        images = [None] * len(dataset)
-    texts = dataset["text"] if "text" in columns else [None] * len(dataset)
+    wanted = [column for column in (name, "text") if column in columns]
+    if not wanted:  # rows with neither image nor text are bad rows; each its own group
+        return [f"row:{index}" for index in range(len(dataset))]
     keys = []
-    for index, (image, text) in enumerate(zip(images, texts)):
-        if isinstance(image, dict):
-            image = image.get("path") or hashlib.sha1(image.get("bytes") or b"").hexdigest()
-        elif image is not None and not isinstance(image, str):  # a PIL image
-            image = hashlib.sha1(image.tobytes()).hexdigest()
-        keys.append(f"image:{os.path.normpath(image)}" if image else f"text:{text if text is not None else index}")
+    for batch in dataset.select_columns(wanted).iter(batch_size=batch_size):
+        images = batch.get(name) or [None] * len(next(iter(batch.values())))
+        texts = batch.get("text") or [None] * len(images)
+        for image, text in zip(images, texts):
+            if name == "images":
+                image = image[0] if image else None
+            keys.append(_image_key(image) or f"text:{text if text is not None else len(keys)}")
     return keys
+
+
+def _image_key(image) -> str | None:
+    """`image:<sha1 of the bytes>` or `image:<normalised path>`; `None` without an image. Bytes first: files stored
+    in a dataset often share bare names (`image.jpg`)."""
+    import hashlib
+
+    if isinstance(image, dict):
+        data, image = image.get("bytes"), image.get("path")
+        if data:
+            return f"image:{hashlib.sha1(data).hexdigest()}"
+    if isinstance(image, str) and image:
+        return f"image:{os.path.normpath(image)}"
+    if image is not None and hasattr(image, "tobytes"):  # a PIL image
+        return f"image:{hashlib.sha1(image.tobytes()).hexdigest()}"
+    return None
 
 
 @dataclass

@@ -58,13 +58,14 @@ def _questions(records: Sequence[dict]) -> list[tuple[int, str, str, str]]:
     ]
 
 
-def generation_length(processor, records: Sequence[dict], cap: int = MAX_ANSWER_TOKENS) -> int:
-    """Tokens to generate: the longest reference answer and its `<|im_end|>`, at most `cap`."""
+def generation_length(processor, records: Sequence[dict], cap: int | None = MAX_ANSWER_TOKENS) -> int:
+    """Tokens to generate: the longest reference answer and its `<|im_end|>`, at most `cap` (`None`: uncapped)."""
     answers = [turn["answer"] for record in records for turn in record["conversation"]]
     if not answers:
         return 1
     lengths = processor.tokenizer(answers, add_special_tokens=False)["input_ids"]
-    return min(cap, 1 + max(len(ids) for ids in lengths))
+    needed = 1 + max(len(ids) for ids in lengths)
+    return needed if cap is None else min(cap, needed)
 
 
 @torch.no_grad()
@@ -128,6 +129,7 @@ def majority_baseline(train_rows: Iterable[dict], eval_rows: Sequence[dict]) -> 
 
 
 def _records(rows: Iterable[dict]) -> Iterable[dict]:
+    """The rows in the stage-1 schema, leaving out those `normalize_stage1_record` rejects."""
     for index, row in enumerate(rows):
         try:
             yield normalize_stage1_record(row, index)
