@@ -7,7 +7,8 @@ from .hub import push_to_hub
 from .model_card import write_model_card
 from .masking import may_attend
 from .modeling_coma import CoMaCompression, CoMaModel, CoMaModelOutput
-from .processing_coma import CoMaInputError, CoMaProcessor, load_image
+from .inputs import CoMaInputError, load_image
+from .processing_coma import CoMaProcessor
 
 __version__ = "0.1.0"
 

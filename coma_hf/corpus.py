@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .data.jsonl import read_jsonl_lines
-from .processing_coma import CoMaInputError
+from .inputs import CoMaInputError
 
 logger = logging.getLogger(__name__)
 

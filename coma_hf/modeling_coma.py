@@ -29,7 +29,8 @@ from transformers.utils import logging as hf_logging
 from .backbones import cache_argument_name, get_family, image_processor_class, language_model, output_cache
 from .configuration_coma import CoMaConfig
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
-from .processing_coma import IGNORE_INDEX, CoMaInputError, CoMaProcessor
+from .inputs import CoMaInputError
+from .processing_coma import IGNORE_INDEX, CoMaProcessor
 from .sentence_transformers_files import write_sentence_transformers_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 

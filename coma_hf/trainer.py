@@ -30,7 +30,8 @@ from transformers import BatchFeature, Trainer
 from .data.stage1 import normalize_stage1_record
 from .data.stage2 import embedding_input, sides
 from .losses import PRESENT
-from .processing_coma import CoMaInputError, CoMaProcessor
+from .inputs import CoMaInputError
+from .processing_coma import CoMaProcessor
 
 logger = logging.getLogger(__name__)
 

@@ -68,11 +68,11 @@ def test_checkpoint_loads_without_coma_hf_from_folder_and_from_hub_cache(family,
     model.save_pretrained(folder)
     files = set(os.listdir(folder))
     assert {"config.json", "model.safetensors", "modeling_coma.py", "configuration_coma.py", "processing_coma.py",
-            "masking.py", "backbones.py", "sentence_transformers_files.py", "vision_attention.py",
+            "inputs.py", "masking.py", "backbones.py", "sentence_transformers_files.py", "vision_attention.py",
             "processor_config.json", "tokenizer.json"} <= files  # fmt: skip
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_coma.CoMaConfig", "AutoModel": "modeling_coma.CoMaModel"}
-    remote_code = ("modeling_coma.py", "configuration_coma.py", "processing_coma.py", "masking.py", "backbones.py",
+    remote_code = ("modeling_coma.py", "configuration_coma.py", "processing_coma.py", "inputs.py", "masking.py", "backbones.py",
                    "sentence_transformers_files.py", "vision_attention.py")  # fmt: skip
     for name in remote_code:
         assert "coma_hf" not in (folder / name).read_text().replace('"coma_hf"', ""), name

@@ -11,7 +11,8 @@ from PIL import Image
 
 from coma_hf import CoMaInputError, load_image
 from coma_hf.backbones import get_family
-from coma_hf.processing_coma import CoMaProcessor, fit_aspect_ratio
+from coma_hf.inputs import fit_aspect_ratio
+from coma_hf.processing_coma import CoMaProcessor
 from conftest import random_image, tiny_coma
 
 

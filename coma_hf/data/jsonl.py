@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from ..processing_coma import CoMaInputError
+from ..inputs import CoMaInputError
 
 ERROR_COLUMN = "_error"  # rows standing for unreadable lines carry only this column
 

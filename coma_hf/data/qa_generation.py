@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
-from ..processing_coma import CoMaInputError, fit_aspect_ratio, load_image
+from ..inputs import CoMaInputError, fit_aspect_ratio, load_image
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..processing_coma import CoMaInputError
+from ..inputs import CoMaInputError
 from .jsonl import check_readable, load_jsonl_dataset
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..processing_coma import CoMaInputError
+from ..inputs import CoMaInputError
 from .jsonl import check_readable, load_jsonl_dataset
 from .stage1 import BadSample, row_id
 

@@ -19,7 +19,7 @@ import torch
 from transformers.utils.logging import tqdm
 
 from ..data.stage1 import normalize_stage1_record
-from ..processing_coma import CoMaInputError
+from ..inputs import CoMaInputError
 
 SCORING = "normalised exact match (case, surrounding space and a final full stop ignored) and token F1"
 MAX_ANSWER_TOKENS = 128  # the generation cap for free-form answers

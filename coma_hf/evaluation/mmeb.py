@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..data.jsonl import read_jsonl_records
-from ..processing_coma import CoMaInputError, load_image
+from ..inputs import CoMaInputError, load_image
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,200 @@
+"""What CoMa takes as input: the error that names a bad input, image decoding, and the parsing of embedding inputs.
+
+`CoMaInputError` is raised wherever an input is rejected, with the sample and the field it came from. `load_image`
+reads any image Pillow decodes (upright, RGB); `fit_aspect_ratio` makes images the backbones' image processors would
+refuse acceptable. `split_input` / `message_input` turn the accepted input forms into `(text, image, instruction)`.
+
+Part of the remote code shipped with every checkpoint: imports only Pillow, numpy (a transformers dependency) and the
+standard library.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Qwen2/2.5/3-VL image processors refuse images more elongated than this (`smart_resize`); see `fit_aspect_ratio`.
+MAX_ASPECT_RATIO = 200
+
+
+class CoMaInputError(ValueError):
+    """Bad input, reported with the sample and the field it came from."""
+
+    def __init__(self, message: str, sample: Any = None, field: str | None = None):
+        where = ", ".join(part for part in (_sample_name(sample), f"field {field!r}" if field else "") if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.reason = message
+        self.sample = sample
+        self.field = field
+
+    def position_in(self, batch: Sequence[Any]) -> int | None:
+        """The index into `batch` this error names, if its sample is one (batch-level code names samples by
+        position; callers that know the inputs better re-raise with a clearer name)."""
+        if isinstance(self.sample, int) and 0 <= self.sample < len(batch):
+            return self.sample
+        return None
+
+
+def _sample_name(sample: Any) -> str:
+    return "" if sample is None else f"sample {sample}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------------
+def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Image:
+    """Return `image` as a decoded RGB PIL image.
+
+    Accepts a PIL image (taken as it is), a local path (str or `os.PathLike`), raw bytes, or a
+    `datasets.Image(decode=False)` dict with `bytes` and/or `path`; a file is read upright (its EXIF orientation
+    applied — a PIL image keeps its EXIF after `transpose`, so doing it for those could turn them twice). URLs are
+    refused: this file is remote code and makes no network calls (download the image, or pass
+    `transformers.image_utils.load_image(url)`). Images in modes L, LA, P, RGBA, CMYK, I;16, I, F and 1 are
+    converted; transparency is composited onto white.
+    Raises `CoMaInputError` naming the sample, the field and the path when the image is missing, unreadable, or
+    larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`).
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return _open(io.BytesIO(image), "<bytes>", sample, field)
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path.startswith(("http://", "https://")):
+            raise CoMaInputError(
+                f"image URLs are not fetched ({path}): CoMa's remote code makes no network calls; download the image "
+                "or pass a PIL image (e.g. transformers.image_utils.load_image(url))",
+                sample,
+                field,
+            )
+        if not os.path.isfile(path):
+            raise CoMaInputError(f"image file not found: {path}", sample, field)
+        return _open(path, path, sample, field)
+    raise CoMaInputError(f"expected a PIL image, a path or bytes, got {type(image).__name__}", sample, field)
+
+
+def _open(source: Any, name: str, sample: Any, field: str) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            opened.load()  # decode now, so a truncated file fails here and not inside a batch
+            return to_rgb(_upright(opened, sample, field))
+    except Image.DecompressionBombError as error:
+        raise CoMaInputError(f"image {name} is too large to decode safely: {error}", sample, field) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise CoMaInputError(f"cannot read image {name}: {error}", sample, field) from error
+
+
+def _upright(image: Image.Image, sample: Any, field: str) -> Image.Image:
+    """The image turned as its EXIF orientation says (photos from phones are stored sideways)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # a corrupt EXIF block: name it rather than fail inside Pillow
+        raise CoMaInputError(f"cannot apply the image's EXIF orientation: {error}", sample, field) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited onto white, 16-bit and float scaled to 0..255)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
+    if mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_aspect_ratio(image: Image.Image, limit: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """`image` as it is when its long side is at most `limit` times its short side; otherwise centred on a white
+    canvas widened (on its short side) just enough to reach `limit`:1, so that every decodable image embeds.
+    White is what transparency is composited onto (`to_rgb`)."""
+    width, height = image.size
+    if max(width, height) <= limit * min(width, height):
+        return image
+    short_side = math.ceil(max(width, height) / limit)
+    size = (width, short_side) if width >= height else (short_side, height)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Embedding inputs
+# --------------------------------------------------------------------------------------------------------------------
+def split_input(item: Any, sample: Any = None) -> tuple[str | None, Any, str | None]:
+    """`(text, image, instruction)` of one embedding input: a `str` is text, a PIL image is an image, a dict has
+    `text` / `image` / `instruction` keys."""
+    if isinstance(item, str):
+        return item, None, None
+    if isinstance(item, Image.Image):
+        return None, item, None
+    if isinstance(item, dict):
+        unknown = set(item) - {"text", "image", "instruction"}
+        if unknown:
+            raise CoMaInputError(f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input")
+        return item.get("text"), item.get("image"), item.get("instruction")
+    raise CoMaInputError(f"expected str, PIL image or dict, got {type(item).__name__}", sample, "input")
+
+
+def describe_input(item: dict) -> str:
+    """A short description of an embedding input for error messages: its image (path or size) and text."""
+    parts = []
+    image = item.get("image")
+    if isinstance(image, Image.Image):
+        parts.append(f"<{image.mode} image {image.width}×{image.height}>")
+    elif image is not None:
+        parts.append(f"image {os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__}")
+    text = item.get("text")
+    if text is not None:
+        parts.append(f"text {text[:40]!r}{'…' if len(text) > 40 else ''}")
+    return " + ".join(parts) or "(empty input)"
+
+
+def message_input(messages: Sequence[dict], sample: Any) -> dict:
+    """`{"text", "image", "instruction"}` of one chat conversation (see `CoMaProcessor.apply_chat_template`)."""
+    parts: dict[str, list] = {"system": [], "text": [], "image": []}
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "user"):
+            raise CoMaInputError(
+                f"CoMa embeds one input at a time: expected 'system' and 'user' messages, got role {role!r}",
+                sample,
+                "message",
+            )
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for item in items:
+            kind = item.get("type", "text")
+            if kind not in ("text", "image"):
+                raise CoMaInputError(f"unsupported content type {kind!r}", sample, "message")
+            value = item.get(kind)
+            if kind == "text" and value is None:
+                continue
+            if value is None or (kind == "text" and not isinstance(value, str)):
+                raise CoMaInputError(f"expected a {kind}, got {type(value).__name__}", sample, kind)
+            parts["system" if role == "system" else kind].append(value)
+    if len(parts["image"]) > 1:
+        raise CoMaInputError(f"{len(parts['image'])} images in one input; CoMa takes at most one", sample, "image")
+    return {
+        "text": "\n".join(parts["text"]) or None,
+        "image": parts["image"][0] if parts["image"] else None,
+        "instruction": "\n".join(parts["system"]) or None,
+    }
