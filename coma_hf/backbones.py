@@ -29,7 +29,6 @@ class BackboneFamily:
         generation_class_name: the stock class with an LM head, whose weight names CoMa checkpoints keep.
         patch_size: side in pixels of one vision-encoder patch.
         spatial_merge_size: patches merged per side into one language-model token.
-        windowed_vision_attention: whether the vision tower attends in windows (Qwen2.5-VL) rather than per image.
     """
 
     model_type: str
@@ -37,12 +36,11 @@ class BackboneFamily:
     generation_class_name: str
     patch_size: int
     spatial_merge_size: int = 2
-    windowed_vision_attention: bool = False
 
     @property
     def pixels_per_token(self) -> int:
         """Side in pixels of one visual token seen by the language model (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
-        return self.patch_size * self.spatial_merge_size
+        return pixels_per_token(self.patch_size, self.spatial_merge_size)
 
     @property
     def base_model_class(self) -> type:
@@ -53,17 +51,16 @@ class BackboneFamily:
         return getattr(transformers, self.generation_class_name)
 
 
+def pixels_per_token(patch_size: int, merge_size: int) -> int:
+    """Side in pixels of one visual token the language model sees: `merge_size` patches of `patch_size` per side."""
+    return patch_size * merge_size
+
+
 FAMILIES: dict[str, BackboneFamily] = {
     family.model_type: family
     for family in (
         BackboneFamily("qwen2_vl", "Qwen2VLModel", "Qwen2VLForConditionalGeneration", patch_size=14),
-        BackboneFamily(
-            "qwen2_5_vl",
-            "Qwen2_5_VLModel",
-            "Qwen2_5_VLForConditionalGeneration",
-            patch_size=14,
-            windowed_vision_attention=True,
-        ),
+        BackboneFamily("qwen2_5_vl", "Qwen2_5_VLModel", "Qwen2_5_VLForConditionalGeneration", patch_size=14),
         BackboneFamily("qwen3_vl", "Qwen3VLModel", "Qwen3VLForConditionalGeneration", patch_size=16),
     )
 }

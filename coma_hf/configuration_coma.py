@@ -8,15 +8,17 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from .backbones import get_family
+from .processing_coma import (
+    DEFAULT_COMPRESS_INSTRUCTION,
+    DEFAULT_DOCUMENT_INSTRUCTION,
+    DEFAULT_QUERY_INSTRUCTION,
+    LOSS_ON_MODES,
+)
 
 POOLING_MODES = ("mean", "last")
-LOSS_ON_MODES = ("answers", "all_after_compression")
 ATTENTION_RULES = ("bottleneck", "causal")
 VISION_ATTENTION_MODES = ("auto", "stock")
-
-DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."
-DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
-DEFAULT_DOCUMENT_INSTRUCTION = "Represent the given image or text."
+DEFAULT_CONTRASTIVE_TEMPERATURE = 0.03  # the paper's
 
 
 class CoMaConfig(PretrainedConfig):
@@ -79,7 +81,7 @@ class CoMaConfig(PretrainedConfig):
         compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
         query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
         document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
-        contrastive_temperature: float = 0.03,
+        contrastive_temperature: float = DEFAULT_CONTRASTIVE_TEMPERATURE,
         embedding_dim: int | None = None,
         normalize_embeddings: bool = True,
         vision_attention: str = "auto",

@@ -99,20 +99,6 @@ def build_attention_mask(
     return additive_mask(attention_allowed(padding_mask, start, end, rule), dtype)
 
 
-def build_block_mask(padding_mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rule: str = "bottleneck"):
-    """The same rule as a flex-attention `BlockMask` (for a language model switched to `flex_attention`)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    real = padding_mask.bool()
-    batch, length = padding_mask.shape
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = may_attend(q_idx, kv_idx, start[b], end[b], rule) & real[b, kv_idx]
-        return allowed | ((q_idx == kv_idx) & ~real[b, q_idx])
-
-    return create_block_mask(mask_mod, batch, None, length, length, device=padding_mask.device)
-
-
 def check_language_model_attention(implementation: str | None) -> None:
     """The compression rule needs an explicit mask, which flash-attention kernels cannot take."""
     if implementation and "flash" in implementation:

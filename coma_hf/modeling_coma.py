@@ -30,7 +30,7 @@ from .backbones import cache_argument_name, get_family, image_processor_class, l
 from .configuration_coma import CoMaConfig
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
 from .inputs import CoMaInputError
-from .processing_coma import IGNORE_INDEX, CoMaProcessor
+from .processing_coma import IGNORE_INDEX, CoMaProcessor, compression_token_names
 from .sentence_transformers_files import write_sentence_transformers_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 
@@ -126,7 +126,7 @@ class CoMaModel(PreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _supports_sdpa = True
     _supports_flash_attn = True  # vision tower only; the language model refuses flash (see masking.py)
-    _supports_flex_attn = True
+    _supports_flex_attn = False  # the compression rule is a dense float mask, which flex attention cannot take
     _supports_attention_backend = True
     accepts_loss_kwargs = True  # the loss is normalised by Trainer's `num_items_in_batch`
 
@@ -166,11 +166,20 @@ class CoMaModel(PreTrainedModel):
             if not self.name_or_path:
                 raise ValueError("This model has no processor; set `model.processor = CoMaProcessor(...)`.")
             # the code being trusted is this checkpoint's own, already trusted to load the model
-            self._processor = CoMaProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
+            self.processor = CoMaProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
         return self._processor
 
     @processor.setter
     def processor(self, processor: CoMaProcessor) -> None:
+        """Attach `processor`, which must render the compression tokens this model was built with (K is stored by
+        both: its ids in `config.compression_token_ids`, its token names in the processor's config)."""
+        expected = self.config.compression_token_ids
+        if expected is not None and list(processor.compression_token_ids) != list(expected):
+            raise ValueError(
+                f"The processor's compression tokens {processor.compression_tokens} have ids "
+                f"{processor.compression_token_ids}, but this model was built for ids {expected} (K="
+                f"{self.config.num_compression_tokens}): use the processor saved with the model."
+            )
         self._processor = processor
 
     # Set by the installed package to its model-card writer (`write_model_card(folder, repo_id=None)`); without the
@@ -520,7 +529,7 @@ class CoMaModel(PreTrainedModel):
 
         tokenizer = processor.tokenizer
         real_vocabulary = len(tokenizer)
-        new_tokens = [f"<cmp_{index}>" for index in range(num_compression_tokens)]
+        new_tokens = compression_token_names(num_compression_tokens)
         tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
         token_ids = tokenizer.convert_tokens_to_ids(new_tokens)
 

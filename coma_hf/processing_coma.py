@@ -23,21 +23,31 @@ import copy
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .backbones import pixels_per_token
 from .inputs import CoMaInputError, describe_input, fit_aspect_ratio, load_image, message_input, split_input
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>|<image>")
-DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."
-LOSS_ON_MODES = ("answers", "all_after_compression")
+# The defaults of what the processor saves in its config (`processor_config.json`).
+IMAGE_PLACEHOLDER = r"<\|image_\d+\|>|<image>"  # MMEB's `<|image_1|>`, LLaVA's `<image>`: where an image goes
+COMPRESSION_TOKEN_FORMAT = "<cmp_{index}>"  # the name of compression token `index`
+DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."  # the paper's
+DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
+DEFAULT_DOCUMENT_INSTRUCTION = "Represent the given image or text."
+LOSS_ON_MODES = ("answers", "all_after_compression")  # stage-1 label positions (the paper's, the released code's)
 IGNORE_INDEX = -100
+
+
+def compression_token_names(count: int, token_format: str = COMPRESSION_TOKEN_FORMAT) -> list[str]:
+    """The names of the `count` compression tokens, in order."""
+    return [token_format.format(index=index) for index in range(count)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -62,7 +72,6 @@ class RenderedSample:
     image_grid_thw: torch.Tensor | None = None
     dropped_turns: int = 0
     truncated_text_tokens: int = 0
-    extras: dict = field(default_factory=dict)
 
 
 class CoMaProcessor(ProcessorMixin):
@@ -77,6 +86,9 @@ class CoMaProcessor(ProcessorMixin):
         min_image_tokens / max_image_tokens (`int`, *optional*): bounds on visual tokens per image, given in tokens
             (one token covers `patch_size * merge_size` pixels per side: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
             The paper uses 256–1024. `None` keeps the image processor's own bounds.
+        compression_token_format (`str`, defaults to `"<cmp_{index}>"`): the name of compression token `index` (a
+            checkpoint may carry other names, e.g. the released code's `<|ctoken_pad_{index}|>`).
+        image_placeholder (`str`): regular expression of the image placeholders that mark where a text's image goes.
         max_length (`int`, *optional*): longest sequence in tokens. The compression tokens are never cut: input
             text is truncated first; in stage 1, trailing QA turns that do not fit are dropped and counted, and a
             sample whose first answer cannot fit is an error naming the sample.
@@ -94,9 +106,14 @@ class CoMaProcessor(ProcessorMixin):
         min_image_tokens: int | None = None,
         max_image_tokens: int | None = None,
         max_length: int | None = None,
+        compression_token_format: str = COMPRESSION_TOKEN_FORMAT,
+        image_placeholder: str = IMAGE_PLACEHOLDER,
         **kwargs,
     ):
         self.num_compression_tokens = num_compression_tokens
+        self.compression_token_format = compression_token_format
+        self.image_placeholder = image_placeholder
+        self._placeholder = re.compile(image_placeholder)
         self.compress_instruction = compress_instruction
         self.min_image_tokens = min_image_tokens
         self.max_image_tokens = max_image_tokens
@@ -109,11 +126,11 @@ class CoMaProcessor(ProcessorMixin):
     # ---- setup -------------------------------------------------------------------------------------------------------
     @property
     def pixels_per_token(self) -> int:
-        return self.image_processor.patch_size * self.image_processor.merge_size
+        return pixels_per_token(self.image_processor.patch_size, self.image_processor.merge_size)
 
     @property
     def compression_tokens(self) -> list[str]:
-        return [f"<cmp_{index}>" for index in range(self.num_compression_tokens)]
+        return compression_token_names(self.num_compression_tokens, self.compression_token_format)
 
     @property
     def compression_token_ids(self) -> list[int]:
@@ -221,14 +238,14 @@ class CoMaProcessor(ProcessorMixin):
             vision, pixel_values, grid = self._image_block(image, sample)
         compression = self.compression_token_ids
 
-        match = IMAGE_PLACEHOLDER.search(text)
+        match = self._placeholder.search(text)
         if match and image is not None:  # MMEB rows carry their instruction and the image's place
             before, after = self._encode(text[: match.start()]), self._encode(text[match.end():])
             budget = self._text_budget(len(vision) + len(compression), sample, "the image and compression tokens", "image")
             before, after, cut = _truncate_tail([before, after], budget)
             ids = before + vision + after + compression
         else:
-            text = IMAGE_PLACEHOLDER.sub("", text) if match else text
+            text = self._placeholder.sub("", text) if match else text
             if instruction:
                 prefix = self._encode(instruction + "\n") if text else self._encode(instruction)
             else:
@@ -283,7 +300,7 @@ class CoMaProcessor(ProcessorMixin):
         """The stage-1 input alone: `[image]{text}\n{compress_instruction}<cmp_0>…<cmp_{K-1}>` (what `compress`
         takes to answer questions as in stage 1). `reserve` keeps that many tokens free after it (the first QA
         turn): the text is truncated for them, and if even the empty text leaves too little room it is an error."""
-        text = IMAGE_PLACEHOLDER.sub("", text or "").strip()
+        text = self._placeholder.sub("", text or "").strip()
         if not text and image is None:
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
         pixel_values = grid = None

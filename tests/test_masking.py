@@ -8,7 +8,6 @@ import torch
 from coma_hf.masking import (
     attention_allowed,
     build_attention_mask,
-    build_block_mask,
     check_language_model_attention,
     compression_span,
 )
@@ -75,19 +74,6 @@ def test_float_mask_values():
     assert mask.shape == (1, 1, 7, 7)
     assert torch.equal(mask[0, 0] == 0, EXPECTED_BOTTLENECK)
     assert mask[0, 0, 5, 0].item() == torch.finfo(torch.float32).min
-
-
-def test_flex_block_mask_gives_the_same_attention_as_the_float_mask():
-    flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    torch.manual_seed(0)
-    padding = torch.tensor([[1] * 256, [0] * 40 + [1] * 216])
-    start, end = torch.tensor([200, 210]), torch.tensor([232, 242])
-    query, key, value = (torch.randn(2, 2, 256, 16) for _ in range(3))
-    dense = build_attention_mask(padding, start, end, torch.float32)
-    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense)
-    block_mask = build_block_mask(padding, start, end)
-    actual = flex.flex_attention(query, key, value, block_mask=block_mask)
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", ["flash_attention_2", "flash_attention_3", "kernels-community/flash-attn"])

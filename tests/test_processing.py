@@ -247,3 +247,29 @@ def test_images_beyond_200_to_1_are_centred_on_a_white_canvas_at_200_to_1(size):
     rendered = processor.render_embedding_input(image=image)
     direct = processor.image_processor(images=[fitted], return_tensors="pt")
     assert torch.equal(rendered.pixel_values, direct["pixel_values"])
+
+
+def test_compression_token_names_are_data_of_the_saved_processor(tmp_path):
+    """A checkpoint may name its compression tokens otherwise (the released code's `<|ctoken_pad_i|>`)."""
+    import copy
+
+    _, processor = tiny_coma()
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    names = ["<|ctoken_pad_0|>", "<|ctoken_pad_1|>"]
+    tokenizer.add_special_tokens({"extra_special_tokens": names}, replace_extra_special_tokens=False)
+    released = CoMaProcessor(processor.image_processor, tokenizer, num_compression_tokens=2,
+                             compression_token_format="<|ctoken_pad_{index}|>")  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids(names)
+    assert released.compression_tokens == names and released.compression_token_ids == ids
+    assert released.render_embedding_input(text="a red circle").input_ids[-2:] == ids
+    released.save_pretrained(tmp_path)
+    reloaded = CoMaProcessor.from_pretrained(tmp_path)
+    assert reloaded.compression_token_format == "<|ctoken_pad_{index}|>" and reloaded.compression_token_ids == ids
+
+
+def test_a_processor_for_other_compression_tokens_is_refused():
+    model, processor = tiny_coma()  # K = 4
+    other = CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=3)
+    with pytest.raises(ValueError, match="use the processor saved with the model"):
+        model.processor = other
+    assert model.processor is processor
