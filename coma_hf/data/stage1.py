@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inputs import CoMaInputError
-from .jsonl import check_readable, load_jsonl_dataset
+from .sources import check_readable, load_jsonl_dataset
 
 logger = logging.getLogger(__name__)
 PLACEHOLDER = re.compile(r"<image>|<\|image_\d+\|>")

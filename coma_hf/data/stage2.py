@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inputs import CoMaInputError
-from .jsonl import check_readable, load_jsonl_dataset
+from .sources import check_readable, load_jsonl_dataset
 from .stage1 import BadSample, row_id
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")

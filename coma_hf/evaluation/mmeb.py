@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..data.jsonl import read_jsonl_records
+from ..data.sources import read_jsonl_records
 from ..inputs import CoMaInputError, load_image
 
 logger = logging.getLogger(__name__)

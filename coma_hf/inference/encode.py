@@ -29,8 +29,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .data.jsonl import read_jsonl_lines
-from .inputs import CoMaInputError
+from ..data.sources import read_jsonl_lines
+from ..inputs import CoMaInputError
 
 logger = logging.getLogger(__name__)
 
