@@ -16,9 +16,9 @@ import argparse
 import itertools
 import logging
 import sys
-from pathlib import Path
 
 from coma_hf import inference
+from coma_hf.data.sources import open_dataset
 
 logger = logging.getLogger("encode_corpus")
 
@@ -65,12 +65,7 @@ def corpus_rows(args: argparse.Namespace):
 
 
 def load_dataset(args: argparse.Namespace):
-    import datasets
-
-    if Path(args.dataset).is_dir() and (Path(args.dataset) / "dataset_info.json").is_file():
-        loaded = datasets.load_from_disk(args.dataset)
-        return loaded[args.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(args.dataset, args.config_name, split=args.split, streaming=args.streaming)
+    return open_dataset(args.dataset, args.config_name, split=args.split, streaming=args.streaming)
 
 
 def main(argv: list[str] | None = None) -> dict:
