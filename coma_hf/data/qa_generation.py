@@ -24,7 +24,7 @@ import torch
 from transformers.utils.logging import tqdm
 
 from ..inputs import CoMaInputError, fit_aspect_ratio, load_image
-from .sources import image_files, read_jsonl_lines, resolve_image_path
+from .sources import image_files, image_root_of, read_jsonl_lines, resolve_image_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def iter_images(source: str | os.PathLike, image_root: str | None = None) -> Ite
         for relative in image_files(source):
             yield relative, str(source / relative)
         return
-    root = str(image_root or source.parent)
+    root = image_root_of(source, image_root)
     for line_number, row, error in read_jsonl_lines(source):
         if error is not None:
             raise CoMaInputError(error, field="line")

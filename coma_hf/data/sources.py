@@ -38,9 +38,9 @@ class BadRow:
     error: str
 
 
-def row_id(row: dict, index: int) -> Any:
-    """How errors and summaries name a row: its `id` when it has one, else its position."""
-    return index if row.get("id") is None else row["id"]
+def row_id(row: dict, index: int, id_field: str | None = "id") -> Any:
+    """How errors and summaries name a row: its `id` (or `id_field`) when it has one, else its position."""
+    return index if not id_field or row.get(id_field) is None else row[id_field]
 
 
 def check_readable(row: dict, sample) -> None:
@@ -60,6 +60,12 @@ def resolve_image_path(image: Any, image_root: str | os.PathLike | None) -> Any:
         if path and not os.path.isabs(path) and "://" not in path:
             return os.path.join(image_root, path)
     return image
+
+
+def image_root_of(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> str:
+    """Where the relative image paths of the data file `path` start: `image_root` when given, else the file's
+    folder."""
+    return str(image_root) if image_root else str(Path(path).parent)
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from ..inputs import CoMaInputError
-from .sources import BadRow, check_readable, is_saved_dataset, load_data_file, open_dataset, resolve_image_path, row_id
+from .sources import (
+    BadRow,
+    check_readable,
+    image_root_of,
+    is_saved_dataset,
+    load_data_file,
+    open_dataset,
+    resolve_image_path,
+    row_id,
+)
 
 logger = logging.getLogger(__name__)
 PLACEHOLDER = re.compile(r"<image>|<\|image_\d+\|>")
@@ -43,7 +52,7 @@ def load_stage1_dataset(source: str | os.PathLike, split: str = "train", image_r
     """
     path = Path(source)
     if path.is_file():
-        return load_data_file(path), image_root or str(path.parent)
+        return load_data_file(path), image_root_of(path, image_root)
     if path.is_dir() and (path / f"{split}.jsonl").is_file():
         return load_stage1_dataset(path / f"{split}.jsonl", split, image_root)
     if path.exists() and not is_saved_dataset(path):

@@ -28,6 +28,7 @@ from .sources import (
     BadRow,
     check_readable,
     data_files,
+    image_root_of,
     load_data_file,
     open_dataset,
     resolve_image_path,
@@ -46,7 +47,7 @@ def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, wit
     missing = [column for column in REQUIRED if column not in row]
     if missing:
         raise CoMaInputError(f"missing column(s) {missing}", sample, missing[0])
-    pair = {"dataset": str(row.get("dataset") or "default")}
+    pair = {"dataset": _dataset_name(row)}
     for side, text_column, image_column in SIDES:
         if side == "negative" and not with_negative:
             continue
@@ -62,6 +63,10 @@ def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, wit
     return pair
 
 
+def _dataset_name(row: dict) -> str:
+    return str(row.get("dataset") or "default")
+
+
 def embedding_input(text: str, image: str) -> dict[str, Any]:
     """The `{"text", "image"}` input of one side (no `image` key when there is none)."""
     return {"text": text, "image": image} if image else {"text": text}
@@ -72,7 +77,7 @@ def _read(source: str | os.PathLike, subsets, split: str):
 
     path = Path(source)
     if path.is_file():
-        return load_data_file(path), str(path.parent)
+        return load_data_file(path), image_root_of(path)
     if path.is_dir():
         files = data_files(path, subsets)
         if not files:
@@ -123,7 +128,7 @@ def _pair_or_error(row: dict, index: int, image_root: str | None, with_negative:
         return {**normalize_pair(row, index, image_root, with_negative), "id": identifier, ERROR_COLUMN: ""}
     except CoMaInputError as error:
         empty = {f"{side}_{kind}": "" for side, *_ in SIDES[: 3 if with_negative else 2] for kind in ("text", "image")}
-        return {"dataset": str(row.get("dataset") or "default"), **empty, "id": identifier, ERROR_COLUMN: str(error)}
+        return {"dataset": _dataset_name(row), **empty, "id": identifier, ERROR_COLUMN: str(error)}
 
 
 def split_by_dataset(pairs):

@@ -10,7 +10,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
-from ..data.sources import image_files, read_jsonl_lines, resolve_image_path
+from ..data.sources import image_files, image_root_of, read_jsonl_lines, resolve_image_path, row_id
 
 
 @dataclass
@@ -36,7 +36,7 @@ def jsonl_rows(
 ) -> Iterator[CorpusRow]:  # fmt: skip
     """One row per non-blank line of a JSONL file; a line that is not UTF-8 JSON is a row with an error that names the
     line. Image paths start at `image_root`, else at the file's folder."""
-    root = image_root or str(Path(path).parent)
+    root = image_root_of(path, image_root)
     for position, (_, record, error) in enumerate(read_jsonl_lines(path)):
         if error is not None:
             yield CorpusRow(position, str(position), None, error)
@@ -49,7 +49,7 @@ def csv_rows(
     id_field: str | None = "id", image_root: str | None = None,
 ) -> Iterator[CorpusRow]:  # fmt: skip
     """One row per CSV record (header first); image paths start at `image_root`, else at the file's folder."""
-    root = image_root or str(Path(path).parent)
+    root = image_root_of(path, image_root)
     with open(path, newline="", encoding="utf-8", errors="strict") as handle:
         for position, record in enumerate(csv.DictReader(handle)):
             yield _record_row(position, record, text_field, image_field, id_field, root)
@@ -71,7 +71,7 @@ def dataset_rows(
 
 
 def _record_row(position: int, record: dict, text_field, image_field, id_field, image_root) -> CorpusRow:
-    identifier = str(record[id_field]) if id_field and record.get(id_field) is not None else str(position)
+    identifier = str(row_id(record, position, id_field))
     text = record.get(text_field) if text_field else None
     image = record.get(image_field) if image_field else None
     if text is not None and not isinstance(text, str):
