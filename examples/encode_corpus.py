@@ -1,5 +1,5 @@
 """Embed a corpus into sharded embedding files: a folder of images, a JSONL/CSV of texts and/or images, or a
-`datasets` dataset (streaming supported). See `coma_hf/corpus.py` for the shard layout.
+`datasets` dataset (streaming supported). See `coma_hf/inference/` for the shard layout.
 
     python examples/encode_corpus.py --model outputs/stage2 --images photos/ --output_dir embeddings/photos
     python examples/encode_corpus.py --model outputs/stage2 --jsonl corpus.jsonl --text_field caption --output_dir out
@@ -16,9 +16,9 @@ import argparse
 import itertools
 import logging
 import sys
-from pathlib import Path
 
-from coma_hf import corpus
+from coma_hf import inference
+from coma_hf.data.sources import open_dataset
 
 logger = logging.getLogger("encode_corpus")
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max_rows", type=int, help="Embed only the first rows of the corpus.")
     parser.add_argument("--shard_size", type=int, default=10_000, help="Rows per shard file.")
     parser.add_argument("--batch_size", type=int, default=32, help="Rows embedded at once.")
-    parser.add_argument("--format", choices=corpus.FORMATS, default="safetensors", help="Shard file format.")
+    parser.add_argument("--format", choices=inference.FORMATS, default="safetensors", help="Shard file format.")
     parser.add_argument("--role", choices=("document", "query", "none"), default="document",
                         help="Which configured instruction goes with every row (none: no instruction).")  # fmt: skip
     parser.add_argument("--faiss_index", action="store_true", help="Build index.faiss over all shards at the end.")
@@ -54,23 +54,18 @@ def corpus_rows(args: argparse.Namespace):
     fields = dict(text_field=args.text_field, image_field=args.image_field, id_field=args.id_field,
                   image_root=args.image_root)  # fmt: skip
     if args.images:
-        rows = corpus.image_folder_rows(args.images)
+        rows = inference.image_folder_rows(args.images)
     elif args.jsonl:
-        rows = corpus.jsonl_rows(args.jsonl, **fields)
+        rows = inference.jsonl_rows(args.jsonl, **fields)
     elif args.csv:
-        rows = corpus.csv_rows(args.csv, **fields)
+        rows = inference.csv_rows(args.csv, **fields)
     else:
-        rows = corpus.dataset_rows(load_dataset(args), **fields)
+        rows = inference.dataset_rows(load_dataset(args), **fields)
     return itertools.islice(rows, args.max_rows) if args.max_rows is not None else rows
 
 
 def load_dataset(args: argparse.Namespace):
-    import datasets
-
-    if Path(args.dataset).is_dir() and (Path(args.dataset) / "dataset_info.json").is_file():
-        loaded = datasets.load_from_disk(args.dataset)
-        return loaded[args.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(args.dataset, args.config_name, split=args.split, streaming=args.streaming)
+    return open_dataset(args.dataset, args.config_name, split=args.split, streaming=args.streaming)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress = tqdm(desc=f"process {state.process_index}", unit="row", disable=not state.is_local_main_process,
                     total=args.max_rows)  # fmt: skip
     with torch.inference_mode():
-        counts = corpus.encode_corpus(
+        counts = inference.encode_corpus(
             model, corpus_rows(args), args.output_dir, shard_size=args.shard_size, batch_size=args.batch_size,
             file_format=args.format, instruction=instruction, process_index=state.process_index,
             num_processes=state.num_processes, progress=progress,
@@ -98,9 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     state.wait_for_everyone()
     manifest = {}
     if state.is_main_process:
-        manifest = corpus.write_manifest(args.output_dir, model=args.model, instruction=instruction)
+        manifest = inference.write_manifest(args.output_dir, model=args.model, instruction=instruction)
         if args.faiss_index:
-            corpus.build_faiss_index(args.output_dir)
+            inference.build_faiss_index(args.output_dir)
         print(f"{manifest['embedded']} of {manifest['rows']} rows embedded ({manifest['skipped']} skipped) in "
               f"{len(manifest['shards'])} shards under {args.output_dir}")  # fmt: skip
         for entry in manifest["skipped_rows"][:20]:

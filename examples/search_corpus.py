@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coma_hf.corpus import search_index
+from coma_hf.inference import search_index
 
 
 def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:

@@ -154,17 +154,17 @@ def test_lora_with_sharded_parameters_stops_before_training(monkeypatch, tmp_pat
 
 
 def test_encode_corpus_on_two_processes_writes_the_shards_of_one_process(two_processes):
-    from coma_hf import corpus
+    from coma_hf import inference
 
     root, _, log = two_processes
     assert "process 0: {'rows': 10, 'embedded': 6" in log and "process 1: {'rows': 10, 'embedded': 4" in log  # 2 shards each
     load_example("encode_corpus").main(["--model", str(root / "checkpoint"), "--images", str(root / "corpus-images"),
                                         "--shard_size", "3", "--output_dir", str(root / "corpus-one")])  # fmt: skip
-    two, one = corpus.finished_shards(root / "corpus-two"), corpus.finished_shards(root / "corpus-one")
+    two, one = inference.finished_shards(root / "corpus-two"), inference.finished_shards(root / "corpus-one")
     assert [path.name for path in two] == [path.name for path in one] and len(one) == 4
     for first, second in zip(one, two):
-        ids, vectors, _ = corpus.read_shard(first)
-        ids2, vectors2, _ = corpus.read_shard(second)
+        ids, vectors, _ = inference.read_shard(first)
+        ids2, vectors2, _ = inference.read_shard(second)
         assert ids == ids2
         torch.testing.assert_close(vectors2, vectors, rtol=1e-5, atol=1e-6)
     manifest = json.loads((root / "corpus-two" / "manifest.json").read_text())

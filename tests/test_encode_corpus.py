@@ -1,4 +1,4 @@
-"""examples/encode_corpus.py and coma_hf.corpus: sources, shards, bad rows, resume after SIGKILL with another
+"""examples/encode_corpus.py and coma_hf.inference: sources, shards, bad rows, resume after SIGKILL with another
 process count, parquet, datasets (streaming), the faiss index and search."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from coma_hf import corpus
+from coma_hf import inference
 from conftest import load_example, tiny_coma
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "encode_corpus.py"
@@ -39,7 +39,7 @@ def _write_images(folder: Path, count: int, start: int = 0) -> Path:
 
 
 def _shards(folder: Path) -> list[tuple[str, list[str], torch.Tensor, dict]]:
-    return [(path.name, *corpus.read_shard(path)) for path in corpus.finished_shards(folder)]
+    return [(path.name, *inference.read_shard(path)) for path in inference.finished_shards(folder)]
 
 
 def _assert_same_shards(first: Path, second: Path) -> None:
@@ -69,7 +69,7 @@ def test_images_and_jsonl_with_bad_rows_are_embedded_skipped_and_reported(checkp
     assert "line 3" in reasons["2"] and "line 7" in reasons["6"]  # no JSON / no UTF-8: named by line
     assert "'text'" in reasons["d"] and "whitespace" in reasons["d"]
     assert "field 'image'" in reasons["e"] and "missing.png" in reasons["e"]
-    ids, vectors = corpus.load_embeddings(tmp_path / "out")
+    ids, vectors = inference.load_embeddings(tmp_path / "out")
     assert ids == ["a", "b", "f"]
     # the vectors are encode_document's for the same rows: nothing shifted by the skipped ones
     model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
@@ -92,23 +92,23 @@ def test_a_killed_run_resumes_with_another_process_count_and_equals_an_uninterru
     process = subprocess.Popen([sys.executable, str(EXAMPLE), *common, "--output_dir", str(killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
-    while len(corpus.finished_shards(killed)) < 2 and process.poll() is None and time.time() < deadline:
+    while len(inference.finished_shards(killed)) < 2 and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    done = len(corpus.finished_shards(killed))
+    done = len(inference.finished_shards(killed))
     assert 2 <= done < 24, f"the kill came too late to test resuming ({done} of 24 shards)"
 
     # resume as two processes (each one's shards; they are independent, so run here one after the other)
     from transformers import AutoModel
 
     coma = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
-    counts = [corpus.encode_corpus(coma, corpus.image_folder_rows(images), killed, shard_size=50, batch_size=16,
+    counts = [inference.encode_corpus(coma, inference.image_folder_rows(images), killed, shard_size=50, batch_size=16,
                                    instruction=coma.config.document_instruction, process_index=rank, num_processes=2)
               for rank in range(2)]  # fmt: skip
     assert sum(count["shards_already_done"] for count in counts) == done
     assert sum(count["shards_written"] for count in counts) == 24 - done
-    corpus.write_manifest(killed)
+    inference.write_manifest(killed)
     assert not list(killed.glob(".*.tmp"))  # a half-written shard of the killed run is cleaned up, never listed
     _assert_same_shards(tmp_path / "whole", killed)
 
@@ -121,10 +121,10 @@ def test_parquet_and_datasets_sources_give_the_same_vectors(checkpoint, tmp_path
     load_example("encode_corpus").main(common + ["--images", str(images), "--output_dir", str(tmp_path / "st")])
     load_example("encode_corpus").main(common + ["--images", str(images), "--output_dir", str(tmp_path / "pq"),
                                                  "--format", "parquet"])  # fmt: skip
-    reference_ids, reference = corpus.load_embeddings(tmp_path / "st")
-    ids, vectors = corpus.load_embeddings(tmp_path / "pq")
+    reference_ids, reference = inference.load_embeddings(tmp_path / "st")
+    ids, vectors = inference.load_embeddings(tmp_path / "pq")
     assert ids == reference_ids and torch.equal(vectors, reference)
-    assert [path.suffix for path in corpus.finished_shards(tmp_path / "pq")] == [".parquet"] * 3
+    assert [path.suffix for path in inference.finished_shards(tmp_path / "pq")] == [".parquet"] * 3
 
     files = sorted(images.iterdir())
     table = datasets.Dataset.from_dict({"id": [path.name for path in files], "image": [str(path) for path in files]})
@@ -136,10 +136,10 @@ def test_parquet_and_datasets_sources_give_the_same_vectors(checkpoint, tmp_path
     from transformers import AutoModel
 
     coma = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
-    corpus.encode_corpus(coma, corpus.dataset_rows(table.to_iterable_dataset()), streamed, shard_size=5, batch_size=4,
+    inference.encode_corpus(coma, inference.dataset_rows(table.to_iterable_dataset()), streamed, shard_size=5, batch_size=4,
                          instruction=coma.config.document_instruction)  # fmt: skip
     for folder in ("ds", "streamed"):
-        ids, vectors = corpus.load_embeddings(tmp_path / folder)
+        ids, vectors = inference.load_embeddings(tmp_path / folder)
         assert ids == reference_ids, folder
         torch.testing.assert_close(vectors, reference, rtol=1e-5, atol=1e-6, msg=folder)
 
@@ -149,8 +149,8 @@ def test_faiss_index_finds_each_image_first(checkpoint, tmp_path):
     images = _write_images(tmp_path / "images", 20)
     load_example("encode_corpus").main(["--model", str(checkpoint), "--images", str(images), "--output_dir",
                                         str(tmp_path / "out"), "--shard_size", "8", "--faiss_index", "--role", "none"])  # fmt: skip
-    ids, vectors = corpus.load_embeddings(tmp_path / "out")
-    hits = corpus.search_index(tmp_path / "out", vectors[:5], top_k=3)
+    ids, vectors = inference.load_embeddings(tmp_path / "out")
+    hits = inference.search_index(tmp_path / "out", vectors[:5], top_k=3)
     assert [row[0][0] for row in hits] == ids[:5]
     assert all(row[0][1] == pytest.approx(1.0, abs=1e-4) and row[0][1] >= row[1][1] for row in hits)
 
@@ -165,13 +165,13 @@ def test_a_grown_corpus_redoes_only_its_last_short_shard_and_another_shard_size_
     images = _write_images(tmp_path / "images", 7)
     common = ["--model", str(checkpoint), "--images", str(images), "--shard_size", "3", "--output_dir", str(tmp_path / "out")]
     load_example("encode_corpus").main(common)
-    first = {path.name: path.stat().st_mtime_ns for path in corpus.finished_shards(tmp_path / "out")}
-    assert sorted(first) == [corpus.shard_name(0, 3), corpus.shard_name(3, 6), corpus.shard_name(6, 7)]
+    first = {path.name: path.stat().st_mtime_ns for path in inference.finished_shards(tmp_path / "out")}
+    assert sorted(first) == [inference.shard_name(0, 3), inference.shard_name(3, 6), inference.shard_name(6, 7)]
     _write_images(images, 2, start=7)
     result = load_example("encode_corpus").main(common)
     assert result["process"]["shards_already_done"] == 2 and result["process"]["shards_written"] == 1
-    now = {path.name: path.stat().st_mtime_ns for path in corpus.finished_shards(tmp_path / "out")}
-    assert sorted(now) == [corpus.shard_name(0, 3), corpus.shard_name(3, 6), corpus.shard_name(6, 9)]
+    now = {path.name: path.stat().st_mtime_ns for path in inference.finished_shards(tmp_path / "out")}
+    assert sorted(now) == [inference.shard_name(0, 3), inference.shard_name(3, 6), inference.shard_name(6, 9)]
     assert all(now[name] == first[name] for name in sorted(now)[:2])  # the full shards were not rewritten
     load_example("encode_corpus").main(common[:-2] + ["--output_dir", str(tmp_path / "fresh")])
     _assert_same_shards(tmp_path / "fresh", tmp_path / "out")

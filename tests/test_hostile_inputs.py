@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from coma_hf import CoMaInputError, corpus
+from coma_hf import CoMaInputError, inference
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 from conftest import load_example, random_image, tiny_coma, tiny_sentence_transformer
@@ -142,7 +142,7 @@ def test_encode_corpus_skips_and_lists_every_bad_image(hostile, tmp_path):
     assert {entry["id"] for entry in manifest["skipped_rows"]} == bad
     for entry in manifest["skipped_rows"]:
         assert entry["error"].startswith("field 'image'") and IMAGE_CASES[entry["id"]][1] in entry["error"]
-    ids, vectors = corpus.load_embeddings(tmp_path / "out")
+    ids, vectors = inference.load_embeddings(tmp_path / "out")
     assert set(ids) == {name for name, (_, error) in IMAGE_CASES.items() if error is None}
     _ok(vectors)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .sources import read_jsonl_records
 from .synthetic import COLOURS, NUMBER_WORDS, write_synthetic_dataset
 
 META_TASKS = {
@@ -180,7 +181,7 @@ def write_mini_mmeb(synthetic_dir: str | Path, max_train_scenes: int | None = 20
     crops = output / "crops"
     crops.mkdir(parents=True, exist_ok=True)
     for split in ("dev", "test"):
-        records = [json.loads(line) for line in paths[split].read_text().splitlines()]
+        records = read_jsonl_records(paths[split])
         folder = output / split
         folder.mkdir(exist_ok=True)
         for name, rows in evaluation_datasets(records, seed, root, crops).items():
@@ -188,7 +189,7 @@ def write_mini_mmeb(synthetic_dir: str | Path, max_train_scenes: int | None = 20
         manifest = {"image_root": "../..", "meta_tasks": META_TASKS}
         (folder / "mmeb_manifest.json").write_text(json.dumps(manifest, indent=2))
     if max_train_scenes != 0:
-        records = [json.loads(line) for line in paths["train"].read_text().splitlines()][:max_train_scenes]
+        records = read_jsonl_records(paths["train"])[:max_train_scenes]
         pairs = training_pairs(records, seed, root, crops)
         (output / "train.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     return output

@@ -24,6 +24,7 @@ import torch
 from transformers.utils.logging import tqdm
 
 from ..inputs import CoMaInputError, fit_aspect_ratio, load_image
+from .sources import image_files, image_root_of, read_jsonl_lines, resolve_image_path
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +40,24 @@ FIRST_QUESTION = (
     "image. Reply with the question only."
 )
 NEXT_QUESTION = "Ask one more short question, this time about {about}. Reply with the question only."
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def iter_images(source: str | os.PathLike, image_root: str | None = None) -> Iterator[tuple[str, str]]:
-    """`(id, path)` of every image in a folder (recursively; id = relative path) or a JSONL with `image` fields."""
+    """`(id, path)` of every image in a folder (recursively; id = relative path) or a JSONL with `image` fields
+    (relative paths start at `image_root`, else at the file's folder); a line that is not JSON stops with an error
+    naming it."""
     source = Path(source)
     if source.is_dir():
-        for path in sorted(source.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                yield str(path.relative_to(source)), str(path)
+        for relative in image_files(source):
+            yield relative, str(source / relative)
         return
-    root = Path(image_root) if image_root else source.parent
-    with source.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "image" not in row:
-                raise CoMaInputError("no 'image' field", f"line {line_number + 1}", "image")
-            path = row["image"] if os.path.isabs(row["image"]) else str(root / row["image"])
-            yield str(row.get("id", row["image"])), path
+    root = image_root_of(source, image_root)
+    for line_number, row, error in read_jsonl_lines(source):
+        if error is not None:
+            raise CoMaInputError(error, field="line")
+        if "image" not in row:
+            raise CoMaInputError("no 'image' field", f"line {line_number}", "image")
+        yield str(row.get("id", row["image"])), resolve_image_path(row["image"], root)
 
 
 def finished_ids(output_path: str | os.PathLike) -> set[str]:
@@ -67,13 +65,8 @@ def finished_ids(output_path: str | os.PathLike) -> set[str]:
     path = Path(output_path)
     if not path.exists():
         return set()
-    done = set()
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            record_id = _record_id(line)
-            if record_id is not None:  # a line cut by an interruption is not: that image is redone
-                done.add(record_id)
-    return done
+    # a line cut by an interruption is not JSON, so not done: that image is redone
+    return {str(record["id"]) for _, record, error in read_jsonl_lines(path) if error is None and "id" in record}
 
 
 def _record_id(line: str | bytes) -> str | None:

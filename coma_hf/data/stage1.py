@@ -21,12 +21,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..inputs import CoMaInputError
-from .jsonl import check_readable, load_jsonl_dataset
+from .sources import (
+    BadRow,
+    check_readable,
+    image_root_of,
+    is_saved_dataset,
+    load_data_file,
+    open_dataset,
+    resolve_image_path,
+    row_id,
+)
 
 logger = logging.getLogger(__name__)
 PLACEHOLDER = re.compile(r"<image>|<\|image_\d+\|>")
@@ -37,41 +45,26 @@ ASSISTANT_ROLES = ("gpt", "assistant", "model")
 def load_stage1_dataset(source: str | os.PathLike, split: str = "train", image_root: str | None = None):
     """A `datasets.Dataset` of raw stage-1 rows and the image root to resolve them with.
 
-    `source` is a JSONL/JSON file, a folder holding `{split}.jsonl` (as `write_synthetic_dataset` writes), a folder
-    saved with `Dataset.save_to_disk`, or a Hub dataset id (the only case that may touch the network).
+    `source` is a JSONL, JSON or parquet file, a folder holding `{split}.jsonl` (as `write_synthetic_dataset`
+    writes), a folder saved with `Dataset.save_to_disk`, or a Hub dataset id (the only case that may touch the
+    network).
     Returns `(dataset, image_root)`.
     """
-    import datasets
-
     path = Path(source)
     if path.is_file():
-        if path.suffix == ".jsonl":
-            dataset = load_jsonl_dataset(path)  # a line that is not JSON becomes a bad row, named by its line
-        else:
-            dataset = datasets.load_dataset("json", data_files=str(path), split="train")
-        return dataset, image_root or str(path.parent)
+        return load_data_file(path), image_root_of(path, image_root)
     if path.is_dir() and (path / f"{split}.jsonl").is_file():
         return load_stage1_dataset(path / f"{split}.jsonl", split, image_root)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        return (loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded), image_root
-    if path.exists():
+    if path.exists() and not is_saved_dataset(path):
         raise ValueError(f"{source}: not a JSONL file, a folder with {split}.jsonl, or a saved dataset")
-    return datasets.load_dataset(str(source), split=split), image_root
-
-
-def row_id(row: dict, index: int) -> Any:
-    """How errors and summaries name a row: its `id` when it has one, else its position."""
-    return index if row.get("id") is None else row["id"]
+    return open_dataset(source, split=split), image_root
 
 
 def normalize_stage1_record(row: dict, index: int = 0, image_root: str | None = None) -> dict:
     """Map a row in any supported format onto the stage-1 schema; `CoMaInputError` names the row and field."""
     sample = row_id(row, index)
     check_readable(row, sample)
-    image = _image_of(row)
-    if isinstance(image, (str, os.PathLike)) and image_root and not os.path.isabs(image):
-        image = os.path.join(image_root, image)
+    image = resolve_image_path(_image_of(row), image_root)
     text = row.get("text")
     if text is not None and not isinstance(text, str):
         raise CoMaInputError(f"text must be a string, got {type(text).__name__}", sample, "text")
@@ -213,16 +206,7 @@ def _image_key(image) -> str | None:
     return None
 
 
-@dataclass
-class BadSample:
-    """A row that cannot be used, and why."""
-
-    index: int
-    id: Any
-    error: str
-
-
-def validate_stage1_dataset(dataset, processor, image_root: str | None = None, loss_on: str = "answers") -> list[BadSample]:
+def validate_stage1_dataset(dataset, processor, image_root: str | None = None, loss_on: str = "answers") -> list[BadRow]:
     """Render every row once (images decoded, lengths checked) and return the rows that fail, with reasons."""
     from transformers.utils.logging import tqdm
 
@@ -235,5 +219,5 @@ def validate_stage1_dataset(dataset, processor, image_root: str | None = None, l
                 record["image"], record["text"], record["conversation"], loss_on, sample=record["id"]
             )
         except CoMaInputError as error:
-            bad.append(BadSample(index, row.get("id", index), str(error)))
+            bad.append(BadRow(index, row_id(row, index), str(error)))
     return bad

@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from ..inputs import CoMaInputError
-from .jsonl import check_readable, load_jsonl_dataset
-from .stage1 import BadSample, row_id
+from .sources import (
+    ERROR_COLUMN,
+    BadRow,
+    check_readable,
+    data_files,
+    image_root_of,
+    load_data_file,
+    open_dataset,
+    resolve_image_path,
+    row_id,
+)
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 SIDES = (("anchor", "qry", "qry_image_path"), ("positive", "pos_text", "pos_image_path"),
@@ -38,7 +47,7 @@ def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, wit
     missing = [column for column in REQUIRED if column not in row]
     if missing:
         raise CoMaInputError(f"missing column(s) {missing}", sample, missing[0])
-    pair = {"dataset": str(row.get("dataset") or "default")}
+    pair = {"dataset": _dataset_name(row)}
     for side, text_column, image_column in SIDES:
         if side == "negative" and not with_negative:
             continue
@@ -50,10 +59,12 @@ def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, wit
                 pair["negative_text"] = pair["negative_image"] = ""
                 continue
             raise CoMaInputError(f"both {text_column} and {image_column} are empty", sample, text_column)
-        if image and image_root and not os.path.isabs(image):
-            image = os.path.join(image_root, image)
-        pair[f"{side}_text"], pair[f"{side}_image"] = text, image
+        pair[f"{side}_text"], pair[f"{side}_image"] = text, resolve_image_path(image, image_root)
     return pair
+
+
+def _dataset_name(row: dict) -> str:
+    return str(row.get("dataset") or "default")
 
 
 def embedding_input(text: str, image: str) -> dict[str, Any]:
@@ -66,13 +77,9 @@ def _read(source: str | os.PathLike, subsets, split: str):
 
     path = Path(source)
     if path.is_file():
-        if path.suffix == ".jsonl":
-            return load_jsonl_dataset(path), str(path.parent)
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files=str(path), split="train"), str(path.parent)
+        return load_data_file(path), image_root_of(path)
     if path.is_dir():
-        files = sorted(list(path.glob("*.jsonl")) + list(path.glob("*.parquet")))
-        files = [file for file in files if subsets is None or file.stem in subsets]
+        files = data_files(path, subsets)
         if not files:
             raise ValueError(f"{source}: no JSONL or parquet files{' for ' + str(subsets) if subsets else ''}")
         parts = []
@@ -86,7 +93,7 @@ def _read(source: str | os.PathLike, subsets, split: str):
         raise ValueError("Loading MMEB-train from the Hub needs the subset names (one config each)")
     parts = []
     for subset in subsets:
-        part = datasets.load_dataset(str(source), subset, split=split)
+        part = open_dataset(source, subset, split=split)
         parts.append(part.add_column("dataset", [subset] * len(part)) if "dataset" not in part.column_names else part)
     return datasets.concatenate_datasets(parts), None
 
@@ -114,14 +121,14 @@ def load_mmeb_train(
 
 
 def _pair_or_error(row: dict, index: int, image_root: str | None, with_negative: bool) -> dict:
-    """`normalize_pair`, or for a row it rejects, empty sides and the reason in `error` (validation skips and counts
-    such rows; the collator raises their error), so that one bad row does not stop loading."""
+    """`normalize_pair`, or for a row it rejects, empty sides and the reason in `ERROR_COLUMN` (validation skips and
+    counts such rows; the collator raises their error), so that one bad row does not stop loading."""
     identifier = str(row_id(row, index))
     try:
-        return {**normalize_pair(row, index, image_root, with_negative), "id": identifier, "error": ""}
+        return {**normalize_pair(row, index, image_root, with_negative), "id": identifier, ERROR_COLUMN: ""}
     except CoMaInputError as error:
         empty = {f"{side}_{kind}": "" for side, *_ in SIDES[: 3 if with_negative else 2] for kind in ("text", "image")}
-        return {"dataset": str(row.get("dataset") or "default"), **empty, "id": identifier, "error": str(error)}
+        return {"dataset": _dataset_name(row), **empty, "id": identifier, ERROR_COLUMN: str(error)}
 
 
 def split_by_dataset(pairs):
@@ -132,21 +139,21 @@ def split_by_dataset(pairs):
     return datasets.DatasetDict({name: pairs.filter(lambda row, name=name: row["dataset"] == name) for name in names})
 
 
-def validate_pairs(pairs, processor) -> list[BadSample]:
+def validate_pairs(pairs, processor) -> list[BadRow]:
     """Render every side of every row once (images decoded, lengths checked); the rows that fail, with reasons."""
     from transformers.utils.logging import tqdm
 
     bad = []
     for index in tqdm(range(len(pairs)), desc="Validating stage-2 pairs", unit="row"):
         row = pairs[index]
-        if row.get("error"):
-            bad.append(BadSample(index, index, row["error"]))
+        if row.get(ERROR_COLUMN):
+            bad.append(BadRow(index, index, row[ERROR_COLUMN]))
             continue
         for side in sides(row):
             try:
                 processor.render_embedding_input(**embedding_input(row[f"{side}_text"], row[f"{side}_image"]), sample=index)
             except CoMaInputError as error:
-                bad.append(BadSample(index, index, f"{side}: {error}"))
+                bad.append(BadRow(index, index, f"{side}: {error}"))
                 break
     return bad
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..data.jsonl import read_jsonl_records
+from ..data.sources import data_files, open_dataset, read_records, resolve_image_path
 from ..inputs import CoMaInputError, load_image
 
 logger = logging.getLogger(__name__)
@@ -100,14 +100,6 @@ class MMEBDataset:
     meta_task: str = "Other"
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import datasets
-
-        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-    return read_jsonl_records(path)  # a bad line is named by file and line number
-
-
 def load_mmeb_datasets(
     source: str | os.PathLike,
     names: Sequence[str] | None = None,
@@ -122,8 +114,8 @@ def load_mmeb_datasets(
         manifest_path = path / "mmeb_manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         extra = manifest.get("meta_tasks", {})
-        files = sorted(list(path.glob("*.jsonl")) + list(path.glob("*.parquet")))
-        chosen = [file for file in files if names is None or file.stem in names]
+        files = data_files(path)
+        chosen = data_files(path, names)
         missing = sorted(set(names or ()) - {file.stem for file in chosen})
         if missing:
             raise ValueError(f"{source}: no MMEB file for {', '.join(missing)} (found: "
@@ -131,24 +123,19 @@ def load_mmeb_datasets(
         if not chosen:
             raise ValueError(f"{source}: no MMEB-format files (*.jsonl, *.parquet)")
         root = image_root or os.path.normpath(path / manifest.get("image_root", "."))
-        return [MMEBDataset(file.stem, _read_rows(file), root, meta_task(file.stem, extra)) for file in chosen]
+        # every row is read (a bad JSONL line is an error naming file and line): a skipped row would change the scores
+        return [MMEBDataset(file.stem, read_records(file), root, meta_task(file.stem, extra)) for file in chosen]
     if path.exists():
         raise ValueError(f"{source} is not a folder of MMEB-format files")
     if not names:
         raise ValueError("Loading MMEB from the Hub needs the dataset names (one config each)")
-    import datasets
-
     return [
-        MMEBDataset(name, list(datasets.load_dataset(str(source), name, split=split)), image_root, meta_task(name))
-        for name in names
+        MMEBDataset(name, list(open_dataset(source, name, split=split)), image_root, meta_task(name)) for name in names
     ]
 
 
 def _item(text: str | None, image_path: str | None, image_root: str | None) -> tuple[str, str | None]:
-    image = image_path or None
-    if image and image_root and not os.path.isabs(image):
-        image = os.path.join(image_root, image)
-    return (text or "", image)
+    return (text or "", resolve_image_path(image_path or None, image_root))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""The encode loop: a corpus's rows, cut into shards of consecutive rows, embedded batch by batch and written shard
+by shard; finished shards are skipped (resume) and shards go to processes round-robin."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from pathlib import Path
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from ..data.sources import BadRow
+from ..inputs import CoMaInputError
+from .shards import FORMATS, finished_spans, remove_shorter_shards, shard_name, skipped_entry, write_shard
+from .sources import CorpusRow
+
+logger = logging.getLogger(__name__)
+
+
+def encode_corpus(
+    model: Any,
+    rows: Iterable[CorpusRow],
+    output_dir: str | os.PathLike,
+    shard_size: int = 10_000,
+    batch_size: int = 32,
+    file_format: str = "safetensors",
+    instruction: str | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: Any = None,
+) -> dict:
+    """Embed `rows` with `model.encode` into shard files in `output_dir`; returns counts for this process.
+
+    Shard k goes to process `k % num_processes`; finished shards are skipped (resume). `progress`, if given, is a
+    tqdm-like object updated with every row this process reads.
+    """
+    if file_format not in FORMATS:
+        raise ValueError(f"file_format must be one of {FORMATS}, got {file_format!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError("shard_size and batch_size must be positive")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    finished = finished_spans(output, shard_size)
+    counts = {"rows": 0, "embedded": 0, "skipped": 0, "shards_written": 0, "shards_already_done": 0}
+    stream = iter(rows)
+    for shard in itertools.count():
+        start = shard * shard_size
+        block = itertools.islice(stream, shard_size)
+        if shard % num_processes != process_index or start in finished:
+            size = sum(1 for _ in block)  # read past it without keeping its rows
+            counts["rows"] += size
+            if size and shard % num_processes == process_index:
+                counts["shards_already_done"] += 1
+                _advance(progress, size)
+            if size < shard_size:
+                break
+            continue
+        size, ids, vectors, skipped = _embed_block(model, block, batch_size, instruction, progress)
+        counts["rows"] += size
+        if size == 0:
+            break
+        end = start + size
+        metadata = {"start": start, "end": end, "skipped": [skipped_entry(bad) for bad in skipped],
+                    "instruction": instruction}  # fmt: skip
+        path = output / shard_name(start, end, file_format)
+        write_shard(path, ids, vectors, metadata)
+        remove_shorter_shards(output, path)  # the last shard of an earlier, smaller corpus
+        counts["embedded"] += len(ids)
+        counts["skipped"] += len(skipped)
+        counts["shards_written"] += 1
+        for bad in skipped:
+            logger.warning("Skipped row %d (id %s): %s", bad.index, bad.id, bad.error)
+        if size < shard_size:
+            break
+    return counts
+
+
+def _embed_block(model, block: Iterator[CorpusRow], batch_size: int, instruction, progress):
+    """`(rows read, ids, vectors, skipped)` of one shard, embedded in batches of consecutive rows (only one batch of
+    rows is held at a time); rows that fail are dropped and reported with the reason."""
+    size, ids, chunks, skipped = 0, [], [], []
+    while batch := list(itertools.islice(block, batch_size)):
+        size += len(batch)
+        good = []
+        for row in batch:
+            if row.error is None:
+                good.append(row)
+            else:
+                skipped.append(BadRow(row.position, row.id, row.error))
+        vectors = _encode_dropping_bad_rows(model, good, instruction, skipped)
+        if good:
+            ids += [row.id for row in good]
+            chunks.append(vectors)
+        _advance(progress, len(batch))
+    skipped.sort(key=lambda bad: bad.index)
+    vectors = torch.cat(chunks) if chunks else torch.empty(0, model.config.embedding_size)
+    return size, ids, vectors, skipped
+
+
+def _encode_dropping_bad_rows(
+    model, rows: list[CorpusRow], instruction, skipped: list[BadRow]
+) -> torch.Tensor | None:
+    """Encode `rows` as one batch; a row the processor rejects is removed from `rows`, recorded, and the rest retried."""
+    while rows:
+        try:
+            return model.encode([row.input for row in rows], instruction=instruction, batch_size=len(rows),
+                                show_progress_bar=False)  # fmt: skip
+        except CoMaInputError as error:  # names the failing input by its index in this batch
+            position = error.position_in(rows)
+            if position is None:
+                raise
+            bad = rows.pop(position)
+            where = f"field {error.field!r}: " if error.field else ""
+            skipped.append(BadRow(bad.position, bad.id, f"{where}{error.reason}"))
+    return None
+
+
+def _advance(progress, count: int) -> None:
+    if progress is not None:
+        progress.update(count)
