@@ -37,7 +37,7 @@ def check_installed(source_tree: Path) -> None:
     from importlib import resources
 
     import coma_hf
-    from coma_hf.model_card import template_path
+    from coma_hf.hub import template_path
 
     package = Path(coma_hf.__file__).resolve()
     assert not package.is_relative_to(source_tree.resolve()), f"coma_hf imported from the checkout: {package}"
@@ -50,11 +50,11 @@ def check_installed(source_tree: Path) -> None:
 
 def save_tiny_checkpoint(folder: Path, vectors: Path) -> None:
     """Save a tiny checkpoint with the installed package (card included) and its vectors beside it."""
-    from coma_hf.model_card import template_path
+    from coma_hf.hub import save_checkpoint, template_path
     from coma_hf.tiny import build_tiny_coma
 
     model, _ = build_tiny_coma(num_compression_tokens=4, seed=0, max_image_tokens=4)
-    model.save_pretrained(folder)
+    save_checkpoint(model, folder)
     card = (folder / "README.md").read_text(encoding="utf-8")
     template = template_path().read_text(encoding="utf-8").splitlines()
     title = next(line for line in template if line.startswith("A **CoMa**"))  # the card's first sentence

@@ -51,11 +51,12 @@ def write_images(folder: Path, count: int) -> None:
 
 
 def tiny_checkpoint(folder: Path) -> Path:
+    from coma_hf.hub import save_checkpoint
     from coma_hf.tiny import build_tiny_coma
 
     if not (folder / "config.json").exists():
         model, _ = build_tiny_coma(num_compression_tokens=8, seed=0, max_image_tokens=4)
-        model.save_pretrained(folder)
+        save_checkpoint(model, folder)
     return folder
 
 

@@ -3,8 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_coma import CoMaConfig
-from .hub import push_to_hub
-from .model_card import write_model_card
+from .hub import push_to_hub, save_checkpoint
 from .masking import may_attend
 from .modeling_coma import CoMaCompression, CoMaModel, CoMaModelOutput
 from .inputs import CoMaInputError, load_image
@@ -20,10 +19,6 @@ AutoProcessor.register(CoMaConfig, CoMaProcessor, exist_ok=True)
 CoMaConfig.register_for_auto_class()
 CoMaModel.register_for_auto_class("AutoModel")
 CoMaProcessor.register_for_auto_class("AutoProcessor")
-# Every checkpoint saved with coma_hf installed gets the CoMa model card (model_cards/coma.md) as README.md.
-CoMaModel.model_card_writer = staticmethod(write_model_card)
-# One-commit upload with the CoMa card; in the package because the remote code makes no network calls.
-CoMaModel.push_to_hub = push_to_hub
 
 __all__ = [
     "CoMaCompression",
@@ -34,4 +29,6 @@ __all__ = [
     "CoMaProcessor",
     "load_image",
     "may_attend",
+    "push_to_hub",
+    "save_checkpoint",
 ]

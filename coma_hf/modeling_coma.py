@@ -182,9 +182,6 @@ class CoMaModel(PreTrainedModel):
             )
         self._processor = processor
 
-    # Set by the installed package to its model-card writer (`write_model_card(folder, repo_id=None)`); without the
-    # package, the card of the folder the model was loaded from is carried over.
-    model_card_writer = None
     # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
     carried_files = ("README.md", "pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
 
@@ -230,8 +227,6 @@ class CoMaModel(PreTrainedModel):
         if self._processor is not None:
             self._processor.save_pretrained(save_directory)
         write_sentence_transformers_files(save_directory, self.config.query_instruction, self.config.document_instruction)
-        if type(self).model_card_writer is not None:
-            type(self).model_card_writer(save_directory)
 
     def _carry_files(self, save_directory: str) -> None:
         """Copy the run summaries and card of the folder the model was loaded from (also when saving over it)."""

@@ -7,7 +7,7 @@ and saves the merged checkpoint to `outputs/stage1` with `pretrain_summary.json`
 
 With `--model_name_or_path` (a Hub id or folder of a Qwen2/2.5/3-VL model) the paper's recipe is the default
 (`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained). The recipe follows the
-start checkpoint (`coma_hf.recipes.recipe_of_start`, which the log quotes): the recipe its run summary records, else
+start checkpoint (`coma_hf.training.recipe_of_start`, which the log quotes): the recipe its run summary records, else
 `tiny` when its config marks the package's embedded backbone, else `paper`.
 
     python examples/pretrain.py
@@ -34,8 +34,8 @@ from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import (
     MAX_ANSWER_TOKENS, SCORING, answer_accuracy, generation_length, majority_baseline,
 )
-from coma_hf.model_card import hardware, write_run_summary
-from coma_hf.recipes import (
+from coma_hf.hub import hardware, write_run_summary
+from coma_hf.training import (
     BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, parse_with_recipe,
 )
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluation, _ = drop_bad_rows(evaluation, processor, eval_root, data_args, model_args.loss_on, "evaluation")
     logger.info("Training on %d samples (%d skipped)", len(train), len(bad_train))
 
-    from coma_hf.trainer import CoMaCompressionTrainer
+    from coma_hf.training.trainers import CoMaCompressionTrainer
 
     trainer = CoMaCompressionTrainer(
         model=apply_lora(model, lora_args),

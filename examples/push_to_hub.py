@@ -17,24 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from transformers import AutoModel
-
-import coma_hf  # noqa: F401  (the local classes and the model-card writer)
-from coma_hf.hub import scrub_local_paths, upload_folder_to_hub
-from coma_hf.model_card import write_model_card
+from coma_hf.hub import prepare_upload, upload_folder_to_hub
 
 DEFAULT_EVAL_RESULTS = "outputs/eval/mmeb_results.json"
-
-
-def prepare_folder(model_name_or_path: str, repo_id: str, folder: Path, eval_results: str | None, license: str) -> list[str]:
-    """Write exactly what will be uploaded into `folder`; returns the relative file names."""
-    model = AutoModel.from_pretrained(model_name_or_path)
-    model.save_pretrained(folder)
-    if eval_results:
-        shutil.copyfile(eval_results, folder / "mmeb_results.json")
-    scrub_local_paths(folder)  # the summaries may name files by absolute path
-    write_model_card(folder, repo_id=repo_id, license=license)
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -56,14 +41,18 @@ def main(argv: list[str] | None = None) -> str | None:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        files = prepare_folder(args.model_name_or_path, args.repo_id, folder, eval_results, args.license)
+        files = prepare_upload(
+            args.model_name_or_path, folder, args.repo_id, license=args.license, eval_results=eval_results
+        )
         print(f"Dry run: {len(files)} files that would be uploaded to {args.repo_id} are in {folder}:")
         for name in files:
             print(f"  {name}  ({(folder / name).stat().st_size:,} bytes)")
         return None
 
     with tempfile.TemporaryDirectory() as folder:
-        files = prepare_folder(args.model_name_or_path, args.repo_id, Path(folder), eval_results, args.license)
+        files = prepare_upload(
+            args.model_name_or_path, folder, args.repo_id, license=args.license, eval_results=eval_results
+        )
         commit = upload_folder_to_hub(folder, args.repo_id, commit_message=args.commit_message, private=args.private,
                                       revision=args.revision)  # fmt: skip
     print(f"Uploaded {len(files)} files to {args.repo_id} in one commit: {commit}")

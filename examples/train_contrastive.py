@@ -31,13 +31,12 @@ from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pairs
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
-from coma_hf.losses import CoMaContrastiveLoss
-from coma_hf.model_card import hardware, write_run_summary
-from coma_hf.recipes import (
-    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, merge_lora, parse_with_recipe,
-)
+from coma_hf.hub import hardware, save_checkpoint, write_run_summary
 from coma_hf.sentence_transformer import load_sentence_transformer
-from coma_hf.trainer import CoMaContrastiveTrainer
+from coma_hf.training import (
+    BackboneArguments, CoMaContrastiveLoss, CoMaContrastiveTrainer, LoraArguments, apply_lora, build_coma,
+    check_sharding, parse_with_recipe,
+)
 
 logger = logging.getLogger("train_contrastive")
 CONFIGS = Path(__file__).parent / "configs"
@@ -122,7 +121,7 @@ def initial_checkpoint(model_args: ModelArguments, backbone_args: BackboneArgume
         return path
     model, _ = build_coma(backbone_args, model_args.backbone, seed)
     folder = Path(output_dir) / "initial"
-    model.save_pretrained(folder)
+    save_checkpoint(model, folder)
     return str(folder)
 
 
@@ -209,11 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    coma = merge_lora(transformer.model)
-    transformer.model = coma
-    coma.processor = transformer.processor
-    if training_args.should_save:
-        coma.save_pretrained(training_args.output_dir)
+    trainer.save_merged(training_args.output_dir)
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
     summary["recipe"] = model_args.recipe
     summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"

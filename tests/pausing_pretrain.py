@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-import coma_hf.trainer
+import coma_hf.training.trainers
 from conftest import load_example
 
 PHASES = ("after_step", "saving")
@@ -42,7 +42,7 @@ class PauseAfterStep(TrainerCallback):
 def pausing_trainer(phase: str, step: int, marker: Path) -> type:
     """`CoMaCompressionTrainer` with the pause; a subclass because no callback runs inside a checkpoint save."""
 
-    class PausingTrainer(coma_hf.trainer.CoMaCompressionTrainer):
+    class PausingTrainer(coma_hf.training.trainers.CoMaCompressionTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if phase == "after_step":
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
     if phase not in PHASES:
         raise SystemExit(f"PHASE must be one of {PHASES}, got {phase!r}")
     # examples/pretrain.py imports the trainer class inside main(), so it picks up this one
-    coma_hf.trainer.CoMaCompressionTrainer = pausing_trainer(phase, step, marker)
+    coma_hf.training.trainers.CoMaCompressionTrainer = pausing_trainer(phase, step, marker)
     load_example("pretrain").main(pretrain_args)
     raise SystemExit(f"the run finished without reaching {phase} {step}")
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
-from coma_hf.losses import CoMaContrastiveLoss
+from coma_hf.training import CoMaContrastiveLoss
 from conftest import load_example, tiny_coma
 
 DISTRIBUTED = Path(__file__).parent / "distributed"

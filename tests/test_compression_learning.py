@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 from coma_hf.data.synthetic import render_scene, sample_scene
 from coma_hf.evaluation.compression import answer_accuracy, majority_baseline
 from coma_hf.tiny import build_tiny_coma
-from coma_hf.trainer import CoMaCompressionTrainer
+from coma_hf.training import CoMaCompressionTrainer
 
 
 def _one_shape_rows(count: int, split: str) -> list[dict]:

@@ -10,9 +10,8 @@ import torch
 from sentence_transformers import SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
-from coma_hf import losses
-from coma_hf.losses import CoMaContrastiveLoss, input_keys
-from coma_hf.trainer import CoMaContrastiveCollator, CoMaContrastiveTrainer
+from coma_hf.training import CoMaContrastiveCollator, CoMaContrastiveTrainer, losses
+from coma_hf.training.losses import CoMaContrastiveLoss, input_keys
 from conftest import random_image, tiny_sentence_transformer
 
 TAU = 0.05

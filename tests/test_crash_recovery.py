@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
-from coma_hf.trainer import CoMaCompressionTrainer, NonFiniteLossError, last_complete_checkpoint
+from coma_hf.training import CoMaCompressionTrainer, NonFiniteLossError, last_complete_checkpoint
 from conftest import load_example
 
 PAUSING_PRETRAIN = Path(__file__).parent / "pausing_pretrain.py"  # examples/pretrain.py, halting on cue
@@ -253,8 +253,7 @@ def test_stage_two_nonfinite_loss_names_the_pairs(tmp_path, tmp_path_factory):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers import SentenceTransformerTrainingArguments
 
-    from coma_hf.losses import CoMaContrastiveLoss
-    from coma_hf.trainer import CoMaContrastiveTrainer
+    from coma_hf.training import CoMaContrastiveLoss, CoMaContrastiveTrainer
     from conftest import tiny_coma
 
     model, _ = tiny_coma()

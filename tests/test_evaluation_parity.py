@@ -10,7 +10,7 @@ from transformers import AutoModel
 
 from coma_hf.evaluation.mmeb import MMEBEvaluator, as_encoder, load_mmeb_datasets
 from coma_hf.sentence_transformer import load_sentence_transformer
-from coma_hf.trainer import CoMaContrastiveCollator
+from coma_hf.training import CoMaContrastiveCollator
 from conftest import random_image, tiny_coma
 
 

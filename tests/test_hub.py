@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
+from coma_hf.hub import push_to_hub, save_checkpoint
 from conftest import load_example, random_image, tiny_coma
 
 REPO = "org/coma"
@@ -58,7 +59,7 @@ def upload(tmp_path_factory):
     """A saved tiny checkpoint with evaluation results, dry-run into an upload folder."""
     root = tmp_path_factory.mktemp("hub")
     model, _ = tiny_coma()
-    model.save_pretrained(root / "model")
+    save_checkpoint(model, root / "model")
     summary = {"train_dataset": str(root / "data" / "qa.jsonl"), "started_from": "outputs/stage1",
                "skipped_samples": [{"index": 3, "id": "r3", "error": f"sample r3, field 'image': image file not found: "
                                     f"{root / 'images' / 'cat.png'}"}], "source": "https://huggingface.co/org/data"}  # fmt: skip
@@ -156,9 +157,10 @@ def test_push_uploads_one_commit_and_never_writes_the_token(upload, tmp_path, mo
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     load_example("push_to_hub").main(["--model_name_or_path", str(root / "model"), "--repo_id", REPO, "--revision", "v1"])
     model, _ = tiny_coma()
-    model.push_to_hub(REPO, commit_message="from the model")
+    push_to_hub(model, REPO, commit_message="from the model")
+    push_to_hub(root / "model", REPO, commit_message="from the folder")
 
-    assert len(calls) == 2  # one commit each
+    assert len(calls) == 3  # one commit each
     for call in calls:
         assert {"README.md", "model.safetensors", "modules.json", "modeling_coma.py"} <= set(call["files"])
         assert b"CoMa" in call["files"]["README.md"] and REPO.encode() in call["files"]["README.md"]
@@ -167,3 +169,24 @@ def test_push_uploads_one_commit_and_never_writes_the_token(upload, tmp_path, mo
     assert calls[0]["kwargs"]["revision"] == "v1"
     captured = capsys.readouterr()
     assert TOKEN not in captured.out + captured.err + caplog.text
+
+
+def test_no_class_is_patched_and_a_plain_save_keeps_the_card_it_was_loaded_with(tmp_path):
+    from transformers import PreTrainedModel
+
+    from coma_hf import CoMaModel
+
+    assert CoMaModel.push_to_hub is PreTrainedModel.push_to_hub  # importing coma_hf changes no class
+    assert not hasattr(CoMaModel, "model_card_writer")
+    model, _ = tiny_coma()
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "README.md").exists()  # the card is written by the package's save, not this one
+    save_checkpoint(model, tmp_path / "saved")
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "CoMa" in card and "{{" not in card  # the rendered CoMa card
+    edited = card + "\nA line the owner added by hand.\n"
+    (tmp_path / "saved" / "README.md").write_text(edited)
+    CoMaModel.from_pretrained(tmp_path / "saved").save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "README.md").read_text() == edited  # carried over as loaded, not rendered again
+    save_checkpoint(CoMaModel.from_pretrained(tmp_path / "saved"), tmp_path / "rendered")
+    assert (tmp_path / "rendered" / "README.md").read_text() == card  # the package's save renders it afresh

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers.utils import is_torch_bf16_gpu_available
 
-from coma_hf.recipes import choose_recipe, recipe_of_start
+from coma_hf.training.recipes import choose_recipe, recipe_of_start
 from conftest import load_example, tiny_coma
 
 STAGE1_TOY = ["--num_train_scenes", "12", "--num_dev_scenes", "4", "--num_test_scenes", "2", "--scene_size", "56",

@@ -92,26 +92,26 @@ def test_short_run_on_own_data_reports_losses_and_held_out_answers(tmp_path):
 def test_first_and_last_step_losses_match_trainers_own_per_step_logs(tmp_path):
     """With accumulation, a step's loss is the sum of its scaled micro-batch losses: what Trainer logs when it logs
     every step."""
-    import coma_hf.trainer
+    from coma_hf.training import trainers as trainer_module
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "my.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _llava_rows(data)))
     trainers = []
 
-    class RecordingTrainer(coma_hf.trainer.CoMaCompressionTrainer):
+    class RecordingTrainer(trainer_module.CoMaCompressionTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
     script = load_example("pretrain")
-    original, coma_hf.trainer.CoMaCompressionTrainer = coma_hf.trainer.CoMaCompressionTrainer, RecordingTrainer
+    original, trainer_module.CoMaCompressionTrainer = trainer_module.CoMaCompressionTrainer, RecordingTrainer
     try:
         summary = script.main(TOY + ["--dataset", str(data / "my.jsonl"), "--max_steps", "3", "--logging_steps", "1",
                                      "--gradient_accumulation_steps", "2", "--validation_split_percentage", "0",
                                      "--output_dir", str(tmp_path / "out")])  # fmt: skip
     finally:
-        coma_hf.trainer.CoMaCompressionTrainer = original
+        trainer_module.CoMaCompressionTrainer = original
     logged = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
     assert len(logged) == 3
     assert summary["train_loss_first"] == pytest.approx(logged[0], rel=1e-6)

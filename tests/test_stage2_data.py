@@ -55,7 +55,7 @@ def test_mini_mmeb_training_pairs_load_by_dataset(tmp_path):
 
 
 def test_collator_builds_one_input_per_side_and_marks_missing_negatives(tmp_path_factory):
-    from coma_hf.trainer import CoMaContrastiveCollator
+    from coma_hf.training import CoMaContrastiveCollator
     from conftest import tiny_sentence_transformer
 
     st = tiny_sentence_transformer(tmp_path_factory)

@@ -16,9 +16,8 @@ from transformers import TrainingArguments
 from coma_hf import CoMaInputError
 from coma_hf.data.stage1 import load_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
-from coma_hf.recipes import LoraArguments, apply_lora
 from coma_hf.tiny import build_tiny_coma
-from coma_hf.trainer import CoMaCompressionCollator, CoMaCompressionTrainer
+from coma_hf.training import CoMaCompressionCollator, CoMaCompressionTrainer, LoraArguments, apply_lora
 from conftest import random_image
 
 

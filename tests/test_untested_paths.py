@@ -15,9 +15,8 @@ from transformers import TrainingArguments
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.data.stage1 import load_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
-from coma_hf.recipes import LoraArguments, apply_lora
 from coma_hf.tiny import build_tiny_coma
-from coma_hf.trainer import CoMaCompressionCollator, CoMaCompressionTrainer
+from coma_hf.training import CoMaCompressionCollator, CoMaCompressionTrainer, LoraArguments, apply_lora, trainers
 from conftest import load_example, random_image, tiny_coma, tiny_sentence_transformer
 
 ADAPTER_NAMES = ("lora_", "base_layer", "magnitude", "token_adapter")  # what peft adds to a wrapped model's keys
@@ -97,14 +96,14 @@ def test_stage_two_lora_is_merged_into_a_plain_checkpoint_with_the_adapter_vecto
     tiny_coma()[0].save_pretrained(start)
     script = load_example("train_contrastive")
     images = [random_image(3, (56, 56))]
-    captured, merge = {}, script.merge_lora
+    captured, merge = {}, trainers.merge_lora
 
-    def merge_after_capturing(model):  # the script's own merge, once the trained adapter model's vectors are kept
+    def merge_after_capturing(model):  # the trainer's own merge, once the trained adapter model's vectors are kept
         assert hasattr(model, "peft_config")
         captured["text"], captured["images"] = model.encode_text(TEXTS), model.encode_images(images)
         return merge(model)
 
-    monkeypatch.setattr(script, "merge_lora", merge_after_capturing)
+    monkeypatch.setattr(trainers, "merge_lora", merge_after_capturing)
     output = tmp_path / "stage2"
     script.main(STAGE2 + ["--model_name_or_path", str(start), "--synthetic_dir", str(synthetic),
                           "--output_dir", str(output)])  # fmt: skip

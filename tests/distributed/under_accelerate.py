@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 from sentence_transformers import SentenceTransformer
 
-from coma_hf.losses import CoMaContrastiveLoss
+from coma_hf.training import CoMaContrastiveLoss
 from conftest import load_example
 
 

@@ -1,20 +1,21 @@
 """Sharing on the Hub: one commit with everything `save_pretrained` writes plus the CoMa model card.
 
 Absolute local paths in the run summaries are shortened to file names first. Lives in the package, not in the remote
-code: a checkpoint's remote code makes no network calls. `coma_hf` installs `push_to_hub` below as
-`CoMaModel.push_to_hub`; a model loaded with `trust_remote_code=True` where the package is not imported keeps
-transformers' own `push_to_hub` (which writes transformers' generic card).
+code: a checkpoint's remote code makes no network calls. Call `push_to_hub(model_or_folder, repo_id)`; a model's own
+`push_to_hub` method is transformers' (which writes transformers' generic card).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .model_card import SUMMARY_FILES, write_model_card
+from .card import SUMMARY_FILES, write_model_card
 
 # An absolute path (POSIX or Windows) up to its last component; not the "//" of a URL, not a relative path.
 ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/\\])(?:/|[A-Za-z]:\\)(?:[^\s/\\'"]+[/\\])+([^\s/\\'"]*)""")
@@ -56,17 +57,49 @@ def upload_folder_to_hub(
     )  # fmt: skip
 
 
+def prepare_upload(
+    model_or_folder: Any,
+    folder: str | Path,
+    repo_id: str,
+    *,
+    license: str = "other",
+    eval_results: str | Path | None = None,
+    **save_kwargs: Any,
+) -> list[str]:
+    """Write exactly what an upload of `model_or_folder` (a CoMa model, or a folder or Hub id to load one from) to
+    `repo_id` holds into `folder`: what `save_pretrained` writes, `eval_results` (an MMEB results JSON) as
+    `mmeb_results.json`, the summaries scrubbed of local paths, and the card rendered for `repo_id`. Returns the
+    relative file names."""
+    model = _as_model(model_or_folder)
+    folder = Path(folder)
+    model.save_pretrained(folder, **save_kwargs)
+    if eval_results:
+        shutil.copyfile(eval_results, folder / "mmeb_results.json")
+    scrub_local_paths(folder)  # the summaries may name files by absolute path
+    write_model_card(folder, repo_id=repo_id, license=license)
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
 def push_to_hub(
-    model: Any, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False, **save_kwargs: Any,
+    model_or_folder: Any, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False, license: str = "other",
+    eval_results: str | Path | None = None, **save_kwargs: Any,
 ) -> str:  # fmt: skip
-    """Upload a CoMa model — weights, remote code, processor, sentence-transformers files and the CoMa model card —
-    in one commit; returns the commit URL. (transformers' own `push_to_hub` would replace the card.)"""
+    """Upload a CoMa model (or the one saved in a folder or Hub repository) — weights, remote code, processor,
+    sentence-transformers files and the CoMa model card — in one commit; returns the commit URL. (transformers' own
+    `model.push_to_hub` would replace the card.)"""
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder, **save_kwargs)
-        scrub_local_paths(folder)
-        write_model_card(folder, repo_id=repo_id)
+        prepare_upload(model_or_folder, folder, repo_id, license=license, eval_results=eval_results, **save_kwargs)
         return upload_folder_to_hub(
             folder, repo_id, commit_message=commit_message or "Upload CoMa model", private=private, token=token,
             revision=revision, create_pr=create_pr,
         )  # fmt: skip
+
+
+def _as_model(model_or_folder: Any) -> Any:
+    """`model_or_folder` itself if it is a model, else the CoMa model saved there (a folder or Hub id)."""
+    if not isinstance(model_or_folder, (str, os.PathLike)):
+        return model_or_folder
+    from ..modeling_coma import CoMaModel
+
+    return CoMaModel.from_pretrained(model_or_folder)

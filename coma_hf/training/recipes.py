@@ -1,118 +1,26 @@
-"""Recipes: which model a stage builds, what it updates (peft LoRA, the paper's recipe, or all weights, the `tiny`
-recipe), and the named presets of `examples/configs/`.
-
-The paper (stage 1): LoRA r=16, alpha=64, dropout 0.1 on the language model's q/k/v/o projections (DoRA in the
-released code), the compression-token embedding rows trained, the vision tower frozen; after the stage the LoRA is
-merged into the weights. `apply_lora` builds exactly that with peft; `merge_lora` folds it back into a plain
-`CoMaModel`.
+"""Recipes: how a fresh model is built (`build_coma`: the embedded tiny backbone or a named one) and the named presets
+of `examples/configs/` (`tiny`: all weights; `paper`: LoRA on the language model, see `coma_hf.training.peft`), with
+which preset a run takes and the scripts' parsing over it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .configuration_coma import is_embedded_backbone
-from .model_card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, read_json_file
+from ..configuration_coma import is_embedded_backbone
+from ..hub.card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, read_json_file
+from .arguments import BackboneArguments
 
 logger = logging.getLogger(__name__)
-
-# A regex, not a name list: on Qwen2.5-VL the names q/k/v/o-like also occur in the vision tower's MLP.
-LANGUAGE_MODEL_ATTENTION = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
-
-
-@dataclass
-class LoraArguments:
-    """Which weights a stage trains."""
-
-    use_lora: bool = field(default=False, metadata={"help": "Train a peft LoRA instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default=LANGUAGE_MODEL_ATTENTION, metadata={"help": "Regex of LoRA targets."})
-    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA), as the released code."})
-    train_compression_embeddings: bool = field(
-        default=True, metadata={"help": "With LoRA, also train the K compression-token embedding rows."}
-    )
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "Without LoRA, keep the vision tower fixed."})
-
-
-def apply_lora(model, arguments: LoraArguments):
-    """Wrap `model` for training as `arguments` say; returns the model to train (a `PeftModel` with LoRA)."""
-    if not arguments.use_lora:
-        if arguments.freeze_vision_tower:
-            model.model.visual.requires_grad_(False)
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=arguments.lora_r,
-        lora_alpha=arguments.lora_alpha,
-        lora_dropout=arguments.lora_dropout,
-        target_modules=arguments.lora_target_modules,
-        use_dora=arguments.use_dora,
-        trainable_token_indices=(
-            {"embed_tokens": list(model.config.compression_token_ids)} if arguments.train_compression_embeddings else None
-        ),
-    )
-    peft_model = get_peft_model(model, config)
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    logger.info("LoRA: %d of %d parameters trainable (%.3f%%)", trainable, total, 100 * trainable / total)
-    return peft_model
-
-
-def merge_lora(model):
-    """A plain `CoMaModel` with any LoRA (and trainable-token rows) merged into its weights."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
-
-
-def shards_parameters(training_args) -> bool:
-    """Whether this run shards the parameters across processes (FSDP, DeepSpeed ZeRO-3), from the arguments or from
-    what `accelerate launch` put in the environment. Such a run has no full weights in any one process until
-    Trainer gathers them for saving."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    fsdp_from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    return bool(training_args.fsdp) or fsdp_from_launcher or is_deepspeed_zero3_enabled()
-
-
-def check_sharding(training_args, lora: LoraArguments, stage: str) -> None:
-    """Stop before training what could not be saved: a LoRA cannot be merged into sharded weights, and stage 2
-    saves through sentence-transformers, which does not gather sharded weights. DDP and ZeRO-2 keep full weights."""
-    if not shards_parameters(training_args):
-        return
-    if lora.use_lora:
-        raise SystemExit("LoRA runs are merged before saving, which needs full weights in one process: use the DDP "
-                         "or DeepSpeed ZeRO-2 config (examples/configs), or --use_lora false with FSDP / ZeRO-3.")
-    if stage == "stage2":
-        raise SystemExit("Stage 2 does not support parameter sharding (FSDP, ZeRO-3) yet: use the DDP or DeepSpeed "
-                         "ZeRO-2 config (examples/configs).")
-
-
-@dataclass
-class BackboneArguments:
-    """How a fresh CoMa model is built: K, image and sequence bounds, and the embedded tiny backbone's size."""
-
-    num_compression_tokens: int = field(default=32, metadata={"help": "K, the number of compression tokens."})
-    min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens per image."})
-    max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens per image."})
-    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence in tokens."})
-    family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
-    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the embedded backbone's language model."})
-    tiny_num_layers: int = field(default=2, metadata={"help": "Depth of the embedded backbone's language model."})
-    tiny_vision_width: int = field(default=32, metadata={"help": "Width of the embedded backbone's vision tower."})
-    tiny_vision_depth: int = field(default=1, metadata={"help": "Depth of the embedded backbone's vision tower."})
 
 
 def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: int = 0, **config_kwargs):
     """`(model, processor)`: CoMa over `backbone` (Hub id or folder), or over the embedded tiny backbone if `None`."""
-    from .modeling_coma import CoMaModel
-    from .tiny import build_tiny_coma, tiny_backbone_config
+    from ..modeling_coma import CoMaModel
+    from ..tiny import build_tiny_coma, tiny_backbone_config
 
     common = dict(
         num_compression_tokens=arguments.num_compression_tokens,

@@ -2,8 +2,10 @@
 
 Inputs, all read from the checkpoint folder: `config.json` (backbone, K, pooling), `pretrain_summary.json` (stage 1),
 `contrastive_summary.json` (stage 2) and `mmeb_results.json` (`examples/evaluate.py`), each used when present.
-`CoMaModel.save_pretrained` calls `write_model_card` whenever coma_hf is installed (it registers the writer), so every
-saved checkpoint carries an up-to-date `README.md`; sentence-transformers' own generated card is never written.
+`save_checkpoint` is the package's one save: `save_pretrained` and then `write_model_card`, so every checkpoint a
+script or trainer saves carries an up-to-date `README.md` (sentence-transformers' own generated card is never
+written). A plain `CoMaModel.save_pretrained` writes no card of its own: it keeps the card of the folder the model was
+loaded from.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_coma import is_embedded_backbone
-from .evaluation.mmeb import markdown_table
+from ..configuration_coma import is_embedded_backbone
+from ..evaluation.mmeb import markdown_table
 
 PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records beside its checkpoint
 CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
@@ -30,7 +32,7 @@ TAGS = ["coma", "multimodal-embedding", "sentence-transformers", "transformers",
 def template_path() -> Path:
     """`model_cards/coma.md` of a source checkout, else the copy a wheel installs under `share/coma_hf`."""
     candidates = [
-        Path(__file__).resolve().parents[1] / "model_cards" / "coma.md",
+        Path(__file__).resolve().parents[2] / "model_cards" / "coma.md",
         Path(sys.prefix) / "share" / "coma_hf" / "model_cards" / "coma.md",
     ]
     for candidate in candidates:
@@ -95,6 +97,15 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, lice
     path = Path(folder) / "README.md"
     render_model_card(folder, repo_id, license).save(path)
     return path
+
+
+def save_checkpoint(model, folder: str | os.PathLike, **save_kwargs) -> None:
+    """Save a CoMa model as the package does everywhere: `model.save_pretrained(folder, **save_kwargs)` (weights,
+    remote code, processor, sentence-transformers files, the run summaries it carries), then its CoMa card
+    (`write_model_card`). A process that is not the main one (`is_main_process=False`) writes nothing."""
+    model.save_pretrained(folder, **save_kwargs)
+    if save_kwargs.get("is_main_process", True):
+        write_model_card(folder)
 
 
 def hardware() -> str:

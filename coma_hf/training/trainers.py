@@ -1,16 +1,18 @@
-"""The trainers and collators of both stages.
+"""The trainers of both stages, and what they share.
 
-Stage 1: `CoMaCompressionCollator` and `CoMaCompressionTrainer`.
-
-`CoMaCompressionTrainer` is a thin `transformers.Trainer` subclass (not trl's `SFTTrainer`: its chat-template
-tokenization and completion masks would duplicate what `CoMaProcessor` already renders, compression tokens
-included). The loss is the model's own `forward` loss, which Trainer normalises through `num_items_in_batch`;
+`CoMaCompressionTrainer` (stage 1) is a thin `transformers.Trainer` subclass (not trl's `SFTTrainer`: its
+chat-template tokenization and completion masks would duplicate what `CoMaProcessor` already renders, compression
+tokens included). The loss is the model's own `forward` loss, which Trainer normalises through `num_items_in_batch`;
 everything `TrainingArguments` offers (bf16, accumulation, gradient checkpointing, evaluation, saving, resuming,
 logging) is Trainer's. What the subclass adds: the collator by default, raw rows kept (`remove_unused_columns` off),
-tokens/s logged, a loss-only evaluation, and `save_merged` for a plain checkpoint ready for stage 2.
+tokens/s logged and a loss-only evaluation.
 
-Stage 2: `CoMaContrastiveCollator` and `CoMaContrastiveTrainer`, a thin `SentenceTransformerTrainer` subclass; the
-loss is `coma_hf.losses.CoMaContrastiveLoss`.
+`CoMaContrastiveTrainer` (stage 2) is a thin `SentenceTransformerTrainer` subclass; the loss is
+`coma_hf.training.losses.CoMaContrastiveLoss`.
+
+Both (`_CoMaTrainerMixin`): batch sizes logged, resuming from the last complete checkpoint, first/last step losses,
+the non-finite loss guard, and `save_merged`, the one merge-and-save that ends either stage with a plain CoMa
+checkpoint and its card. The collators are in `coma_hf.training.collators`.
 """
 
 from __future__ import annotations
@@ -24,57 +26,13 @@ from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformerTrainer
-from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
-from transformers import BatchFeature, Trainer
+from transformers import Trainer
 
-from .data.stage1 import normalize_stage1_record
-from .data.stage2 import embedding_input, sides
-from .losses import PRESENT
-from .inputs import CoMaInputError
-from .processing_coma import CoMaProcessor
+from ..hub import save_checkpoint, write_model_card
+from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
+from .peft import NO_SHARDED_STAGE2, merge_lora, shards_parameters
 
 logger = logging.getLogger(__name__)
-
-
-class CoMaCompressionCollator:
-    """Turns raw stage-1 rows (any format `normalize_stage1_record` reads) into a left-padded batch with labels.
-
-    `max_turns` keeps only each conversation's first turns (the single- vs multi-turn ablation).
-    A bad row raises `CoMaInputError` naming the row's id and the field. QA turns that did not fit in the
-    processor's `max_length` are counted in the batch's `dropped_turns` (the trainer sums them in the main process,
-    since collators may run in dataloader workers) and in `self.dropped_turns`.
-    """
-
-    def __init__(
-        self,
-        processor: CoMaProcessor,
-        loss_on: str = "answers",
-        image_root: str | None = None,
-        max_turns: int | None = None,
-    ):
-        self.processor = processor
-        self.loss_on = loss_on
-        self.image_root = image_root
-        self.max_turns = max_turns
-        self.dropped_turns = 0
-
-    def __call__(self, rows: list[dict[str, Any]]) -> BatchFeature:
-        rendered, ids = [], []
-        for position, row in enumerate(rows):
-            record = normalize_stage1_record(row, position, self.image_root)
-            ids.append(str(record["id"]))
-            rendered.append(
-                self.processor.render_compression_sample(
-                    record["image"], record["text"], record["conversation"][: self.max_turns], self.loss_on,
-                    sample=record["id"],
-                )
-            )
-        batch = self.processor.collate(rendered)
-        dropped = sum(sample.dropped_turns for sample in rendered)
-        self.dropped_turns += dropped
-        batch["dropped_turns"] = torch.tensor(dropped)
-        batch["sample_ids"] = ids  # named when the loss is not finite
-        return batch
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,7 +47,7 @@ class _CoMaTrainerMixin:
     *complete* checkpoint, the loss of the first and the last optimizer step (`first_step_loss`, `last_step_loss`;
     Trainer logs only window means, which a run shorter than `logging_steps` never fills), and a guard against
     non-finite losses (`on_nonfinite_loss`: "stop" raises `NonFiniteLossError`; "skip" gives the batch zero gradients,
-    counts it in `skipped_batches` and goes on)."""
+    counts it in `skipped_batches` and goes on), and `save_merged`."""
 
     stage_name = "training"
 
@@ -151,6 +109,39 @@ class _CoMaTrainerMixin:
         self.skipped_batches.append({"step": self.state.global_step + 1, "samples": sample_ids})
         zero = sum((parameter * 0).sum() for parameter in model.parameters() if parameter.requires_grad)
         return (zero, *result[1:]) if isinstance(result, tuple) else zero
+
+    def save_merged(self, output_dir: str) -> Any:
+        """Merge any LoRA into the weights and save a plain CoMa checkpoint with its processor and card
+        (`coma_hf.hub.save_checkpoint`, in the main process only); returns the merged `CoMaModel`.
+
+        With sharded parameters (FSDP, ZeRO-3) there are no full weights to merge into: a LoRA is refused, and
+        all weights are saved by Trainer, which gathers the shards in the main process (stage 1 only; stage 2 saves
+        through sentence-transformers, which does not gather them, see `check_sharding`)."""
+        model, processor = self._coma_model_and_processor()
+        if shards_parameters(self.args):
+            if hasattr(model, "peft_config"):
+                raise ValueError("A LoRA cannot be merged into sharded (FSDP / ZeRO-3) weights; save the adapter "
+                                 "with `trainer.save_model()`, or train LoRA recipes with DDP or ZeRO-2.")
+            self._save_gathered(output_dir)
+            return model
+        merged = merge_lora(model)
+        self._use_merged(merged)
+        if processor is not None:
+            merged.processor = processor
+        if self.args.should_save:
+            save_checkpoint(merged, output_dir)
+        return merged
+
+    def _coma_model_and_processor(self) -> tuple[Any, Any]:
+        """The `CoMaModel` being trained (a `PeftModel` around it with LoRA) and the processor it is saved with."""
+        raise NotImplementedError
+
+    def _use_merged(self, merged) -> None:
+        """Put the merged model where the adapter model was, where the caller goes on using it."""
+
+    def _save_gathered(self, output_dir: str) -> None:
+        """Save all weights of a run whose parameters are sharded."""
+        raise ValueError(NO_SHARDED_STAGE2)
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -215,60 +206,13 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def save_merged(self, output_dir: str) -> Any:
-        """Merge any LoRA into the weights and save a plain CoMa checkpoint (processor included); returns the model."""
-        from .recipes import merge_lora, shards_parameters
+    def _coma_model_and_processor(self) -> tuple[Any, Any]:
+        return self.accelerator.unwrap_model(self.model), self.processing_class
 
-        model = self.accelerator.unwrap_model(self.model)
-        if shards_parameters(self.args):
-            if hasattr(model, "peft_config"):
-                raise ValueError("A LoRA cannot be merged into sharded (FSDP / ZeRO-3) weights; save the adapter "
-                                 "with `trainer.save_model()`, or train LoRA recipes with DDP or ZeRO-2.")
-            self.save_model(output_dir)  # Trainer gathers the shards in the main process
-            return model
-        model = merge_lora(model)
-        if self.processing_class is not None:
-            model.processor = self.processing_class
+    def _save_gathered(self, output_dir: str) -> None:
+        self.save_model(output_dir)  # Trainer gathers the shards in the main process
         if self.args.should_save:
-            model.save_pretrained(output_dir)
-        return model
-
-
-class CoMaContrastiveCollator(SentenceTransformerDataCollator):
-    """Stage-2 rows (`{side}_text` / `{side}_image` columns, see `coma_hf.data.stage2`) → one sentence-transformers
-    input per side, in loss order (anchor, positive[, negative]).
-
-    The negative column takes part when any row of the batch has a negative (MMEB-train leaves most of them empty;
-    the loss takes any number of columns per batch). The rows without one get `MISSING_NEGATIVE` (a short text: the
-    column must be rectangular) and the batch a `negative_present` mask, with which `CoMaContrastiveLoss` leaves those
-    placeholders out of every denominator. Other columns (`dataset`) are dropped.
-    """
-
-    MISSING_NEGATIVE = {"text": "no hard negative"}
-
-    def __call__(self, features: list[dict]) -> dict:
-        has_negative = [len(sides(row)) == 3 for row in features]
-        columns = ["anchor", "positive", "negative"] if any(has_negative) else ["anchor", "positive"]
-        rows = []
-        for row in features:
-            if row.get("error"):  # a row that did not load (run with --validate_data / --skip_bad_samples to skip it)
-                raise CoMaInputError(row["error"])
-            inputs = {side: self._side_input(row, side) for side in columns}
-            if "dataset_name" in row:
-                inputs["dataset_name"] = row["dataset_name"]
-            rows.append(inputs)
-        batch = super().__call__(rows)
-        if "negative" in columns and not all(has_negative):
-            batch[f"negative_{PRESENT}"] = torch.tensor(has_negative)
-        if "id" in features[0]:
-            batch["sample_ids"] = [row["id"] for row in features]  # named when the loss is not finite
-        return batch
-
-    def _side_input(self, row: dict, side: str) -> dict[str, Any]:
-        """The embedding input of one side of `row`; the placeholder for a negative the row lacks."""
-        if side == "negative" and len(sides(row)) < 3:
-            return dict(self.MISSING_NEGATIVE)
-        return embedding_input(row[f"{side}_text"], row[f"{side}_image"])
+            write_model_card(output_dir)
 
 
 class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):
@@ -296,6 +240,13 @@ class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):
 
     def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
         pass
+
+    def _coma_model_and_processor(self) -> tuple[Any, Any]:
+        transformer = self.accelerator.unwrap_model(self.model)[0]
+        return transformer.model, transformer.processor
+
+    def _use_merged(self, merged) -> None:
+        self.accelerator.unwrap_model(self.model)[0].model = merged
 
 
 def describe_batch_sizes(args) -> str:

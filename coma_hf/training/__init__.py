@@ -1,0 +1,58 @@
+"""Training CoMa: stage 1 (compression pre-training, a transformers `Trainer`) and stage 2 (contrastive matching,
+sentence-transformers).
+
+- `arguments`: `LoraArguments` (what a stage trains), `BackboneArguments` (how a fresh model is built);
+- `peft`: `apply_lora`, `merge_lora` (the paper's LoRA, or all weights), `shards_parameters`, `check_sharding`;
+- `recipes`: `build_coma` and the presets of `examples/configs/` (`recipe_of_start`, `choose_recipe`,
+  `recipe_defaults`, `parse_with_recipe`, `check_precision`);
+- `collators`: `CoMaCompressionCollator` (stage 1), `CoMaContrastiveCollator` (stage 2);
+- `trainers`: `CoMaCompressionTrainer`, `CoMaContrastiveTrainer` (both end with `save_merged`), `NonFiniteLossError`,
+  `last_complete_checkpoint`, `describe_batch_sizes`;
+- `losses`: `CoMaContrastiveLoss` (stage 2).
+"""
+
+from .arguments import BackboneArguments, LoraArguments
+from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
+from .losses import CoMaContrastiveLoss
+from .peft import LANGUAGE_MODEL_ATTENTION, apply_lora, check_sharding, merge_lora, shards_parameters
+from .recipes import (
+    RECIPES,
+    build_coma,
+    check_precision,
+    choose_recipe,
+    parse_with_recipe,
+    recipe_defaults,
+    recipe_of_start,
+)
+from .trainers import (
+    CoMaCompressionTrainer,
+    CoMaContrastiveTrainer,
+    NonFiniteLossError,
+    describe_batch_sizes,
+    last_complete_checkpoint,
+)
+
+__all__ = [
+    "LANGUAGE_MODEL_ATTENTION",
+    "RECIPES",
+    "BackboneArguments",
+    "CoMaCompressionCollator",
+    "CoMaCompressionTrainer",
+    "CoMaContrastiveCollator",
+    "CoMaContrastiveLoss",
+    "CoMaContrastiveTrainer",
+    "LoraArguments",
+    "NonFiniteLossError",
+    "apply_lora",
+    "build_coma",
+    "check_precision",
+    "check_sharding",
+    "choose_recipe",
+    "describe_batch_sizes",
+    "last_complete_checkpoint",
+    "merge_lora",
+    "parse_with_recipe",
+    "recipe_defaults",
+    "recipe_of_start",
+    "shards_parameters",
+]

@@ -1,0 +1,39 @@
+"""The argument dataclasses the training scripts share: what a stage trains (`LoraArguments`) and how a fresh CoMa
+model is built (`BackboneArguments`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .peft import LANGUAGE_MODEL_ATTENTION
+
+
+@dataclass
+class LoraArguments:
+    """Which weights a stage trains."""
+
+    use_lora: bool = field(default=False, metadata={"help": "Train a peft LoRA instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default=LANGUAGE_MODEL_ATTENTION, metadata={"help": "Regex of LoRA targets."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA), as the released code."})
+    train_compression_embeddings: bool = field(
+        default=True, metadata={"help": "With LoRA, also train the K compression-token embedding rows."}
+    )
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Without LoRA, keep the vision tower fixed."})
+
+
+@dataclass
+class BackboneArguments:
+    """How a fresh CoMa model is built: K, image and sequence bounds, and the embedded tiny backbone's size."""
+
+    num_compression_tokens: int = field(default=32, metadata={"help": "K, the number of compression tokens."})
+    min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens per image."})
+    max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens per image."})
+    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence in tokens."})
+    family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the embedded backbone's language model."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "Depth of the embedded backbone's language model."})
+    tiny_vision_width: int = field(default=32, metadata={"help": "Width of the embedded backbone's vision tower."})
+    tiny_vision_depth: int = field(default=1, metadata={"help": "Depth of the embedded backbone's vision tower."})
