@@ -12,7 +12,7 @@ dataset has flat string columns `anchor_text`, `anchor_image`, `positive_text`, 
 `dataset`; `embedding_input` turns a
 text/image pair back into the `{"text", "image"}` dict that `encode` and the collators take. With `by_dataset=True`
 the result is a `DatasetDict` keyed by dataset, so that sentence-transformers' multi-dataset batch sampler draws each
-batch from one dataset (the paper's interleaving). `coma_hf.trainer.CoMaContrastiveCollator` hands the rows to
+batch from one dataset (the paper's interleaving). `coma_hf.training.CoMaContrastiveCollator` hands the rows to
 sentence-transformers as (anchor, positive[, negative]) inputs.
 """
 

@@ -13,6 +13,7 @@ import torch
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from transformers import BatchFeature
 
+from ..data.sources import ERROR_COLUMN
 from ..data.stage1 import normalize_stage1_record
 from ..data.stage2 import embedding_input, sides
 from ..inputs import CoMaInputError
@@ -78,8 +79,8 @@ class CoMaContrastiveCollator(SentenceTransformerDataCollator):
         columns = ["anchor", "positive", "negative"] if any(has_negative) else ["anchor", "positive"]
         rows = []
         for row in features:
-            if row.get("error"):  # a row that did not load (run with --validate_data / --skip_bad_samples to skip it)
-                raise CoMaInputError(row["error"])
+            if row.get(ERROR_COLUMN):  # a row that did not load (--validate_data / --skip_bad_samples skip it)
+                raise CoMaInputError(row[ERROR_COLUMN])
             inputs = {side: self._side_input(row, side) for side in columns}
             if "dataset_name" in row:
                 inputs["dataset_name"] = row["dataset_name"]
