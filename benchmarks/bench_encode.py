@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
 from transformers import AutoConfig
 
 from coma_hf.tiny import QWEN_SPECIAL_TOKEN_START, build_tiny_coma, build_tokenizer
@@ -44,14 +43,18 @@ def build(config_name: str, gpu: bool, num_compression_tokens: int = 32):
         raw = json.loads(PUBLISHED_3B.read_text())
         backbone = AutoConfig.for_model(raw.pop("model_type"), **raw)
         model, processor = build_tiny_coma(
-            "qwen2_5_vl", num_compression_tokens=num_compression_tokens, backbone_config=backbone,
+            "qwen2_5_vl",
+            num_compression_tokens=num_compression_tokens,
+            backbone_config=backbone,
             tokenizer=build_tokenizer(special_token_start=QWEN_SPECIAL_TOKEN_START),
-            min_image_tokens=256, max_image_tokens=256,
-        )  # fmt: skip
+            min_image_tokens=256,
+            max_image_tokens=256,
+        )
         model = model.to("cuda", torch.bfloat16)
     else:
-        model, processor = build_tiny_coma("qwen2_5_vl", num_compression_tokens=num_compression_tokens,
-                                           min_image_tokens=256, max_image_tokens=256)  # fmt: skip
+        model, processor = build_tiny_coma(
+            "qwen2_5_vl", num_compression_tokens=num_compression_tokens, min_image_tokens=256, max_image_tokens=256
+        )
     if config_name == "coma_fast":
         use_batched_vision_attention(model.model.visual)
     else:
@@ -108,11 +111,11 @@ def time_interleaved(runners: dict, repeats: int, gpu: bool, grad: bool = False)
 def peak_memory_cpu(config_name: str, batch_size: int) -> int:
     """Peak resident set (bytes) of a fresh process that builds the configuration and embeds one batch."""
     code = (
-        "import resource, sys, torch; sys.path.insert(0, {path!r}); import bench_encode as b; "
-        "m, p = b.build({name!r}, False); run, _ = b.encoder({name!r}, m, p, b.inputs({size}));\n"
+        f"import resource, sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_encode as b; "
+        f"m, p = b.build({config_name!r}, False); run, _ = b.encoder({config_name!r}, m, p, b.inputs({batch_size}));\n"
         "with torch.inference_mode(): run()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    ).format(path=str(Path(__file__).parent), name=config_name, size=batch_size)
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(result.stdout.strip().splitlines()[-1]) * 1024
 
@@ -134,8 +137,12 @@ def measure(batch_size: int, gpu: bool, repeats: int) -> dict:
     rows = {}
     for name in CONFIGS:
         seconds = statistics.median(timings[name])
-        row = {"seconds_per_batch": seconds, "samples_per_s": batch_size / seconds, "tokens_per_s": tokens[name] / seconds,
-               "tokens_per_sample": tokens[name] / batch_size}  # fmt: skip
+        row = {
+            "seconds_per_batch": seconds,
+            "samples_per_s": batch_size / seconds,
+            "tokens_per_s": tokens[name] / seconds,
+            "tokens_per_sample": tokens[name] / batch_size,
+        }
         if gpu:
             torch.cuda.reset_peak_memory_stats()
             with torch.inference_mode():
@@ -148,7 +155,8 @@ def measure(batch_size: int, gpu: bool, repeats: int) -> dict:
     return {
         "batch_size": batch_size,
         "configurations": rows,
-        "coma_over_baseline_time_ratio": rows["coma_fast"]["seconds_per_batch"] / rows["vlm2vec_stock"]["seconds_per_batch"],
+        "coma_over_baseline_time_ratio": rows["coma_fast"]["seconds_per_batch"]
+        / rows["vlm2vec_stock"]["seconds_per_batch"],
         "coma_stock_over_baseline_time_ratio": rows["coma_stock"]["seconds_per_batch"]
         / rows["vlm2vec_stock"]["seconds_per_batch"],
         "fast_over_stock_speedup": rows["coma_stock"]["seconds_per_batch"] / rows["coma_fast"]["seconds_per_batch"],
@@ -156,16 +164,23 @@ def measure(batch_size: int, gpu: bool, repeats: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| batch | configuration | s / batch | samples/s | tokens/s | tokens/sample | peak memory | MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| batch | configuration | s / batch | samples/s | tokens/s | tokens/sample | peak memory | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for result in results:
         for name, row in result["configurations"].items():
             mfu = f"{100 * row['mfu']:.1f} %" if "mfu" in row else "n/a"
-            lines.append(f"| {result['batch_size']} | {name} | {row['seconds_per_batch']:.4f} | {row['samples_per_s']:.1f} "
-                         f"| {row['tokens_per_s']:.0f} | {row['tokens_per_sample']:.0f} | "
-                         f"{row['peak_memory_bytes'] / 2**20:.0f} MiB | {mfu} |")  # fmt: skip
-        lines.append(f"| {result['batch_size']} | CoMa fast / VLM2Vec-style time | {result['coma_over_baseline_time_ratio']:.3f} "
-                     f"| fast over stock speed-up | {result['fast_over_stock_speedup']:.2f}× | | | |")  # fmt: skip
+            lines.append(
+                f"| {result['batch_size']} | {name} | {row['seconds_per_batch']:.4f} | {row['samples_per_s']:.1f} "
+                f"| {row['tokens_per_s']:.0f} | {row['tokens_per_sample']:.0f} | "
+                f"{row['peak_memory_bytes'] / 2**20:.0f} MiB | {mfu} |"
+            )
+        lines.append(
+            f"| {result['batch_size']} | CoMa fast / VLM2Vec-style time "
+            f"| {result['coma_over_baseline_time_ratio']:.3f} "
+            f"| fast over stock speed-up | {result['fast_over_stock_speedup']:.2f}× | | | |"
+        )
     return "\n".join(lines)
 
 
@@ -179,9 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = [int(size) for size in (args.batch_sizes or ("8,32" if args.gpu else "8")).split(",")]
     repeats = args.repeats or (20 if args.gpu else 10)
     results = [measure(size, args.gpu, repeats) for size in sizes]
-    return report(results, table(results), args.output, args.gpu,
-                  coma_over_baseline_time_ratio=max(result["coma_over_baseline_time_ratio"] for result in results),
-                  fast_over_stock_speedup=min(result["fast_over_stock_speedup"] for result in results))  # fmt: skip
+    return report(
+        results,
+        table(results),
+        args.output,
+        args.gpu,
+        coma_over_baseline_time_ratio=max(result["coma_over_baseline_time_ratio"] for result in results),
+        fast_over_stock_speedup=min(result["fast_over_stock_speedup"] for result in results),
+    )
 
 
 def report(results: list[dict], table_text: str, output: str, gpu: bool, **headline) -> dict:

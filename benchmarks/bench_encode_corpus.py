@@ -61,8 +61,20 @@ def tiny_checkpoint(folder: Path) -> Path:
 
 
 def run(model: Path, images: Path, rows: int, output: Path, args: argparse.Namespace) -> dict:
-    argv = ["--model", str(model), "--images", str(images), "--max_rows", str(rows), "--output_dir", str(output),
-            "--shard_size", str(args.shard_size), "--batch_size", str(args.batch_size)]  # fmt: skip
+    argv = [
+        "--model",
+        str(model),
+        "--images",
+        str(images),
+        "--max_rows",
+        str(rows),
+        "--output_dir",
+        str(output),
+        "--shard_size",
+        str(args.shard_size),
+        "--batch_size",
+        str(args.batch_size),
+    ]
     code = CHILD.format(examples=str(EXAMPLE.parent))
     done = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
@@ -87,11 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     ratio = results[-1]["peak_rss_mb"] / results[0]["peak_rss_mb"]
     lines = [f"{'rows':>8} {'shards':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12}"]
-    lines += [f"{r['corpus_rows']:>8} {r['shards']:>7} {r['seconds']:>8.1f} {r['rows_per_second']:>8.0f} "
-              f"{r['peak_rss_mb']:>12.0f}" for r in results]  # fmt: skip
+    lines += [
+        f"{r['corpus_rows']:>8} {r['shards']:>7} {r['seconds']:>8.1f} {r['rows_per_second']:>8.0f} "
+        f"{r['peak_rss_mb']:>12.0f}"
+        for r in results
+    ]
     lines.append(f"peak memory {sizes[-1]} / {sizes[0]} rows: {ratio:.3f} (target ≤ 1.10)")
-    return report(results, "\n".join(lines), args.output, gpu=False, peak_memory_ratio=ratio,
-                  shard_size=args.shard_size, batch_size=args.batch_size)  # fmt: skip
+    return report(
+        results,
+        "\n".join(lines),
+        args.output,
+        gpu=False,
+        peak_memory_ratio=ratio,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+    )
 
 
 if __name__ == "__main__":

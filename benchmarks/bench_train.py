@@ -23,9 +23,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_encode import H100_BF16_PEAK, build, inputs, report, time_interleaved, vlm2vec_embedding  # noqa: E402
 
-QUESTIONS = [{"question": "What colour is the circle?", "answer": "red"},
-             {"question": "How many squares are there?", "answer": "two"},
-             {"question": "Where is the circle?", "answer": "left of the squares"}]  # fmt: skip
+QUESTIONS = [
+    {"question": "What colour is the circle?", "answer": "red"},
+    {"question": "How many squares are there?", "answer": "two"},
+    {"question": "Where is the circle?", "answer": "left of the squares"},
+]
 
 
 def stage1_step(model, processor, batch):
@@ -42,8 +44,11 @@ def stage1_step(model, processor, batch):
 
 def stage2_step(name: str, model, processor, batch, temperature: float = 0.03):
     queries = processor.process_for_embedding(batch).to(model.device)
-    documents = processor.process_for_embedding([f"caption {index}: {item['text']}" for index, item in enumerate(batch)])
+    documents = processor.process_for_embedding(
+        [f"caption {index}: {item['text']}" for index, item in enumerate(batch)]
+    )
     documents = documents.to(model.device)
+
     def embed(features):
         return model(**features).pooler_output if name.startswith("coma") else vlm2vec_embedding(model, features)
 
@@ -73,7 +78,11 @@ def measure(batch_size: int, gpu: bool, repeats: int) -> dict:
     rows = {}
     for name, run in runners.items():
         seconds = statistics.median(timings[name])
-        row = {"seconds_per_step": seconds, "samples_per_s": batch_size / seconds, "tokens_per_s": tokens[name] / seconds}
+        row = {
+            "seconds_per_step": seconds,
+            "samples_per_s": batch_size / seconds,
+            "tokens_per_s": tokens[name] / seconds,
+        }
         if gpu:
             torch.cuda.reset_peak_memory_stats()
             run()
@@ -94,18 +103,24 @@ def measure(batch_size: int, gpu: bool, repeats: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| batch | step | s / step | samples/s | tokens/s | peak memory | MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| batch | step | s / step | samples/s | tokens/s | peak memory | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for result in results:
         for name, row in result["steps"].items():
             memory = f"{row['peak_memory_bytes'] / 2**30:.1f} GiB" if "peak_memory_bytes" in row else "n/a"
             mfu = f"{100 * row['mfu']:.1f} %" if "mfu" in row else "n/a"
-            lines.append(f"| {result['batch_size']} | {name} | {row['seconds_per_step']:.4f} | {row['samples_per_s']:.1f} "
-                         f"| {row['tokens_per_s']:.0f} | {memory} | {mfu} |")  # fmt: skip
+            lines.append(
+                f"| {result['batch_size']} | {name} | {row['seconds_per_step']:.4f} | {row['samples_per_s']:.1f} "
+                f"| {row['tokens_per_s']:.0f} | {memory} | {mfu} |"
+            )
         speedup = result["fast_over_stock_speedup"]
-        lines.append(f"| {result['batch_size']} | fast over stock | stage 1 {speedup['stage1']:.2f}×, stage 2 "
-                     f"{speedup['stage2']:.2f}× | CoMa / VLM2Vec-style (stage 2) | "
-                     f"{result['coma_over_baseline_time_ratio']:.3f} | | |")  # fmt: skip
+        lines.append(
+            f"| {result['batch_size']} | fast over stock | stage 1 {speedup['stage1']:.2f}×, stage 2 "
+            f"{speedup['stage2']:.2f}× | CoMa / VLM2Vec-style (stage 2) | "
+            f"{result['coma_over_baseline_time_ratio']:.3f} | | |"
+        )
     return "\n".join(lines)
 
 

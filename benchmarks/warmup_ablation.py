@@ -45,8 +45,12 @@ from coma_hf.evaluation.mmeb import MMEBEvaluator, chance_baselines, load_mmeb_d
 ROOT = Path(__file__).resolve().parents[1]
 META_TASKS = ("Classification", "VQA", "Retrieval", "Visual Grounding")
 ARMS = ("A", "B", "C", "A short")
-ARM_LABELS = {"A": "A contrastive only", "B": "B CoMa (bottleneck)", "C": "C causal control",
-              "A short": "A short (S2 steps only)"}  # fmt: skip
+ARM_LABELS = {
+    "A": "A contrastive only",
+    "B": "B CoMa (bottleneck)",
+    "C": "C causal control",
+    "A short": "A short (S2 steps only)",
+}
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,18 @@ class Budget:
 
 
 QUICK = Budget(
-    stage1_steps=2, stage2_steps=2, batch_size=4, seeds=(0, 1), num_train_scenes=16, num_dev_scenes=4,
-    num_test_scenes=4, scene_size=56, pair_scenes=8, num_compression_tokens=4, answer_eval_samples=4,
-)  # fmt: skip
+    stage1_steps=2,
+    stage2_steps=2,
+    batch_size=4,
+    seeds=(0, 1),
+    num_train_scenes=16,
+    num_dev_scenes=4,
+    num_test_scenes=4,
+    scene_size=56,
+    pair_scenes=8,
+    num_compression_tokens=4,
+    answer_eval_samples=4,
+)
 QUICK_MODEL = ["--tiny_hidden_size", "32", "--min_image_tokens", "4", "--max_image_tokens", "4"]
 
 
@@ -105,15 +118,37 @@ def _example(name: str):
 
 def stage1_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, extra: list[str]) -> list[str]:
     arguments = [
-        "--recipe", "tiny", "--output_dir", str(output), "--seed", str(run.seed),
-        "--max_steps", str(budget.stage1_steps), "--per_device_train_batch_size", str(budget.batch_size),
-        "--synthetic_dir", str(synthetic), "--num_train_scenes", str(budget.num_train_scenes),
-        "--num_dev_scenes", str(budget.num_dev_scenes), "--num_test_scenes", str(budget.num_test_scenes),
-        "--scene_size", str(budget.scene_size), "--max_eval_samples", str(budget.answer_eval_samples),
-        "--num_compression_tokens", str(run.num_compression_tokens or budget.num_compression_tokens),
-        "--attention_rule", "causal" if run.arm == "C" else "bottleneck", "--loss_on", run.loss_on,
-        "--logging_steps", str(max(1, budget.stage1_steps // 10)),
-    ]  # fmt: skip
+        "--recipe",
+        "tiny",
+        "--output_dir",
+        str(output),
+        "--seed",
+        str(run.seed),
+        "--max_steps",
+        str(budget.stage1_steps),
+        "--per_device_train_batch_size",
+        str(budget.batch_size),
+        "--synthetic_dir",
+        str(synthetic),
+        "--num_train_scenes",
+        str(budget.num_train_scenes),
+        "--num_dev_scenes",
+        str(budget.num_dev_scenes),
+        "--num_test_scenes",
+        str(budget.num_test_scenes),
+        "--scene_size",
+        str(budget.scene_size),
+        "--max_eval_samples",
+        str(budget.answer_eval_samples),
+        "--num_compression_tokens",
+        str(run.num_compression_tokens or budget.num_compression_tokens),
+        "--attention_rule",
+        "causal" if run.arm == "C" else "bottleneck",
+        "--loss_on",
+        run.loss_on,
+        "--logging_steps",
+        str(max(1, budget.stage1_steps // 10)),
+    ]
     if run.max_qa_turns is not None:
         arguments += ["--max_qa_turns", str(run.max_qa_turns)]
     return arguments + extra
@@ -122,10 +157,21 @@ def stage1_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, ex
 def stage2_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, start: Path | None, extra: list[str]):
     steps = budget.stage1_steps + budget.stage2_steps if run.arm == "A" else budget.stage2_steps
     arguments = [
-        "--recipe", "tiny", "--output_dir", str(output), "--seed", str(run.seed), "--max_steps", str(steps),
-        "--per_device_train_batch_size", str(budget.batch_size), "--synthetic_dir", str(synthetic),
-        "--logging_steps", str(max(1, steps // 10)),
-    ]  # fmt: skip
+        "--recipe",
+        "tiny",
+        "--output_dir",
+        str(output),
+        "--seed",
+        str(run.seed),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        str(budget.batch_size),
+        "--synthetic_dir",
+        str(synthetic),
+        "--logging_steps",
+        str(max(1, steps // 10)),
+    ]
     if start is None:  # arms A: the same initialisation stage 1 would have started from
         arguments += ["--from_backbone", "--num_compression_tokens", str(budget.num_compression_tokens)]
     else:
@@ -133,7 +179,9 @@ def stage2_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, st
     return arguments + extra
 
 
-def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra1: list[str], extra2: list[str], test) -> dict:
+def execute(
+    run: Run, budget: Budget, synthetic: Path, folder: Path, extra1: list[str], extra2: list[str], test
+) -> dict:
     """Train one configuration; dev scores from the training script, test scores read once here."""
     started = time.time()
     result = {"run": asdict(run)}
@@ -142,9 +190,17 @@ def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra1: lis
         arguments = stage1_arguments(run, budget, synthetic, folder / "stage1", extra1)
         stage1 = _example("pretrain").main(arguments)
         result["stage1_arguments"] = arguments
-        result["stage1"] = {key: stage1.get(key) for key in (
-            "train_loss_first", "train_loss_last", "heldout_answer_accuracy", "majority_baseline_accuracy",
-            "control_answer_accuracy", "seconds")}  # fmt: skip
+        result["stage1"] = {
+            key: stage1.get(key)
+            for key in (
+                "train_loss_first",
+                "train_loss_last",
+                "heldout_answer_accuracy",
+                "majority_baseline_accuracy",
+                "control_answer_accuracy",
+                "seconds",
+            )
+        }
         start = folder / "stage1"
     arguments = stage2_arguments(run, budget, synthetic, folder / "stage2", start, extra2)
     stage2 = _example("train_contrastive").main(arguments)
@@ -155,8 +211,10 @@ def execute(run: Run, budget: Budget, synthetic: Path, folder: Path, extra1: lis
 
     model = SentenceTransformer(str(folder / "stage2"), trust_remote_code=True, device="cpu")
     scores = MMEBEvaluator(test, show_progress_bar=False)(model)
-    result["test"] = {"overall": scores["overall"]["precision@1"],
-                      **{task: values["precision@1"] for task, values in scores["meta_tasks"].items()}}  # fmt: skip
+    result["test"] = {
+        "overall": scores["overall"]["precision@1"],
+        **{task: values["precision@1"] for task, values in scores["meta_tasks"].items()},
+    }
     result["seconds"] = round(time.time() - started, 1)
     shutil.rmtree(folder, ignore_errors=True)  # checkpoints are reproducible from the arguments
     return result
@@ -169,12 +227,14 @@ def aggregate(results: list[dict]) -> dict:
         rows = [result for result in results if result["run"]["name"] == arm]
         summary[arm] = {
             split: {
-                metric: {"mean": statistics.mean(row[split][metric] for row in rows),
-                         "std": statistics.stdev(row[split][metric] for row in rows) if len(rows) > 1 else 0.0}
+                metric: {
+                    "mean": statistics.mean(row[split][metric] for row in rows),
+                    "std": statistics.stdev(row[split][metric] for row in rows) if len(rows) > 1 else 0.0,
+                }
                 for metric in ("overall", *META_TASKS)
             }
             for split in ("dev", "test")
-        }  # fmt: skip
+        }
     return summary
 
 
@@ -212,14 +272,18 @@ def plot(report: dict, path: Path) -> None:
         stds = [100 * summary[arm][split]["overall"]["std"] for arm in ARMS]
         left.bar([i + offset for i in range(len(ARMS))], means, 0.4, yerr=stds, capsize=4, label=split)
     left.axhline(100 * report["baseline"]["test"], color="grey", linestyle="--", label="chance/constant (test)")
-    left.set_xticks(range(len(ARMS)), ["A\ncontrastive only", "B\nCoMa", "C\ncausal control", "A short\nS2 steps only"])
+    left.set_xticks(
+        range(len(ARMS)), ["A\ncontrastive only", "B\nCoMa", "C\ncausal control", "A short\nS2 steps only"]
+    )
     left.set_ylabel("Precision@1 (%)")
     left.set_title(f"mean ± std over {len(report['budget']['seeds'])} seeds")
     left.legend()
     right = figure.add_subplot(1, 2, 2)
     reference = _reference(report)
     rows = [reference, *report["ablations"]]
-    names = [f"B (K={report['budget']['num_compression_tokens']})"] + [result["run"]["name"] for result in report["ablations"]]
+    names = [f"B (K={report['budget']['num_compression_tokens']})"] + [
+        result["run"]["name"] for result in report["ablations"]
+    ]
     right.barh(names, [100 * result["dev"]["overall"] for result in rows], color="tab:green")
     right.set_xlabel("dev Precision@1 (%), seed 0")
     right.set_title("ablations of B")
@@ -270,13 +334,23 @@ def markdown(report: dict, command: str) -> str:
     for arm, label in ARM_LABELS.items():
         for split in ("dev", "test"):
             row = summary[arm][split]
-            lines.append(f"| {label} | {split} | **{_cell(row['overall'])}** | "
-                         + " | ".join(_cell(row[task]) for task in META_TASKS) + " |")  # fmt: skip
-    lines.append(f"| chance/constant baseline | test | {100 * report['baseline']['test']:.1f} | "
-                 + " | ".join(f"{100 * report['baseline']['test_meta_tasks'][task]:.1f}" for task in META_TASKS)
-                 + " |")  # fmt: skip
-    lines += ["", "## Stage 1 of B and C (answers decoded from the K states; dev scenes)", "",
-              "| run | stage-1 loss | answer accuracy | majority | control (other scene) |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+            lines.append(
+                f"| {label} | {split} | **{_cell(row['overall'])}** | "
+                + " | ".join(_cell(row[task]) for task in META_TASKS)
+                + " |"
+            )
+    lines.append(
+        f"| chance/constant baseline | test | {100 * report['baseline']['test']:.1f} | "
+        + " | ".join(f"{100 * report['baseline']['test_meta_tasks'][task]:.1f}" for task in META_TASKS)
+        + " |"
+    )
+    lines += [
+        "",
+        "## Stage 1 of B and C (answers decoded from the K states; dev scenes)",
+        "",
+        "| run | stage-1 loss | answer accuracy | majority | control (other scene) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for result in report["results"]:
         stage1 = result.get("stage1")
         if stage1:
@@ -285,37 +359,66 @@ def markdown(report: dict, command: str) -> str:
                 f"{stage1['train_loss_last']:.2f} | {stage1['heldout_answer_accuracy']:.3f} | "
                 f"{stage1['majority_baseline_accuracy']:.3f} | {stage1['control_answer_accuracy']:.3f} |"
             )
-    lines += ["", "## Ablations of B (seed 0) — Precision@1 (%)", "", "| configuration | dev | test |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "## Ablations of B (seed 0) — Precision@1 (%)",
+        "",
+        "| configuration | dev | test |",
+        "| --- | --- | --- |",
+    ]
     reference = _reference(report)
     for result in [reference, *report["ablations"]]:
-        name = "B (K=%d, answers, multi-turn)" % budget["num_compression_tokens"] if result is reference else result["run"]["name"]
+        name = (
+            f"B (K={budget['num_compression_tokens']}, answers, multi-turn)"
+            if result is reference
+            else result["run"]["name"]
+        )
         lines.append(f"| {name} | {100 * result['dev']['overall']:.1f} | {100 * result['test']['overall']:.1f} |")
     if report.get("followups"):
-        lines += ["", "## Follow-ups (seed 0, B unless named; each its own command)", "",
-                  "| what changed | dev | test | stage-1 answers | command |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            "## Follow-ups (seed 0, B unless named; each its own command)",
+            "",
+            "| what changed | dev | test | stage-1 answers | command |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for followup in report["followups"]:
             for result in followup["results"]:
                 answers = result.get("stage1", {}).get("heldout_answer_accuracy")
-                lines.append(f"| {followup['label']} | {100 * result['dev']['overall']:.1f} | "
-                             f"{100 * result['test']['overall']:.1f} | {'' if answers is None else f'{answers:.3f}'} | "
-                             f"`{followup['command']}` |")  # fmt: skip
-    lines += ["", "![A, B, C and the ablations](warmup_ablation.png)", "", "## Verdict (test, overall)", "",
-              _verdict_line(report["verdict"], "A", "compute-matched, contrastive only"),
-              _verdict_line(report["verdict"], "C", "the same stage 1 with the causal mask: what compression adds"),
-              _verdict_line(report["verdict"], "A short", "the same contrastive steps without stage 1"),
-              "", "(Beyond the spread = the difference of means exceeds the sum of the two standard deviations.)", ""]  # fmt: skip
+                lines.append(
+                    f"| {followup['label']} | {100 * result['dev']['overall']:.1f} | "
+                    f"{100 * result['test']['overall']:.1f} | {'' if answers is None else f'{answers:.3f}'} | "
+                    f"`{followup['command']}` |"
+                )
+    lines += [
+        "",
+        "![A, B, C and the ablations](warmup_ablation.png)",
+        "",
+        "## Verdict (test, overall)",
+        "",
+        _verdict_line(report["verdict"], "A", "compute-matched, contrastive only"),
+        _verdict_line(report["verdict"], "C", "the same stage 1 with the causal mask: what compression adds"),
+        _verdict_line(report["verdict"], "A short", "the same contrastive steps without stage 1"),
+        "",
+        "(Beyond the spread = the difference of means exceeds the sum of the two standard deviations.)",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: toy sizes, two seeds")
-    parser.add_argument("--output_dir", default=None, help="report folder (default: docs, or outputs/... with --quick)")
+    parser.add_argument(
+        "--output_dir", default=None, help="report folder (default: docs, or outputs/... with --quick)"
+    )
     parser.add_argument("--work_dir", default="outputs/warmup_ablation", help="scenes and per-run checkpoints")
     parser.add_argument("--stage1_steps", type=int, default=None)
     parser.add_argument("--stage2_steps", type=int, default=None)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds")
-    parser.add_argument("--only", default=None, help="comma-separated run names to run (e.g. 'B,A short'), for follow-ups")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated run names to run (e.g. 'B,A short'), for follow-ups"
+    )
     parser.add_argument("--stage1_args", default="", help="extra arguments for examples/pretrain.py")
     parser.add_argument("--stage2_args", default="", help="extra arguments for examples/train_contrastive.py")
     parser.add_argument("--render", default=None, help="re-render the report from this JSON (no training)")
@@ -325,8 +428,10 @@ def main(argv: list[str] | None = None) -> dict:
         report = json.loads(Path(args.render).read_text())
         report["verdict"] = verdict(report["summary"])
         if args.followups:
-            report["followups"] = [{"label": path.parent.name.replace("_", " "), **json.loads(path.read_text())}
-                                   for path in sorted(Path(args.followups).glob("*/followup.json"))]  # fmt: skip
+            report["followups"] = [
+                {"label": path.parent.name.replace("_", " "), **json.loads(path.read_text())}
+                for path in sorted(Path(args.followups).glob("*/followup.json"))
+            ]
         write_report(report, Path(args.output_dir or Path(args.render).parent), report["command"])
         return report
     command = shlex.join(["python", "benchmarks/warmup_ablation.py", *(argv if argv is not None else sys.argv[1:])])
@@ -343,8 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
 
     synthetic = work / "synthetic"
-    write_synthetic_dataset(synthetic, budget.num_train_scenes, budget.num_dev_scenes, budget.num_test_scenes,
-                            image_size=budget.scene_size)  # fmt: skip
+    write_synthetic_dataset(
+        synthetic, budget.num_train_scenes, budget.num_dev_scenes, budget.num_test_scenes, image_size=budget.scene_size
+    )
     write_mini_mmeb(synthetic, max_train_scenes=budget.pair_scenes)
     test = load_mmeb_datasets(synthetic / "mini_mmeb" / "test")
     results = []
@@ -355,12 +461,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n=== run {index + 1}/{len(runs)}: {run.name}, seed {run.seed} ===", flush=True)
         folder = work / "runs" / f"{run.name}-{run.seed}".replace(" ", "_")
         results.append(execute(run, budget, synthetic, folder, extra1, extra2, test))
-        print(f"=== {run.name} seed {run.seed}: dev {results[-1]['dev']['overall']:.3f} test "
-              f"{results[-1]['test']['overall']:.3f} ({results[-1]['seconds']} s) ===", flush=True)  # fmt: skip
+        print(
+            f"=== {run.name} seed {run.seed}: dev {results[-1]['dev']['overall']:.3f} test "
+            f"{results[-1]['test']['overall']:.3f} ({results[-1]['seconds']} s) ===",
+            flush=True,
+        )
 
     if args.only:  # a follow-up: the runs alone, no comparison of arms
-        followup = {"command": command, "budget": asdict(budget), "results": results,
-                    "seconds": round(time.time() - started, 1)}  # fmt: skip
+        followup = {
+            "command": command,
+            "budget": asdict(budget),
+            "results": results,
+            "seconds": round(time.time() - started, 1),
+        }
         output.mkdir(parents=True, exist_ok=True)
         (output / "followup.json").write_text(json.dumps(followup, indent=2))
         return followup
@@ -369,16 +482,20 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "budget": asdict(budget),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        f"torch {torch.__version__}, no GPU"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(),
         "results": results,
         "ablations": [result for result in results if result["run"]["name"] not in ARMS],
         "summary": summary,
-        "baseline": {"test": baseline["overall"]["best"],
-                     "test_meta_tasks": {task: values["best"] for task, values in baseline["meta_tasks"].items()}},
+        "baseline": {
+            "test": baseline["overall"]["best"],
+            "test_meta_tasks": {task: values["best"] for task, values in baseline["meta_tasks"].items()},
+        },
         "verdict": verdict(summary),
         "seconds": round(time.time() - started, 1),
         "command": command,
-    }  # fmt: skip
+    }
     write_report(report, output, command)
     print((output / "results.md").read_text())
     return report

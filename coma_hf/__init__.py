@@ -4,9 +4,9 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_coma import CoMaConfig
 from .hub import push_to_hub, save_checkpoint
+from .inputs import CoMaInputError, load_image
 from .masking import may_attend
 from .modeling_coma import CoMaCompression, CoMaModel, CoMaModelOutput
-from .inputs import CoMaInputError, load_image
 from .processing_coma import CoMaProcessor
 
 __version__ = "0.1.0"

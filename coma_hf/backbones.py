@@ -72,8 +72,7 @@ def get_family(model_type: str) -> BackboneFamily:
         return FAMILIES[model_type]
     except KeyError:
         raise ValueError(
-            f"Unsupported backbone type {model_type!r}. CoMa supports these families: "
-            f"{', '.join(sorted(FAMILIES))}."
+            f"Unsupported backbone type {model_type!r}. CoMa supports these families: {', '.join(sorted(FAMILIES))}."
         ) from None
 
 

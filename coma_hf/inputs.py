@@ -149,7 +149,9 @@ def split_input(item: Any, sample: Any = None) -> tuple[str | None, Any, str | N
     if isinstance(item, dict):
         unknown = set(item) - {"text", "image", "instruction"}
         if unknown:
-            raise CoMaInputError(f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input")
+            raise CoMaInputError(
+                f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input"
+            )
         return item.get("text"), item.get("image"), item.get("instruction")
     raise CoMaInputError(f"expected str, PIL image or dict, got {type(item).__name__}", sample, "input")
 

@@ -28,8 +28,8 @@ from transformers.utils import logging as hf_logging
 
 from .backbones import cache_argument_name, get_family, image_processor_class, language_model, output_cache
 from .configuration_coma import CoMaConfig
-from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
 from .inputs import CoMaInputError
+from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
 from .processing_coma import IGNORE_INDEX, CoMaProcessor, compression_token_names
 from .sentence_transformers_files import write_sentence_transformers_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
@@ -89,7 +89,11 @@ def _move_into_place(staging: str, target: str) -> None:
     if os.path.exists(os.path.join(target, "config.json")):
         os.remove(os.path.join(target, "config.json"))  # from here until the end the folder does not load
     for name in os.listdir(target):  # weights of an earlier save that this one does not overwrite (other sharding)
-        if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) and name not in names:
+        if (
+            name.startswith("model")
+            and name.endswith((".safetensors", ".safetensors.index.json"))
+            and name not in names
+        ):
             os.remove(os.path.join(target, name))
     for name in names:
         destination = os.path.join(target, name)
@@ -146,7 +150,7 @@ class CoMaModel(PreTrainedModel):
             return use_batched_vision_attention(self.model.visual)
         return vision_attention_implementation(self.model.visual)
 
-    # ---- plumbing ----------------------------------------------------------------------------------------------------
+    # ---- plumbing ---------------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
@@ -223,10 +227,14 @@ class CoMaModel(PreTrainedModel):
             try:
                 self.processor  # noqa: B018 - loads the processor the model came with
             except (OSError, ValueError) as error:
-                logger.warning("Saved without a processor: none could be loaded from %s (%s)", self.name_or_path, error)
+                logger.warning(
+                    "Saved without a processor: none could be loaded from %s (%s)", self.name_or_path, error
+                )
         if self._processor is not None:
             self._processor.save_pretrained(save_directory)
-        write_sentence_transformers_files(save_directory, self.config.query_instruction, self.config.document_instruction)
+        write_sentence_transformers_files(
+            save_directory, self.config.query_instruction, self.config.document_instruction
+        )
 
     def _carry_files(self, save_directory: str) -> None:
         """Copy the run summaries and card of the folder the model was loaded from (also when saving over it)."""
@@ -237,7 +245,7 @@ class CoMaModel(PreTrainedModel):
             if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(save_directory, name)):
                 shutil.copyfile(os.path.join(source, name), os.path.join(save_directory, name))
 
-    # ---- the backbone under the CoMa mask ----------------------------------------------------------------------------
+    # ---- the backbone under the CoMa mask ---------------------------------------------------------------------------
     def _run_backbone(
         self,
         input_ids: torch.LongTensor,
@@ -330,7 +338,9 @@ class CoMaModel(PreTrainedModel):
         hidden = output.last_hidden_state
         compression_states = self._compression_states(hidden, start, end)
         loss = None if labels is None else self._answer_loss(hidden, labels, num_items_in_batch)
-        return CoMaModelOutput(loss=loss, pooler_output=self.pool(compression_states), compression_states=compression_states)
+        return CoMaModelOutput(
+            loss=loss, pooler_output=self.pool(compression_states), compression_states=compression_states
+        )
 
     def _answer_loss(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None
@@ -343,7 +353,7 @@ class CoMaModel(PreTrainedModel):
         count = num_items_in_batch if num_items_in_batch is not None else positions.sum()
         return total / torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1)
 
-    # ---- answering from the compression states -------------------------------------------------------------------------
+    # ---- answering from the compression states ----------------------------------------------------------------------
     @torch.no_grad()
     def compress(self, **inputs) -> CoMaCompression:
         """Run inputs rendered in the stage-2 layout (ending with the K compression tokens) and keep only what the
@@ -356,7 +366,8 @@ class CoMaModel(PreTrainedModel):
         num_tokens = self.config.num_compression_tokens
         cache = output_cache(output)
         key_values = tuple(
-            (layer.keys[:, :, -num_tokens:].clone(), layer.values[:, :, -num_tokens:].clone()) for layer in cache.layers
+            (layer.keys[:, :, -num_tokens:].clone(), layer.values[:, :, -num_tokens:].clone())
+            for layer in cache.layers
         )
         states = output.last_hidden_state[:, -num_tokens:]
         return CoMaCompression(
@@ -423,7 +434,7 @@ class CoMaModel(PreTrainedModel):
             return generated
         return [_decode_until(processor, row.tolist(), end_id) for row in generated]
 
-    # ---- encode API ----------------------------------------------------------------------------------------------------
+    # ---- encode API -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(
         self,
@@ -479,7 +490,7 @@ class CoMaModel(PreTrainedModel):
         """`encode` with the configured document instruction (`config.document_instruction`)."""
         return self.encode(inputs, instruction=self.config.document_instruction, **kwargs)
 
-    # ---- construction --------------------------------------------------------------------------------------------------
+    # ---- construction -----------------------------------------------------------------------------------------------
     @classmethod
     def from_backbone(
         cls,
@@ -511,7 +522,10 @@ class CoMaModel(PreTrainedModel):
 
             source = model_name_or_path_or_model
             backbone = AutoModelForImageTextToText.from_pretrained(
-                source, attn_implementation=attn_implementation, dtype=dtype, use_safetensors=True  # never a pickle
+                source,
+                attn_implementation=attn_implementation,
+                dtype=dtype,
+                use_safetensors=True,  # never a pickle
             )
             if processor is None:  # tokenizer + image processor only: the stock processor also wants video support
                 try:
@@ -585,7 +599,8 @@ class _ProcessorParts:
 
 
 def _decoding_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """`[batch, queries, keys]`: the last `num_queries` keys are the queries themselves (causal), padding never seen."""
+    """`[batch, queries, keys]`: the last `num_queries` keys are the queries themselves (causal), padding never
+    seen."""
     num_keys = key_valid.shape[1]
     query_positions = torch.arange(num_keys - num_queries, num_keys, device=key_valid.device)
     key_positions = torch.arange(num_keys, device=key_valid.device)

@@ -123,7 +123,7 @@ class CoMaProcessor(ProcessorMixin):
         self._apply_image_token_bounds()
         self._special = self._special_token_ids()
 
-    # ---- setup -------------------------------------------------------------------------------------------------------
+    # ---- setup ------------------------------------------------------------------------------------------------------
     @property
     def pixels_per_token(self) -> int:
         return pixels_per_token(self.image_processor.patch_size, self.image_processor.merge_size)
@@ -166,14 +166,22 @@ class CoMaProcessor(ProcessorMixin):
         ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
         ids["compression"] = tokenizer.convert_tokens_to_ids(self.compression_tokens)
         unknown = tokenizer.unk_token_id
-        missing = [names.get(key, key) for key, value in ids.items() if key != "compression" and value in (None, unknown)]
-        missing += [token for token, value in zip(self.compression_tokens, ids["compression"]) if value in (None, unknown)]
+        missing = [
+            names.get(key, key) for key, value in ids.items() if key != "compression" and value in (None, unknown)
+        ]
+        missing += [
+            token
+            for token, value in zip(self.compression_tokens, ids["compression"], strict=False)
+            if value in (None, unknown)
+        ]
         if missing:
-            raise ValueError(f"The tokenizer lacks these CoMa tokens: {missing}. Build models with CoMaModel.from_backbone.")
+            raise ValueError(
+                f"The tokenizer lacks these CoMa tokens: {missing}. Build models with CoMaModel.from_backbone."
+            )
         ids["pad"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids["im_end"]
         return ids
 
-    # ---- pieces ------------------------------------------------------------------------------------------------------
+    # ---- pieces -----------------------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
         """Tokenize user text; special-token strings inside it stay plain text.
 
@@ -202,11 +210,17 @@ class CoMaProcessor(ProcessorMixin):
         return ids, features["pixel_values"], grid
 
     def _turn(self, question: str, answer: str | None) -> tuple[list[int], list[bool]]:
-        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n{A}<|im_end|>\\n` and a per-token answer flag."""
+        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n{A}<|im_end|>\\n` and a per-token answer
+        flag."""
         special = self._special
         prompt = (
-            [special["im_start"]] + self._encode("user\n") + self._encode(question) + [special["im_end"]]
-            + self._encode("\n") + [special["im_start"]] + self._encode("assistant\n")
+            [special["im_start"]]
+            + self._encode("user\n")
+            + self._encode(question)
+            + [special["im_end"]]
+            + self._encode("\n")
+            + [special["im_start"]]
+            + self._encode("assistant\n")
         )
         if answer is None:
             return prompt, [False] * len(prompt)
@@ -224,7 +238,7 @@ class CoMaProcessor(ProcessorMixin):
             )
         return budget
 
-    # ---- stage 2 -----------------------------------------------------------------------------------------------------
+    # ---- stage 2 ----------------------------------------------------------------------------------------------------
     def render_embedding_input(
         self, text: str | None = None, image: Any = None, instruction: str | None = None, sample: Any = None
     ) -> RenderedSample:
@@ -240,8 +254,10 @@ class CoMaProcessor(ProcessorMixin):
 
         match = self._placeholder.search(text)
         if match and image is not None:  # MMEB rows carry their instruction and the image's place
-            before, after = self._encode(text[: match.start()]), self._encode(text[match.end():])
-            budget = self._text_budget(len(vision) + len(compression), sample, "the image and compression tokens", "image")
+            before, after = self._encode(text[: match.start()]), self._encode(text[match.end() :])
+            budget = self._text_budget(
+                len(vision) + len(compression), sample, "the image and compression tokens", "image"
+            )
             before, after, cut = _truncate_tail([before, after], budget)
             ids = before + vision + after + compression
         else:
@@ -256,7 +272,7 @@ class CoMaProcessor(ProcessorMixin):
             ids = vision + prefix + body + compression
         return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
 
-    # ---- stage 1 -----------------------------------------------------------------------------------------------------
+    # ---- stage 1 ----------------------------------------------------------------------------------------------------
     def render_compression_sample(
         self,
         image: Any = None,
@@ -288,9 +304,9 @@ class CoMaProcessor(ProcessorMixin):
             answer_flags += flags
             kept += 1
         if loss_on == "answers":
-            labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, answer_flags)]
+            labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, answer_flags, strict=False)]
         else:
-            labels = [IGNORE_INDEX] * len(prefix.input_ids) + ids[len(prefix.input_ids):]
+            labels = [IGNORE_INDEX] * len(prefix.input_ids) + ids[len(prefix.input_ids) :]
         prefix.input_ids, prefix.labels, prefix.dropped_turns = ids, labels, len(turns) - kept
         return prefix
 
@@ -338,10 +354,11 @@ class CoMaProcessor(ProcessorMixin):
         return self._turn(question, answer)
 
     def render_question(self, question: str) -> list[int]:
-        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n`: what follows the compression tokens when asking."""
+        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n`: what follows the compression tokens
+        when asking."""
         return self._turn(question, None)[0]
 
-    # ---- batching ----------------------------------------------------------------------------------------------------
+    # ---- batching ---------------------------------------------------------------------------------------------------
     def collate(self, samples: Sequence[RenderedSample]) -> BatchFeature:
         """Left-pad rendered samples into a batch.
 
@@ -388,7 +405,10 @@ class CoMaProcessor(ProcessorMixin):
             text, image, item_instruction = split_input(item, sample=offset + index)
             rendered.append(
                 self.render_embedding_input(
-                    text, image, item_instruction if item_instruction is not None else instruction, sample=offset + index
+                    text,
+                    image,
+                    item_instruction if item_instruction is not None else instruction,
+                    sample=offset + index,
                 )
             )
         return self.collate(rendered)
@@ -433,7 +453,8 @@ class CoMaProcessor(ProcessorMixin):
         if len(images) != len(text):
             raise ValueError(f"got {len(images)} images and {len(text)} texts; pass lists of equal length")
         return self.process_for_embedding(
-            [{"image": image, "text": item} for image, item in zip(images, text)], instruction=instruction
+            [{"image": image, "text": item} for image, item in zip(images, text, strict=False)],
+            instruction=instruction,
         )
 
     def apply_chat_template(
@@ -499,6 +520,6 @@ def _truncate_tail(pieces: list[list[int]], budget: int | None) -> tuple[list[in
     for piece in reversed(pieces):
         take = min(remaining, len(piece))
         if take:
-            del piece[len(piece) - take:]
+            del piece[len(piece) - take :]
         remaining -= take
     return (*pieces, cut)

@@ -54,7 +54,9 @@ def sentence_transformers_files(query_instruction: str, document_instruction: st
     }
 
 
-def write_sentence_transformers_files(save_directory: str | os.PathLike, query_instruction: str, document_instruction: str) -> None:
+def write_sentence_transformers_files(
+    save_directory: str | os.PathLike, query_instruction: str, document_instruction: str
+) -> None:
     for name, content in sentence_transformers_files(query_instruction, document_instruction).items():
         with open(os.path.join(save_directory, name), "w", encoding="utf-8") as file:
             json.dump(content, file, indent=2)

@@ -27,11 +27,29 @@ from .processing_coma import CoMaProcessor
 
 # Qwen2/2.5/3-VL special tokens, in the order (and, from 151643, at the ids) of the published tokenizers.
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
 QWEN_SPECIAL_TOKEN_START = 151643
 
 # The Qwen2-VL chat template, reduced to text and images.
@@ -156,15 +174,21 @@ def tiny_backbone_config(
     elif family == "qwen2_5_vl":
         # windows of 2×2 merged tokens and a last full-attention block, so small images still use several windows
         vision.update(
-            hidden_size=vision_width, intermediate_size=2 * vision_width, out_hidden_size=hidden_size, window_size=56,
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
+            out_hidden_size=hidden_size,
+            window_size=56,
             fullatt_block_indexes=[vision_depth - 1],
-        )  # fmt: skip
+        )
     elif family == "qwen3_vl":
         text["rope_parameters"]["mrope_interleaved"] = True
         vision.update(
-            hidden_size=vision_width, intermediate_size=2 * vision_width, out_hidden_size=hidden_size,
-            num_position_embeddings=64, deepstack_visual_indexes=[0],
-        )  # fmt: skip
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
+            out_hidden_size=hidden_size,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        )
     ids = {
         name: tokenizer.convert_tokens_to_ids(token)
         for name, token in (

@@ -58,11 +58,13 @@ def batched_vision_attention(
 
     key_is_real = torch.arange(longest, device=query.device)[None, :] < lengths[:, None]
     output = F.scaled_dot_product_attention(
-        pad(query), pad(key), pad(value),
+        pad(query),
+        pad(key),
+        pad(value),
         attn_mask=key_is_real[:, None, None, :],
         dropout_p=dropout if module.training else 0.0,
         scale=scaling,
-    )  # fmt: skip
+    )
     return output.transpose(1, 2)[segment, position].unsqueeze(0), None
 
 
@@ -70,8 +72,11 @@ AttentionInterface.register(BATCHED_VISION_ATTENTION, batched_vision_attention)
 
 
 def _attention_layers(vision_tower: torch.nn.Module) -> list[torch.nn.Module]:
-    return [module for module in vision_tower.modules()
-            if type(module).__name__.endswith("Attention") and hasattr(module, "config")]  # fmt: skip
+    return [
+        module
+        for module in vision_tower.modules()
+        if type(module).__name__.endswith("Attention") and hasattr(module, "config")
+    ]
 
 
 def set_vision_attention(vision_tower: torch.nn.Module, implementation: str) -> None:

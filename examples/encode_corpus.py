@@ -43,16 +43,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shard_size", type=int, default=10_000, help="Rows per shard file.")
     parser.add_argument("--batch_size", type=int, default=32, help="Rows embedded at once.")
     parser.add_argument("--format", choices=inference.FORMATS, default="safetensors", help="Shard file format.")
-    parser.add_argument("--role", choices=("document", "query", "none"), default="document",
-                        help="Which configured instruction goes with every row (none: no instruction).")  # fmt: skip
+    parser.add_argument(
+        "--role",
+        choices=("document", "query", "none"),
+        default="document",
+        help="Which configured instruction goes with every row (none: no instruction).",
+    )
     parser.add_argument("--faiss_index", action="store_true", help="Build index.faiss over all shards at the end.")
     parser.add_argument("--dtype", default="float32", help="Model dtype (bfloat16 on GPUs).")
     return parser.parse_args(argv)
 
 
 def corpus_rows(args: argparse.Namespace):
-    fields = dict(text_field=args.text_field, image_field=args.image_field, id_field=args.id_field,
-                  image_root=args.image_root)  # fmt: skip
+    fields = dict(
+        text_field=args.text_field, image_field=args.image_field, id_field=args.id_field, image_root=args.image_root
+    )
     if args.images:
         rows = inference.image_folder_rows(args.images)
     elif args.jsonl:
@@ -79,15 +84,25 @@ def main(argv: list[str] | None = None) -> dict:
     state = PartialState()  # one process, or one per GPU under `accelerate launch`
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype))
     model = model.to(state.device).eval()
-    instruction = {"document": model.config.document_instruction, "query": model.config.query_instruction}.get(args.role)
-    progress = tqdm(desc=f"process {state.process_index}", unit="row", disable=not state.is_local_main_process,
-                    total=args.max_rows)  # fmt: skip
+    instruction = {"document": model.config.document_instruction, "query": model.config.query_instruction}.get(
+        args.role
+    )
+    progress = tqdm(
+        desc=f"process {state.process_index}", unit="row", disable=not state.is_local_main_process, total=args.max_rows
+    )
     with torch.inference_mode():
         counts = inference.encode_corpus(
-            model, corpus_rows(args), args.output_dir, shard_size=args.shard_size, batch_size=args.batch_size,
-            file_format=args.format, instruction=instruction, process_index=state.process_index,
-            num_processes=state.num_processes, progress=progress,
-        )  # fmt: skip
+            model,
+            corpus_rows(args),
+            args.output_dir,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            file_format=args.format,
+            instruction=instruction,
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            progress=progress,
+        )
     progress.close()
     logger.info("process %d: %s", state.process_index, counts)
     state.wait_for_everyone()
@@ -96,8 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = inference.write_manifest(args.output_dir, model=args.model, instruction=instruction)
         if args.faiss_index:
             inference.build_faiss_index(args.output_dir)
-        print(f"{manifest['embedded']} of {manifest['rows']} rows embedded ({manifest['skipped']} skipped) in "
-              f"{len(manifest['shards'])} shards under {args.output_dir}")  # fmt: skip
+        print(
+            f"{manifest['embedded']} of {manifest['rows']} rows embedded ({manifest['skipped']} skipped) in "
+            f"{len(manifest['shards'])} shards under {args.output_dir}"
+        )
         for entry in manifest["skipped_rows"][:20]:
             print(f"  skipped row {entry['row']} (id {entry['id']}): {entry['error']}")
     return {"process": counts, "manifest": manifest}

@@ -38,13 +38,23 @@ def main() -> None:
     images = list(iter_images(args.images, args.image_root))
     default_root = args.images if Path(args.images).is_dir() else str(Path(args.images).parent)
     counts = generate_qa(
-        model.eval(), processor, images, args.output, num_questions=args.num_questions, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, image_root=args.image_root or default_root, total=len(images),
-    )  # fmt: skip
+        model.eval(),
+        processor,
+        images,
+        args.output,
+        num_questions=args.num_questions,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        image_root=args.image_root or default_root,
+        total=len(images),
+    )
     logging.getLogger("generate_qa").info(
         "%d images written, %d already done, %d unreadable (skipped) -> %s",
-        counts["written"], counts["skipped_done"], counts["skipped_unreadable"], args.output,
-    )  # fmt: skip
+        counts["written"],
+        counts["skipped_done"],
+        counts["skipped_unreadable"],
+        args.output,
+    )
 
 
 if __name__ == "__main__":

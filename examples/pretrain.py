@@ -28,15 +28,27 @@ from pathlib import Path
 from transformers import TrainingArguments, set_seed
 
 from coma_hf.data.stage1 import (
-    hold_out_by_image, load_stage1_dataset, normalize_stage1_record, validate_stage1_dataset,
+    hold_out_by_image,
+    load_stage1_dataset,
+    normalize_stage1_record,
+    validate_stage1_dataset,
 )
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compression import (
-    MAX_ANSWER_TOKENS, SCORING, answer_accuracy, generation_length, majority_baseline,
+    MAX_ANSWER_TOKENS,
+    SCORING,
+    answer_accuracy,
+    generation_length,
+    majority_baseline,
 )
 from coma_hf.hub import hardware, write_run_summary
 from coma_hf.training import (
-    BackboneArguments, LoraArguments, apply_lora, build_coma, check_sharding, parse_with_recipe,
+    BackboneArguments,
+    LoraArguments,
+    apply_lora,
+    build_coma,
+    check_sharding,
+    parse_with_recipe,
 )
 
 logger = logging.getLogger("pretrain")
@@ -50,9 +62,11 @@ class ModelArguments:
     )
     recipe: str | None = field(
         default=None,
-        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: what the backbone calls for: tiny "
-                  "for the embedded one, paper for a real one)."},
-    )  # fmt: skip
+        metadata={
+            "help": "'tiny', 'paper' or a JSON file of defaults (default: what the backbone calls for: tiny "
+            "for the embedded one, paper for a real one)."
+        },
+    )
     loss_on: str = field(default="answers", metadata={"help": "'answers' or 'all_after_compression'."})
     attention_rule: str = field(default="bottleneck", metadata={"help": "'bottleneck' (CoMa) or 'causal' (control)."})
     on_nonfinite_loss: str = field(
@@ -64,20 +78,26 @@ class ModelArguments:
 class DataArguments:
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Stage-1 data: JSONL, folder with train.jsonl, saved dataset, or Hub id. "
-                  "Default: synthetic scenes written to --synthetic_dir."},
-    )  # fmt: skip
+        metadata={
+            "help": "Stage-1 data: JSONL, folder with train.jsonl, saved dataset, or Hub id. "
+            "Default: synthetic scenes written to --synthetic_dir."
+        },
+    )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "Held-out data (default: the dev split next to --dataset, if any; else a slice of "
-                  "--dataset, see --validation_split_percentage)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Held-out data (default: the dev split next to --dataset, if any; else a slice of "
+            "--dataset, see --validation_split_percentage)."
+        },
+    )
     validation_split_percentage: float = field(
         default=5.0,
-        metadata={"help": "With --dataset and no held-out data: this % of its rows, drawn as whole images (no image "
-                  "on both sides) and at most --max_eval_samples rows, is held out of training for the answer "
-                  "evaluation; 0 turns it off."},
-    )  # fmt: skip
+        metadata={
+            "help": "With --dataset and no held-out data: this % of its rows, drawn as whole images (no image "
+            "on both sides) and at most --max_eval_samples rows, is held out of training for the answer "
+            "evaluation; 0 turns it off."
+        },
+    )
     image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
     synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where synthetic scenes are written."})
     num_train_scenes: int = field(default=4000, metadata={"help": "Synthetic training scenes."})
@@ -98,9 +118,12 @@ def load_data(data_args: DataArguments, seed: int = 0):
     named, and with --dataset alone a held-out slice of it, split by image."""
     if data_args.dataset is None:
         paths = write_synthetic_dataset(
-            data_args.synthetic_dir, data_args.num_train_scenes, data_args.num_dev_scenes, data_args.num_test_scenes,
+            data_args.synthetic_dir,
+            data_args.num_train_scenes,
+            data_args.num_dev_scenes,
+            data_args.num_test_scenes,
             image_size=data_args.scene_size,
-        )  # fmt: skip
+        )
         train, root = load_stage1_dataset(paths["train"], image_root=data_args.image_root)
         evaluation, eval_root = load_stage1_dataset(paths["dev"], image_root=data_args.image_root)
         return train, root, evaluation, eval_root, "synthetic dev scenes"
@@ -116,9 +139,12 @@ def load_data(data_args: DataArguments, seed: int = 0):
     )
     if evaluation is None:
         if data_args.validation_split_percentage > 0:
-            logger.warning("No held-out rows: --dataset has too few images for --validation_split_percentage %g and "
-                           "--max_eval_samples %d; name held-out data with --eval_dataset for a quality signal",
-                           data_args.validation_split_percentage, data_args.max_eval_samples)  # fmt: skip
+            logger.warning(
+                "No held-out rows: --dataset has too few images for --validation_split_percentage %g and "
+                "--max_eval_samples %d; name held-out data with --eval_dataset for a quality signal",
+                data_args.validation_split_percentage,
+                data_args.max_eval_samples,
+            )
         return train, root, None, None, None
     logger.info("Held out %d rows of --dataset (whole images) for the answer evaluation", len(evaluation))
     source = f"{len(evaluation)} rows held out of --dataset by image ({data_args.validation_split_percentage:g} %)"
@@ -142,9 +168,13 @@ def drop_bad_rows(dataset, processor, root, data_args: DataArguments, loss_on: s
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     (model_args, backbone_args, data_args, lora_args, training_args), why = parse_with_recipe(
-        (ModelArguments, BackboneArguments, DataArguments, LoraArguments, TrainingArguments), argv, "stage1", CONFIGS,
-        lambda model_args: model_args.model_name_or_path, output_dir="outputs/stage1",
-    )  # fmt: skip
+        (ModelArguments, BackboneArguments, DataArguments, LoraArguments, TrainingArguments),
+        argv,
+        "stage1",
+        CONFIGS,
+        lambda model_args: model_args.model_name_or_path,
+        output_dir="outputs/stage1",
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("Recipe %r: %s", model_args.recipe, why)
     check_sharding(training_args, lora_args, "stage1")
@@ -152,9 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
 
     model, processor = build_coma(
-        backbone_args, model_args.model_name_or_path, training_args.seed,
-        loss_on=model_args.loss_on, attention_rule=model_args.attention_rule,
-    )  # fmt: skip
+        backbone_args,
+        model_args.model_name_or_path,
+        training_args.seed,
+        loss_on=model_args.loss_on,
+        attention_rule=model_args.attention_rule,
+    )
     with training_args.main_process_first(desc="writing or reading the data"):  # synthetic scenes written once
         train, root, evaluation, eval_root, eval_source = load_data(data_args, training_args.seed)
     train, bad_train = drop_bad_rows(train, processor, root, data_args, model_args.loss_on, "training")
@@ -223,10 +256,14 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
             eval_sample_ids=[str(record["id"]) for record in records],
             num_eval_questions=heldout["num_questions"],
             per_type={
-                kind: {"heldout": heldout["per_type"][kind], "majority": majority["per_type"].get(kind),
-                       "control": control["per_type"].get(kind), "heldout_f1": heldout["per_type_f1"][kind]}
+                kind: {
+                    "heldout": heldout["per_type"][kind],
+                    "majority": majority["per_type"].get(kind),
+                    "control": control["per_type"].get(kind),
+                    "heldout_f1": heldout["per_type_f1"][kind],
+                }
                 for kind in heldout["per_type"]
-            },  # fmt: skip
+            },
         )
     summary["seconds"] = round(time.time() - started, 1)
     summary["device"] = str(model.device)
@@ -239,16 +276,23 @@ def print_summary(summary: dict, output_dir: str) -> None:
     if first is not None:
         print(f"  train loss            {first:.4f} -> {last:.4f} (first -> last optimizer step)")
     if "heldout_answer_accuracy" in summary:
-        print(f"  held-out answers on {summary['num_eval_samples']} samples ({summary['eval_source']}), "
-              f"{summary['num_eval_questions']} questions, answers of up to {summary['answer_max_new_tokens']} tokens "
-              f"generated from the K states alone; scored by {summary['answer_scoring']}:")  # fmt: skip
+        print(
+            f"  held-out answers on {summary['num_eval_samples']} samples ({summary['eval_source']}), "
+            f"{summary['num_eval_questions']} questions, answers of up to {summary['answer_max_new_tokens']} tokens "
+            f"generated from the K states alone; scored by {summary['answer_scoring']}:"
+        )
         print("                          exact match  token F1")
-        for label, key in (("from the K states", "heldout_answer"), ("majority baseline", "majority_baseline"),
-                           ("control (other input)", "control_answer")):  # fmt: skip
+        for label, key in (
+            ("from the K states", "heldout_answer"),
+            ("majority baseline", "majority_baseline"),
+            ("control (other input)", "control_answer"),
+        ):
             print(f"    {label:<22} {summary[key + '_accuracy']:>9.3f}  {summary[key + '_f1']:>8.3f}")
         for kind, scores in summary["per_type"].items():
-            print(f"    {kind:<10} held-out {scores['heldout']:.2f}  majority {scores['majority']:.2f}  control "
-                  f"{scores['control']:.2f}  (exact match)")  # fmt: skip
+            print(
+                f"    {kind:<10} held-out {scores['heldout']:.2f}  majority {scores['majority']:.2f}  control "
+                f"{scores['control']:.2f}  (exact match)"
+            )
     print(f"  samples {summary['num_train_samples']} trained, {summary['num_skipped_samples']} skipped")
 
 

@@ -1,5 +1,5 @@
-"""Share a trained CoMa model on the Hub: weights, remote code, processor and tokenizer, sentence-transformers files and
-the CoMa model card, in one commit.
+"""Share a trained CoMa model on the Hub: weights, remote code, processor and tokenizer, sentence-transformers files
+and the CoMa model card, in one commit.
 
     python examples/push_to_hub.py --repo_id org/coma                       # outputs/stage2, public
     python examples/push_to_hub.py --repo_id org/coma --private --revision v1
@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> str | None:
         files = prepare_upload(
             args.model_name_or_path, folder, args.repo_id, license=args.license, eval_results=eval_results
         )
-        commit = upload_folder_to_hub(folder, args.repo_id, commit_message=args.commit_message, private=args.private,
-                                      revision=args.revision)  # fmt: skip
+        commit = upload_folder_to_hub(
+            folder, args.repo_id, commit_message=args.commit_message, private=args.private, revision=args.revision
+        )
     print(f"Uploaded {len(files)} files to {args.repo_id} in one commit: {commit}")
     return str(commit)
 

@@ -1,7 +1,7 @@
 """Query an embedded corpus (made by `examples/encode_corpus.py --faiss_index`) with texts and/or images.
 
-    python examples/search_corpus.py --model outputs/stage2 --index_dir embeddings/photos --query "a red circle"
-    python examples/search_corpus.py --model outputs/stage2 --index_dir embeddings/photos --query_image probe.png
+python examples/search_corpus.py --model outputs/stage2 --index_dir embeddings/photos --query "a red circle"
+python examples/search_corpus.py --model outputs/stage2 --index_dir embeddings/photos --query_image probe.png
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
     queries = [{"text": text} for text in args.query] + [{"image": image} for image in args.query_image]
     hits = search_index(args.index_dir, model.encode_query(queries), args.top_k)
-    for query, results in zip(args.query + args.query_image, hits):
+    for query, results in zip(args.query + args.query_image, hits, strict=False):
         print(f"{query}")
         for rank, (identifier, score) in enumerate(results, 1):
             print(f"  {rank}. {identifier}  {score:.3f}")

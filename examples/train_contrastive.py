@@ -34,8 +34,14 @@ from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.hub import hardware, save_checkpoint, write_run_summary
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.training import (
-    BackboneArguments, CoMaContrastiveLoss, CoMaContrastiveTrainer, LoraArguments, apply_lora, build_coma,
-    check_sharding, parse_with_recipe,
+    BackboneArguments,
+    CoMaContrastiveLoss,
+    CoMaContrastiveTrainer,
+    LoraArguments,
+    apply_lora,
+    build_coma,
+    check_sharding,
+    parse_with_recipe,
 )
 
 logger = logging.getLogger("train_contrastive")
@@ -50,24 +56,30 @@ class ModelArguments:
     )
     from_backbone: bool = field(
         default=False,
-        metadata={"help": "Skip stage 1: start from --backbone (default: the embedded tiny backbone) with fresh "
-                  "compression tokens."},
-    )  # fmt: skip
+        metadata={
+            "help": "Skip stage 1: start from --backbone (default: the embedded tiny backbone) with fresh "
+            "compression tokens."
+        },
+    )
     backbone: str | None = field(default=None, metadata={"help": "Backbone MLLM for --from_backbone."})
     recipe: str | None = field(
         default=None,
-        metadata={"help": "'tiny', 'paper' or a JSON file of defaults (default: the recipe the start checkpoint "
-                  "was trained with, else tiny for the embedded backbone and paper for a real one)."},
-    )  # fmt: skip
+        metadata={
+            "help": "'tiny', 'paper' or a JSON file of defaults (default: the recipe the start checkpoint "
+            "was trained with, else tiny for the embedded backbone and paper for a real one)."
+        },
+    )
 
 
 @dataclass
 class DataArguments:
     dataset: str | None = field(
         default=None,
-        metadata={"help": "MMEB-format training pairs: JSONL/parquet file, folder of per-dataset files, or Hub id "
-                  "(with --subsets). Default: the synthetic mini-MMEB training pairs."},
-    )  # fmt: skip
+        metadata={
+            "help": "MMEB-format training pairs: JSONL/parquet file, folder of per-dataset files, or Hub id "
+            "(with --subsets). Default: the synthetic mini-MMEB training pairs."
+        },
+    )
     subsets: str | None = field(default=None, metadata={"help": "Comma-separated subsets (files or Hub configs)."})
     image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
     eval_data: str | None = field(
@@ -92,7 +104,9 @@ class LossArguments:
     gather_across_devices: bool = field(
         default=True, metadata={"help": "Candidates from every process, gradients kept (the paper; no-op on one)."}
     )
-    matryoshka_dims: str | None = field(default=None, metadata={"help": "e.g. '2048,512,128': wrap in MatryoshkaLoss."})
+    matryoshka_dims: str | None = field(
+        default=None, metadata={"help": "e.g. '2048,512,128': wrap in MatryoshkaLoss."}
+    )
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "A NaN/inf loss: 'stop' (naming step and samples) or 'skip' the batch."}
     )
@@ -109,7 +123,9 @@ def recipe_start(model_args: ModelArguments) -> str | None:
     return model_args.model_name_or_path
 
 
-def initial_checkpoint(model_args: ModelArguments, backbone_args: BackboneArguments, output_dir: str, seed: int) -> str:
+def initial_checkpoint(
+    model_args: ModelArguments, backbone_args: BackboneArguments, output_dir: str, seed: int
+) -> str:
     """The folder or Hub id stage 2 starts from; with --from_backbone, a fresh CoMa model saved for the purpose."""
     if not model_args.from_backbone:
         path = model_args.model_name_or_path
@@ -158,7 +174,9 @@ def load_training_pairs(data_args: DataArguments, processor):
 def evaluation_datasets(data_args: DataArguments):
     folder = data_args.eval_data or str(mini_mmeb(data_args) / "dev")
     names = data_args.eval_datasets.split(",") if data_args.eval_datasets else None
-    return load_mmeb_datasets(folder, names=names, image_root=None if data_args.eval_data is None else data_args.image_root)
+    return load_mmeb_datasets(
+        folder, names=names, image_root=None if data_args.eval_data is None else data_args.image_root
+    )
 
 
 def build_loss(model, loss_args: LossArguments):
@@ -179,8 +197,13 @@ def build_loss(model, loss_args: LossArguments):
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     dataclass_types = (
-        ModelArguments, BackboneArguments, DataArguments, LossArguments, LoraArguments, SentenceTransformerTrainingArguments
-    )  # fmt: skip
+        ModelArguments,
+        BackboneArguments,
+        DataArguments,
+        LossArguments,
+        LoraArguments,
+        SentenceTransformerTrainingArguments,
+    )
     (model_args, backbone_args, data_args, loss_args, lora_args, training_args), why = parse_with_recipe(
         dataclass_types, argv, "stage2", CONFIGS, recipe_start, output_dir="outputs/stage2"
     )
@@ -203,7 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Stage 2 from %s on %d pairs (%d skipped)", start_from, num_pairs, len(bad))
 
     trainer = CoMaContrastiveTrainer(
-        model=model, args=training_args, train_dataset=train, loss=build_loss(model, loss_args), evaluator=evaluator,
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        loss=build_loss(model, loss_args),
+        evaluator=evaluator,
         on_nonfinite_loss=loss_args.on_nonfinite_loss,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -248,8 +275,10 @@ def print_summary(summary: dict, output_dir: str) -> None:
     first, last = (summary[key] for key in ("train_loss_first", "train_loss_last"))
     if first is not None:
         print(f"  train loss          {first:.4f} -> {last:.4f} (first -> last optimizer step)")
-    print(f"  dev P@1             {summary['eval_precision_at_1']:.3f} (chance/constant baseline "
-          f"{summary['baseline_precision_at_1']:.3f})")  # fmt: skip
+    print(
+        f"  dev P@1             {summary['eval_precision_at_1']:.3f} (chance/constant baseline "
+        f"{summary['baseline_precision_at_1']:.3f})"
+    )
     for task, value in summary["eval_per_meta_task"].items():
         print(f"    {task:<17} {value:.3f}  baseline {summary['baseline_per_meta_task'][task]:.3f}")
     print(f"  pairs {summary['num_train_pairs']} trained, {summary['num_skipped_samples']} skipped")

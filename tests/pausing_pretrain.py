@@ -16,7 +16,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 import coma_hf.training.trainers
-from conftest import load_example
+
+from utils import load_example
 
 PHASES = ("after_step", "saving")
 

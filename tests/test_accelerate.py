@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.training import CoMaContrastiveLoss
-from conftest import load_example, tiny_coma
+
+from utils import load_example, tiny_coma
 
 DISTRIBUTED = Path(__file__).parent / "distributed"
 sys.path.insert(0, str(DISTRIBUTED))
@@ -29,15 +30,70 @@ from under_accelerate import batch  # noqa: E402
 
 # Dataset size = global batch, so every step sees the same rows whatever the sampler's order; SGD so that equal
 # gradients mean equal weights (Adam's first step divides by |g| and magnifies rounding in near-zero gradients).
-STAGE1 = ["--num_train_scenes", "4", "--num_dev_scenes", "2", "--num_test_scenes", "1", "--scene_size", "56",
-          "--max_steps", "3", "--max_eval_samples", "1", "--tiny_hidden_size", "32", "--num_compression_tokens", "4",
-          "--min_image_tokens", "4", "--max_image_tokens", "4", "--dataloader_num_workers", "0", "--seed", "3",
-          "--optim", "sgd", "--learning_rate", "0.05", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-          "--logging_steps", "1"]  # fmt: skip
-STAGE2 = ["--recipe", "tiny", "--max_steps", "2", "--max_train_pairs", "8", "--by_dataset", "false",
-          "--eval_datasets", "Mini-Digit", "--dataloader_num_workers", "0", "--optim", "sgd", "--learning_rate", "0.05",
-          "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--symmetric", "true", "--logging_steps", "1",
-          "--seed", "3"]  # fmt: skip (gathering across processes is the script's default)
+STAGE1 = [
+    "--num_train_scenes",
+    "4",
+    "--num_dev_scenes",
+    "2",
+    "--num_test_scenes",
+    "1",
+    "--scene_size",
+    "56",
+    "--max_steps",
+    "3",
+    "--max_eval_samples",
+    "1",
+    "--tiny_hidden_size",
+    "32",
+    "--num_compression_tokens",
+    "4",
+    "--min_image_tokens",
+    "4",
+    "--max_image_tokens",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+    "--seed",
+    "3",
+    "--optim",
+    "sgd",
+    "--learning_rate",
+    "0.05",
+    "--lr_scheduler_type",
+    "constant",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+]
+STAGE2 = [
+    "--recipe",
+    "tiny",
+    "--max_steps",
+    "2",
+    "--max_train_pairs",
+    "8",
+    "--by_dataset",
+    "false",
+    "--eval_datasets",
+    "Mini-Digit",
+    "--dataloader_num_workers",
+    "0",
+    "--optim",
+    "sgd",
+    "--learning_rate",
+    "0.05",
+    "--lr_scheduler_type",
+    "constant",
+    "--warmup_steps",
+    "0",
+    "--symmetric",
+    "true",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "3",
+]  # gathering across processes is the script's default
 # Two processes pad their halves separately and sum in another order: float32 rounding, nothing more.
 WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
@@ -61,25 +117,64 @@ def two_processes(tmp_path_factory):
     model, _ = tiny_coma()
     model.save_pretrained(root / "checkpoint")
     (root / "out").mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
-           "PYTHONPATH": os.pathsep.join([str(DISTRIBUTED), str(Path(__file__).parent), *sys.path])}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": os.pathsep.join([str(DISTRIBUTED), str(Path(__file__).parent), *sys.path]),
+    }
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     command = [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", "29533", str(DISTRIBUTED / "under_accelerate.py"),
-        str(root / "out"), str(root / "checkpoint"),
-        "--", *STAGE1, "--per_device_train_batch_size", "2", "--synthetic_dir", str(synthetic),
-        "--output_dir", str(root / "stage1-two"),
-        "--", *STAGE2, "--per_device_train_batch_size", "4", "--synthetic_dir", str(synthetic),
-        "--model_name_or_path", str(root / "checkpoint"), "--output_dir", str(root / "stage2-two"),
-        "--", "--model", str(root / "checkpoint"), "--images", str(_corpus_images(root)), "--shard_size", "3",
-        "--output_dir", str(root / "corpus-two"),
-    ]  # fmt: skip
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        str(DISTRIBUTED / "under_accelerate.py"),
+        str(root / "out"),
+        str(root / "checkpoint"),
+        "--",
+        *STAGE1,
+        "--per_device_train_batch_size",
+        "2",
+        "--synthetic_dir",
+        str(synthetic),
+        "--output_dir",
+        str(root / "stage1-two"),
+        "--",
+        *STAGE2,
+        "--per_device_train_batch_size",
+        "4",
+        "--synthetic_dir",
+        str(synthetic),
+        "--model_name_or_path",
+        str(root / "checkpoint"),
+        "--output_dir",
+        str(root / "stage2-two"),
+        "--",
+        "--model",
+        str(root / "checkpoint"),
+        "--images",
+        str(_corpus_images(root)),
+        "--shard_size",
+        "3",
+        "--output_dir",
+        str(root / "corpus-two"),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return root, synthetic, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "cached"])
 def test_gathered_loss_and_gradients_equal_one_process_on_the_whole_batch(two_processes, mode):
     from sentence_transformers import SentenceTransformer
@@ -112,21 +207,41 @@ def _assert_same_weights(first: Path, second: Path, start: Path | None = None) -
         assert any(not torch.allclose(initial[name], one[name], **WEIGHT_TOLERANCE) for name in one if name in initial)
 
 
+@pytest.mark.slow
 def test_stage_one_on_two_processes_matches_one_process_with_the_same_global_batch(two_processes, tmp_path):
     root, synthetic, log = two_processes
     assert "Stage 1: per-device batch 2 × accumulation 1 × 2 processes = global batch 4" in log
-    load_example("pretrain").main(STAGE1 + ["--per_device_train_batch_size", "4", "--synthetic_dir", str(synthetic),
-                                            "--output_dir", str(tmp_path / "stage1-one")])  # fmt: skip
+    load_example("pretrain").main(
+        STAGE1
+        + [
+            "--per_device_train_batch_size",
+            "4",
+            "--synthetic_dir",
+            str(synthetic),
+            "--output_dir",
+            str(tmp_path / "stage1-one"),
+        ]
+    )
     _assert_same_weights(tmp_path / "stage1-one", root / "stage1-two")
 
 
+@pytest.mark.slow
 def test_stage_two_on_two_processes_with_gathering_matches_one_process(two_processes, tmp_path):
     root, synthetic, log = two_processes
     assert "Stage 2: per-device batch 4 × accumulation 1 × 2 processes = global batch 8" in log
-    load_example("train_contrastive").main(STAGE2 + [
-        "--per_device_train_batch_size", "8", "--synthetic_dir", str(synthetic),
-        "--model_name_or_path", str(root / "checkpoint"), "--output_dir", str(tmp_path / "stage2-one"),
-    ])  # fmt: skip
+    load_example("train_contrastive").main(
+        STAGE2
+        + [
+            "--per_device_train_batch_size",
+            "8",
+            "--synthetic_dir",
+            str(synthetic),
+            "--model_name_or_path",
+            str(root / "checkpoint"),
+            "--output_dir",
+            str(tmp_path / "stage2-one"),
+        ]
+    )
     _assert_same_weights(tmp_path / "stage2-one", root / "stage2-two", start=root / "checkpoint")
 
 
@@ -144,6 +259,7 @@ def test_accelerate_configs_load_and_name_their_deepspeed_files(config):
         assert settings["train_micro_batch_size_per_gpu"] == "auto"  # Trainer fills it from the command line
 
 
+@pytest.mark.slow
 def test_lora_with_sharded_parameters_stops_before_training(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(SystemExit, match="LoRA runs are merged before saving"):
@@ -153,16 +269,29 @@ def test_lora_with_sharded_parameters_stops_before_training(monkeypatch, tmp_pat
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_encode_corpus_on_two_processes_writes_the_shards_of_one_process(two_processes):
     from coma_hf import inference
 
     root, _, log = two_processes
-    assert "process 0: {'rows': 10, 'embedded': 6" in log and "process 1: {'rows': 10, 'embedded': 4" in log  # 2 shards each
-    load_example("encode_corpus").main(["--model", str(root / "checkpoint"), "--images", str(root / "corpus-images"),
-                                        "--shard_size", "3", "--output_dir", str(root / "corpus-one")])  # fmt: skip
+    assert (
+        "process 0: {'rows': 10, 'embedded': 6" in log and "process 1: {'rows': 10, 'embedded': 4" in log
+    )  # 2 shards each
+    load_example("encode_corpus").main(
+        [
+            "--model",
+            str(root / "checkpoint"),
+            "--images",
+            str(root / "corpus-images"),
+            "--shard_size",
+            "3",
+            "--output_dir",
+            str(root / "corpus-one"),
+        ]
+    )
     two, one = inference.finished_shards(root / "corpus-two"), inference.finished_shards(root / "corpus-one")
     assert [path.name for path in two] == [path.name for path in one] and len(one) == 4
-    for first, second in zip(one, two):
+    for first, second in zip(one, two, strict=False):
         ids, vectors, _ = inference.read_shard(first)
         ids2, vectors2, _ = inference.read_shard(second)
         assert ids == ids2

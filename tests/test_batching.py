@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAMILIES, random_image, tiny_coma
+from utils import FAMILIES, random_image, tiny_coma
 
 SAMPLES = [
     {
@@ -43,7 +43,9 @@ def test_sample_alone_equals_sample_in_padded_batch(family):
         for index, sample in enumerate(SAMPLES):
             alone_batch = processor.process_for_compression([sample])
             alone = model(**alone_batch)
-            torch.testing.assert_close(batched_losses[index], _per_token_losses(model, alone_batch)[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                batched_losses[index], _per_token_losses(model, alone_batch)[0], atol=1e-5, rtol=1e-5
+            )
             torch.testing.assert_close(batched.pooler_output[index], alone.pooler_output[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(
                 batched.compression_states[index], alone.compression_states[0], atol=1e-5, rtol=1e-5
@@ -59,7 +61,7 @@ def test_batch_loss_is_token_weighted_mean_of_sample_losses():
             single = processor.process_for_compression([sample])
             losses.append(model(**single).loss)
             tokens.append(int((single["labels"][:, 1:] != -100).sum()))
-    expected = sum(loss * count for loss, count in zip(losses, tokens)) / sum(tokens)
+    expected = sum(loss * count for loss, count in zip(losses, tokens, strict=False)) / sum(tokens)
     torch.testing.assert_close(batch_loss, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from coma_hf.backbones import language_model
-from conftest import FAMILIES, random_image, tiny_coma
+
+from utils import FAMILIES, random_image, tiny_coma
 
 CONVERSATION = [
     {"question": "What colour is the circle?", "answer": "The circle is red."},
@@ -36,7 +37,7 @@ def _answer_loss(model, batch, rule):
 def _perturbed_text(batch, model):
     """The same batch with one input-text token replaced (same token length)."""
     ids = batch["input_ids"].clone()
-    text_positions = ((ids[0] != model.config.backbone_config.image_token_id) & (batch["mm_token_type_ids"][0] == 0))
+    text_positions = (ids[0] != model.config.backbone_config.image_token_id) & (batch["mm_token_type_ids"][0] == 0)
     first_cmp = int((ids[0] == model.config.compression_token_ids[0]).nonzero())
     vision_end = int((ids[0] == model.config.backbone_config.vision_end_token_id).nonzero())
     position = vision_end + 2
@@ -47,7 +48,9 @@ def _perturbed_text(batch, model):
 
 def _language_model_attention(model) -> set[str]:
     """The implementations the language model's attention layers read at forward time."""
-    layers = [module for module in language_model(model.model).modules() if type(module).__name__.endswith("Attention")]
+    layers = [
+        module for module in language_model(model.model).modules() if type(module).__name__.endswith("Attention")
+    ]
     assert layers
     return {layer.config._attn_implementation for layer in layers}
 
@@ -63,9 +66,13 @@ def test_input_reaches_answers_only_through_compression_tokens(family, attn):
 
     with torch.no_grad():
         for perturbed in (other_pixels, other_text):
-            open_change = _post_compression(model, perturbed, "bottleneck") - _post_compression(model, batch, "bottleneck")
+            open_change = _post_compression(model, perturbed, "bottleneck") - _post_compression(
+                model, batch, "bottleneck"
+            )
             assert open_change.abs().max() > 1e-4  # the compression tokens carry the change
-            blocked_change = _post_compression(model, perturbed, "blocked") - _post_compression(model, batch, "blocked")
+            blocked_change = _post_compression(model, perturbed, "blocked") - _post_compression(
+                model, batch, "blocked"
+            )
             assert torch.count_nonzero(blocked_change) == 0  # exactly zero without them
 
     pixels = batch["pixel_values"].clone().requires_grad_(True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAMILIES, random_image, tiny_coma
+from utils import FAMILIES, random_image, tiny_coma
 
 # Runs in a fresh interpreter in which `import coma_hf` fails, as on a machine without the package.
 CHILD = textwrap.dedent(
@@ -49,8 +49,12 @@ def _reference(model, processor, image_path):
 def _run_child(source: str, image_path: Path, output: Path, env: dict) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", CHILD, source, str(image_path), str(output)],
-        env=env, cwd=output.parent, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        cwd=output.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(output)
 
@@ -67,13 +71,35 @@ def test_checkpoint_loads_without_coma_hf_from_folder_and_from_hub_cache(family,
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
     files = set(os.listdir(folder))
-    assert {"config.json", "model.safetensors", "modeling_coma.py", "configuration_coma.py", "processing_coma.py",
-            "inputs.py", "masking.py", "backbones.py", "sentence_transformers_files.py", "vision_attention.py",
-            "processor_config.json", "tokenizer.json"} <= files  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_coma.py",
+        "configuration_coma.py",
+        "processing_coma.py",
+        "inputs.py",
+        "masking.py",
+        "backbones.py",
+        "sentence_transformers_files.py",
+        "vision_attention.py",
+        "processor_config.json",
+        "tokenizer.json",
+    } <= files
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_coma.CoMaConfig", "AutoModel": "modeling_coma.CoMaModel"}
-    remote_code = ("modeling_coma.py", "configuration_coma.py", "processing_coma.py", "inputs.py", "masking.py", "backbones.py",
-                   "sentence_transformers_files.py", "vision_attention.py")  # fmt: skip
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_coma.CoMaConfig",
+        "AutoModel": "modeling_coma.CoMaModel",
+    }
+    remote_code = (
+        "modeling_coma.py",
+        "configuration_coma.py",
+        "processing_coma.py",
+        "inputs.py",
+        "masking.py",
+        "backbones.py",
+        "sentence_transformers_files.py",
+        "vision_attention.py",
+    )
     for name in remote_code:
         assert "coma_hf" not in (folder / name).read_text().replace('"coma_hf"', ""), name
 

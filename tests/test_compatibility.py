@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -52,16 +53,24 @@ def _copy(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_old_checkpoint_gives_its_vectors_through_its_remote_code(tmp_path):
     folder = _copy(tmp_path)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
     env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder), TEXT, QUESTION, str(tmp_path / "out.safetensors")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    got, expected = load_file(str(tmp_path / "out.safetensors")), load_file(str(FIXTURE / "expected_vectors.safetensors"))
+    got, expected = (
+        load_file(str(tmp_path / "out.safetensors")),
+        load_file(str(FIXTURE / "expected_vectors.safetensors")),
+    )
     for path in ("auto", "st"):
         for name, stored in (("encode", "encode"), ("query", "encode_query"), ("document", "encode_document")):
             torch.testing.assert_close(got[f"{path}_{name}"], expected[stored], atol=1e-5, rtol=0)

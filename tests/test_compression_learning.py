@@ -33,9 +33,17 @@ def test_answers_from_compression_states_beat_majority_and_control(tmp_path):
     train, dev = _one_shape_rows(600, "train"), _one_shape_rows(64, "dev")
     model, processor = build_tiny_coma(num_compression_tokens=4, seed=0, min_image_tokens=4, max_image_tokens=4)
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, learning_rate=1e-3, max_steps=250,
-        lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        max_steps=250,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+    )
     CoMaCompressionTrainer(model=model, args=args, train_dataset=train, processing_class=processor).train()
 
     heldout = answer_accuracy(model, processor, dev, show_progress_bar=False)["accuracy"]

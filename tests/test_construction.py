@@ -9,7 +9,8 @@ from transformers import AutoConfig
 from coma_hf import CoMaConfig, CoMaModel
 from coma_hf.backbones import FAMILIES, get_family
 from coma_hf.tiny import build_tiny_backbone, build_tiny_coma, tiny_backbone_config
-from conftest import tiny_coma
+
+from utils import tiny_coma
 
 
 def test_unknown_backbone_is_an_error_listing_supported_families():
@@ -28,9 +29,18 @@ def test_config_rejects_unknown_choices_and_documents_defaults():
     assert (config.num_compression_tokens, config.pooling, config.loss_on) == (32, "mean", "answers")
     assert config.contrastive_temperature == 0.03
     assert config.compress_instruction == "Summarize above image and text in a few words."
-    for knob in ("num_compression_tokens", "pooling", "loss_on", "attention_rule", "compress_instruction",
-                 "query_instruction", "document_instruction", "contrastive_temperature", "embedding_dim"):
-        assert knob in CoMaConfig.__doc__  # fmt: skip
+    for knob in (
+        "num_compression_tokens",
+        "pooling",
+        "loss_on",
+        "attention_rule",
+        "compress_instruction",
+        "query_instruction",
+        "document_instruction",
+        "contrastive_temperature",
+        "embedding_dim",
+    ):
+        assert knob in CoMaConfig.__doc__
 
 
 def test_compression_rows_grow_the_embedding_and_are_initialised_explicitly():

@@ -12,7 +12,8 @@ from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
 from coma_hf.training import CoMaContrastiveCollator, CoMaContrastiveTrainer, losses
 from coma_hf.training.losses import CoMaContrastiveLoss, input_keys
-from conftest import random_image, tiny_sentence_transformer
+
+from utils import random_image, tiny_sentence_transformer
 
 TAU = 0.05
 
@@ -48,7 +49,9 @@ def _hand_loss(queries, columns, excluded=lambda i, j: False, symmetric=False, t
         forward = -(cos(queries[i], positives[i]) / tau - math.log(denominator))
         if symmetric:
             back = sum(
-                math.exp(cos(positives[i], queries[j]) / tau) for j in range(len(queries)) if j == i or not excluded(i, j)
+                math.exp(cos(positives[i], queries[j]) / tau)
+                for j in range(len(queries))
+                if j == i or not excluded(i, j)
             )
             forward = (forward - (cos(queries[i], positives[i]) / tau - math.log(back))) / 2
         total += forward
@@ -84,7 +87,9 @@ def test_duplicate_positives_are_not_negatives(st):
 
     with torch.no_grad():
         masked = CoMaContrastiveLoss(st, temperature=TAU, cached=False)(features, None)
-        unmasked = CoMaContrastiveLoss(st, temperature=TAU, cached=False, mask_duplicate_positives=False)(features, None)
+        unmasked = CoMaContrastiveLoss(st, temperature=TAU, cached=False, mask_duplicate_positives=False)(
+            features, None
+        )
     queries, embedded = _embed(st, ANCHORS), _embed(st, positives)
     duplicate = lambda i, j: {i, j} == {0, 2}  # noqa: E731
     assert masked.item() == pytest.approx(_hand_loss(queries, [embedded], excluded=duplicate), rel=1e-5)
@@ -99,7 +104,9 @@ def test_image_inputs_differ_by_pixels_not_only_by_tokens(st):
 
 
 def _batch(size):
-    anchors = [{"image": random_image(i), "text": f"picture {i}"} if i % 2 else f"caption number {i}" for i in range(size)]
+    anchors = [
+        {"image": random_image(i), "text": f"picture {i}"} if i % 2 else f"caption number {i}" for i in range(size)
+    ]
     positives = [f"label {i % 5}" for i in range(size)]
     negatives = [{"image": random_image(100 + i)} for i in range(size)]
     return [anchors, positives, negatives]
@@ -138,8 +145,10 @@ class _SavedBytes:
         class Held:
             def __init__(self):
                 self.tensor = tensor
-                self.size = 0 if tensor.untyped_storage().data_ptr() in meter.parameter_storages else (
-                    tensor.numel() * tensor.element_size()
+                self.size = (
+                    0
+                    if tensor.untyped_storage().data_ptr() in meter.parameter_storages
+                    else (tensor.numel() * tensor.element_size())
                 )
                 meter.live += self.size
                 meter.peak = max(meter.peak, meter.live)
@@ -187,10 +196,17 @@ PARTIAL_NEGATIVES = ["yellow", None, "orange", None]  # rows 1 and 3 have no har
 def _stage2_rows(anchors, positives, negatives) -> list[dict]:
     """Rows as `load_mmeb_train` gives them; a `None` negative is a row without one (MMEB-train's empty columns)."""
     return [
-        {"anchor_text": anchor, "anchor_image": "", "positive_text": positive, "positive_image": "",
-         "negative_text": negative or "", "negative_image": "", "dataset": "toy"}
-        for anchor, positive, negative in zip(anchors, positives, negatives)
-    ]  # fmt: skip
+        {
+            "anchor_text": anchor,
+            "anchor_image": "",
+            "positive_text": positive,
+            "positive_image": "",
+            "negative_text": negative or "",
+            "negative_image": "",
+            "dataset": "toy",
+        }
+        for anchor, positive, negative in zip(anchors, positives, negatives, strict=False)
+    ]
 
 
 def _trainer_loss(st, loss_fn, rows, output_dir):
@@ -202,8 +218,11 @@ def _trainer_loss(st, loss_fn, rows, output_dir):
 
 def _loss_columns(batch: dict) -> list[dict]:
     """A collated batch split into the loss's columns, as the trainer splits it."""
-    return [{key[len(side) + 1:]: value for key, value in batch.items() if key.startswith(side + "_")}
-            for side in ("anchor", "positive", "negative") if f"{side}_input_ids" in batch]  # fmt: skip
+    return [
+        {key[len(side) + 1 :]: value for key, value in batch.items() if key.startswith(side + "_")}
+        for side in ("anchor", "positive", "negative")
+        if f"{side}_input_ids" in batch
+    ]
 
 
 def _partial_features(st) -> list[dict]:

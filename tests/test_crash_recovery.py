@@ -17,14 +17,44 @@ from safetensors.torch import load_file
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
 from coma_hf.training import CoMaCompressionTrainer, NonFiniteLossError, last_complete_checkpoint
-from conftest import load_example
+
+from utils import load_example
 
 PAUSING_PRETRAIN = Path(__file__).parent / "pausing_pretrain.py"  # examples/pretrain.py, halting on cue
-STAGE1 = ["--num_train_scenes", "24", "--num_dev_scenes", "2", "--num_test_scenes", "1", "--scene_size", "56",
-          "--max_steps", "40", "--per_device_train_batch_size", "4", "--max_eval_samples", "1", "--tiny_hidden_size",
-          "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens", "4",
-          "--dataloader_num_workers", "0", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1",
-          "--seed", "5"]  # fmt: skip
+STAGE1 = [
+    "--num_train_scenes",
+    "24",
+    "--num_dev_scenes",
+    "2",
+    "--num_test_scenes",
+    "1",
+    "--scene_size",
+    "56",
+    "--max_steps",
+    "40",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_eval_samples",
+    "1",
+    "--tiny_hidden_size",
+    "32",
+    "--num_compression_tokens",
+    "4",
+    "--min_image_tokens",
+    "4",
+    "--max_image_tokens",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "4",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "5",
+]
 
 
 def _killed_at(phase: str, step: int, args: list[str], log: Path) -> None:
@@ -32,8 +62,11 @@ def _killed_at(phase: str, step: int, args: list[str], log: Path) -> None:
     it there: the child says when it got there, so the kill point does not depend on timing."""
     marker = log.with_suffix(".paused")
     with log.open("wb") as output:
-        process = subprocess.Popen([sys.executable, str(PAUSING_PRETRAIN), phase, str(step), str(marker), *args],
-                                   stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, str(PAUSING_PRETRAIN), phase, str(step), str(marker), *args],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 600
         while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -47,6 +80,7 @@ def _checkpoint_step(output_dir: Path) -> int | None:
     return int(Path(checkpoint).name.split("-")[1]) if checkpoint else None
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_from_its_last_complete_checkpoint(tmp_path):
     synthetic = tmp_path / "synthetic"
     write_synthetic_dataset(synthetic, num_train=24, num_dev=2, num_test=1, image_size=56)
@@ -69,24 +103,47 @@ def test_a_run_killed_mid_training_resumes_from_its_last_complete_checkpoint(tmp
 
     summary = load_example("pretrain").main(args + ["--resume_from_checkpoint", "last"])
     assert summary["global_steps"] == 40
-    whole, resumed = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    whole, resumed = (
+        load_file(str(tmp_path / "whole" / "model.safetensors")),
+        load_file(str(killed / "model.safetensors")),
+    )
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
 
 
+@pytest.mark.slow
 def test_stage_two_resumes_from_the_checkpoint_a_crash_left_with_the_weights_of_an_uninterrupted_run(tmp_path):
     import shutil
 
     from coma_hf.data.mini_mmeb import write_mini_mmeb
-    from conftest import tiny_coma
+
+    from utils import tiny_coma
 
     write_mini_mmeb(tmp_path / "synthetic", num_train=12, num_dev=2, num_test=1, image_size=56)
     tiny_coma()[0].save_pretrained(tmp_path / "start")
-    common = ["--recipe", "tiny", "--model_name_or_path", str(tmp_path / "start"), "--synthetic_dir",
-              str(tmp_path / "synthetic"), "--max_steps", "6", "--per_device_train_batch_size", "8", "--eval_datasets",
-              "Mini-Digit", "--dataloader_num_workers", "0", "--save_strategy", "steps", "--save_steps", "2",
-              "--seed", "3"]  # fmt: skip
+    common = [
+        "--recipe",
+        "tiny",
+        "--model_name_or_path",
+        str(tmp_path / "start"),
+        "--synthetic_dir",
+        str(tmp_path / "synthetic"),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "8",
+        "--eval_datasets",
+        "Mini-Digit",
+        "--dataloader_num_workers",
+        "0",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--seed",
+        "3",
+    ]
     load_example("train_contrastive").main(common + ["--output_dir", str(tmp_path / "whole")])
     # what a crash after step 2 leaves: that checkpoint (the multi-dataset sampler's position included), nothing else
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "crashed" / "checkpoint-2")
@@ -125,7 +182,7 @@ def test_a_save_cut_short_at_any_move_never_leaves_a_folder_that_loads_half_writ
             (target / "checkpoint-3").mkdir()  # a Trainer output folder also holds checkpoints
         calls = []
 
-        def cut_short(source, destination):
+        def cut_short(source, destination, calls=calls, failing_move=failing_move):
             calls.append(destination)
             if len(calls) == failing_move:
                 raise KeyboardInterrupt("killed here")
@@ -151,7 +208,9 @@ def test_a_save_cut_short_at_any_move_never_leaves_a_folder_that_loads_half_writ
     saved = _weights(target)
     assert all(torch.equal(saved[name], value) for name, value in _weights(tmp_path / "reference").items())
     loaded = AutoModel.from_pretrained(target, trust_remote_code=True)
-    torch.testing.assert_close(loaded.encode_text(["a red circle"]), new.encode_text(["a red circle"]))  # the new model
+    torch.testing.assert_close(
+        loaded.encode_text(["a red circle"]), new.encode_text(["a red circle"])
+    )  # the new model
     if existing:
         assert (target / "checkpoint-3").is_dir()  # the rest of the folder is left alone
 
@@ -215,11 +274,27 @@ def _poisoned_stage1(sample: str, scenes, tmp_path, mode: str) -> CoMaCompressio
 
     dataset, root = scenes
     model, processor = build_tiny_coma(num_compression_tokens=4, seed=0, max_image_tokens=4)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
-                             save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                             use_cpu=True, logging_steps=1)  # fmt: skip
-    trainer = CoMaCompressionTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                                     image_root=root, on_nonfinite_loss=mode)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        logging_steps=1,
+    )
+    trainer = CoMaCompressionTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        image_root=root,
+        on_nonfinite_loss=mode,
+    )
     spoil, forward = _poison(trainer, sample), model.forward
 
     def poisoned(*args, **kwargs):
@@ -250,23 +325,34 @@ def test_nonfinite_loss_skips_the_batch_and_counts_it(scenes, tmp_path):
 
 def test_stage_two_nonfinite_loss_names_the_pairs(tmp_path, tmp_path_factory):
     import datasets
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 
     from coma_hf.training import CoMaContrastiveLoss, CoMaContrastiveTrainer
-    from conftest import tiny_coma
+
+    from utils import tiny_coma
 
     model, _ = tiny_coma()
     model.save_pretrained(tmp_path / "start")
     st = SentenceTransformer(str(tmp_path / "start"), trust_remote_code=True, device="cpu")
-    pairs = datasets.Dataset.from_dict({
-        "anchor_text": [f"query {i}" for i in range(4)], "anchor_image": [""] * 4,
-        "positive_text": [f"label {i}" for i in range(4)], "positive_image": [""] * 4,
-        "id": [f"pair-{i}" for i in range(4)], "error": [""] * 4,
-    })  # fmt: skip
+    pairs = datasets.Dataset.from_dict(
+        {
+            "anchor_text": [f"query {i}" for i in range(4)],
+            "anchor_image": [""] * 4,
+            "positive_text": [f"label {i}" for i in range(4)],
+            "positive_image": [""] * 4,
+            "id": [f"pair-{i}" for i in range(4)],
+            "error": [""] * 4,
+        }
+    )
     loss = CoMaContrastiveLoss(st, cached=False)
-    args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                                                max_steps=1, report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = CoMaContrastiveTrainer(model=st, args=args, train_dataset=pairs, loss=loss)
     spoil, compute = _poison(trainer, "pair-2"), loss.forward
     loss.forward = lambda features, labels: spoil(compute(features, labels), features[1]["input_ids"])

@@ -49,8 +49,14 @@ def test_image_files_by_extension_recursive_and_sorted(tmp_path):
 
 def test_one_bad_row_column_for_both_stages_and_reading_names_the_line(tmp_path):
     path = tmp_path / "rows.jsonl"
-    good = {"id": "r0", "qry": "q", "qry_image_path": "", "pos_text": "p", "pos_image_path": "",
-            "conversation": [{"question": "q", "answer": "a"}]}  # fmt: skip
+    good = {
+        "id": "r0",
+        "qry": "q",
+        "qry_image_path": "",
+        "pos_text": "p",
+        "pos_image_path": "",
+        "conversation": [{"question": "q", "answer": "a"}],
+    }
     path.write_bytes(json.dumps(good).encode() + b"\n{not json\n")
     with pytest.raises(CoMaInputError, match="line 2 of .* is not JSON"):
         read_jsonl_records(path)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from coma_hf import CoMaInputError
-from conftest import random_image, tiny_coma
+
+from utils import random_image, tiny_coma
 
 
 def test_encode_text_and_images_return_unit_norm_rows():
@@ -69,15 +70,18 @@ def test_query_and_document_use_the_configured_instructions():
     compression = tokenizer.convert_tokens_to_ids([f"<cmp_{i}>" for i in range(model.config.num_compression_tokens)])
     grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
     vision = tokenizer.convert_tokens_to_ids(
-        ["<|vision_start|>"] + ["<|image_pad|>"] * (int(grid.prod()) // processor.image_processor.merge_size**2)
+        ["<|vision_start|>"]
+        + ["<|image_pad|>"] * (int(grid.prod()) // processor.image_processor.merge_size**2)
         + ["<|vision_end|>"]
-    )  # fmt: skip
+    )
 
     def expected(instruction):
-        return torch.stack([
-            _hand_embedding(model, processor, tokens(f"{instruction}\na red circle") + compression),
-            _hand_embedding(model, processor, vision + tokens(instruction) + compression, image),
-        ])  # fmt: skip
+        return torch.stack(
+            [
+                _hand_embedding(model, processor, tokens(f"{instruction}\na red circle") + compression),
+                _hand_embedding(model, processor, vision + tokens(instruction) + compression, image),
+            ]
+        )
 
     inputs = ["a red circle", image]
     saved = model.config.query_instruction, model.config.document_instruction
@@ -88,8 +92,12 @@ def test_query_and_document_use_the_configured_instructions():
         model.config.query_instruction, model.config.document_instruction = saved
     torch.testing.assert_close(query, expected("Search for this:"), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(document, expected("Index this:"), atol=1e-5, rtol=1e-5)
-    plain = torch.stack([_hand_embedding(model, processor, tokens("a red circle") + compression),
-                         _hand_embedding(model, processor, vision + compression, image)])  # fmt: skip
+    plain = torch.stack(
+        [
+            _hand_embedding(model, processor, tokens("a red circle") + compression),
+            _hand_embedding(model, processor, vision + compression, image),
+        ]
+    )
     torch.testing.assert_close(model.encode(inputs), plain, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(query, document, atol=1e-3) and not torch.allclose(query, plain, atol=1e-3)
 

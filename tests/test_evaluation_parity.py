@@ -11,7 +11,8 @@ from transformers import AutoModel
 from coma_hf.evaluation.mmeb import MMEBEvaluator, as_encoder, load_mmeb_datasets
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.training import CoMaContrastiveCollator
-from conftest import random_image, tiny_coma
+
+from utils import random_image, tiny_coma
 
 
 def _trained_checkpoint(folder):
@@ -40,16 +41,23 @@ def _mmeb_folder(tmp_path):
         random_image(10 + index).save(tmp_path / f"scene{index}.png")
     images = [f"scene{index}.png" for index in range(3)]
     classification = [
-        {"qry_text": f"<|image_1|> Represent the given image for classification by count. {index}",
-         "qry_img_path": image, "tgt_text": ["one", "two", "three"], "tgt_img_path": ["", "", ""]}
+        {
+            "qry_text": f"<|image_1|> Represent the given image for classification by count. {index}",
+            "qry_img_path": image,
+            "tgt_text": ["one", "two", "three"],
+            "tgt_img_path": ["", "", ""],
+        }
         for index, image in enumerate(images)
-    ]  # fmt: skip
+    ]
     retrieval = [
-        {"qry_text": f"Find me an image that matches the given caption: scene {index}", "qry_img_path": "",
-         "tgt_text": ["<|image_1|>\nRepresent the given image.", "<|image_1|> a scene", "plain text candidate"],
-         "tgt_img_path": [image, images[(index + 1) % 3], ""]}
+        {
+            "qry_text": f"Find me an image that matches the given caption: scene {index}",
+            "qry_img_path": "",
+            "tgt_text": ["<|image_1|>\nRepresent the given image.", "<|image_1|> a scene", "plain text candidate"],
+            "tgt_img_path": [image, images[(index + 1) % 3], ""],
+        }
         for index, image in enumerate(images)
-    ]  # fmt: skip
+    ]
     data = tmp_path / "mmeb"
     data.mkdir()
     for name, rows in (("ImageNet-1K", classification), ("MSCOCO_t2i", retrieval)):

@@ -8,14 +8,14 @@ import functools
 import pytest
 import torch
 
-from conftest import FAMILIES, random_image, tiny_coma
+from utils import FAMILIES, random_image, tiny_coma
 
 INPUTS = ["a red circle", random_image(1), {"image": random_image(2, (140, 56)), "text": "hello there"}]
 QUESTIONS = ["what?", "which colour is the big circle?", "how many?"]
 STEPS = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spread_model(family: str):
     """The tiny model with larger random weights, so greedy decoding does not collapse onto one token."""
     model, processor = tiny_coma(family)
@@ -50,7 +50,7 @@ def test_generate_from_compression_equals_full_sequence_decode(family):
         cached = model.generate_from_compression(
             compression, QUESTIONS, max_new_tokens=STEPS, processor=processor, return_token_ids=True
         )
-        for index, (item, question) in enumerate(zip(INPUTS, QUESTIONS)):
+        for index, (item, question) in enumerate(zip(INPUTS, QUESTIONS, strict=False)):
             expected = _greedy_full_sequence(model, processor, item, question, STEPS)
             end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
             produced = cached[index].tolist()

@@ -14,7 +14,8 @@ from PIL import Image
 from coma_hf import CoMaInputError, inference
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
-from conftest import load_example, random_image, tiny_coma, tiny_sentence_transformer
+
+from utils import load_example, random_image, tiny_coma, tiny_sentence_transformer
 
 # name → (why it is hostile, the text a clear error must contain; None: it must embed)
 IMAGE_CASES = {
@@ -54,7 +55,7 @@ def hostile(tmp_path_factory):
     transparent.info["transparency"] = 0
     transparent.save(folder / "palette_alpha.png", transparency=0)
     photo.convert("RGBA").save(folder / "alpha.png")
-    Image.fromarray((np.arange(56 * 56, dtype=np.uint16).reshape(56, 56) * 19)).save(folder / "gray16.png")
+    Image.fromarray(np.arange(56 * 56, dtype=np.uint16).reshape(56, 56) * 19).save(folder / "gray16.png")
     photo.convert("CMYK").save(folder / "cmyk.jpg")
     photo.convert("1").save(folder / "bilevel.png")
     Image.new("RGB", (1, 1), (0, 255, 0)).save(folder / "one_pixel.png")
@@ -97,8 +98,10 @@ def test_exif_orientation_is_applied(hostile):
     vectors = model.encode([{"image": str(hostile / "rotated.jpg")}, {"image": upright}, {"image": stored.copy()}])
     torch.testing.assert_close(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)  # the file is read upright
     assert not torch.allclose(vectors[0], vectors[2], atol=1e-3)  # not vacuous: the sideways pixels embed otherwise
-    assert model.processor.render_embedding_input(image=str(hostile / "rotated.jpg")).image_grid_thw.tolist() == \
-        model.processor.render_embedding_input(image=upright).image_grid_thw.tolist()  # fmt: skip
+    assert (
+        model.processor.render_embedding_input(image=str(hostile / "rotated.jpg")).image_grid_thw.tolist()
+        == model.processor.render_embedding_input(image=upright).image_grid_thw.tolist()
+    )
 
 
 def test_texts_empty_whitespace_and_huge():
@@ -113,13 +116,24 @@ def test_texts_empty_whitespace_and_huge():
     kept = processor.max_length - len(processor.compression_token_ids)  # no instruction: all the rest is text
     assert len(rendered.input_ids) == processor.max_length and rendered.truncated_text_tokens == text_tokens - kept
     # what remains of the text ends in the compression tokens, as for any input
-    assert rendered.input_ids[-len(processor.compression_token_ids):] == processor.compression_token_ids
+    assert rendered.input_ids[-len(processor.compression_token_ids) :] == processor.compression_token_ids
 
 
 def test_sentence_transformer_encode_names_the_input_by_content(hostile, tmp_path_factory):
     st = tiny_sentence_transformer(tmp_path_factory)
-    _ok(torch.as_tensor(st.encode([Image.open(hostile / "cmyk.jpg"), Image.open(hostile / "bilevel.png"), "text",
-                                   Image.open(hostile / "wide.png"), {"image": str(hostile / "needle.png")}])))
+    _ok(
+        torch.as_tensor(
+            st.encode(
+                [
+                    Image.open(hostile / "cmyk.jpg"),
+                    Image.open(hostile / "bilevel.png"),
+                    "text",
+                    Image.open(hostile / "wide.png"),
+                    {"image": str(hostile / "needle.png")},
+                ]
+            )
+        )
+    )
     for name, (_, expected_error) in IMAGE_CASES.items():
         if expected_error is None:
             continue
@@ -132,11 +146,22 @@ def test_sentence_transformer_encode_names_the_input_by_content(hostile, tmp_pat
         st.encode(["fine", "   "])
 
 
+@pytest.mark.slow
 def test_encode_corpus_skips_and_lists_every_bad_image(hostile, tmp_path):
     model, _ = tiny_coma()
     model.save_pretrained(tmp_path / "model")
-    result = load_example("encode_corpus").main(["--model", str(tmp_path / "model"), "--images", str(hostile),
-                                                 "--output_dir", str(tmp_path / "out"), "--shard_size", "4"])  # fmt: skip
+    result = load_example("encode_corpus").main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(hostile),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--shard_size",
+            "4",
+        ]
+    )
     manifest = result["manifest"]
     bad = {name for name, (_, error) in IMAGE_CASES.items() if error is not None and name != "missing.png"}
     assert {entry["id"] for entry in manifest["skipped_rows"]} == bad
@@ -149,23 +174,47 @@ def test_encode_corpus_skips_and_lists_every_bad_image(hostile, tmp_path):
 
 def _stage1_rows(hostile) -> bytes:
     conversation = [{"question": "What is it?", "answer": "a picture"}]
-    good = [{"id": f"good{i}", "image": str(random_path), "conversation": conversation}
-            for i, random_path in enumerate([hostile / "palette.png", hostile / "rotated.jpg", hostile / "one_pixel.png",
-                                             hostile / "wide.png"])]  # fmt: skip
-    bad = [{"id": "missing", "image": str(hostile / "missing.png"), "conversation": conversation},
-           {"id": "truncated", "image": str(hostile / "truncated.jpg"), "conversation": conversation},
-           {"id": "empty", "text": "   ", "conversation": []}]  # fmt: skip
+    good = [
+        {"id": f"good{i}", "image": str(random_path), "conversation": conversation}
+        for i, random_path in enumerate(
+            [hostile / "palette.png", hostile / "rotated.jpg", hostile / "one_pixel.png", hostile / "wide.png"]
+        )
+    ]
+    bad = [
+        {"id": "missing", "image": str(hostile / "missing.png"), "conversation": conversation},
+        {"id": "truncated", "image": str(hostile / "truncated.jpg"), "conversation": conversation},
+        {"id": "empty", "text": "   ", "conversation": []},
+    ]
     lines = [json.dumps(row).encode() for row in good + bad]
     return b"\n".join(lines + [b"{this is not json", b"\xff\xfe not utf-8"]) + b"\n"
 
 
+@pytest.mark.slow
 def test_stage_one_data_path_skips_and_counts_or_names_bad_rows(hostile, tmp_path):
     data = tmp_path / "stage1.jsonl"
     data.write_bytes(_stage1_rows(hostile))
-    common = ["--dataset", str(data), "--max_steps", "1", "--per_device_train_batch_size", "2", "--tiny_hidden_size",
-              "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens", "4",
-              "--dataloader_num_workers", "0", "--validation_split_percentage", "0",
-              "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    common = [
+        "--dataset",
+        str(data),
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--tiny_hidden_size",
+        "32",
+        "--num_compression_tokens",
+        "4",
+        "--min_image_tokens",
+        "4",
+        "--max_image_tokens",
+        "4",
+        "--dataloader_num_workers",
+        "0",
+        "--validation_split_percentage",
+        "0",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     with pytest.raises(SystemExit) as stopped:
         load_example("pretrain").main(common + ["--validate_data", "true"])
     listing = str(stopped.value)
@@ -176,25 +225,54 @@ def test_stage_one_data_path_skips_and_counts_or_names_bad_rows(hostile, tmp_pat
     assert {entry["id"] for entry in summary["skipped_samples"]} >= {"missing", "truncated", "empty"}
 
 
+@pytest.mark.slow
 def test_stage_two_data_path_skips_and_counts_bad_rows(hostile, tmp_path):
-    good = [{"qry": f"<|image_1|> Represent image {i}", "qry_image_path": str(hostile / name), "pos_text": f"label {i}",
-             "pos_image_path": ""} for i, name in enumerate(["palette.png", "cmyk.jpg", "gray16.png", "alpha.png",
-                                                             "needle.png"])]  # fmt: skip
-    bad = [{"qry": "<|image_1|> x", "qry_image_path": str(hostile / "text.png"), "pos_text": "t", "pos_image_path": ""},
-           {"qry": "   ", "qry_image_path": "", "pos_text": "t", "pos_image_path": ""},
-           {"qry": "q", "qry_image_path": ""}]  # fmt: skip
+    good = [
+        {
+            "qry": f"<|image_1|> Represent image {i}",
+            "qry_image_path": str(hostile / name),
+            "pos_text": f"label {i}",
+            "pos_image_path": "",
+        }
+        for i, name in enumerate(["palette.png", "cmyk.jpg", "gray16.png", "alpha.png", "needle.png"])
+    ]
+    bad = [
+        {"qry": "<|image_1|> x", "qry_image_path": str(hostile / "text.png"), "pos_text": "t", "pos_image_path": ""},
+        {"qry": "   ", "qry_image_path": "", "pos_text": "t", "pos_image_path": ""},
+        {"qry": "q", "qry_image_path": ""},
+    ]
     data = tmp_path / "pairs.jsonl"
     data.write_bytes(b"\n".join([json.dumps(row).encode() for row in good + bad] + [b"[1, 2]"]) + b"\n")
     model, _ = tiny_coma()
     model.save_pretrained(tmp_path / "start")
     synthetic = tmp_path / "synthetic"
     write_mini_mmeb(synthetic, num_train=2, num_dev=2, num_test=1, image_size=56)
-    summary = load_example("train_contrastive").main([
-        "--model_name_or_path", str(tmp_path / "start"), "--dataset", str(data), "--skip_bad_samples", "true",
-        "--by_dataset", "false", "--max_steps", "1", "--per_device_train_batch_size", "4", "--recipe", "tiny",
-        "--synthetic_dir", str(synthetic), "--eval_datasets", "Mini-Digit", "--dataloader_num_workers", "0",
-        "--output_dir", str(tmp_path / "out"),
-    ])  # fmt: skip
+    summary = load_example("train_contrastive").main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "start"),
+            "--dataset",
+            str(data),
+            "--skip_bad_samples",
+            "true",
+            "--by_dataset",
+            "false",
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--recipe",
+            "tiny",
+            "--synthetic_dir",
+            str(synthetic),
+            "--eval_datasets",
+            "Mini-Digit",
+            "--dataloader_num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert (summary["num_train_pairs"], summary["num_skipped_samples"]) == (5, 4)
     errors = " | ".join(entry["error"] for entry in summary["skipped_samples"])
     assert "text.png" in errors and errors.count("are empty") == 2 and "is a JSON list" in errors, errors
@@ -204,10 +282,20 @@ def test_stage_two_data_path_skips_and_counts_bad_rows(hostile, tmp_path):
 def test_evaluator_names_dataset_row_and_image(hostile, tmp_path, tmp_path_factory, through):
     folder = tmp_path / "mmeb"
     folder.mkdir()
-    rows = [{"qry_text": "<|image_1|> what is it", "qry_img_path": str(hostile / "palette.png"),
-             "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]},
-            {"qry_text": "find it", "qry_img_path": "", "tgt_text": ["", ""],
-             "tgt_img_path": [str(hostile / "alpha.png"), str(hostile / "zero.png")]}]  # fmt: skip
+    rows = [
+        {
+            "qry_text": "<|image_1|> what is it",
+            "qry_img_path": str(hostile / "palette.png"),
+            "tgt_text": ["a", "b"],
+            "tgt_img_path": ["", ""],
+        },
+        {
+            "qry_text": "find it",
+            "qry_img_path": "",
+            "tgt_text": ["", ""],
+            "tgt_img_path": [str(hostile / "alpha.png"), str(hostile / "zero.png")],
+        },
+    ]
     (folder / "Toy.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     model = tiny_coma()[0] if through == "coma" else tiny_sentence_transformer(tmp_path_factory)
     with pytest.raises(CoMaInputError, match=r"Toy row 1 \(candidate, image .*zero.png\), field 'image': cannot read"):
@@ -221,10 +309,20 @@ def test_evaluator_names_dataset_row_and_image(hostile, tmp_path, tmp_path_facto
 def test_evaluator_scores_rows_with_extreme_aspect_ratios(hostile, tmp_path, tmp_path_factory, through):
     folder = tmp_path / "mmeb"
     folder.mkdir()
-    rows = [{"qry_text": "<|image_1|> what is it", "qry_img_path": str(hostile / "wide.png"),
-             "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]},
-            {"qry_text": "find it", "qry_img_path": "", "tgt_text": ["", ""],
-             "tgt_img_path": [str(hostile / "needle.png"), str(hostile / "alpha.png")]}]  # fmt: skip
+    rows = [
+        {
+            "qry_text": "<|image_1|> what is it",
+            "qry_img_path": str(hostile / "wide.png"),
+            "tgt_text": ["a", "b"],
+            "tgt_img_path": ["", ""],
+        },
+        {
+            "qry_text": "find it",
+            "qry_img_path": "",
+            "tgt_text": ["", ""],
+            "tgt_img_path": [str(hostile / "needle.png"), str(hostile / "alpha.png")],
+        },
+    ]
     (folder / "Toy.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     model = tiny_coma()[0] if through == "coma" else tiny_sentence_transformer(tmp_path_factory)
     results = MMEBEvaluator(load_mmeb_datasets(folder), show_progress_bar=False)(model)

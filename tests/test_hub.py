@@ -17,7 +17,8 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 from coma_hf.hub import push_to_hub, save_checkpoint
-from conftest import load_example, random_image, tiny_coma
+
+from utils import load_example, random_image, tiny_coma
 
 REPO = "org/coma"
 TOKEN = "hf_PlantedTokenThatMustNeverBeWrittenAnywhere123"
@@ -60,9 +61,18 @@ def upload(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     model, _ = tiny_coma()
     save_checkpoint(model, root / "model")
-    summary = {"train_dataset": str(root / "data" / "qa.jsonl"), "started_from": "outputs/stage1",
-               "skipped_samples": [{"index": 3, "id": "r3", "error": f"sample r3, field 'image': image file not found: "
-                                    f"{root / 'images' / 'cat.png'}"}], "source": "https://huggingface.co/org/data"}  # fmt: skip
+    summary = {
+        "train_dataset": str(root / "data" / "qa.jsonl"),
+        "started_from": "outputs/stage1",
+        "skipped_samples": [
+            {
+                "index": 3,
+                "id": "r3",
+                "error": f"sample r3, field 'image': image file not found: {root / 'images' / 'cat.png'}",
+            }
+        ],
+        "source": "https://huggingface.co/org/data",
+    }
     (root / "model" / "pretrain_summary.json").write_text(json.dumps(summary))
     from coma_hf.data.mini_mmeb import write_mini_mmeb
 
@@ -70,29 +80,59 @@ def upload(tmp_path_factory):
     results = MMEBEvaluator(load_mmeb_datasets(root / "synthetic" / "mini_mmeb" / "test"), show_progress_bar=False)(
         model, root / "eval"
     )
-    load_example("push_to_hub").main([
-        "--model_name_or_path", str(root / "model"), "--repo_id", REPO, "--dry_run", "--output_dir",
-        str(root / "upload"), "--eval_results", str(root / "eval" / "mmeb_results.json"), "--license", "apache-2.0",
-    ])  # fmt: skip
+    load_example("push_to_hub").main(
+        [
+            "--model_name_or_path",
+            str(root / "model"),
+            "--repo_id",
+            REPO,
+            "--dry_run",
+            "--output_dir",
+            str(root / "upload"),
+            "--eval_results",
+            str(root / "eval" / "mmeb_results.json"),
+            "--license",
+            "apache-2.0",
+        ]
+    )
     return root, results
 
 
+@pytest.mark.slow
 def test_dry_run_folder_loads_by_repo_id_without_coma_hf(upload, tmp_path):
     root, _ = upload
     folder = root / "upload"
     names = set(os.listdir(folder))
-    assert {"README.md", "config.json", "model.safetensors", "modeling_coma.py", "processing_coma.py",
-            "configuration_coma.py", "masking.py", "backbones.py", "sentence_transformers_files.py", "vision_attention.py",
-            "tokenizer.json",
-            "processor_config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-            "mmeb_results.json"} <= names  # fmt: skip
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "modeling_coma.py",
+        "processing_coma.py",
+        "configuration_coma.py",
+        "masking.py",
+        "backbones.py",
+        "sentence_transformers_files.py",
+        "vision_attention.py",
+        "tokenizer.json",
+        "processor_config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+        "mmeb_results.json",
+    } <= names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     _hub_cache(folder, tmp_path / "home")
     image_path = tmp_path / "image.png"
     random_image(4).save(image_path)
-    result = subprocess.run([sys.executable, "-c", CHILD, str(image_path), str(tmp_path / "out.pt")],
-                            env=_offline_env(tmp_path / "home"), cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(image_path), str(tmp_path / "out.pt")],
+        env=_offline_env(tmp_path / "home"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = torch.load(tmp_path / "out.pt")
     model, _ = tiny_coma()
@@ -115,7 +155,9 @@ def test_card_metadata_parses_and_holds_the_evaluation(upload):
     assert model_name == "coma"
     overall = next(result for result in evaluations if "(overall)" in result.dataset_name)
     assert overall.metric_value == pytest.approx(round(100 * results["overall"]["precision@1"], 2))
-    assert {result.dataset_name for result in evaluations} >= {f"MMEB-format evaluation ({task})" for task in results["meta_tasks"]}
+    assert {result.dataset_name for result in evaluations} >= {
+        f"MMEB-format evaluation ({task})" for task in results["meta_tasks"]
+    }
     assert "| **Overall** |" in card.text and "Stage 1" in card.text
     for name in os.listdir(root / "upload"):  # no path of the machine that wrote it
         if name.endswith((".md", ".json")):
@@ -126,6 +168,7 @@ def test_card_metadata_parses_and_holds_the_evaluation(upload):
     assert summary["source"] == "https://huggingface.co/org/data"
 
 
+@pytest.mark.slow
 def test_card_snippets_run_against_the_uploaded_folder(upload, tmp_path):
     root, _ = upload
     snippets = re.findall(r"```python\n(.*?)```", (root / "upload" / "README.md").read_text(), flags=re.S)
@@ -133,12 +176,19 @@ def test_card_snippets_run_against_the_uploaded_folder(upload, tmp_path):
     _hub_cache(root / "upload", tmp_path / "home")
     for snippet in snippets:
         code = 'import sys\nsys.modules["coma_hf"] = None\n' + snippet
-        result = subprocess.run([sys.executable, "-c", code], env=_offline_env(tmp_path / "home"), cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env=_offline_env(tmp_path / "home"),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         assert "tensor" in result.stdout or "[[" in result.stdout
 
 
+@pytest.mark.slow
 def test_push_uploads_one_commit_and_never_writes_the_token(upload, tmp_path, monkeypatch, capsys, caplog):
     import huggingface_hub
 
@@ -152,10 +202,14 @@ def test_push_uploads_one_commit_and_never_writes_the_token(upload, tmp_path, mo
         calls.append({"kwargs": {k: v for k, v in kwargs.items() if k != "folder_path"}, "files": files})
         return "https://huggingface.co/org/coma/commit/" + COMMIT
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: type("Url", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(
+        huggingface_hub, "create_repo", lambda repo_id, **kwargs: type("Url", (), {"repo_id": repo_id})
+    )
     monkeypatch.setattr(huggingface_hub, "create_branch", lambda *args, **kwargs: None)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    load_example("push_to_hub").main(["--model_name_or_path", str(root / "model"), "--repo_id", REPO, "--revision", "v1"])
+    load_example("push_to_hub").main(
+        ["--model_name_or_path", str(root / "model"), "--repo_id", REPO, "--revision", "v1"]
+    )
     model, _ = tiny_coma()
     push_to_hub(model, REPO, commit_message="from the model")
     push_to_hub(root / "model", REPO, commit_message="from the folder")

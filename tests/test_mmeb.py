@@ -21,7 +21,8 @@ from coma_hf.evaluation.mmeb import (
     meta_task,
     ranking_metrics,
 )
-from conftest import tiny_coma
+
+from utils import tiny_coma
 
 
 def test_metrics_equal_hand_computation():
@@ -70,8 +71,15 @@ def test_evaluator_on_hand_made_datasets_with_known_answers(tmp_path):
 
 
 def _dataset(count=5, candidates=4):
-    rows = [{"qry_text": f"q{i}", "qry_img_path": "", "tgt_text": [f"t{i}-{j}" for j in range(candidates)],
-             "tgt_img_path": [""] * candidates} for i in range(count)]  # fmt: skip
+    rows = [
+        {
+            "qry_text": f"q{i}",
+            "qry_img_path": "",
+            "tgt_text": [f"t{i}-{j}" for j in range(candidates)],
+            "tgt_img_path": [""] * candidates,
+        }
+        for i in range(count)
+    ]
     return MMEBDataset("VOC2007", rows, None, "Classification")
 
 
@@ -88,15 +96,30 @@ def test_collapsed_or_nan_encoders_score_zero(value):
 
 def test_meta_task_grouping_matches_mmeb():
     assert {task: len(names) for task, names in MMEB_META_TASKS.items()} == {
-        "Classification": 10, "VQA": 10, "Retrieval": 12, "Visual Grounding": 4,
-    }  # fmt: skip
+        "Classification": 10,
+        "VQA": 10,
+        "Retrieval": 12,
+        "Visual Grounding": 4,
+    }
     names = [name for group in MMEB_META_TASKS.values() for name in group]
     assert len(names) == len(set(names)) == 36
-    expected = {"ImageNet-1K": "Classification", "N24News": "Classification", "Country211": "Classification",
-                "OK-VQA": "VQA", "InfographicsVQA": "VQA", "TextVQA": "VQA", "VisDial": "Retrieval",
-                "CIRR": "Retrieval", "Wiki-SS-NQ": "Retrieval", "EDIS": "Retrieval", "MSCOCO": "Visual Grounding",
-                "RefCOCO-Matching": "Visual Grounding", "Visual7W-Pointing": "Visual Grounding",
-                "Visual7W": "VQA", "MSCOCO_i2t": "Retrieval"}  # fmt: skip
+    expected = {
+        "ImageNet-1K": "Classification",
+        "N24News": "Classification",
+        "Country211": "Classification",
+        "OK-VQA": "VQA",
+        "InfographicsVQA": "VQA",
+        "TextVQA": "VQA",
+        "VisDial": "Retrieval",
+        "CIRR": "Retrieval",
+        "Wiki-SS-NQ": "Retrieval",
+        "EDIS": "Retrieval",
+        "MSCOCO": "Visual Grounding",
+        "RefCOCO-Matching": "Visual Grounding",
+        "Visual7W-Pointing": "Visual Grounding",
+        "Visual7W": "VQA",
+        "MSCOCO_i2t": "Retrieval",
+    }
     for name, task in expected.items():
         assert meta_task(name) == task
     assert meta_task("Mini-Count", META_TASKS) == "Classification" and meta_task("unknown") == "Other"
@@ -112,7 +135,12 @@ def test_mini_mmeb_has_all_four_meta_tasks_in_mmeb_layout(mini):
     root, output = mini
     for split in ("dev", "test"):
         datasets = load_mmeb_datasets(output / split)
-        assert {dataset.meta_task for dataset in datasets} == {"Classification", "VQA", "Retrieval", "Visual Grounding"}
+        assert {dataset.meta_task for dataset in datasets} == {
+            "Classification",
+            "VQA",
+            "Retrieval",
+            "Visual Grounding",
+        }
         for dataset in datasets:
             assert len(dataset.rows) == 30
             for row in dataset.rows:
@@ -122,8 +150,10 @@ def test_mini_mmeb_has_all_four_meta_tasks_in_mmeb_layout(mini):
                     assert not path or (root / path).exists()
     pairs = [json.loads(line) for line in (output / "train.jsonl").read_text().splitlines()]
     assert {pair["dataset"] for pair in pairs} == set(META_TASKS)
-    assert all({"qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path"} <= set(pair)
-               for pair in pairs)  # fmt: skip
+    assert all(
+        {"qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path"} <= set(pair)
+        for pair in pairs
+    )
 
 
 def _scene_ids(rows, keys):
@@ -147,11 +177,15 @@ def test_mini_mmeb_splits_share_no_image_and_hold_out_combinations(mini):
     assert all(scene.startswith("train-") for scene in train_scenes)
     assert all(scene.startswith("dev-") for scene in split_scenes["dev"])
     assert all(scene.startswith("test-") for scene in split_scenes["test"])
-    records = {split: [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
-               for split in ("train", "dev", "test")}  # fmt: skip
+    records = {
+        split: [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "dev", "test")
+    }
     combos = lambda record: {(o["colour"], o["shape"]) for o in record["objects"] if o["kind"] == "shape"}  # noqa: E731
     assert not any(combos(record) & set(HELD_OUT_COMBINATIONS) for record in records["train"])
-    assert not any(phrase in pair["qry"] for pair in pairs for phrase in (f'"{c} {s}"' for c, s in HELD_OUT_COMBINATIONS))
+    assert not any(
+        phrase in pair["qry"] for pair in pairs for phrase in (f'"{c} {s}"' for c, s in HELD_OUT_COMBINATIONS)
+    )
     for split in ("dev", "test"):
         assert any(record["held_out"] for record in records[split])
 
@@ -159,7 +193,11 @@ def test_mini_mmeb_splits_share_no_image_and_hold_out_combinations(mini):
 def test_coma_model_is_scored_through_its_encode_api(mini):
     root, output = mini
     model, _ = tiny_coma()
-    datasets = [dataset for dataset in load_mmeb_datasets(output / "dev") if dataset.name in ("Mini-Count", "Mini-Caption2Image")]
+    datasets = [
+        dataset
+        for dataset in load_mmeb_datasets(output / "dev")
+        if dataset.name in ("Mini-Count", "Mini-Caption2Image")
+    ]
     results = MMEBEvaluator(datasets, show_progress_bar=False)(model)
 
     def item(text, image):  # the MMEB text as it is (placeholder and instruction kept), images under the scenes' root
@@ -168,7 +206,7 @@ def test_coma_model_is_scored_through_its_encode_api(mini):
     for dataset in datasets:  # by hand: one row at a time through `encode`, the gold (first) candidate must win
         ranks = []
         for row in dataset.rows:
-            candidates = [item(text, image) for text, image in zip(row["tgt_text"], row["tgt_img_path"])]
+            candidates = [item(text, image) for text, image in zip(row["tgt_text"], row["tgt_img_path"], strict=False)]
             vectors = model.encode([item(row["qry_text"], row["qry_img_path"]), *candidates])
             scores = vectors[1:] @ vectors[0]
             ranks.append(1 + int((scores[1:] >= scores[0]).sum()))
@@ -183,8 +221,12 @@ def test_sentence_transformers_evaluator_reports_prefixed_metrics():
     from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 
     def encode_ones_and_gold(items):
-        return torch.stack([torch.tensor([1.0, 0.0]) if text.endswith("-0") or text.startswith("q") else
-                            torch.tensor([0.0, 1.0]) for text, _ in items])  # fmt: skip
+        return torch.stack(
+            [
+                torch.tensor([1.0, 0.0]) if text.endswith("-0") or text.startswith("q") else torch.tensor([0.0, 1.0])
+                for text, _ in items
+            ]
+        )
 
     evaluator = MMEBSentenceEvaluator([_dataset()], name="mini")
     metrics = evaluator(encode_ones_and_gold)
@@ -193,6 +235,7 @@ def test_sentence_transformers_evaluator_reports_prefixed_metrics():
     assert metrics["mini_classification_precision@1"] == 1.0
 
 
+@pytest.mark.slow
 def test_evaluate_script_prints_and_writes_the_table(mini, tmp_path):
     import subprocess
     import sys
@@ -203,10 +246,20 @@ def test_evaluate_script_prints_and_writes_the_table(mini, tmp_path):
     model.save_pretrained(tmp_path / "model")
     script = Path(__file__).parents[1] / "examples" / "evaluate.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--model_name_or_path", str(tmp_path / "model"), "--data", str(output / "test"),
-         "--output_dir", str(tmp_path / "eval")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(script),
+            "--model_name_or_path",
+            str(tmp_path / "model"),
+            "--data",
+            str(output / "test"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| **Overall** | 7 datasets |" in result.stdout
     saved = json.loads((tmp_path / "eval" / "mmeb_results.json").read_text())
@@ -223,14 +276,27 @@ def test_sentence_transformer_is_scored_like_a_hand_computation(tmp_path):
     tokenizer = build_tokenizer()
     tokenizer.padding_side = "right"
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     BertModel(config).save_pretrained(tmp_path / "bert")
     tokenizer.save_pretrained(tmp_path / "bert")
     model = SentenceTransformer(modules=[Transformer(str(tmp_path / "bert")), Pooling(32, "mean")], device="cpu")
 
-    rows = [{"qry_text": f"<|image_1|> query {i} about shapes", "qry_img_path": "",
-             "tgt_text": [f"answer {j} for {i}" for j in range(5)], "tgt_img_path": [""] * 5} for i in range(6)]  # fmt: skip
+    rows = [
+        {
+            "qry_text": f"<|image_1|> query {i} about shapes",
+            "qry_img_path": "",
+            "tgt_text": [f"answer {j} for {i}" for j in range(5)],
+            "tgt_img_path": [""] * 5,
+        }
+        for i in range(6)
+    ]
     results = MMEBEvaluator([MMEBDataset("GQA", rows, None, "VQA")], show_progress_bar=False)(model)
 
     expected_ranks = []

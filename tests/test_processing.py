@@ -13,7 +13,8 @@ from coma_hf import CoMaInputError, load_image
 from coma_hf.backbones import get_family
 from coma_hf.inputs import fit_aspect_ratio
 from coma_hf.processing_coma import CoMaProcessor
-from conftest import random_image, tiny_coma
+
+from utils import random_image, tiny_coma
 
 
 def _tokens(processor, ids):
@@ -45,9 +46,9 @@ def test_missing_parts_are_absent():
     image_only = _tokens(processor, processor.render_embedding_input(image=random_image(0)).input_ids)
     assert image_only[0] == "<|vision_start|>" and image_only[-k - 1] == "<|vision_end|>"
     instruction_only = processor.render_embedding_input(image=random_image(0), instruction="Represent it")
-    assert _text(processor, instruction_only.input_ids).endswith("<|vision_end|>Represent it" + "".join(
-        f"<cmp_{index}>" for index in range(k)
-    ))
+    assert _text(processor, instruction_only.input_ids).endswith(
+        "<|vision_end|>Represent it" + "".join(f"<cmp_{index}>" for index in range(k))
+    )
 
 
 def test_mmeb_placeholder_takes_the_image_and_no_instruction_is_added():
@@ -68,13 +69,16 @@ def test_stage1_layout_and_labels_on_answers():
     k = processor.num_compression_tokens
     compression = "".join(f"<cmp_{index}>" for index in range(k))
     assert (
-        "<|vision_end|>a caption\nSummarize above image and text in a few words." + compression
+        "<|vision_end|>a caption\nSummarize above image and text in a few words."
+        + compression
         + "<|im_start|>user\nWhat colour?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
         + "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\ntwo<|im_end|>\n"
-    ) in text  # fmt: skip
-    labelled = [token for token, label in zip(rendered.input_ids, rendered.labels) if label != -100]
+    ) in text
+    labelled = [token for token, label in zip(rendered.input_ids, rendered.labels, strict=False) if label != -100]
     assert _text(processor, labelled) == "red<|im_end|>two<|im_end|>"
-    everything = processor.render_compression_sample(random_image(0), "a caption", turns, loss_on="all_after_compression")
+    everything = processor.render_compression_sample(
+        random_image(0), "a caption", turns, loss_on="all_after_compression"
+    )
     after = len(rendered.input_ids) - rendered.input_ids[::-1].index(processor.compression_token_ids[-1])
     assert everything.labels[:after] == [-100] * after
     assert everything.labels[after:] == rendered.input_ids[after:]
@@ -110,7 +114,12 @@ def test_truncation_cuts_text_never_compression_tokens_and_drops_turns():
     fixed = count("\n" + short.compress_instruction) + 4 + first_turn
     assert len(stage1.input_ids) == 40 and stage1.truncated_text_tokens == count(long_text.strip()) - (40 - fixed)
     assert stage1.dropped_turns == 5
-    assert short.tokenizer.decode([t for t, l in zip(stage1.input_ids, stage1.labels) if l != -100]) == "a fox<|im_end|>"
+    assert (
+        short.tokenizer.decode(
+            [token for token, label in zip(stage1.input_ids, stage1.labels, strict=True) if label != -100]
+        )
+        == "a fox<|im_end|>"
+    )
 
 
 def test_first_answer_that_cannot_fit_is_an_error_naming_the_sample():
@@ -122,16 +131,27 @@ def test_first_answer_that_cannot_fit_is_an_error_naming_the_sample():
 
 def test_image_too_large_for_max_length_is_an_error():
     _, processor = tiny_coma()
-    short = CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=4, max_length=8,
-                          min_image_tokens=16, max_image_tokens=16)  # fmt: skip
+    short = CoMaProcessor(
+        processor.image_processor,
+        processor.tokenizer,
+        num_compression_tokens=4,
+        max_length=8,
+        min_image_tokens=16,
+        max_image_tokens=16,
+    )
     with pytest.raises(CoMaInputError, match="sample 3"):
         short.render_embedding_input("text", random_image(0), sample=3)
 
 
 def test_image_token_bounds_are_given_in_tokens():
     _, processor = tiny_coma()
-    bounded = CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=4,
-                            min_image_tokens=16, max_image_tokens=16)  # fmt: skip
+    bounded = CoMaProcessor(
+        processor.image_processor,
+        processor.tokenizer,
+        num_compression_tokens=4,
+        min_image_tokens=16,
+        max_image_tokens=16,
+    )
     for size in ((28, 28), (400, 300), (1000, 60)):
         rendered = bounded.render_embedding_input(image=random_image(0, size))
         tokens = int(rendered.image_grid_thw.prod()) // 4
@@ -215,7 +235,10 @@ def test_collate_pads_left_and_keeps_images_in_order():
         assert batch["attention_mask"][row, : batch["input_ids"].shape[1] - length].sum() == 0
     assert batch["image_grid_thw"].shape == (2, 3)
     assert batch["image_grid_thw"][0].tolist() != batch["image_grid_thw"][1].tolist()
-    assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    assert torch.equal(
+        batch["mm_token_type_ids"].bool(),
+        batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+    )
 
 
 @pytest.mark.parametrize("size", [(84, 112), (2, 300), (300, 2), (1, 1), (400, 2)])
@@ -257,8 +280,12 @@ def test_compression_token_names_are_data_of_the_saved_processor(tmp_path):
     tokenizer = copy.deepcopy(processor.tokenizer)
     names = ["<|ctoken_pad_0|>", "<|ctoken_pad_1|>"]
     tokenizer.add_special_tokens({"extra_special_tokens": names}, replace_extra_special_tokens=False)
-    released = CoMaProcessor(processor.image_processor, tokenizer, num_compression_tokens=2,
-                             compression_token_format="<|ctoken_pad_{index}|>")  # fmt: skip
+    released = CoMaProcessor(
+        processor.image_processor,
+        tokenizer,
+        num_compression_tokens=2,
+        compression_token_format="<|ctoken_pad_{index}|>",
+    )
     ids = tokenizer.convert_tokens_to_ids(names)
     assert released.compression_tokens == names and released.compression_token_ids == ids
     assert released.render_embedding_input(text="a red circle").input_ids[-2:] == ids

@@ -11,7 +11,8 @@ from transformers.processing_utils import ProcessorMixin
 from coma_hf.data.qa_generation import QUESTION_KINDS, finished_ids, generate_qa, iter_images, repair_cut_last_line
 from coma_hf.data.stage1 import normalize_stage1_record
 from coma_hf.tiny import build_tiny_backbone
-from conftest import random_image
+
+from utils import random_image
 
 
 class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
@@ -43,8 +44,16 @@ def test_generates_stage1_records_and_resumes(vlm, tmp_path):
     (images / "broken.png").write_bytes(b"not an image")
     output = tmp_path / "qa.jsonl"
 
-    counts = generate_qa(model, processor, iter_images(images), output, num_questions=3, batch_size=2,
-                         max_new_tokens=4, image_root=str(images))  # fmt: skip
+    counts = generate_qa(
+        model,
+        processor,
+        iter_images(images),
+        output,
+        num_questions=3,
+        batch_size=2,
+        max_new_tokens=4,
+        image_root=str(images),
+    )
     assert counts == {"written": 3, "skipped_done": 0, "skipped_unreadable": 1}
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(row["id"] for row in rows) == ["img_0.png", "img_1.png", "img_2.png"]
@@ -56,8 +65,16 @@ def test_generates_stage1_records_and_resumes(vlm, tmp_path):
     _write_images(tmp_path / "more", 2)
     for index in range(2):
         (tmp_path / "more" / f"img_{index}.png").rename(images / f"new_{index}.png")
-    resumed = generate_qa(model, processor, iter_images(images), output, num_questions=3, batch_size=2,
-                          max_new_tokens=4, image_root=str(images))  # fmt: skip
+    resumed = generate_qa(
+        model,
+        processor,
+        iter_images(images),
+        output,
+        num_questions=3,
+        batch_size=2,
+        max_new_tokens=4,
+        image_root=str(images),
+    )
     assert resumed == {"written": 2, "skipped_done": 3, "skipped_unreadable": 1}
     assert len(finished_ids(output)) == 5
     assert len(output.read_text().splitlines()) == 5  # nothing written twice
@@ -88,13 +105,29 @@ def test_resume_after_a_cut_last_line_keeps_every_record_once(vlm, tmp_path):
     images = tmp_path / "images"
     _write_images(images, 3)
     output = tmp_path / "qa.jsonl"
-    generate_qa(model, processor, iter_images(images), output, num_questions=3, batch_size=1, max_new_tokens=4,
-                image_root=str(images))  # fmt: skip
+    generate_qa(
+        model,
+        processor,
+        iter_images(images),
+        output,
+        num_questions=3,
+        batch_size=1,
+        max_new_tokens=4,
+        image_root=str(images),
+    )
     complete = output.read_text().splitlines(keepends=True)
     output.write_text("".join(complete[:2]) + complete[2][: len(complete[2]) // 2])  # a kill mid-write
 
-    resumed = generate_qa(model, processor, iter_images(images), output, num_questions=3, batch_size=1,
-                          max_new_tokens=4, image_root=str(images))  # fmt: skip
+    resumed = generate_qa(
+        model,
+        processor,
+        iter_images(images),
+        output,
+        num_questions=3,
+        batch_size=1,
+        max_new_tokens=4,
+        image_root=str(images),
+    )
     assert resumed == {"written": 1, "skipped_done": 2, "skipped_unreadable": 0}
     rows = [json.loads(line) for line in output.read_text().splitlines()]  # every line reads back
     assert sorted(row["id"] for row in rows) == ["img_0.png", "img_1.png", "img_2.png"]

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoConfig
 
 from coma_hf.tiny import QWEN_SPECIAL_TOKEN_START, build_tiny_coma, build_tokenizer, shrink_config
-from conftest import random_image
+
+from utils import random_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PUBLISHED = {
@@ -36,8 +37,11 @@ def qwen_layout_tokenizer():
 def test_qwen_layout_tokenizer_has_published_special_ids():
     tokenizer = qwen_layout_tokenizer()
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>"]) == [
-        151643, 151645, 151652, 151655,
-    ]  # fmt: skip
+        151643,
+        151645,
+        151652,
+        151655,
+    ]
     assert len(tokenizer) == 151665
     assert tokenizer.decode(tokenizer("a red circle")["input_ids"]) == "a red circle"
 

@@ -8,14 +8,49 @@ import pytest
 from transformers.utils import is_torch_bf16_gpu_available
 
 from coma_hf.training.recipes import choose_recipe, recipe_of_start
-from conftest import load_example, tiny_coma
 
-STAGE1_TOY = ["--num_train_scenes", "12", "--num_dev_scenes", "4", "--num_test_scenes", "2", "--scene_size", "56",
-              "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_eval_samples", "2",
-              "--tiny_hidden_size", "32", "--num_compression_tokens", "4", "--min_image_tokens", "4",
-              "--max_image_tokens", "4", "--dataloader_num_workers", "0"]  # fmt: skip
-STAGE2_TOY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-              "--dataloader_num_workers", "0", "--mini_batch_size", "4", "--max_train_scenes", "12"]  # fmt: skip
+from utils import load_example, tiny_coma
+
+STAGE1_TOY = [
+    "--num_train_scenes",
+    "12",
+    "--num_dev_scenes",
+    "4",
+    "--num_test_scenes",
+    "2",
+    "--scene_size",
+    "56",
+    "--max_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_eval_samples",
+    "2",
+    "--tiny_hidden_size",
+    "32",
+    "--num_compression_tokens",
+    "4",
+    "--min_image_tokens",
+    "4",
+    "--max_image_tokens",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+]
+STAGE2_TOY = [
+    "--max_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--dataloader_num_workers",
+    "0",
+    "--mini_batch_size",
+    "4",
+    "--max_train_scenes",
+    "12",
+]
 needs_no_gpu = pytest.mark.skipif(is_torch_bf16_gpu_available(), reason="checks the machine without a GPU")
 
 
@@ -39,10 +74,16 @@ def test_the_recipe_follows_the_start_checkpoint(tmp_path, monkeypatch):
     assert recipe_of_start(None)[0] == "tiny"
     assert recipe_of_start("org/unreachable-coma")[0] == "paper"  # a Hub id that cannot be read (offline here)
     # the recipe a run summary records wins over the marker; the newest stage's summary first
-    recorded = _folder(tmp_path, "recorded", {"embedded_backbone": True}, {"pretrain_summary.json": {"recipe": "paper"}})
+    recorded = _folder(
+        tmp_path, "recorded", {"embedded_backbone": True}, {"pretrain_summary.json": {"recipe": "paper"}}
+    )
     assert recipe_of_start(recorded)[0] == "paper"
-    both = _folder(tmp_path, "both", {}, {"pretrain_summary.json": {"recipe": "paper"},
-                                          "contrastive_summary.json": {"recipe": "tiny"}})  # fmt: skip
+    both = _folder(
+        tmp_path,
+        "both",
+        {},
+        {"pretrain_summary.json": {"recipe": "paper"}, "contrastive_summary.json": {"recipe": "tiny"}},
+    )
     assert recipe_of_start(both)[0] == "tiny"
     # a custom preset file records no stage-neutral name: the marker decides
     custom = _folder(tmp_path, "custom", {"embedded_backbone": True}, {"pretrain_summary.json": {"recipe": "my.json"}})
@@ -57,26 +98,42 @@ def test_the_recipe_follows_the_start_checkpoint(tmp_path, monkeypatch):
     assert recipe_of_start(stock)[0] == "paper"
 
 
+@pytest.mark.slow
 @needs_no_gpu
 @pytest.mark.parametrize("script", ["pretrain", "train_contrastive"])
 def test_the_paper_recipe_without_a_gpu_stops_with_one_line_saying_what_to_pass(tmp_path, script):
     with pytest.raises(SystemExit) as stopped:
-        load_example(script).main(["--recipe", "paper", "--output_dir", str(tmp_path / "out"), "--from_backbone"
-                                   if script == "train_contrastive" else "--max_steps=1"])  # fmt: skip
+        load_example(script).main(
+            [
+                "--recipe",
+                "paper",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--from_backbone" if script == "train_contrastive" else "--max_steps=1",
+            ]
+        )
     message = str(stopped.value)
     assert "\n" not in message and "bf16" in message
     assert "--bf16 false" in message and "--use_cpu true" in message
 
 
+@pytest.mark.slow
 def test_stage_two_from_ones_own_stage_one_folder_runs_on_cpu(tmp_path, caplog, capsys):
     """`pretrain.py --output_dir X` then `train_contrastive.py --model_name_or_path X`, no recipe named."""
     synthetic, stage1 = tmp_path / "synthetic", tmp_path / "stage1"
     load_example("pretrain").main(STAGE1_TOY + ["--output_dir", str(stage1), "--synthetic_dir", str(synthetic)])
     caplog.set_level("INFO", logger="train_contrastive")
     summary = load_example("train_contrastive").main(
-        STAGE2_TOY + ["--model_name_or_path", str(stage1), "--synthetic_dir", str(synthetic),
-                      "--output_dir", str(tmp_path / "stage2")]
-    )  # fmt: skip
+        STAGE2_TOY
+        + [
+            "--model_name_or_path",
+            str(stage1),
+            "--synthetic_dir",
+            str(synthetic),
+            "--output_dir",
+            str(tmp_path / "stage2"),
+        ]
+    )
     assert summary["recipe"] == "tiny" and summary["global_steps"] == 1
     # one step, shorter than any logging window: its loss is both the first and the last, recorded and printed
     assert isinstance(summary["train_loss_first"], float) and summary["train_loss_first"] == summary["train_loss_last"]

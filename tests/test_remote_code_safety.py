@@ -9,19 +9,66 @@ import ast
 import pytest
 import torch
 
-from conftest import tiny_coma
+from utils import tiny_coma
 
-SHIPPED = {"modeling_coma.py", "configuration_coma.py", "processing_coma.py", "inputs.py", "masking.py", "backbones.py",
-           "sentence_transformers_files.py", "vision_attention.py"}  # fmt: skip
-ALLOWED_MODULES = {"__future__", "collections", "collections.abc", "copy", "dataclasses", "importlib.metadata",
-                   "inspect", "io", "json", "logging", "math", "os", "re", "shutil", "tempfile", "typing", "functools",
-                   "itertools", "contextlib", "warnings", "numpy", "PIL"}  # fmt: skip
+SHIPPED = {
+    "modeling_coma.py",
+    "configuration_coma.py",
+    "processing_coma.py",
+    "inputs.py",
+    "masking.py",
+    "backbones.py",
+    "sentence_transformers_files.py",
+    "vision_attention.py",
+}
+ALLOWED_MODULES = {
+    "__future__",
+    "collections",
+    "collections.abc",
+    "copy",
+    "dataclasses",
+    "importlib.metadata",
+    "inspect",
+    "io",
+    "json",
+    "logging",
+    "math",
+    "os",
+    "re",
+    "shutil",
+    "tempfile",
+    "typing",
+    "functools",
+    "itertools",
+    "contextlib",
+    "warnings",
+    "numpy",
+    "PIL",
+}
 ALLOWED_PACKAGES = ("torch", "transformers", "PIL")  # and their submodules
-FORBIDDEN_NAMES = {"load_image", "hf_hub_download", "snapshot_download", "cached_file", "urlopen", "get_file_from_repo"}
+FORBIDDEN_NAMES = {
+    "load_image",
+    "hf_hub_download",
+    "snapshot_download",
+    "cached_file",
+    "urlopen",
+    "get_file_from_repo",
+}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "breakpoint"}
-FORBIDDEN_ATTRIBUTE_CALLS = {("torch", "load"), ("jit", "load"), ("pickle", "load"), ("pickle", "loads"),
-                             ("os", "system"), ("os", "popen"), ("os", "exec"), ("np", "load"), ("numpy", "load"),
-                             ("importlib", "import_module"), ("requests", "get"), ("urllib", "request")}  # fmt: skip
+FORBIDDEN_ATTRIBUTE_CALLS = {
+    ("torch", "load"),
+    ("jit", "load"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("os", "system"),
+    ("os", "popen"),
+    ("os", "exec"),
+    ("np", "load"),
+    ("numpy", "load"),
+    ("importlib", "import_module"),
+    ("requests", "get"),
+    ("urllib", "request"),
+}
 
 
 def violations(source: str, name: str = "<source>") -> list[str]:
@@ -66,19 +113,22 @@ def test_the_shipped_files_pass_the_scan(checkpoint):
         assert violations((checkpoint / name).read_text(), name) == [], name
 
 
-@pytest.mark.parametrize("source, what", [
-    ("import socket", "import socket"),
-    ("from urllib.request import urlopen", "from urllib.request"),
-    ("import pickle\npickle.loads(b'')", "import pickle"),
-    ("import torch\nstate = torch.load('weights.pt')", "calls torch.load()"),
-    ("eval('1 + 1')", "calls eval()"),
-    ("exec('x = 1')", "calls exec()"),
-    ("from transformers.image_utils import load_image", "imports load_image"),
-    ("from huggingface_hub import hf_hub_download", "from huggingface_hub"),
-    ("import subprocess", "import subprocess"),
-    ("import os\nos.system('ls')", "calls os.system()"),
-    ("import importlib\nimportlib.import_module('socket')", "import importlib"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "source, what",
+    [
+        ("import socket", "import socket"),
+        ("from urllib.request import urlopen", "from urllib.request"),
+        ("import pickle\npickle.loads(b'')", "import pickle"),
+        ("import torch\nstate = torch.load('weights.pt')", "calls torch.load()"),
+        ("eval('1 + 1')", "calls eval()"),
+        ("exec('x = 1')", "calls exec()"),
+        ("from transformers.image_utils import load_image", "imports load_image"),
+        ("from huggingface_hub import hf_hub_download", "from huggingface_hub"),
+        ("import subprocess", "import subprocess"),
+        ("import os\nos.system('ls')", "calls os.system()"),
+        ("import importlib\nimportlib.import_module('socket')", "import importlib"),
+    ],
+)
 def test_the_scan_catches_what_it_forbids(source, what):
     assert any(what in violation for violation in violations(source))
 
@@ -86,8 +136,11 @@ def test_the_scan_catches_what_it_forbids(source, what):
 def test_weights_are_safetensors_only(checkpoint, tmp_path):
     from transformers import AutoModel
 
-    weight_files = [path.name for path in checkpoint.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pth",
-                                                                                 ".pkl", ".ckpt", ".msgpack", ".h5")]  # fmt: skip
+    weight_files = [
+        path.name
+        for path in checkpoint.iterdir()
+        if path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".msgpack", ".h5")
+    ]
     assert weight_files == ["model.safetensors"]
     # a folder that offers only a pickled state dict is refused rather than unpickled
     pickled = tmp_path / "pickled"

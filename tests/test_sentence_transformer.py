@@ -1,4 +1,5 @@
-"""CoMa checkpoints are SentenceTransformers: same vectors as AutoModel, prompts in the instruction slot, order kept."""
+"""CoMa checkpoints are SentenceTransformers: same vectors as AutoModel, prompts in the instruction slot, order
+kept."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from coma_hf import CoMaInputError
 from coma_hf.sentence_transformer import load_sentence_transformer
-from conftest import random_image, tiny_coma
+
+from utils import random_image, tiny_coma
 
 # A fresh interpreter in which `import coma_hf` fails: AutoModel and SentenceTransformer from the same folder.
 CHILD = textwrap.dedent(
@@ -45,19 +47,26 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_same_vectors_through_automodel_and_sentence_transformer_without_coma_hf(tmp_path):
     model, _ = tiny_coma()
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
-    assert {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"} <= set(os.listdir(folder))
+    assert {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"} <= set(
+        os.listdir(folder)
+    )
     image_path = tmp_path / "image.png"
     random_image(3).save(image_path)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
     env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder), str(image_path), str(tmp_path / "out.pt")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = torch.load(tmp_path / "out.pt")
     for name in ("text", "images", "mixed", "query", "document"):
@@ -70,15 +79,21 @@ def test_same_vectors_through_automodel_and_sentence_transformer_without_coma_hf
 
 @pytest.fixture(scope="module")
 def st(tmp_path_factory):
-    from conftest import tiny_sentence_transformer
+    from utils import tiny_sentence_transformer
 
     return tiny_sentence_transformer(tmp_path_factory)
 
 
 def test_mixed_lists_keep_their_order(st):
     model, _ = tiny_coma()
-    items = [random_image(1), "first text", {"image": random_image(2), "text": "caption"}, "second text",
-             {"image": random_image(3)}, random_image(4)]  # fmt: skip
+    items = [
+        random_image(1),
+        "first text",
+        {"image": random_image(2), "text": "caption"},
+        "second text",
+        {"image": random_image(3)},
+        random_image(4),
+    ]
     one_by_one = torch.cat([model.encode([item]) for item in items])
     together = st.encode(items, convert_to_tensor=True, batch_size=4)
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
@@ -97,8 +112,12 @@ def test_mmeb_rows_keep_their_own_instruction(st):
 
 def test_messages_that_are_not_one_input_are_refused(st):
     processor = st[0].processor
-    two_images = [{"role": "user", "content": [{"type": "image", "image": random_image(1)},
-                                               {"type": "image", "image": random_image(2)}]}]  # fmt: skip
+    two_images = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": random_image(1)}, {"type": "image", "image": random_image(2)}],
+        }
+    ]
     with pytest.raises(CoMaInputError, match=r"sample 0, field 'image'.*2 images"):
         processor.apply_chat_template(two_images, tokenize=True)
     pair = [[{"role": "query", "content": "q"}, {"role": "document", "content": "d"}]]

@@ -18,7 +18,8 @@ from coma_hf.data.synthetic import (
     render_scene,
     write_synthetic_dataset,
 )
-from conftest import random_image, tiny_coma
+
+from utils import random_image, tiny_coma
 
 TURNS = [{"question": "What colour?", "answer": "red"}, {"question": "How many?", "answer": "two"}]
 
@@ -33,10 +34,13 @@ def test_jsonl_with_relative_and_absolute_images(tmp_path):
     random_image(0).save(tmp_path / "img" / "a.png")
     elsewhere = tmp_path / "elsewhere.png"
     random_image(1).save(elsewhere)
-    path = _jsonl(tmp_path / "data.jsonl", [
-        {"id": "r0", "image": "img/a.png", "text": "hello", "conversation": TURNS},
-        {"id": "r1", "image": str(elsewhere), "conversation": TURNS[:1]},
-    ])  # fmt: skip
+    path = _jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"id": "r0", "image": "img/a.png", "text": "hello", "conversation": TURNS},
+            {"id": "r1", "image": str(elsewhere), "conversation": TURNS[:1]},
+        ],
+    )
     dataset, root = load_stage1_dataset(path)
     records = [normalize_stage1_record(dataset[index], index, root) for index in range(len(dataset))]
     assert records[0]["image"] == str(tmp_path / "img" / "a.png") and records[0]["text"] == "hello"
@@ -48,34 +52,41 @@ def test_jsonl_with_relative_and_absolute_images(tmp_path):
 
 def test_llava_sharegpt_and_messages_formats():
     llava = {
-        "id": "l", "image": "x.png",
+        "id": "l",
+        "image": "x.png",
         "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A dog."},
-            {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "In a park."},
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": "A dog."},
+            {"from": "human", "value": "Where?"},
+            {"from": "gpt", "value": "In a park."},
         ],
-    }  # fmt: skip
+    }
     record = normalize_stage1_record(llava)
     assert record["conversation"] == [
-        {"question": "What is shown?", "answer": "A dog."}, {"question": "Where?", "answer": "In a park."},
-    ]  # fmt: skip
+        {"question": "What is shown?", "answer": "A dog."},
+        {"question": "Where?", "answer": "In a park."},
+    ]
     messages = {
-        "id": "m", "images": ["y.png"],
+        "id": "m",
+        "images": ["y.png"],
         "messages": [
             {"role": "system", "content": "be brief"},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
             {"role": "assistant", "content": "Blue."},
         ],
-    }  # fmt: skip
+    }
     record = normalize_stage1_record(messages)
     assert record["image"] == "y.png" and record["conversation"] == [{"question": "Colour?", "answer": "Blue."}]
 
 
 def test_datasets_image_column(tmp_path):
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "conversation": [{"question": datasets.Value("string"), "answer": datasets.Value("string")}],
-    })  # fmt: skip
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "conversation": [{"question": datasets.Value("string"), "answer": datasets.Value("string")}],
+        }
+    )
     dataset = datasets.Dataset.from_dict({"image": [random_image(2)], "conversation": [TURNS]}, features=features)
     dataset.save_to_disk(str(tmp_path / "saved"))
     loaded, root = load_stage1_dataset(tmp_path / "saved")
@@ -101,13 +112,16 @@ def test_bad_rows_are_errors_naming_row_and_field(tmp_path):
 def test_validation_lists_every_bad_row(tmp_path):
     random_image(0).save(tmp_path / "good.png")
     (tmp_path / "corrupt.png").write_bytes(b"garbage")
-    path = _jsonl(tmp_path / "data.jsonl", [
-        {"id": "ok", "image": "good.png", "conversation": TURNS},
-        {"id": "missing", "image": "nowhere.png", "conversation": TURNS},
-        {"id": "corrupt", "image": "corrupt.png", "conversation": TURNS},
-        {"id": "empty", "image": "good.png", "conversation": []},
-        {"id": "blank-answer", "image": "good.png", "conversation": [{"question": "q?", "answer": " "}]},
-    ])  # fmt: skip
+    path = _jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"id": "ok", "image": "good.png", "conversation": TURNS},
+            {"id": "missing", "image": "nowhere.png", "conversation": TURNS},
+            {"id": "corrupt", "image": "corrupt.png", "conversation": TURNS},
+            {"id": "empty", "image": "good.png", "conversation": []},
+            {"id": "blank-answer", "image": "good.png", "conversation": [{"question": "q?", "answer": " "}]},
+        ],
+    )
     dataset, root = load_stage1_dataset(path)
     _, processor = tiny_coma()
     bad = validate_stage1_dataset(dataset, processor, root)

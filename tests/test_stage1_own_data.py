@@ -11,10 +11,23 @@ from transformers import AutoTokenizer
 
 from coma_hf.data.stage1 import hold_out_by_image
 from coma_hf.evaluation.compression import token_f1
-from conftest import load_example, random_image
 
-TOY = ["--tiny_hidden_size", "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens",
-       "4", "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0"]  # fmt: skip
+from utils import load_example, random_image
+
+TOY = [
+    "--tiny_hidden_size",
+    "32",
+    "--num_compression_tokens",
+    "4",
+    "--min_image_tokens",
+    "4",
+    "--max_image_tokens",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+]
 ANSWERS = ("a red circle on the left", "two", "the digit seven in the lower right corner of the picture")
 
 
@@ -25,8 +38,16 @@ def _llava_rows(folder, images: int = 12, rows_per_image: int = 2) -> list[dict]
         random_image(image, (56, 56)).save(folder / f"picture{image}.png")
         for turn in range(rows_per_image):
             answer = ANSWERS[(image + turn) % len(ANSWERS)]
-            rows.append({"id": f"p{image}-{turn}", "image": f"picture{image}.png", "conversations": [
-                {"from": "human", "value": f"<image>\nQuestion {turn}?"}, {"from": "gpt", "value": answer}]})
+            rows.append(
+                {
+                    "id": f"p{image}-{turn}",
+                    "image": f"picture{image}.png",
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\nQuestion {turn}?"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
     return rows
 
 
@@ -53,14 +74,28 @@ def test_token_f1_against_hand_counts():
     assert token_f1("blue", "red") == 0.0
 
 
+@pytest.mark.slow
 def test_short_run_on_own_data_reports_losses_and_held_out_answers(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     rows = _llava_rows(data)
     (data / "my.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     script = load_example("pretrain")
-    summary = script.main(TOY + ["--dataset", str(data / "my.jsonl"), "--max_steps", "3", "--logging_steps", "100",
-                                 "--validation_split_percentage", "25", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    summary = script.main(
+        TOY
+        + [
+            "--dataset",
+            str(data / "my.jsonl"),
+            "--max_steps",
+            "3",
+            "--logging_steps",
+            "100",
+            "--validation_split_percentage",
+            "25",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     # a run shorter than one logging window still has the loss of its first and its last optimizer step
     assert isinstance(summary["train_loss_first"], float) and isinstance(summary["train_loss_last"], float)
     assert summary["train_loss_first"] != summary["train_loss_last"]
@@ -89,6 +124,7 @@ def test_short_run_on_own_data_reports_losses_and_held_out_answers(tmp_path):
     assert saved["eval_source"].startswith("6 rows held out of --dataset by image")
 
 
+@pytest.mark.slow
 def test_first_and_last_step_losses_match_trainers_own_per_step_logs(tmp_path):
     """With accumulation, a step's loss is the sum of its scaled micro-batch losses: what Trainer logs when it logs
     every step."""
@@ -107,9 +143,23 @@ def test_first_and_last_step_losses_match_trainers_own_per_step_logs(tmp_path):
     script = load_example("pretrain")
     original, trainer_module.CoMaCompressionTrainer = trainer_module.CoMaCompressionTrainer, RecordingTrainer
     try:
-        summary = script.main(TOY + ["--dataset", str(data / "my.jsonl"), "--max_steps", "3", "--logging_steps", "1",
-                                     "--gradient_accumulation_steps", "2", "--validation_split_percentage", "0",
-                                     "--output_dir", str(tmp_path / "out")])  # fmt: skip
+        summary = script.main(
+            TOY
+            + [
+                "--dataset",
+                str(data / "my.jsonl"),
+                "--max_steps",
+                "3",
+                "--logging_steps",
+                "1",
+                "--gradient_accumulation_steps",
+                "2",
+                "--validation_split_percentage",
+                "0",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     finally:
         trainer_module.CoMaCompressionTrainer = original
     logged = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
@@ -130,7 +180,9 @@ def test_hold_out_reads_stored_images_by_their_bytes_and_checks_the_percentage()
         return buffer.getvalue()
 
     # ten different pictures stored under one bare file name, two rows each: ten groups, not one
-    rows = [{"image": {"bytes": png(index), "path": "image.png"}, "text": None} for index in range(10) for _ in range(2)]
+    rows = [
+        {"image": {"bytes": png(index), "path": "image.png"}, "text": None} for index in range(10) for _ in range(2)
+    ]
     dataset = Dataset.from_list(rows).cast_column("image", datasets.Image())
     train, heldout = hold_out_by_image(dataset, percentage=20, max_rows=100)
     assert len(heldout) == 4 and len(train) == 16

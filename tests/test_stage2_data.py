@@ -9,17 +9,32 @@ import pytest
 from coma_hf import CoMaInputError
 from coma_hf.data.mini_mmeb import META_TASKS, write_mini_mmeb
 from coma_hf.data.stage2 import embedding_input, load_mmeb_train, normalize_pair
-from conftest import random_image, tiny_coma
+
+from utils import random_image, tiny_coma
 
 
 def test_pairs_resolve_images_keep_placeholders_and_negatives(tmp_path):
     random_image(0).save(tmp_path / "a.png")
     rows = [
-        {"qry": "<|image_1|> Represent the given image.", "qry_image_path": "a.png", "pos_text": "a cat",
-         "pos_image_path": "", "neg_text": "a dog", "neg_image_path": "", "dataset": "ImageNet-1K"},
-        {"qry": "Find the image of a cat", "qry_image_path": "", "pos_text": "", "pos_image_path": "a.png",
-         "neg_text": "", "neg_image_path": "a.png", "dataset": "MSCOCO_t2i"},
-    ]  # fmt: skip
+        {
+            "qry": "<|image_1|> Represent the given image.",
+            "qry_image_path": "a.png",
+            "pos_text": "a cat",
+            "pos_image_path": "",
+            "neg_text": "a dog",
+            "neg_image_path": "",
+            "dataset": "ImageNet-1K",
+        },
+        {
+            "qry": "Find the image of a cat",
+            "qry_image_path": "",
+            "pos_text": "",
+            "pos_image_path": "a.png",
+            "neg_text": "",
+            "neg_image_path": "a.png",
+            "dataset": "MSCOCO_t2i",
+        },
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     pairs = load_mmeb_train(tmp_path / "train.jsonl")
     assert pairs[0]["anchor_text"] == rows[0]["qry"] and pairs[0]["anchor_image"] == str(tmp_path / "a.png")
@@ -39,7 +54,9 @@ def test_pairs_resolve_images_keep_placeholders_and_negatives(tmp_path):
 def test_bad_rows_name_the_row_and_column():
     with pytest.raises(CoMaInputError, match=r"sample 4, field 'pos_text'.*missing column"):
         normalize_pair({"qry": "q", "qry_image_path": "", "pos_image_path": ""}, index=4)
-    with pytest.raises(CoMaInputError, match=r"sample 2, field 'pos_text'.*both pos_text and pos_image_path are empty"):
+    with pytest.raises(
+        CoMaInputError, match=r"sample 2, field 'pos_text'.*both pos_text and pos_image_path are empty"
+    ):
         normalize_pair({"qry": "q", "qry_image_path": "", "pos_text": " ", "pos_image_path": ""}, index=2)
     no_negative = {"qry": "q", "qry_image_path": "", "pos_text": "p", "pos_image_path": "", "neg_text": ""}
     assert normalize_pair(no_negative, with_negative=True)["negative_text"] == ""
@@ -56,7 +73,8 @@ def test_mini_mmeb_training_pairs_load_by_dataset(tmp_path):
 
 def test_collator_builds_one_input_per_side_and_marks_missing_negatives(tmp_path_factory):
     from coma_hf.training import CoMaContrastiveCollator
-    from conftest import tiny_sentence_transformer
+
+    from utils import tiny_sentence_transformer
 
     st = tiny_sentence_transformer(tmp_path_factory)
     seen = []
@@ -68,8 +86,15 @@ def test_collator_builds_one_input_per_side_and_marks_missing_negatives(tmp_path
     collator = CoMaContrastiveCollator(preprocess_fn=preprocess)
     image = str(tmp_path_factory.mktemp("images") / "a.png")
     random_image(0).save(image)
-    row = {"anchor_text": "<|image_1|> Classify", "anchor_image": image, "positive_text": "cat", "positive_image": "",
-           "negative_text": "dog", "negative_image": "", "dataset": "ImageNet-1K"}  # fmt: skip
+    row = {
+        "anchor_text": "<|image_1|> Classify",
+        "anchor_image": image,
+        "positive_text": "cat",
+        "positive_image": "",
+        "negative_text": "dog",
+        "negative_image": "",
+        "dataset": "ImageNet-1K",
+    }
     batch = collator([row, {**row, "positive_text": "", "positive_image": image}])
     assert seen == [
         [{"text": "<|image_1|> Classify", "image": image}] * 2,
@@ -94,13 +119,20 @@ def test_chance_baselines_by_hand():
     from coma_hf.evaluation.mmeb import MMEBDataset, chance_baselines
 
     labels = ["one", "two", "three"]
-    classification = MMEBDataset("Count", [
-        {"qry_text": "q", "tgt_text": [gold] + [label for label in labels if label != gold]} for gold in
-        ["two", "two", "one", "two"]
-    ], meta_task="Classification")  # fmt: skip
-    retrieval = MMEBDataset("Find", [{"qry_text": f"q{i}", "tgt_text": [f"d{i}", "x", "y", "z"]} for i in range(4)],
-                            meta_task="Retrieval")  # fmt: skip
+    classification = MMEBDataset(
+        "Count",
+        [
+            {"qry_text": "q", "tgt_text": [gold] + [label for label in labels if label != gold]}
+            for gold in ["two", "two", "one", "two"]
+        ],
+        meta_task="Classification",
+    )
+    retrieval = MMEBDataset(
+        "Find", [{"qry_text": f"q{i}", "tgt_text": [f"d{i}", "x", "y", "z"]} for i in range(4)], meta_task="Retrieval"
+    )
     result = chance_baselines([classification, retrieval])
-    assert result["datasets"]["Count"]["constant"] == 0.75 and result["datasets"]["Count"]["random"] == pytest.approx(1 / 3)
+    assert result["datasets"]["Count"]["constant"] == 0.75 and result["datasets"]["Count"]["random"] == pytest.approx(
+        1 / 3
+    )
     assert result["datasets"]["Find"]["best"] == 0.25  # every gold differs: random 1/4 beats constant 1/4 (equal)
     assert result["overall"]["best"] == pytest.approx((0.75 + 0.25) / 2)

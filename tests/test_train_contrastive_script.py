@@ -11,11 +11,29 @@ import torch
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
-from conftest import load_example
 
-TOY = ["--recipe", "tiny", "--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1",
-       "--per_device_eval_batch_size", "16", "--dataloader_num_workers", "0", "--cached", "true",
-       "--mini_batch_size", "4", "--symmetric", "true"]  # fmt: skip
+from utils import load_example
+
+TOY = [
+    "--recipe",
+    "tiny",
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--per_device_eval_batch_size",
+    "16",
+    "--dataloader_num_workers",
+    "0",
+    "--cached",
+    "true",
+    "--mini_batch_size",
+    "4",
+    "--symmetric",
+    "true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +56,44 @@ def _hand_chance_baseline(folder) -> float:
     return sum(per_dataset) / len(per_dataset)
 
 
+@pytest.mark.slow
 def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path, synthetic):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
     stage1 = tmp_path / "stage1"
-    load_example("pretrain").main([
-        "--num_train_scenes", "12", "--num_dev_scenes", "6", "--num_test_scenes", "2", "--scene_size", "56",
-        "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_eval_samples", "2", "--tiny_hidden_size",
-        "32", "--num_compression_tokens", "4", "--min_image_tokens", "4", "--max_image_tokens", "4",
-        "--dataloader_num_workers", "0", "--output_dir", str(stage1), "--synthetic_dir", str(synthetic),
-    ])  # fmt: skip
+    load_example("pretrain").main(
+        [
+            "--num_train_scenes",
+            "12",
+            "--num_dev_scenes",
+            "6",
+            "--num_test_scenes",
+            "2",
+            "--scene_size",
+            "56",
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_eval_samples",
+            "2",
+            "--tiny_hidden_size",
+            "32",
+            "--num_compression_tokens",
+            "4",
+            "--min_image_tokens",
+            "4",
+            "--max_image_tokens",
+            "4",
+            "--dataloader_num_workers",
+            "0",
+            "--output_dir",
+            str(stage1),
+            "--synthetic_dir",
+            str(synthetic),
+        ]
+    )
     output = tmp_path / "stage2"
     script, trainers = load_example("train_contrastive"), []
 
@@ -75,7 +120,9 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
     # the checkpoint carries both stages' summaries and CoMa's card (not sentence-transformers' generated one)
     assert json.loads((output / "pretrain_summary.json").read_text())["global_steps"] == 1
     card = (output / "README.md").read_text()
-    assert "CoMa" in card and "| stage 1 (compression) | 1 steps" in card and "| stage 2 (contrastive) | 3 steps" in card
+    assert (
+        "CoMa" in card and "| stage 1 (compression) | 1 steps" in card and "| stage 2 (contrastive) | 3 steps" in card
+    )
     assert "recipe tiny" in card
 
     dev = load_mmeb_datasets(synthetic / "mini_mmeb" / "dev")
@@ -86,19 +133,24 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
     # under the 1e-6 differences of another batching)
     rescored = MMEBEvaluator(dev, show_progress_bar=False)(st)
     assert rescored["overall"]["precision@1"] == pytest.approx(saved["eval_precision_at_1"])
-    inputs = ["a red circle", {"image": str(synthetic / json.loads((synthetic / "dev.jsonl").open().readline())["image"])}]
+    inputs = [
+        "a red circle",
+        {"image": str(synthetic / json.loads((synthetic / "dev.jsonl").open().readline())["image"])},
+    ]
     torch.testing.assert_close(st.encode(inputs, convert_to_tensor=True), model.encode(inputs), atol=1e-5, rtol=0)
     # training moved the weights away from stage 1
     start = AutoModel.from_pretrained(stage1, trust_remote_code=True).eval()
     assert (start.encode(inputs) - model.encode(inputs)).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_missing_stage_one_checkpoint_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"python examples/pretrain.py.*--from_backbone"):
         load_example("train_contrastive").main(["--max_steps", "1"])
 
 
+@pytest.mark.slow
 def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, synthetic):
     train = (synthetic / "mini_mmeb" / "train.jsonl").read_text().splitlines()[:24]
     rows = [json.loads(line) for line in train]
@@ -106,13 +158,34 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, synthetic):
     rows[5]["qry_image_path"] = str(tmp_path / "broken.png")
     rows[9]["pos_image_path"] = str(tmp_path / "missing.png")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    common = TOY + ["--from_backbone", "--tiny_hidden_size", "32", "--num_compression_tokens", "4",
-                    "--min_image_tokens", "4", "--max_image_tokens", "4", "--dataset", str(tmp_path / "train.jsonl"),
-                    "--image_root", str(synthetic), "--eval_data", str(synthetic / "mini_mmeb" / "dev"),
-                    "--eval_datasets", "Mini-Count", "--max_steps", "1"]  # fmt: skip
+    common = TOY + [
+        "--from_backbone",
+        "--tiny_hidden_size",
+        "32",
+        "--num_compression_tokens",
+        "4",
+        "--min_image_tokens",
+        "4",
+        "--max_image_tokens",
+        "4",
+        "--dataset",
+        str(tmp_path / "train.jsonl"),
+        "--image_root",
+        str(synthetic),
+        "--eval_data",
+        str(synthetic / "mini_mmeb" / "dev"),
+        "--eval_datasets",
+        "Mini-Count",
+        "--max_steps",
+        "1",
+    ]
     with pytest.raises(SystemExit, match=r"2 bad training rows[\s\S]*row 5: anchor: .*broken.png"):
-        load_example("train_contrastive").main(common + ["--validate_data", "true", "--output_dir", str(tmp_path / "a")])
-    summary = load_example("train_contrastive").main(common + ["--skip_bad_samples", "true", "--output_dir", str(tmp_path / "b")])
+        load_example("train_contrastive").main(
+            common + ["--validate_data", "true", "--output_dir", str(tmp_path / "a")]
+        )
+    summary = load_example("train_contrastive").main(
+        common + ["--skip_bad_samples", "true", "--output_dir", str(tmp_path / "b")]
+    )
     assert summary["num_skipped_samples"] == 2 and summary["num_train_pairs"] == 22
     assert [sample["index"] for sample in summary["skipped_samples"]] == [5, 9]
     assert "missing.png" in summary["skipped_samples"][1]["error"]

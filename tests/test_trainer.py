@@ -18,7 +18,8 @@ from coma_hf.data.stage1 import load_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
 from coma_hf.training import CoMaCompressionCollator, CoMaCompressionTrainer, LoraArguments, apply_lora
-from conftest import random_image
+
+from utils import random_image
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,18 @@ def scenes(tmp_path_factory):
 
 def _args(output_dir, **overrides):
     values = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=6, logging_steps=1,
-        save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
     values.update(overrides)
     return TrainingArguments(**values)
 
@@ -48,21 +58,27 @@ def _weights(model):
 def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(scenes, tmp_path):
     dataset, root = scenes
     model, processor = _fresh_model()
-    CoMaCompressionTrainer(model=model, args=_args(tmp_path / "full"), train_dataset=dataset,
-                           processing_class=processor, image_root=root).train()  # fmt: skip
+    CoMaCompressionTrainer(
+        model=model, args=_args(tmp_path / "full"), train_dataset=dataset, processing_class=processor, image_root=root
+    ).train()
     uninterrupted = _weights(model)
 
     model, processor = _fresh_model()
     interrupted_args = _args(tmp_path / "part", save_strategy="steps", save_steps=3)  # same run, checkpointed
-    CoMaCompressionTrainer(model=model, args=interrupted_args, train_dataset=dataset, processing_class=processor,
-                           image_root=root).train()  # fmt: skip
+    CoMaCompressionTrainer(
+        model=model, args=interrupted_args, train_dataset=dataset, processing_class=processor, image_root=root
+    ).train()
     checkpoint = tmp_path / "part" / "checkpoint-3"
     assert (checkpoint / "processor_config.json").exists()  # checkpoints carry the processor
 
     model, processor = _fresh_model()
-    resumed = CoMaCompressionTrainer(model=model, args=_args(tmp_path / "resumed", save_strategy="steps", save_steps=3),
-                                     train_dataset=dataset,
-                                     processing_class=processor, image_root=root)  # fmt: skip
+    resumed = CoMaCompressionTrainer(
+        model=model,
+        args=_args(tmp_path / "resumed", save_strategy="steps", save_steps=3),
+        train_dataset=dataset,
+        processing_class=processor,
+        image_root=root,
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
     for name, value in _weights(model).items():
@@ -75,10 +91,17 @@ def test_gradient_accumulation_matches_a_larger_batch(scenes, tmp_path):
     results = []
     for batch, accumulation in ((4, 1), (2, 2)):
         model, processor = _fresh_model()
-        args = _args(tmp_path / f"acc{accumulation}", per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=accumulation, max_steps=2, optim="sgd", learning_rate=0.5)  # fmt: skip
-        CoMaCompressionTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                               image_root=root).train()  # fmt: skip
+        args = _args(
+            tmp_path / f"acc{accumulation}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            optim="sgd",
+            learning_rate=0.5,
+        )
+        CoMaCompressionTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=processor, image_root=root
+        ).train()
         results.append(_weights(model))
     for name, value in results[0].items():
         torch.testing.assert_close(value, results[1][name], atol=1e-5, rtol=1e-4, msg=name)
@@ -96,10 +119,21 @@ def _hand_answer_loss(model, inputs) -> float:
 def test_training_logs_loss_tokens_per_second_and_evaluates(scenes, tmp_path):
     dataset, root = scenes
     model, processor = _fresh_model()
-    args = _args(tmp_path / "log", eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4,
-                 gradient_checkpointing=True)  # fmt: skip
-    trainer = CoMaCompressionTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(8)),
-                                     processing_class=processor, image_root=root)  # fmt: skip
+    args = _args(
+        tmp_path / "log",
+        eval_strategy="steps",
+        eval_steps=3,
+        per_device_eval_batch_size=4,
+        gradient_checkpointing=True,
+    )
+    trainer = CoMaCompressionTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(8)),
+        processing_class=processor,
+        image_root=root,
+    )
     expected, tokens, padded = [], [], []
     compute_loss = trainer.compute_loss
 
@@ -133,12 +167,18 @@ def test_bad_row_stops_training_naming_row_and_field(tmp_path):
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     dataset, root = load_stage1_dataset(tmp_path / "data.jsonl")
     model, processor = _fresh_model()
-    trainer = CoMaCompressionTrainer(model=model, args=_args(tmp_path / "out", max_steps=1), train_dataset=dataset,
-                                     processing_class=processor, image_root=root)  # fmt: skip
+    trainer = CoMaCompressionTrainer(
+        model=model,
+        args=_args(tmp_path / "out", max_steps=1),
+        train_dataset=dataset,
+        processing_class=processor,
+        image_root=root,
+    )
     with pytest.raises(CoMaInputError, match=r"sample row-bad, field 'image'.*missing.png"):
         trainer.train()
 
 
+@pytest.mark.slow
 def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_path):
     dataset, root = scenes
     model, processor = _fresh_model()
@@ -150,8 +190,13 @@ def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_p
     assert not any("visual" in name for name in trainable)
     assert any("q_proj" in name for name in trainable) and any("o_proj" in name for name in trainable)
 
-    trainer = CoMaCompressionTrainer(model=peft_model, args=_args(tmp_path / "lora", learning_rate=1e-2, max_steps=3),
-                                     train_dataset=dataset, processing_class=processor, image_root=root)  # fmt: skip
+    trainer = CoMaCompressionTrainer(
+        model=peft_model,
+        args=_args(tmp_path / "lora", learning_rate=1e-2, max_steps=3),
+        train_dataset=dataset,
+        processing_class=processor,
+        image_root=root,
+    )
     trainer.train()
     merged = trainer.save_merged(str(tmp_path / "merged"))
     assert type(merged).__name__ == "CoMaModel" and not any("lora" in name for name in merged.state_dict())
@@ -173,9 +218,13 @@ def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_p
         torch.save(model.encode_text(["a red circle", "two squares"]), sys.argv[2])
         """
     )
-    result = subprocess.run([sys.executable, "-c", child, str(tmp_path / "merged"), str(tmp_path / "vectors.pt")],
-                            capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-                            "PATH": "/usr/bin:/bin"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "merged"), str(tmp_path / "vectors.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     merged.eval()
     expected = merged.encode_text(["a red circle", "two squares"])
@@ -196,7 +245,9 @@ def test_collator_counts_dropped_turns():
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
-    length = 2 + int(grid.prod()) // processor.image_processor.merge_size**2 + tokens(processor.compress_instruction) + 4
+    length = (
+        2 + int(grid.prod()) // processor.image_processor.merge_size**2 + tokens(processor.compress_instruction) + 4
+    )
     kept = 0
     for turn in turns:  # <|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n{A}<|im_end|>\n
         turn_length = 4 + tokens("user\n") + tokens(turn["question"]) + 2 * tokens("\n") + tokens("assistant\n")

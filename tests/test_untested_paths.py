@@ -17,7 +17,8 @@ from coma_hf.data.stage1 import load_stage1_dataset
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
 from coma_hf.training import CoMaCompressionCollator, CoMaCompressionTrainer, LoraArguments, apply_lora, trainers
-from conftest import load_example, random_image, tiny_coma, tiny_sentence_transformer
+
+from utils import load_example, random_image, tiny_coma, tiny_sentence_transformer
 
 ADAPTER_NAMES = ("lora_", "base_layer", "magnitude", "token_adapter")  # what peft adds to a wrapped model's keys
 TEXTS = ["a red circle left of a blue square", "the digit seven"]
@@ -32,7 +33,7 @@ def _outputs(model, images, batch) -> dict[str, torch.Tensor]:
     return {"text": model.encode_text(TEXTS), "images": model.encode_images(images), "loss": loss}
 
 
-# ---- DoRA in the paper recipe ----------------------------------------------------------------------------------------
+# ---- DoRA in the paper recipe ---------------------------------------------------------------------------------------
 
 
 def test_dora_adapter_trains_and_merges_into_the_same_outputs(tmp_path):
@@ -46,11 +47,21 @@ def test_dora_adapter_trains_and_merges_into_the_same_outputs(tmp_path):
     adapter = {name: value.detach().clone() for name, value in peft_model.named_parameters() if value.requires_grad}
     assert any("lora_magnitude_vector" in name for name in adapter) and any("lora_B" in name for name in adapter)
 
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-2,
-                             max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
-                             dataloader_num_workers=0)  # fmt: skip
-    trainer = CoMaCompressionTrainer(model=peft_model, args=args, train_dataset=dataset, processing_class=processor,
-                                     image_root=root)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=3,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    trainer = CoMaCompressionTrainer(
+        model=peft_model, args=args, train_dataset=dataset, processing_class=processor, image_root=root
+    )
     trainer.train()
     trained = dict(peft_model.named_parameters())
     for kind in ("lora_magnitude_vector", "lora_A", "lora_B"):
@@ -74,18 +85,47 @@ def test_dora_adapter_trains_and_merges_into_the_same_outputs(tmp_path):
         torch.testing.assert_close(value, with_adapter[name], **SAME, msg=name)
 
 
-# ---- stage-2 LoRA through examples/train_contrastive.py --------------------------------------------------------------
+# ---- stage-2 LoRA through examples/train_contrastive.py -------------------------------------------------------------
 
-STAGE2 = ["--recipe", "tiny", "--use_lora", "true", "--lora_r", "4", "--lora_alpha", "16", "--max_steps", "2",
-          "--max_train_pairs", "8", "--per_device_train_batch_size", "4", "--by_dataset", "false",
-          "--eval_datasets", "Mini-Digit", "--per_device_eval_batch_size", "8", "--dataloader_num_workers", "0",
-          "--learning_rate", "0.01", "--warmup_steps", "0", "--logging_steps", "1", "--seed", "0"]  # fmt: skip
+STAGE2 = [
+    "--recipe",
+    "tiny",
+    "--use_lora",
+    "true",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "16",
+    "--max_steps",
+    "2",
+    "--max_train_pairs",
+    "8",
+    "--per_device_train_batch_size",
+    "4",
+    "--by_dataset",
+    "false",
+    "--eval_datasets",
+    "Mini-Digit",
+    "--per_device_eval_batch_size",
+    "8",
+    "--dataloader_num_workers",
+    "0",
+    "--learning_rate",
+    "0.01",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+]
 
 
 def _weight_names(folder) -> set[str]:
     return {name for path in folder.glob("*.safetensors") for name in load_file(str(path))}
 
 
+@pytest.mark.slow
 def test_stage_two_lora_is_merged_into_a_plain_checkpoint_with_the_adapter_vectors(tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
@@ -105,8 +145,9 @@ def test_stage_two_lora_is_merged_into_a_plain_checkpoint_with_the_adapter_vecto
 
     monkeypatch.setattr(trainers, "merge_lora", merge_after_capturing)
     output = tmp_path / "stage2"
-    script.main(STAGE2 + ["--model_name_or_path", str(start), "--synthetic_dir", str(synthetic),
-                          "--output_dir", str(output)])  # fmt: skip
+    script.main(
+        STAGE2 + ["--model_name_or_path", str(start), "--synthetic_dir", str(synthetic), "--output_dir", str(output)]
+    )
     assert captured, "the script did not merge a LoRA"
 
     keys = _weight_names(output)
@@ -121,7 +162,7 @@ def test_stage_two_lora_is_merged_into_a_plain_checkpoint_with_the_adapter_vecto
     assert (captured["text"] - before).abs().max() > 1e-4  # not vacuous: the trained LoRA moved the vectors
 
 
-# ---- --matryoshka_dims through the cached loss -----------------------------------------------------------------------
+# ---- --matryoshka_dims through the cached loss ----------------------------------------------------------------------
 
 MATRYOSHKA = "64,32,8"
 ANCHORS = ["a red circle", "two blue squares", "a green triangle", "the digit seven", "three yellow dots", "a cat"]
@@ -156,6 +197,7 @@ def st(tmp_path_factory):
     return model
 
 
+@pytest.mark.slow
 def test_matryoshka_dims_through_the_cached_loss_backpropagate_and_train(st):
     script = load_example("train_contrastive")
     features = [st.preprocess(ANCHORS), st.preprocess(POSITIVES)]

@@ -14,7 +14,8 @@ from coma_hf.vision_attention import (
     use_batched_vision_attention,
     vision_attention_implementation,
 )
-from conftest import FAMILIES, random_image
+
+from utils import FAMILIES, random_image
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,7 +52,7 @@ def test_batched_vision_attention_matches_the_stock_path(family):
     assert model.config.backbone_config.vision_config._attn_implementation == "sdpa"  # the config stays buildable
     depth = len(model.model.visual.blocks)
     assert len(calls) == 2 * depth and max(calls) >= len(sizes)  # one call per layer, each over several segments
-    for stock_part, fast_part in zip(_as_list(stock_vision), _as_list(fast_vision)):
+    for stock_part, fast_part in zip(_as_list(stock_vision), _as_list(fast_vision), strict=False):
         torch.testing.assert_close(fast_part, stock_part, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)
 

@@ -26,7 +26,9 @@ def _argument(arguments: list[str], name: str) -> str:
 
 def test_quick_run_is_compute_matched_and_reported(tmp_path):
     benchmark = _benchmark()
-    report = benchmark.main(["--quick", "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "report")])
+    report = benchmark.main(
+        ["--quick", "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "report")]
+    )
     budget = report["budget"]
     names = [(result["run"]["name"], result["run"]["seed"]) for result in report["results"]]
     arms = ["A", "B", "C", "A short"]
@@ -49,8 +51,9 @@ def test_quick_run_is_compute_matched_and_reported(tmp_path):
         assert batch == {str(budget["batch_size"])}
         for split in ("dev", "test"):  # overall weighs the 7 datasets the same: 3 Classification, 2 Retrieval
             scores = result[split]
-            weighted = (3 * scores["Classification"] + scores["VQA"] + 2 * scores["Retrieval"]
-                        + scores["Visual Grounding"]) / 7  # fmt: skip
+            weighted = (
+                3 * scores["Classification"] + scores["VQA"] + 2 * scores["Retrieval"] + scores["Visual Grounding"]
+            ) / 7
             assert scores["overall"] == pytest.approx(weighted)
 
     for arm in arms:  # the summary is the mean and spread of the arm's two seeds
@@ -67,10 +70,15 @@ def test_quick_run_is_compute_matched_and_reported(tmp_path):
 def _results(test_overall: dict[str, list[float]]) -> list[dict]:
     """Runs of every arm whose scores are all one number per run (dev a tenth below test)."""
     meta_tasks = ("Classification", "VQA", "Retrieval", "Visual Grounding")
-    return [{"run": {"name": arm, "seed": seed},
-             "dev": {metric: value - 0.1 for metric in ("overall", *meta_tasks)},
-             "test": {metric: value for metric in ("overall", *meta_tasks)}}
-            for arm, values in test_overall.items() for seed, value in enumerate(values)]  # fmt: skip
+    return [
+        {
+            "run": {"name": arm, "seed": seed},
+            "dev": {metric: value - 0.1 for metric in ("overall", *meta_tasks)},
+            "test": {metric: value for metric in ("overall", *meta_tasks)},
+        }
+        for arm, values in test_overall.items()
+        for seed, value in enumerate(values)
+    ]
 
 
 def test_summary_and_verdict_on_fixed_numbers():
@@ -83,18 +91,26 @@ def test_summary_and_verdict_on_fixed_numbers():
     assert summary["C"]["test"]["overall"] == {"mean": 0.125, "std": 0.0}  # one run: no spread
 
     def summary_of(**arms):  # arm → (mean, std) of test overall
-        return {arm.replace("_", " "): {"test": {"overall": {"mean": mean, "std": std}}}
-                for arm, (mean, std) in arms.items()}  # fmt: skip
+        return {
+            arm.replace("_", " "): {"test": {"overall": {"mean": mean, "std": std}}}
+            for arm, (mean, std) in arms.items()
+        }
 
     # B − A = 0.25 > 0.0625 + 0.0625; B − C = 0.125 = 0.0625 + 0.0625 (equal: not beyond);
     # A short − B = 0.25 > 0.125 + 0.0625
     arms = summary_of(A=(0.25, 0.0625), B=(0.5, 0.0625), C=(0.375, 0.0625), A_short=(0.75, 0.125))
     verdict = benchmark.verdict(arms)
     assert verdict == {
-        "B_minus_A": 0.25, "B_beats_A_beyond_spread": True, "A_beats_B_beyond_spread": False,
-        "B_minus_C": 0.125, "B_beats_C_beyond_spread": False, "C_beats_B_beyond_spread": False,
-        "B_minus_A_short": -0.25, "B_beats_A_short_beyond_spread": False, "A_short_beats_B_beyond_spread": True,
-    }  # fmt: skip
+        "B_minus_A": 0.25,
+        "B_beats_A_beyond_spread": True,
+        "A_beats_B_beyond_spread": False,
+        "B_minus_C": 0.125,
+        "B_beats_C_beyond_spread": False,
+        "C_beats_B_beyond_spread": False,
+        "B_minus_A_short": -0.25,
+        "B_beats_A_short_beyond_spread": False,
+        "A_short_beats_B_beyond_spread": True,
+    }
     line = benchmark._verdict_line(verdict, "A", "compute-matched")
     assert line.endswith("= +25.0 points: **B beats A beyond the seed spread**.")
     assert "= +12.5 points: **within the seed spread**" in benchmark._verdict_line(verdict, "C", "control")

@@ -85,7 +85,9 @@ def vqa_rows(records: list[dict]) -> list[dict]:
     rows = []
     for record in records:
         turn = record["conversation"][0]
-        candidates = [turn["answer"]] + [answer for answer in answers_by_type[turn["type"]] if answer != turn["answer"]]
+        candidates = [turn["answer"]] + [
+            answer for answer in answers_by_type[turn["type"]] if answer != turn["answer"]
+        ]
         query = f"{IMAGE} Represent the given image with the following question: {turn['question']}"
         rows.append(_row(query, record["image"], candidates, [""] * len(candidates)))
     return rows
@@ -104,10 +106,22 @@ def retrieval_rows(records: list[dict], rng: random.Random) -> tuple[list[dict],
         others = _distractors(records, index, NUM_RETRIEVAL_CANDIDATES - 1, rng)
         images = [record["image"]] + [other["image"] for other in others]
         captions = [record["caption"]] + [other["caption"] for other in others]
-        to_image.append(_row(f"Find me an image that matches the given caption: {record['caption']}", None,
-                             [""] * len(images), images))  # fmt: skip
-        to_caption.append(_row(f"{IMAGE} Find an image caption describing the given image.", record["image"],
-                               captions, [""] * len(captions)))  # fmt: skip
+        to_image.append(
+            _row(
+                f"Find me an image that matches the given caption: {record['caption']}",
+                None,
+                [""] * len(images),
+                images,
+            )
+        )
+        to_caption.append(
+            _row(
+                f"{IMAGE} Find an image caption describing the given image.",
+                record["image"],
+                captions,
+                [""] * len(captions),
+            )
+        )
     return to_image, to_caption
 
 
@@ -130,12 +144,18 @@ def grounding_rows(records: list[dict], rng: random.Random, root: Path, crops: P
         target = rng.choice(shapes)
         obj = record["objects"][target]
         candidates = [_crop(record, target, root, crops)]
-        candidates += [_crop(record, position, root, crops) for position in range(len(record["objects"])) if position != target]
+        candidates += [
+            _crop(record, position, root, crops) for position in range(len(record["objects"])) if position != target
+        ]
         for other in _distractors(records, index, NUM_GROUNDING_DISTRACTOR_SCENES, rng):
-            candidates += [_crop(other, position, root, crops) for position in range(len(other["objects"]))
-                           if (other["objects"][position]["colour"], other["objects"][position]["shape"])
-                           != (obj["colour"], obj["shape"])]  # fmt: skip
-        query = f'{IMAGE} Select the portion of the image that isolates the object labeled as "{obj["colour"]} {obj["shape"]}".'
+            candidates += [
+                _crop(other, position, root, crops)
+                for position in range(len(other["objects"]))
+                if (other["objects"][position]["colour"], other["objects"][position]["shape"])
+                != (obj["colour"], obj["shape"])
+            ]
+        label = f"{obj['colour']} {obj['shape']}"
+        query = f'{IMAGE} Select the portion of the image that isolates the object labeled as "{label}".'
         rows.append(_row(query, record["image"], [""] * len(candidates), candidates))
     return rows
 
@@ -157,12 +177,17 @@ def training_pairs(records: list[dict], seed: int, root: Path, crops: Path) -> l
         for row in rows:
             texts, images = row["tgt_text"], row["tgt_img_path"]
             negative = 1 if len(texts) > 1 else None
-            pairs.append({
-                "dataset": name,
-                "qry": row["qry_text"], "qry_image_path": row["qry_img_path"],
-                "pos_text": texts[0], "pos_image_path": images[0],
-                "neg_text": texts[negative] if negative else "", "neg_image_path": images[negative] if negative else "",
-            })  # fmt: skip
+            pairs.append(
+                {
+                    "dataset": name,
+                    "qry": row["qry_text"],
+                    "qry_image_path": row["qry_img_path"],
+                    "pos_text": texts[0],
+                    "pos_image_path": images[0],
+                    "neg_text": texts[negative] if negative else "",
+                    "neg_image_path": images[negative] if negative else "",
+                }
+            )
     return pairs
 
 

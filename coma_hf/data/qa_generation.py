@@ -137,7 +137,9 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def questions_and_answers(model, processor, images: list, num_questions: int = 4, max_new_tokens: int = 64) -> list[list[dict]]:
+def questions_and_answers(
+    model, processor, images: list, num_questions: int = 4, max_new_tokens: int = 64
+) -> list[list[dict]]:
     """For each image, `num_questions` questions (step 1) and their answers from one multi-turn chat (step 2)."""
     if not 3 <= num_questions <= 5:
         raise ValueError(f"num_questions must be between 3 and 5 (the paper's range), got {num_questions}")
@@ -148,15 +150,19 @@ def questions_and_answers(model, processor, images: list, num_questions: int = 4
         if index:
             for chat in asking:
                 chat.append(_user(NEXT_QUESTION.format(about=about)))
-        for chat, asked, reply in zip(asking, questions, _reply(model, processor, asking, max_new_tokens)):
+        for chat, asked, reply in zip(
+            asking, questions, _reply(model, processor, asking, max_new_tokens), strict=False
+        ):
             chat.append(_assistant(reply))
             asked.append(reply)
     answering = [[] for _ in images]
     turns: list[list[dict]] = [[] for _ in images]
     for index, (kind, _) in enumerate(kinds):
-        for chat, image, asked in zip(answering, images, questions):
+        for chat, image, asked in zip(answering, images, questions, strict=False):
             chat.append(_user(asked[index], image if index == 0 else None))
-        for chat, record, asked, reply in zip(answering, turns, questions, _reply(model, processor, answering, max_new_tokens)):
+        for chat, record, asked, reply in zip(
+            answering, turns, questions, _reply(model, processor, answering, max_new_tokens), strict=False
+        ):
             chat.append(_assistant(reply))
             record.append({"question": asked[index], "answer": reply, "type": kind})
     return turns
@@ -184,7 +190,10 @@ def generate_qa(
     counts = {"written": 0, "skipped_done": 0, "skipped_unreadable": 0}
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("a", encoding="utf-8") as handle, tqdm(total=total, desc="Generating QA", unit="image") as bar:
+    with (
+        output_path.open("a", encoding="utf-8") as handle,
+        tqdm(total=total, desc="Generating QA", unit="image") as bar,
+    ):
         batch: list[tuple[str, Any, Any]] = []
         for image_id, image in images:
             if str(image_id) in done:
@@ -199,18 +208,24 @@ def generate_qa(
                 bar.update(1)
                 continue
             if len(batch) == batch_size:
-                counts["written"] += _write_batch(model, processor, batch, handle, num_questions, max_new_tokens, image_root)
+                counts["written"] += _write_batch(
+                    model, processor, batch, handle, num_questions, max_new_tokens, image_root
+                )
                 bar.update(len(batch))
                 batch = []
         if batch:
-            counts["written"] += _write_batch(model, processor, batch, handle, num_questions, max_new_tokens, image_root)
+            counts["written"] += _write_batch(
+                model, processor, batch, handle, num_questions, max_new_tokens, image_root
+            )
             bar.update(len(batch))
     return counts
 
 
 def _write_batch(model, processor, batch, handle, num_questions, max_new_tokens, image_root) -> int:
-    conversations = questions_and_answers(model, processor, [picture for _, _, picture in batch], num_questions, max_new_tokens)
-    for (image_id, image, _), conversation in zip(batch, conversations):
+    conversations = questions_and_answers(
+        model, processor, [picture for _, _, picture in batch], num_questions, max_new_tokens
+    )
+    for (image_id, image, _), conversation in zip(batch, conversations, strict=False):
         stored = image if isinstance(image, str) else None
         if stored and image_root and os.path.isabs(stored):
             stored = os.path.relpath(stored, image_root)

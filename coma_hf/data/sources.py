@@ -105,7 +105,7 @@ def read_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict | None
 def read_jsonl_records(path: str | os.PathLike) -> list[dict]:
     """Every record of a JSONL file; the first bad line raises `CoMaInputError` naming the file and line."""
     records = []
-    for number, record, error in read_jsonl_lines(path):
+    for _, record, error in read_jsonl_lines(path):
         if error is not None:
             raise CoMaInputError(error, field="line")
         records.append(record)

@@ -76,11 +76,14 @@ def normalize_stage1_record(row: dict, index: int = 0, image_root: str | None = 
         )
     elif row.get("messages") is not None:
         conversation = _pair_turns(
-            [(message.get("role"), _message_text(message.get("content"))) for message in row["messages"]
-             if message.get("role") != "system"],
+            [
+                (message.get("role"), _message_text(message.get("content")))
+                for message in row["messages"]
+                if message.get("role") != "system"
+            ],
             sample,
             "messages",
-        )  # fmt: skip
+        )
     else:
         raise CoMaInputError("no 'conversation', 'conversations' or 'messages' field", sample, "conversation")
     if not conversation:
@@ -126,7 +129,9 @@ def _message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
     return ""
 
 
@@ -183,7 +188,7 @@ def _image_keys(dataset, batch_size: int = 1000) -> list[str]:
     for batch in dataset.select_columns(wanted).iter(batch_size=batch_size):
         images = batch.get(name) or [None] * len(next(iter(batch.values())))
         texts = batch.get("text") or [None] * len(images)
-        for image, text in zip(images, texts):
+        for image, text in zip(images, texts, strict=False):
             if name == "images":
                 image = image[0] if image else None
             keys.append(_image_key(image) or f"text:{text if text is not None else len(keys)}")
@@ -206,7 +211,9 @@ def _image_key(image) -> str | None:
     return None
 
 
-def validate_stage1_dataset(dataset, processor, image_root: str | None = None, loss_on: str = "answers") -> list[BadRow]:
+def validate_stage1_dataset(
+    dataset, processor, image_root: str | None = None, loss_on: str = "answers"
+) -> list[BadRow]:
     """Render every row once (images decoded, lengths checked) and return the rows that fail, with reasons."""
     from transformers.utils.logging import tqdm
 

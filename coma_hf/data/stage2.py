@@ -36,8 +36,11 @@ from .sources import (
 )
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
-SIDES = (("anchor", "qry", "qry_image_path"), ("positive", "pos_text", "pos_image_path"),
-         ("negative", "neg_text", "neg_image_path"))  # fmt: skip
+SIDES = (
+    ("anchor", "qry", "qry_image_path"),
+    ("positive", "pos_text", "pos_image_path"),
+    ("negative", "neg_text", "neg_image_path"),
+)
 
 
 def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, with_negative: bool = False) -> dict:
@@ -53,7 +56,9 @@ def normalize_pair(row: dict, index: int = 0, image_root: str | None = None, wit
             continue
         text, image = row.get(text_column) or "", row.get(image_column) or ""
         if not isinstance(text, str) or not isinstance(image, str):
-            raise CoMaInputError("expected strings", sample, text_column if not isinstance(text, str) else image_column)
+            raise CoMaInputError(
+                "expected strings", sample, text_column if not isinstance(text, str) else image_column
+            )
         if not text.strip() and not image:
             if side == "negative":  # MMEB-train carries the columns but leaves most negatives empty
                 pair["negative_text"] = pair["negative_image"] = ""
@@ -151,7 +156,9 @@ def validate_pairs(pairs, processor) -> list[BadRow]:
             continue
         for side in sides(row):
             try:
-                processor.render_embedding_input(**embedding_input(row[f"{side}_text"], row[f"{side}_image"]), sample=index)
+                processor.render_embedding_input(
+                    **embedding_input(row[f"{side}_text"], row[f"{side}_image"]), sample=index
+                )
             except CoMaInputError as error:
                 bad.append(BadRow(index, index, f"{side}: {error}"))
                 break

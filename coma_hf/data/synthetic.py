@@ -92,7 +92,9 @@ class Scene:
         sentences = [f"The image shows {NUMBER_WORDS[count]} shape{'s' if count > 1 else ''} on a light background."]
         sentences += [f"A {obj.size} {obj.name} is at the {obj.position}." for obj in self.shapes]
         if self.digit:
-            sentences.append(f"The number {self.digit.text} is written in {self.digit.colour} at the {self.digit.position}.")
+            sentences.append(
+                f"The number {self.digit.text} is written in {self.digit.colour} at the {self.digit.position}."
+            )
         else:
             sentences.append("There is no text in the image.")
         return " ".join(sentences)
@@ -114,14 +116,16 @@ def sample_scene(scene_id: str, split: str, rng: random.Random, image_size: int 
     pairs = rng.sample(allowed, count)  # distinct colour–shape pairs, so every shape can be named
     if split != "train" and rng.random() < HELD_OUT_SHARE:  # a combination never seen in training
         pairs[rng.randrange(count)] = rng.choice(HELD_OUT_COMBINATIONS)
-    for (colour, shape), cell in zip(pairs, cells):
+    for (colour, shape), cell in zip(pairs, cells, strict=False):
         size = rng.choice(tuple(SIZES))
         scene.objects.append(
             SceneObject("shape", colour, cell, _box(cell, SIZES[size], image_size, rng), shape=shape, size=size)
         )
     if rng.random() < 0.7:
         colour = rng.choice(tuple(COLOURS))
-        scene.objects.append(SceneObject("text", colour, cells[3], _box(cells[3], 0.4, image_size, rng), text=str(rng.randint(0, 9))))
+        scene.objects.append(
+            SceneObject("text", colour, cells[3], _box(cells[3], 0.4, image_size, rng), text=str(rng.randint(0, 9)))
+        )
     return scene
 
 
@@ -151,7 +155,9 @@ def render_scene(scene: Scene) -> Image.Image:
         elif obj.shape == "triangle":
             draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
         elif obj.shape == "diamond":
-            draw.polygon([((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)], fill=fill)
+            draw.polygon(
+                [((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)], fill=fill
+            )
     return image
 
 
@@ -202,7 +208,11 @@ def _colour_question(scene: Scene, rng: random.Random) -> dict | None:
 
 def _shape_question(scene: Scene, rng: random.Random) -> dict | None:
     return _about_one(
-        scene, rng, lambda a, b: a.colour == b.colour, lambda t: f"What shape is the {t.colour} object?", lambda t: t.shape
+        scene,
+        rng,
+        lambda a, b: a.colour == b.colour,
+        lambda t: f"What shape is the {t.colour} object?",
+        lambda t: t.shape,
     )
 
 
@@ -221,7 +231,9 @@ def _text_question(scene: Scene, rng: random.Random) -> dict:
 
 
 def _position_question(scene: Scene, rng: random.Random) -> dict | None:
-    return _about_one(scene, rng, lambda a, b: a.name == b.name, lambda t: f"Where is the {t.name}?", lambda t: t.position)
+    return _about_one(
+        scene, rng, lambda a, b: a.name == b.name, lambda t: f"Where is the {t.name}?", lambda t: t.position
+    )
 
 
 def _relation_question(scene: Scene, rng: random.Random) -> dict | None:
@@ -289,7 +301,13 @@ def write_synthetic_dataset(
     An existing dataset written with the same settings is reused as it is.
     """
     output_dir = Path(output_dir)
-    settings = {"num_train": num_train, "num_dev": num_dev, "num_test": num_test, "seed": seed, "image_size": image_size}
+    settings = {
+        "num_train": num_train,
+        "num_dev": num_dev,
+        "num_test": num_test,
+        "seed": seed,
+        "image_size": image_size,
+    }
     paths = {split: output_dir / f"{split}.jsonl" for split in SPLITS}
     metadata_path = output_dir / "metadata.json"
     if metadata_path.exists() and all(path.exists() for path in paths.values()):

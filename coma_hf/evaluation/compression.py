@@ -105,7 +105,7 @@ def answer_accuracy(
                 max_new_tokens=max_new_tokens,
                 processor=processor,
             )
-            for (_, _, reference, kind), answer in zip(group, answers):
+            for (_, _, reference, kind), answer in zip(group, answers, strict=False):
                 scores.add(kind, answer, reference)
     model.train(was_training)
     return {**scores.summary(), "max_new_tokens": max_new_tokens}

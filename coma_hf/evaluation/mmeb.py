@@ -36,19 +36,45 @@ logger = logging.getLogger(__name__)
 # MMEB's assignment of its 36 evaluation datasets to meta-tasks.
 MMEB_META_TASKS: dict[str, tuple[str, ...]] = {
     "Classification": (
-        "ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A", "ImageNet-R",
-        "ObjectNet", "Country211",
+        "ImageNet-1K",
+        "N24News",
+        "HatefulMemes",
+        "VOC2007",
+        "SUN397",
+        "Place365",
+        "ImageNet-A",
+        "ImageNet-R",
+        "ObjectNet",
+        "Country211",
     ),
     "VQA": (
-        "OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
+        "OK-VQA",
+        "A-OKVQA",
+        "DocVQA",
+        "InfographicsVQA",
+        "ChartQA",
+        "Visual7W",
+        "ScienceQA",
+        "VizWiz",
+        "GQA",
         "TextVQA",
     ),
     "Retrieval": (
-        "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS", "WebQA",
-        "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS",
+        "VisDial",
+        "CIRR",
+        "VisualNews_t2i",
+        "VisualNews_i2t",
+        "MSCOCO_t2i",
+        "MSCOCO_i2t",
+        "NIGHTS",
+        "WebQA",
+        "FashionIQ",
+        "Wiki-SS-NQ",
+        "OVEN",
+        "EDIS",
     ),
     "Visual Grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
-}  # fmt: skip
+}
 META_TASK_OF = {name: task for task, names in MMEB_META_TASKS.items() for name in names}
 RECALL_AT = (1, 5, 10)
 
@@ -118,8 +144,10 @@ def load_mmeb_datasets(
         chosen = data_files(path, names)
         missing = sorted(set(names or ()) - {file.stem for file in chosen})
         if missing:
-            raise ValueError(f"{source}: no MMEB file for {', '.join(missing)} (found: "
-                             f"{', '.join(file.stem for file in files) or 'none'})")  # fmt: skip
+            raise ValueError(
+                f"{source}: no MMEB file for {', '.join(missing)} (found: "
+                f"{', '.join(file.stem for file in files) or 'none'})"
+            )
         if not chosen:
             raise ValueError(f"{source}: no MMEB-format files (*.jsonl, *.parquet)")
         root = image_root or os.path.normpath(path / manifest.get("image_root", "."))
@@ -163,7 +191,9 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
                 else:
                     picture = load_image(image, sample=len(inputs), field="image")
                     inputs.append({"image": picture, "text": text} if text else picture)
-            vectors = model.encode(inputs, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar)
+            vectors = model.encode(
+                inputs, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar
+            )
             return torch.as_tensor(vectors).float().cpu()
 
         return encode_with_sentence_transformer
@@ -177,7 +207,9 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
         return encode_with_coma
     if callable(model):
         return model
-    raise TypeError(f"Cannot encode with {type(model).__name__}: pass a CoMa model, a SentenceTransformer or a function")
+    raise TypeError(
+        f"Cannot encode with {type(model).__name__}: pass a CoMa model, a SentenceTransformer or a function"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -205,7 +237,9 @@ class MMEBEvaluator:
         for dataset in self.datasets:
             ranks = self.rank_dataset(encode, dataset)
             per_dataset[dataset.name] = {**ranking_metrics(ranks), "meta_task": dataset.meta_task}
-            logger.info("%s: P@1 %.3f over %d queries", dataset.name, per_dataset[dataset.name]["precision@1"], len(ranks))
+            logger.info(
+                "%s: P@1 %.3f over %d queries", dataset.name, per_dataset[dataset.name]["precision@1"], len(ranks)
+            )
         self.results = summarize(per_dataset)
         if output_dir is not None:
             write_results(self.results, output_dir)
@@ -221,14 +255,17 @@ class MMEBEvaluator:
                 raise ValueError(f"{dataset.name} row {index}: no candidates")
             texts, images = list(texts) + [""] * (count - len(texts)), list(images) + [""] * (count - len(images))
             queries.append(_item(row.get("qry_text"), row.get("qry_img_path"), dataset.image_root))
-            candidate_lists.append([_item(text, image, dataset.image_root) for text, image in zip(texts, images)])
+            candidate_lists.append(
+                [_item(text, image, dataset.image_root) for text, image in zip(texts, images, strict=False)]
+            )
         query_vectors = _encode_unique(encode, queries, _locator(dataset.name, "query", [[item] for item in queries]))
         candidate_vectors = _encode_unique(
-            encode, [item for items in candidate_lists for item in items],
+            encode,
+            [item for items in candidate_lists for item in items],
             _locator(dataset.name, "candidate", candidate_lists),
-        )  # fmt: skip
+        )
         scores = []
-        for query, candidates in zip(queries, candidate_lists):
+        for query, candidates in zip(queries, candidate_lists, strict=False):
             matrix = torch.stack([candidate_vectors[item] for item in candidates])
             scores.append(matrix @ query_vectors[query])
         return gold_ranks(scores)
@@ -246,7 +283,7 @@ def _encode_unique(
         if position is None:
             raise
         raise CoMaInputError(error.reason, locate(unique[position]), error.field) from error
-    return dict(zip(unique, vectors))
+    return dict(zip(unique, vectors, strict=False))
 
 
 def _locator(dataset: str, side: str, rows: list[list[tuple]]) -> Callable[[tuple], str]:
@@ -293,9 +330,12 @@ def chance_baselines(datasets: Sequence[MMEBDataset]) -> dict:
         random_guess = sum(inverse_sizes) / rows
         constant = max(golds.values(), default=0) / rows
         per_dataset[dataset.name] = {
-            "random": random_guess, "constant": constant, "best": max(random_guess, constant),
-            "meta_task": dataset.meta_task, "num_queries": len(dataset.rows),
-        }  # fmt: skip
+            "random": random_guess,
+            "constant": constant,
+            "best": max(random_guess, constant),
+            "meta_task": dataset.meta_task,
+            "num_queries": len(dataset.rows),
+        }
     return summarize(per_dataset)
 
 
@@ -304,16 +344,20 @@ def markdown_table(results: dict) -> str:
     lines = ["| meta-task | dataset | P@1 | R@5 | MRR | queries |", "| --- | --- | --- | --- | --- | --- |"]
     for name, metrics in sorted(results["datasets"].items(), key=lambda item: (item[1]["meta_task"], item[0])):
         lines.append(
-            f"| {metrics['meta_task']} | {name} | {100 * metrics['precision@1']:.1f} | {100 * metrics['recall@5']:.1f} "
-            f"| {100 * metrics['mrr']:.1f} | {metrics['num_queries']} |"
+            f"| {metrics['meta_task']} | {name} | {100 * metrics['precision@1']:.1f} "
+            f"| {100 * metrics['recall@5']:.1f} | {100 * metrics['mrr']:.1f} | {metrics['num_queries']} |"
         )
     for task, metrics in sorted(results["meta_tasks"].items()):
-        lines.append(f"| **{task}** | mean of {metrics['num_datasets']} | {100 * metrics['precision@1']:.1f} | "
-                     f"{100 * metrics['recall@5']:.1f} | {100 * metrics['mrr']:.1f} | |")  # fmt: skip
+        lines.append(
+            f"| **{task}** | mean of {metrics['num_datasets']} | {100 * metrics['precision@1']:.1f} | "
+            f"{100 * metrics['recall@5']:.1f} | {100 * metrics['mrr']:.1f} | |"
+        )
     overall = results["overall"]
     if overall:
-        lines.append(f"| **Overall** | {overall['num_datasets']} datasets | {100 * overall['precision@1']:.1f} | "
-                     f"{100 * overall['recall@5']:.1f} | {100 * overall['mrr']:.1f} | |")  # fmt: skip
+        lines.append(
+            f"| **Overall** | {overall['num_datasets']} datasets | {100 * overall['precision@1']:.1f} | "
+            f"{100 * overall['recall@5']:.1f} | {100 * overall['mrr']:.1f} | |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -69,7 +69,9 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
         template_path=str(template_path()),
         model_name=model_name,
         repo_id=repo_id or PLACEHOLDER_REPO,
-        base_model_text=f"`{base_model}`" if base_model else "the small random-initialised backbone built into coma_hf",
+        base_model_text=f"`{base_model}`"
+        if base_model
+        else "the small random-initialised backbone built into coma_hf",
         model_type=backbone.get("model_type", "unknown"),
         num_compression_tokens=config.get("num_compression_tokens"),
         pooling=config.get("pooling", "mean"),
@@ -136,18 +138,38 @@ def _training_rows(summaries: dict) -> list[tuple[str, str]]:
     rows = []
     stage1, stage2 = summaries["pretrain_summary.json"], summaries["contrastive_summary.json"]
     if stage1:
-        rows.append(("stage 1 (compression)", f"{stage1.get('global_steps')} steps on {stage1.get('num_train_samples')} "
-                     f"samples, recipe {stage1.get('recipe', 'n/a')}, {stage1.get('seconds')} s on "
-                     f"{stage1.get('hardware', stage1.get('device'))}"))  # fmt: skip
+        rows.append(
+            (
+                "stage 1 (compression)",
+                f"{stage1.get('global_steps')} steps on {stage1.get('num_train_samples')} "
+                f"samples, recipe {stage1.get('recipe', 'n/a')}, {stage1.get('seconds')} s on "
+                f"{stage1.get('hardware', stage1.get('device'))}",
+            )
+        )
         if stage1.get("heldout_answer_accuracy") is not None:
-            rows.append(("stage-1 held-out answers", f"{stage1['heldout_answer_accuracy']:.3f} exact match from the K "
-                         f"states (majority answer {stage1['majority_baseline_accuracy']:.3f})"))  # fmt: skip
+            rows.append(
+                (
+                    "stage-1 held-out answers",
+                    f"{stage1['heldout_answer_accuracy']:.3f} exact match from the K "
+                    f"states (majority answer {stage1['majority_baseline_accuracy']:.3f})",
+                )
+            )
     if stage2:
-        rows.append(("stage 2 (contrastive)", f"{stage2.get('global_steps')} steps on {stage2.get('num_train_pairs')} "
-                     f"pairs ({stage2.get('train_dataset', 'n/a')}), recipe {stage2.get('recipe', 'n/a')}, "
-                     f"{stage2.get('seconds')} s on {stage2.get('hardware', stage2.get('device'))}"))  # fmt: skip
-        rows.append(("stage-2 dev Precision@1", f"{100 * stage2['eval_precision_at_1']:.1f} (chance/constant baseline "
-                     f"{100 * stage2['baseline_precision_at_1']:.1f})"))  # fmt: skip
+        rows.append(
+            (
+                "stage 2 (contrastive)",
+                f"{stage2.get('global_steps')} steps on {stage2.get('num_train_pairs')} "
+                f"pairs ({stage2.get('train_dataset', 'n/a')}), recipe {stage2.get('recipe', 'n/a')}, "
+                f"{stage2.get('seconds')} s on {stage2.get('hardware', stage2.get('device'))}",
+            )
+        )
+        rows.append(
+            (
+                "stage-2 dev Precision@1",
+                f"{100 * stage2['eval_precision_at_1']:.1f} (chance/constant baseline "
+                f"{100 * stage2['baseline_precision_at_1']:.1f})",
+            )
+        )
     return rows
 
 

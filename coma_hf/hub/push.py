@@ -22,8 +22,9 @@ ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/\\])(?:/|[A-Za-z]:\\)(?:[^\s/\\'"]+[/\\
 
 
 def scrub_local_paths(folder: str | Path) -> None:
-    """Shorten every absolute path in the run summaries of `folder` to its last component before they go public (skipped
-    rows name image files, `train_dataset` may be a local file): the machine's folders are nobody's business."""
+    """Shorten every absolute path in the run summaries of `folder` to its last component before they go public
+    (skipped rows name image files, `train_dataset` may be a local file): the machine's folders are nobody's
+    business."""
     for name in SUMMARY_FILES:
         path = Path(folder) / name
         if path.is_file():
@@ -41,9 +42,15 @@ def _scrubbed(value: Any) -> Any:
 
 
 def upload_folder_to_hub(
-    folder: str | Path, repo_id: str, *, commit_message: str = "Upload CoMa model", private: bool | None = None,
-    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
-) -> str:  # fmt: skip
+    folder: str | Path,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload CoMa model",
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> str:
     """Create the repository (and the `revision` branch) if missing and upload `folder` in one commit; returns the
     commit URL. The token is resolved as in transformers: `token`, else `HF_TOKEN`, else `hf auth login`."""
     from huggingface_hub import create_branch, create_repo, upload_folder
@@ -52,9 +59,13 @@ def upload_folder_to_hub(
     if revision is not None and not create_pr:
         create_branch(repo_id, branch=revision, token=token, exist_ok=True)
     return upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, revision=revision,
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        token=token,
+        revision=revision,
         create_pr=create_pr,
-    )  # fmt: skip
+    )
 
 
 def prepare_upload(
@@ -81,19 +92,32 @@ def prepare_upload(
 
 
 def push_to_hub(
-    model_or_folder: Any, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False, license: str = "other",
-    eval_results: str | Path | None = None, **save_kwargs: Any,
-) -> str:  # fmt: skip
+    model_or_folder: Any,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    license: str = "other",
+    eval_results: str | Path | None = None,
+    **save_kwargs: Any,
+) -> str:
     """Upload a CoMa model (or the one saved in a folder or Hub repository) — weights, remote code, processor,
     sentence-transformers files and the CoMa model card — in one commit; returns the commit URL. (transformers' own
     `model.push_to_hub` would replace the card.)"""
     with tempfile.TemporaryDirectory() as folder:
         prepare_upload(model_or_folder, folder, repo_id, license=license, eval_results=eval_results, **save_kwargs)
         return upload_folder_to_hub(
-            folder, repo_id, commit_message=commit_message or "Upload CoMa model", private=private, token=token,
-            revision=revision, create_pr=create_pr,
-        )  # fmt: skip
+            folder,
+            repo_id,
+            commit_message=commit_message or "Upload CoMa model",
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 def _as_model(model_or_folder: Any) -> Any:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from pathlib import Path
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,8 +63,12 @@ def encode_corpus(
         if size == 0:
             break
         end = start + size
-        metadata = {"start": start, "end": end, "skipped": [skipped_entry(bad) for bad in skipped],
-                    "instruction": instruction}  # fmt: skip
+        metadata = {
+            "start": start,
+            "end": end,
+            "skipped": [skipped_entry(bad) for bad in skipped],
+            "instruction": instruction,
+        }
         path = output / shard_name(start, end, file_format)
         write_shard(path, ids, vectors, metadata)
         remove_shorter_shards(output, path)  # the last shard of an earlier, smaller corpus
@@ -100,14 +104,14 @@ def _embed_block(model, block: Iterator[CorpusRow], batch_size: int, instruction
     return size, ids, vectors, skipped
 
 
-def _encode_dropping_bad_rows(
-    model, rows: list[CorpusRow], instruction, skipped: list[BadRow]
-) -> torch.Tensor | None:
-    """Encode `rows` as one batch; a row the processor rejects is removed from `rows`, recorded, and the rest retried."""
+def _encode_dropping_bad_rows(model, rows: list[CorpusRow], instruction, skipped: list[BadRow]) -> torch.Tensor | None:
+    """Encode `rows` as one batch; a row the processor rejects is removed from `rows`, recorded, and the rest
+    retried."""
     while rows:
         try:
-            return model.encode([row.input for row in rows], instruction=instruction, batch_size=len(rows),
-                                show_progress_bar=False)  # fmt: skip
+            return model.encode(
+                [row.input for row in rows], instruction=instruction, batch_size=len(rows), show_progress_bar=False
+            )
         except CoMaInputError as error:  # names the failing input by its index in this batch
             position = error.position_in(rows)
             if position is None:

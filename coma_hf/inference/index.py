@@ -32,7 +32,9 @@ def build_faiss_index(output_dir: str | os.PathLike) -> Path:
     return output / "index.faiss"
 
 
-def search_index(output_dir: str | os.PathLike, queries: torch.Tensor, top_k: int = 5) -> list[list[tuple[str, float]]]:
+def search_index(
+    output_dir: str | os.PathLike, queries: torch.Tensor, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
     """For each query vector, the `top_k` nearest corpus ids with their cosine scores."""
     import faiss
 
@@ -40,5 +42,7 @@ def search_index(output_dir: str | os.PathLike, queries: torch.Tensor, top_k: in
     index = faiss.read_index(str(output / "index.faiss"))
     ids = json.loads((output / "index_ids.json").read_text())
     scores, positions = index.search(queries.float().numpy(), min(top_k, index.ntotal))
-    return [[(ids[p], float(s)) for p, s in zip(row_positions, row_scores) if p >= 0]
-            for row_positions, row_scores in zip(positions, scores)]  # fmt: skip
+    return [
+        [(ids[p], float(s)) for p, s in zip(row_positions, row_scores, strict=False) if p >= 0]
+        for row_positions, row_scores in zip(positions, scores, strict=False)
+    ]

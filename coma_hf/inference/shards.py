@@ -24,7 +24,9 @@ def finished_shards(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(path for path in folder.iterdir() if path.name.startswith(SHARD_PREFIX) and path.suffix[1:] in FORMATS)
+    return sorted(
+        path for path in folder.iterdir() if path.name.startswith(SHARD_PREFIX) and path.suffix[1:] in FORMATS
+    )
 
 
 def finished_spans(folder: Path, shard_size: int) -> dict[int, Path]:
@@ -33,10 +35,12 @@ def finished_spans(folder: Path, shard_size: int) -> dict[int, Path]:
     are an error rather than a silently mixed folder."""
     spans = {}
     for path in finished_shards(folder):
-        start, end = (int(part) for part in path.stem[len(SHARD_PREFIX):].split("-"))
+        start, end = (int(part) for part in path.stem[len(SHARD_PREFIX) :].split("-"))
         if start % shard_size or end - start > shard_size:
-            raise ValueError(f"{folder} holds shards of another shard size ({path.name}); resume with the shard size "
-                             f"that wrote them, or use a new output folder")  # fmt: skip
+            raise ValueError(
+                f"{folder} holds shards of another shard size ({path.name}); resume with the shard size "
+                f"that wrote them, or use a new output folder"
+            )
         if end - start == shard_size:
             spans[start] = path
     return spans
@@ -44,7 +48,7 @@ def finished_spans(folder: Path, shard_size: int) -> dict[int, Path]:
 
 def remove_shorter_shards(folder: Path, path: Path) -> None:
     """Remove the shards that start where `path` does but end earlier (an earlier, smaller corpus's last shard)."""
-    start = path.stem[len(SHARD_PREFIX):].split("-")[0]
+    start = path.stem[len(SHARD_PREFIX) :].split("-")[0]
     for earlier in folder.glob(f"{SHARD_PREFIX}{start}-*"):
         if earlier != path and earlier.suffix[1:] in FORMATS:
             earlier.unlink()
@@ -118,8 +122,15 @@ def write_manifest(output_dir: str | os.PathLike, **extra: Any) -> dict:
         embedded += len(ids)
         skipped += metadata["skipped"]
         dimension = dimension or (vectors.shape[1] if len(ids) else None)
-    manifest = {"rows": rows, "embedded": embedded, "skipped": len(skipped), "skipped_rows": skipped,
-                "dimension": dimension, "shards": shards, **extra}  # fmt: skip
+    manifest = {
+        "rows": rows,
+        "embedded": embedded,
+        "skipped": len(skipped),
+        "skipped_rows": skipped,
+        "dimension": dimension,
+        "shards": shards,
+        **extra,
+    }
     temporary = output / ".manifest.json.tmp"
     temporary.write_text(json.dumps(manifest, indent=2))
     os.replace(temporary, output / "manifest.json")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from ..data.sources import image_files, image_root_of, read_jsonl_lines, resolve_image_path, row_id
@@ -31,9 +31,12 @@ def image_folder_rows(folder: str | os.PathLike) -> Iterator[CorpusRow]:
 
 
 def jsonl_rows(
-    path: str | os.PathLike, text_field: str | None = "text", image_field: str | None = "image",
-    id_field: str | None = "id", image_root: str | None = None,
-) -> Iterator[CorpusRow]:  # fmt: skip
+    path: str | os.PathLike,
+    text_field: str | None = "text",
+    image_field: str | None = "image",
+    id_field: str | None = "id",
+    image_root: str | None = None,
+) -> Iterator[CorpusRow]:
     """One row per non-blank line of a JSONL file; a line that is not UTF-8 JSON is a row with an error that names the
     line. Image paths start at `image_root`, else at the file's folder."""
     root = image_root_of(path, image_root)
@@ -45,9 +48,12 @@ def jsonl_rows(
 
 
 def csv_rows(
-    path: str | os.PathLike, text_field: str | None = "text", image_field: str | None = "image",
-    id_field: str | None = "id", image_root: str | None = None,
-) -> Iterator[CorpusRow]:  # fmt: skip
+    path: str | os.PathLike,
+    text_field: str | None = "text",
+    image_field: str | None = "image",
+    id_field: str | None = "id",
+    image_root: str | None = None,
+) -> Iterator[CorpusRow]:
     """One row per CSV record (header first); image paths start at `image_root`, else at the file's folder."""
     root = image_root_of(path, image_root)
     with open(path, newline="", encoding="utf-8", errors="strict") as handle:
@@ -56,9 +62,12 @@ def csv_rows(
 
 
 def dataset_rows(
-    dataset: Any, text_field: str | None = "text", image_field: str | None = "image", id_field: str | None = "id",
+    dataset: Any,
+    text_field: str | None = "text",
+    image_field: str | None = "image",
+    id_field: str | None = "id",
     image_root: str | None = None,
-) -> Iterator[CorpusRow]:  # fmt: skip
+) -> Iterator[CorpusRow]:
     """Rows of a `datasets.Dataset` or `IterableDataset` (streaming). Image columns are read undecoded, so a row
     is decoded only when its batch is embedded."""
     features = getattr(dataset, "features", None) or {}
@@ -75,8 +84,12 @@ def _record_row(position: int, record: dict, text_field, image_field, id_field, 
     text = record.get(text_field) if text_field else None
     image = record.get(image_field) if image_field else None
     if text is not None and not isinstance(text, str):
-        return CorpusRow(position, identifier, None, f"row {position}, field {text_field!r}: expected text, got "
-                         f"{type(text).__name__}")  # fmt: skip
+        return CorpusRow(
+            position,
+            identifier,
+            None,
+            f"row {position}, field {text_field!r}: expected text, got {type(text).__name__}",
+        )
     image = resolve_image_path(image, image_root)
     if image in ("", None) and not (text or "").strip():
         fields = " or ".join(repr(name) for name in (text_field, image_field) if name)

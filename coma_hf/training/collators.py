@@ -50,7 +50,10 @@ class CoMaCompressionCollator:
             ids.append(str(record["id"]))
             rendered.append(
                 self.processor.render_compression_sample(
-                    record["image"], record["text"], record["conversation"][: self.max_turns], self.loss_on,
+                    record["image"],
+                    record["text"],
+                    record["conversation"][: self.max_turns],
+                    self.loss_on,
                     sample=record["id"],
                 )
             )

@@ -98,7 +98,9 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
         reps = [[self.model(features)["sentence_embedding"]] for features in sentence_features]
         return self.calculate_loss(reps, labels)
 
-    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False) -> Tensor:
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
         """The loss from per-mini-batch embeddings, chunked over `mini_batch_size` anchors.
 
         Restated from the parent (whose score loop has no hook for excluding pairs) with the duplicate mask and the
@@ -125,7 +127,9 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
 
         total = queries.new_zeros(())
         for begin in range(0, batch_size, self.mini_batch_size):
-            rows = torch.arange(offset + begin, offset + min(begin + self.mini_batch_size, batch_size), device=queries.device)
+            rows = torch.arange(
+                offset + begin, offset + min(begin + self.mini_batch_size, batch_size), device=queries.device
+            )
             local = torch.arange(len(rows), device=queries.device)
             excluded = _exclusions(same_positive, absent, rows, world_batch)
             scores = self.similarity_fct(queries[rows], candidates) * self.scale
@@ -209,7 +213,9 @@ def _split_present(features: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     dimension), and `[len(features) - 1, batch]` bool: which candidates (positives, then each negative column) are
     real inputs. Anchors and positives always are."""
     if any(PRESENT in column for column in features[:2]):
-        raise ValueError(f"Only hard-negative columns may mark rows absent ({PRESENT!r}); anchors and positives cannot")
+        raise ValueError(
+            f"Only hard-negative columns may mark rows absent ({PRESENT!r}); anchors and positives cannot"
+        )
     batch_size = len(features[0]["input_ids"])
     present = [torch.ones(batch_size, dtype=torch.bool)]
     for column in features[2:]:

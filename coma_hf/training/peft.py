@@ -41,7 +41,9 @@ def apply_lora(model, arguments: LoraArguments):
         target_modules=arguments.lora_target_modules,
         use_dora=arguments.use_dora,
         trainable_token_indices=(
-            {"embed_tokens": list(model.config.compression_token_ids)} if arguments.train_compression_embeddings else None
+            {"embed_tokens": list(model.config.compression_token_ids)}
+            if arguments.train_compression_embeddings
+            else None
         ),
     )
     peft_model = get_peft_model(model, config)
@@ -73,7 +75,9 @@ def check_sharding(training_args, lora: LoraArguments, stage: str) -> None:
     if not shards_parameters(training_args):
         return
     if lora.use_lora:
-        raise SystemExit("LoRA runs are merged before saving, which needs full weights in one process: use the DDP "
-                         "or DeepSpeed ZeRO-2 config (examples/configs), or --use_lora false with FSDP / ZeRO-3.")
+        raise SystemExit(
+            "LoRA runs are merged before saving, which needs full weights in one process: use the DDP "
+            "or DeepSpeed ZeRO-2 config (examples/configs), or --use_lora false with FSDP / ZeRO-3."
+        )
     if stage == "stage2":
         raise SystemExit(NO_SHARDED_STAGE2)

@@ -151,5 +151,7 @@ def check_precision(recipe: str, defaults: dict, argv: list[str]) -> None:
     precision, _ = parser.parse_known_args(argv)
     wants_bf16 = precision.bf16 or precision.bf16_full_eval
     if wants_bf16 and not precision.use_cpu and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-        raise SystemExit(f"The {recipe!r} recipe uses bf16, for which this machine has no GPU: pass --bf16 false "
-                         "to train in float32, or --use_cpu true to run bf16 on the CPU.")  # fmt: skip
+        raise SystemExit(
+            f"The {recipe!r} recipe uses bf16, for which this machine has no GPU: pass --bf16 false "
+            "to train in float32, or --use_cpu true to run bf16 on the CPU."
+        )

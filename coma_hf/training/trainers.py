@@ -103,8 +103,10 @@ class _CoMaTrainerMixin:
             return result
         where = f"step {self.state.global_step + 1}, samples {sample_ids}"
         if self.on_nonfinite_loss == "stop":
-            raise NonFiniteLossError(f"{self.stage_name}: the loss is {loss.detach().float().item()} at {where} "
-                                     "(on_nonfinite_loss='skip' skips such batches)")  # fmt: skip
+            raise NonFiniteLossError(
+                f"{self.stage_name}: the loss is {loss.detach().float().item()} at {where} "
+                "(on_nonfinite_loss='skip' skips such batches)"
+            )
         logger.warning("%s: skipping a batch whose loss is %s at %s", self.stage_name, loss.detach().item(), where)
         self.skipped_batches.append({"step": self.state.global_step + 1, "samples": sample_ids})
         zero = sum((parameter * 0).sum() for parameter in model.parameters() if parameter.requires_grad)
@@ -120,8 +122,10 @@ class _CoMaTrainerMixin:
         model, processor = self._coma_model_and_processor()
         if shards_parameters(self.args):
             if hasattr(model, "peft_config"):
-                raise ValueError("A LoRA cannot be merged into sharded (FSDP / ZeRO-3) weights; save the adapter "
-                                 "with `trainer.save_model()`, or train LoRA recipes with DDP or ZeRO-2.")
+                raise ValueError(
+                    "A LoRA cannot be merged into sharded (FSDP / ZeRO-3) weights; save the adapter "
+                    "with `trainer.save_model()`, or train LoRA recipes with DDP or ZeRO-2."
+                )
             self._save_gathered(output_dir)
             return model
         merged = merge_lora(model)
@@ -175,9 +179,16 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
     stage_name = "Stage 1"
 
     def __init__(
-        self, model=None, args=None, data_collator=None, processing_class=None, image_root=None, max_turns=None,
-        on_nonfinite_loss: str = "stop", **kwargs,
-    ):  # fmt: skip
+        self,
+        model=None,
+        args=None,
+        data_collator=None,
+        processing_class=None,
+        image_root=None,
+        max_turns=None,
+        on_nonfinite_loss: str = "stop",
+        **kwargs,
+    ):
         self._init_guard(on_nonfinite_loss)
         if args is not None:
             if args.remove_unused_columns:  # the collator needs the raw rows (images, conversations)
@@ -189,7 +200,9 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
                 raise ValueError("Pass the CoMaProcessor as `processing_class` (or a `data_collator`).")
             loss_on = _coma_config(model).loss_on
             data_collator = CoMaCompressionCollator(processing_class, loss_on, image_root, max_turns)
-        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
+        )
         self.dropped_turns = 0  # QA turns cut by max_length, summed over the batches this process trained on
 
     def compute_loss(self, model, inputs, *args, **kwargs):
@@ -255,9 +268,15 @@ def describe_batch_sizes(args) -> str:
     The global batch is what one optimizer step sees; with `gather_across_devices`, each stage-2 anchor is scored
     against the candidates of per-device batch × processes rows. Both trainers log it at the start, since per-device
     and global sizes are easy to confuse once `accelerate launch` multiplies them."""
-    per_device, accumulation, processes = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
-    return (f"per-device batch {per_device} × accumulation {accumulation} × {processes} processes = global batch "
-            f"{per_device * accumulation * processes}")  # fmt: skip
+    per_device, accumulation, processes = (
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+    )
+    return (
+        f"per-device batch {per_device} × accumulation {accumulation} × {processes} processes = global batch "
+        f"{per_device * accumulation * processes}"
+    )
 
 
 def _coma_config(model) -> Any:

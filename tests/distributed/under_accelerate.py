@@ -16,7 +16,8 @@ from accelerate import PartialState
 from sentence_transformers import SentenceTransformer
 
 from coma_hf.training import CoMaContrastiveLoss
-from conftest import load_example
+
+from utils import load_example
 
 
 def batch() -> list[list]:
@@ -36,9 +37,10 @@ def gathered_loss_and_gradients(checkpoint: str, output: str, state: PartialStat
     for mode in ("plain", "cached"):
         model = SentenceTransformer(checkpoint, trust_remote_code=True, device="cpu")
         model.train()
-        columns = [column[rank * 8 // world:(rank + 1) * 8 // world] for column in batch()]
-        loss_fn = CoMaContrastiveLoss(model, gather_across_devices=True, cached=mode == "cached", mini_batch_size=2,
-                                      symmetric=True)  # fmt: skip
+        columns = [column[rank * 8 // world : (rank + 1) * 8 // world] for column in batch()]
+        loss_fn = CoMaContrastiveLoss(
+            model, gather_across_devices=True, cached=mode == "cached", mini_batch_size=2, symmetric=True
+        )
         loss = loss_fn([model.preprocess(column) for column in columns], None)
         loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -50,8 +52,10 @@ def main(output: str, checkpoint: str, *rest: str) -> None:
     assert state.num_processes == 2, f"expected two processes, got {state.num_processes} ({state.distributed_type})"
     gathered_loss_and_gradients(checkpoint, output, state)
     separators = [index for index, value in enumerate(rest) if value == "--"] + [len(rest)]
-    for script, (begin, end) in zip(("pretrain", "train_contrastive", "encode_corpus"), zip(separators, separators[1:])):
-        load_example(script).main(list(rest[begin + 1:end]))
+    for script, (begin, end) in zip(
+        ("pretrain", "train_contrastive", "encode_corpus"), zip(separators, separators[1:], strict=False), strict=False
+    ):
+        load_example(script).main(list(rest[begin + 1 : end]))
 
 
 if __name__ == "__main__":
