@@ -11,9 +11,6 @@ Part of the remote code shipped with every checkpoint: imports only torch, trans
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +23,12 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
-from .backbones import cache_argument_name, get_family, image_processor_class, language_model, output_cache
+from .backbones import cache_argument_name, get_family, language_model, output_cache
 from .configuration_coma import CoMaConfig
 from .inputs import CoMaInputError
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
-from .processing_coma import IGNORE_INDEX, CoMaProcessor, compression_token_names
+from .processing_coma import IGNORE_INDEX, BackboneProcessorParts, CoMaProcessor, compression_token_names
+from .saving import carry_files, save_atomically
 from .sentence_transformers_files import write_sentence_transformers_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 
@@ -77,29 +75,6 @@ class CoMaCompression(ModelOutput):
             position_offset=self.position_offset[index],
             pooler_output=None if self.pooler_output is None else self.pooler_output[index],
         )
-
-
-def _move_into_place(staging: str, target: str) -> None:
-    """Move a finished save from `staging` to `target` (see `CoMaModel.save_pretrained`): one rename for a new folder;
-    for an existing one, `config.json` out first and in last, and weight files of an earlier save removed."""
-    if not os.path.exists(target):
-        os.replace(staging, target)
-        return
-    names = sorted(os.listdir(staging), key=lambda name: name == "config.json")  # config.json last
-    if os.path.exists(os.path.join(target, "config.json")):
-        os.remove(os.path.join(target, "config.json"))  # from here until the end the folder does not load
-    for name in os.listdir(target):  # weights of an earlier save that this one does not overwrite (other sharding)
-        if (
-            name.startswith("model")
-            and name.endswith((".safetensors", ".safetensors.index.json"))
-            and name not in names
-        ):
-            os.remove(os.path.join(target, name))
-    for name in names:
-        destination = os.path.join(target, name)
-        if os.path.isdir(destination) and not os.path.islink(destination):
-            shutil.rmtree(destination)
-        os.replace(os.path.join(staging, name), destination)
 
 
 class CoMaModel(PreTrainedModel):
@@ -186,9 +161,6 @@ class CoMaModel(PreTrainedModel):
             )
         self._processor = processor
 
-    # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
-    carried_files = ("README.md", "pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
-
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers', reading weights from safetensors only: a folder or repository that offers just a pickled
@@ -211,18 +183,11 @@ class CoMaModel(PreTrainedModel):
             raise ValueError("Save, then call `model.push_to_hub(repo_id)`: saving is atomic and uploads separately.")
         if not kwargs.get("is_main_process", True):  # a data-parallel rank that writes nothing
             return super().save_pretrained(save_directory, *args, **kwargs)
-        target = os.path.abspath(os.fspath(save_directory))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=os.path.dirname(target))
-        try:
-            self._save_files(staging, *args, **kwargs)
-            _move_into_place(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_atomically(save_directory, lambda staging: self._save_files(staging, *args, **kwargs))
 
     def _save_files(self, save_directory: str, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
-        self._carry_files(save_directory)
+        carry_files(self.name_or_path, save_directory)
         if self._processor is None and self.name_or_path:
             try:
                 self.processor  # noqa: B018 - loads the processor the model came with
@@ -235,15 +200,6 @@ class CoMaModel(PreTrainedModel):
         write_sentence_transformers_files(
             save_directory, self.config.query_instruction, self.config.document_instruction
         )
-
-    def _carry_files(self, save_directory: str) -> None:
-        """Copy the run summaries and card of the folder the model was loaded from (also when saving over it)."""
-        source = self.name_or_path
-        if not source or not os.path.isdir(source):
-            return
-        for name in self.carried_files:
-            if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(save_directory, name)):
-                shutil.copyfile(os.path.join(source, name), os.path.join(save_directory, name))
 
     # ---- the backbone under the CoMa mask ---------------------------------------------------------------------------
     def _run_backbone(
@@ -518,7 +474,7 @@ class CoMaModel(PreTrainedModel):
             if processor is None:
                 raise ValueError("Pass the backbone's processor (tokenizer + image processor) with a model object.")
         else:
-            from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+            from transformers import AutoModelForImageTextToText
 
             source = model_name_or_path_or_model
             backbone = AutoModelForImageTextToText.from_pretrained(
@@ -527,12 +483,7 @@ class CoMaModel(PreTrainedModel):
                 dtype=dtype,
                 use_safetensors=True,  # never a pickle
             )
-            if processor is None:  # tokenizer + image processor only: the stock processor also wants video support
-                try:
-                    image_processor = AutoImageProcessor.from_pretrained(source)
-                except ImportError:  # transformers < 5.2x maps it to a torchvision-only class
-                    image_processor = image_processor_class().from_pretrained(source)
-                processor = _ProcessorParts(AutoTokenizer.from_pretrained(source), image_processor)
+            processor = processor or BackboneProcessorParts.from_pretrained(source)
         family = get_family(backbone.config.model_type)
         check_language_model_attention(backbone.config.get_text_config()._attn_implementation)
 
@@ -587,15 +538,6 @@ class CoMaModel(PreTrainedModel):
         output = self.get_output_embeddings().weight
         if output.data_ptr() != embeddings.data_ptr():
             output[ids] = output[:reference_rows].float().mean(dim=0).to(output.dtype)
-
-
-@dataclass
-class _ProcessorParts:
-    """The two parts of a backbone's processor that CoMa uses."""
-
-    tokenizer: Any
-    image_processor: Any
-    chat_template: str | None = None
 
 
 def _decoding_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .backbones import pixels_per_token
+from .backbones import image_processor_class, pixels_per_token
 from .inputs import CoMaInputError, describe_input, fit_aspect_ratio, load_image, message_input, split_input
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,27 @@ DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
 DEFAULT_DOCUMENT_INSTRUCTION = "Represent the given image or text."
 LOSS_ON_MODES = ("answers", "all_after_compression")  # stage-1 label positions (the paper's, the released code's)
 IGNORE_INDEX = -100
+
+
+@dataclass
+class BackboneProcessorParts:
+    """The two parts of a backbone's processor that CoMa builds its processor from (the stock processor also wants
+    video support, which CoMa does not use)."""
+
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, source: str) -> BackboneProcessorParts:
+        """The backbone's tokenizer and image processor from a Hub id or folder."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(source)
+        except ImportError:  # transformers < 5.2x maps it to a torchvision-only class
+            image_processor = image_processor_class().from_pretrained(source)
+        return cls(AutoTokenizer.from_pretrained(source), image_processor)
 
 
 def compression_token_names(count: int, token_format: str = COMPRESSION_TOKEN_FORMAT) -> list[str]:

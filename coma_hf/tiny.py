@@ -22,8 +22,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from .backbones import get_family, image_processor_class
-from .modeling_coma import CoMaModel, _ProcessorParts
-from .processing_coma import CoMaProcessor
+from .modeling_coma import CoMaModel
+from .processing_coma import BackboneProcessorParts, CoMaProcessor
 
 # Qwen2/2.5/3-VL special tokens, in the order (and, from 151643, at the ids) of the published tokenizers.
 QWEN_SPECIAL_TOKENS = (
@@ -254,7 +254,7 @@ def build_tiny_backbone(
     backbone = spec.generation_class(config).to(torch.float32).eval()  # published configs say bfloat16
     # onto every sub-config: a top-level `config._attn_implementation` leaves the layers on their own setting
     backbone.set_attn_implementation(attn_implementation)
-    return backbone, _ProcessorParts(tokenizer, build_image_processor(family), tokenizer.chat_template)
+    return backbone, BackboneProcessorParts(tokenizer, build_image_processor(family), tokenizer.chat_template)
 
 
 def build_tiny_coma(

@@ -169,7 +169,7 @@ def test_a_save_cut_short_at_any_move_never_leaves_a_folder_that_loads_half_writ
     """Interrupt the k-th rename of the final move, for every k until a save gets through."""
     from transformers import AutoModel
 
-    import coma_hf.modeling_coma as modeling
+    import coma_hf.saving as saving
 
     old, _ = build_tiny_coma(num_compression_tokens=4, seed=1, max_image_tokens=4)
     new, _ = build_tiny_coma(num_compression_tokens=4, seed=2, max_image_tokens=4)
@@ -188,7 +188,7 @@ def test_a_save_cut_short_at_any_move_never_leaves_a_folder_that_loads_half_writ
                 raise KeyboardInterrupt("killed here")
             return replace(source, destination)
 
-        monkeypatch.setattr(modeling.os, "replace", cut_short)
+        monkeypatch.setattr(saving.os, "replace", cut_short)
         try:
             _save(new, target)
         except KeyboardInterrupt:
@@ -196,7 +196,7 @@ def test_a_save_cut_short_at_any_move_never_leaves_a_folder_that_loads_half_writ
         else:
             break
         finally:
-            monkeypatch.setattr(modeling.os, "replace", replace)
+            monkeypatch.setattr(saving.os, "replace", replace)
         assert not list(tmp_path.glob(".target-*.saving-*"))  # the temporary folder is removed
         if not existing:
             assert not target.exists()  # a new folder appears whole or not at all

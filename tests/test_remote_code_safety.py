@@ -16,6 +16,7 @@ SHIPPED = {
     "configuration_coma.py",
     "processing_coma.py",
     "inputs.py",
+    "saving.py",
     "masking.py",
     "backbones.py",
     "sentence_transformers_files.py",

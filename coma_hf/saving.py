@@ -1,0 +1,64 @@
+"""Checkpoint I/O of `CoMaModel.save_pretrained`: atomic saves, and the files a checkpoint carries along.
+
+Part of the remote code shipped with every checkpoint: imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+# Run summaries and card that travel with a checkpoint from the folder it was loaded from.
+CARRIED_FILES = ("README.md", "pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
+
+
+def save_atomically(save_directory: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Let `write(folder)` write a checkpoint into a temporary folder beside `save_directory`, then move it into place.
+
+    A new folder is then one rename; an existing one (a Trainer output folder with checkpoints, an older save) first
+    loses its `config.json`, then receives the new files with `config.json` last — so a save cut short at any point
+    leaves either the previous model, or a folder without `config.json` that refuses to load, never a mix.
+    """
+    target = os.path.abspath(os.fspath(save_directory))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=os.path.dirname(target))
+    try:
+        write(staging)
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Move a finished save from `staging` to `target` (see `save_atomically`): one rename for a new folder;
+    for an existing one, `config.json` out first and in last, and weight files of an earlier save removed."""
+    if not os.path.exists(target):
+        os.replace(staging, target)
+        return
+    names = sorted(os.listdir(staging), key=lambda name: name == "config.json")  # config.json last
+    if os.path.exists(os.path.join(target, "config.json")):
+        os.remove(os.path.join(target, "config.json"))  # from here until the end the folder does not load
+    for name in os.listdir(target):  # weights of an earlier save that this one does not overwrite (other sharding)
+        if (
+            name.startswith("model")
+            and name.endswith((".safetensors", ".safetensors.index.json"))
+            and name not in names
+        ):
+            os.remove(os.path.join(target, name))
+    for name in names:
+        destination = os.path.join(target, name)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            shutil.rmtree(destination)
+        os.replace(os.path.join(staging, name), destination)
+
+
+def carry_files(source: str | None, save_directory: str, names: tuple[str, ...] = CARRIED_FILES) -> None:
+    """Copy the run summaries and card of the folder a model was loaded from (`source`, also when saving over it)
+    into `save_directory`, where the save did not write them itself."""
+    if not source or not os.path.isdir(source):
+        return
+    for name in names:
+        if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(save_directory, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(save_directory, name))
