@@ -20,7 +20,7 @@ from sentence_transformers.sentence_transformer.losses import CachedMultipleNega
 from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
 from torch import Tensor
 
-DEFAULT_TEMPERATURE = 0.03
+from ..configuration_coma import DEFAULT_CONTRASTIVE_TEMPERATURE
 
 PRESENT = "present"
 """Feature key of a candidate column's optional `[batch]` bool tensor: False where the row has no input of its own
@@ -262,7 +262,7 @@ def _config_temperature(model) -> float:
         config = getattr(module, "config", None)
         if getattr(config, "model_type", None) == "coma":
             return float(config.contrastive_temperature)
-    return DEFAULT_TEMPERATURE
+    return DEFAULT_CONTRASTIVE_TEMPERATURE  # a model that is not CoMa: the paper's value
 
 
 __all__ = ["PRESENT", "CoMaContrastiveLoss", "input_keys"]
