@@ -8,21 +8,21 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from .backbones import get_family
-from .processing_coma import (
-    DEFAULT_COMPRESS_INSTRUCTION,
-    DEFAULT_DOCUMENT_INSTRUCTION,
-    DEFAULT_QUERY_INSTRUCTION,
-    LOSS_ON_MODES,
-)
 
 POOLING_MODES = ("mean", "last")
 ATTENTION_RULES = ("bottleneck", "causal")
 VISION_ATTENTION_MODES = ("auto", "stock")
 DEFAULT_CONTRASTIVE_TEMPERATURE = 0.03  # the paper's
+# Token-layout settings that configs saved before the processor owned them (coma_hf 0.1.0) carry. Such a config keeps
+# them as plain attributes (transformers keeps unknown keys); `CoMaModel` hands them to its processor, and a config
+# never writes them again.
+LEGACY_PROCESSOR_SETTINGS = ("loss_on", "compress_instruction", "query_instruction", "document_instruction")
 
 
 class CoMaConfig(PretrainedConfig):
     r"""Configuration of a CoMa embedding model: a backbone MLLM plus K learnable compression tokens.
+
+    Only what the model needs to run: the token layout (instructions, `loss_on`, token names) is `CoMaProcessor`'s.
 
     Args:
         backbone_config (`dict` or `PretrainedConfig`, *optional*):
@@ -35,18 +35,9 @@ class CoMaConfig(PretrainedConfig):
         pooling (`str`, defaults to `"mean"`):
             How the embedding is read off the K final (post-norm) compression states: `"mean"` (the paper) or
             `"last"` (the released evaluation script).
-        loss_on (`str`, defaults to `"answers"`):
-            Stage-1 loss positions: `"answers"` (answer tokens and their `<|im_end|>`, the paper) or
-            `"all_after_compression"` (every token after the compression tokens, the released code).
         attention_rule (`str`, defaults to `"bottleneck"`):
             `"bottleneck"`: tokens after the compression tokens never see the input (CoMa).
             `"causal"`: plain causal attention everywhere (the control that isolates compression).
-        compress_instruction (`str`):
-            Instruction placed between the stage-1 input and the compression tokens.
-        query_instruction (`str`):
-            Default instruction of `encode_query` (and the sentence-transformers prompt `query`).
-        document_instruction (`str`):
-            Default instruction of `encode_document` (and the sentence-transformers prompt `document`).
         contrastive_temperature (`float`, defaults to 0.03):
             Stage-2 InfoNCE temperature (cosine similarity / temperature). Not called `temperature`, which
             transformers reserves for generation.
@@ -76,11 +67,7 @@ class CoMaConfig(PretrainedConfig):
         num_compression_tokens: int = 32,
         compression_token_ids: list[int] | None = None,
         pooling: str = "mean",
-        loss_on: str = "answers",
         attention_rule: str = "bottleneck",
-        compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
-        query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
-        document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
         contrastive_temperature: float = DEFAULT_CONTRASTIVE_TEMPERATURE,
         embedding_dim: int | None = None,
         normalize_embeddings: bool = True,
@@ -94,11 +81,7 @@ class CoMaConfig(PretrainedConfig):
         self.num_compression_tokens = num_compression_tokens
         self.compression_token_ids = list(compression_token_ids) if compression_token_ids is not None else None
         self.pooling = _check_choice("pooling", pooling, POOLING_MODES)
-        self.loss_on = _check_choice("loss_on", loss_on, LOSS_ON_MODES)
         self.attention_rule = _check_choice("attention_rule", attention_rule, ATTENTION_RULES)
-        self.compress_instruction = compress_instruction
-        self.query_instruction = query_instruction
-        self.document_instruction = document_instruction
         self.contrastive_temperature = contrastive_temperature
         self.embedding_dim = embedding_dim
         self.normalize_embeddings = normalize_embeddings
@@ -113,6 +96,19 @@ class CoMaConfig(PretrainedConfig):
         # Tying follows the backbone (Qwen2.5-VL-3B ties its embeddings, 7B does not).
         kwargs["tie_word_embeddings"] = bool(getattr(self.backbone_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """As transformers', leaving out the token-layout settings an old config may still hold (the processor saves
+        them; see `LEGACY_PROCESSOR_SETTINGS`)."""
+        output = super().to_dict()
+        for key in LEGACY_PROCESSOR_SETTINGS:
+            output.pop(key, None)
+        return output
+
+    def legacy_processor_settings(self) -> dict:
+        """The token-layout settings this config was loaded with, if it was saved before the processor owned them
+        (`{}` for a config saved since)."""
+        return {key: self.__dict__[key] for key in LEGACY_PROCESSOR_SETTINGS if key in self.__dict__}
 
     def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
         """The language model's config (vocabulary size, hidden size), as transformers' resizing expects."""

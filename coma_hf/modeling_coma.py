@@ -27,7 +27,15 @@ from .backbones import cache_argument_name, get_family, language_model, output_c
 from .configuration_coma import CoMaConfig
 from .inputs import CoMaInputError
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
-from .processing_coma import IGNORE_INDEX, BackboneProcessorParts, CoMaProcessor, compression_token_names
+from .processing_coma import (
+    DEFAULT_COMPRESS_INSTRUCTION,
+    DEFAULT_DOCUMENT_INSTRUCTION,
+    DEFAULT_QUERY_INSTRUCTION,
+    IGNORE_INDEX,
+    BackboneProcessorParts,
+    CoMaProcessor,
+    compression_token_names,
+)
 from .saving import carry_files, save_atomically
 from .sentence_transformers_files import write_sentence_transformers_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
@@ -151,7 +159,12 @@ class CoMaModel(PreTrainedModel):
     @processor.setter
     def processor(self, processor: CoMaProcessor) -> None:
         """Attach `processor`, which must render the compression tokens this model was built with (K is stored by
-        both: its ids in `config.compression_token_ids`, its token names in the processor's config)."""
+        both: its ids in `config.compression_token_ids`, its token names in the processor's config).
+
+        A checkpoint saved before the processor owned the token layout (coma_hf 0.1.0) holds `query_instruction`,
+        `document_instruction` and `loss_on` in its `config.json`; those values were in effect then, so they replace
+        the processor's (its `compress_instruction` was the processor's already, and stays).
+        """
         expected = self.config.compression_token_ids
         if expected is not None and list(processor.compression_token_ids) != list(expected):
             raise ValueError(
@@ -159,6 +172,10 @@ class CoMaModel(PreTrainedModel):
                 f"{processor.compression_token_ids}, but this model was built for ids {expected} (K="
                 f"{self.config.num_compression_tokens}): use the processor saved with the model."
             )
+        legacy = self.config.legacy_processor_settings()
+        legacy.pop("compress_instruction", None)
+        for key, value in legacy.items():
+            setattr(processor, key, value)
         self._processor = processor
 
     @classmethod
@@ -197,9 +214,12 @@ class CoMaModel(PreTrainedModel):
                 )
         if self._processor is not None:
             self._processor.save_pretrained(save_directory)
-        write_sentence_transformers_files(
-            save_directory, self.config.query_instruction, self.config.document_instruction
-        )
+            query, document = self._processor.query_instruction, self._processor.document_instruction
+        else:  # the instructions an old config holds, or the defaults
+            legacy = self.config.legacy_processor_settings()
+            query = legacy.get("query_instruction", DEFAULT_QUERY_INSTRUCTION)
+            document = legacy.get("document_instruction", DEFAULT_DOCUMENT_INSTRUCTION)
+        write_sentence_transformers_files(save_directory, query, document)
 
     # ---- the backbone under the CoMa mask ---------------------------------------------------------------------------
     def _run_backbone(
@@ -439,12 +459,12 @@ class CoMaModel(PreTrainedModel):
         return self.encode([{"image": image} for image in images], instruction=instruction, **kwargs)
 
     def encode_query(self, inputs: Sequence[Any], **kwargs) -> torch.Tensor:
-        """`encode` with the configured query instruction (`config.query_instruction`)."""
-        return self.encode(inputs, instruction=self.config.query_instruction, **kwargs)
+        """`encode` with the processor's query instruction (`processor.query_instruction`)."""
+        return self.encode(inputs, instruction=self.processor.query_instruction, **kwargs)
 
     def encode_document(self, inputs: Sequence[Any], **kwargs) -> torch.Tensor:
-        """`encode` with the configured document instruction (`config.document_instruction`)."""
-        return self.encode(inputs, instruction=self.config.document_instruction, **kwargs)
+        """`encode` with the processor's document instruction (`processor.document_instruction`)."""
+        return self.encode(inputs, instruction=self.processor.document_instruction, **kwargs)
 
     # ---- construction -----------------------------------------------------------------------------------------------
     @classmethod
@@ -459,6 +479,10 @@ class CoMaModel(PreTrainedModel):
         seed: int = 0,
         attn_implementation: str = "sdpa",
         dtype: Any = "auto",
+        loss_on: str = "answers",
+        compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
+        query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
+        document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
         **config_kwargs,
     ) -> CoMaModel:
         """A CoMa model around a pretrained MLLM: Hub id, local folder, or a loaded `...ForConditionalGeneration`.
@@ -467,7 +491,8 @@ class CoMaModel(PreTrainedModel):
         the new ids do not fit (published Qwen checkpoints carry spare rows, which are never cut), and initialises
         the K rows explicitly (see `init_compression_embeddings`). `processor` (a processor with `tokenizer` and
         `image_processor`) is required when passing a model object; it is loaded from the Hub id or folder otherwise.
-        Remaining keyword arguments go to `CoMaConfig` (pooling, loss_on, instructions, …).
+        `loss_on` and the compress/query/document instructions go to the processor (see `CoMaProcessor`), the token
+        limits and `max_length` too; remaining keyword arguments go to `CoMaConfig` (pooling, attention rule, …).
         """
         if isinstance(model_name_or_path_or_model, PreTrainedModel):
             backbone = model_name_or_path_or_model
@@ -516,7 +541,10 @@ class CoMaModel(PreTrainedModel):
             tokenizer=tokenizer,
             chat_template=getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
             num_compression_tokens=num_compression_tokens,
-            compress_instruction=config.compress_instruction,
+            compress_instruction=compress_instruction,
+            query_instruction=query_instruction,
+            document_instruction=document_instruction,
+            loss_on=loss_on,
             min_image_tokens=min_image_tokens,
             max_image_tokens=max_image_tokens,
             max_length=max_length,

@@ -104,6 +104,12 @@ class CoMaProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): the backbone's chat template, kept for `apply_chat_template` users.
         num_compression_tokens (`int`, defaults to 32): K.
         compress_instruction (`str`): instruction between the stage-1 input and the compression tokens.
+        query_instruction (`str`): the instruction of `encode_query` (and the sentence-transformers prompt `query`).
+        document_instruction (`str`): the instruction of `encode_document` (and the sentence-transformers prompt
+            `document`).
+        loss_on (`str`, defaults to `"answers"`): stage-1 label positions: `"answers"` (answer tokens and their
+            `<|im_end|>`, the paper) or `"all_after_compression"` (every token after the compression tokens, the
+            released code).
         min_image_tokens / max_image_tokens (`int`, *optional*): bounds on visual tokens per image, given in tokens
             (one token covers `patch_size * merge_size` pixels per side: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
             The paper uses 256–1024. `None` keeps the image processor's own bounds.
@@ -124,6 +130,9 @@ class CoMaProcessor(ProcessorMixin):
         chat_template: str | None = None,
         num_compression_tokens: int = 32,
         compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
+        query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
+        document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
+        loss_on: str = "answers",
         min_image_tokens: int | None = None,
         max_image_tokens: int | None = None,
         max_length: int | None = None,
@@ -136,6 +145,9 @@ class CoMaProcessor(ProcessorMixin):
         self.image_placeholder = image_placeholder
         self._placeholder = re.compile(image_placeholder)
         self.compress_instruction = compress_instruction
+        self.query_instruction = query_instruction
+        self.document_instruction = document_instruction
+        self.loss_on = loss_on
         self.min_image_tokens = min_image_tokens
         self.max_image_tokens = max_image_tokens
         self.max_length = max_length
@@ -145,6 +157,17 @@ class CoMaProcessor(ProcessorMixin):
         self._special = self._special_token_ids()
 
     # ---- setup ------------------------------------------------------------------------------------------------------
+    @property
+    def loss_on(self) -> str:
+        """Stage-1 label positions (one of `LOSS_ON_MODES`); checked whenever it is set."""
+        return self.__dict__["loss_on"]
+
+    @loss_on.setter
+    def loss_on(self, value: str) -> None:
+        if value not in LOSS_ON_MODES:
+            raise ValueError(f"loss_on must be one of {LOSS_ON_MODES}, got {value!r}")
+        self.__dict__["loss_on"] = value  # in the instance's dict, so `processor_config.json` saves it
+
     @property
     def pixels_per_token(self) -> int:
         return pixels_per_token(self.image_processor.patch_size, self.image_processor.merge_size)
@@ -299,16 +322,13 @@ class CoMaProcessor(ProcessorMixin):
         image: Any = None,
         text: str | None = None,
         conversation: Sequence[dict] = (),
-        loss_on: str = "answers",
         sample: Any = None,
     ) -> RenderedSample:
         """Render one stage-1 sample; `conversation` is a list of `{"question": …, "answer": …}` turns (≥ 1).
 
-        Labels cover the answers and their `<|im_end|>` (`loss_on="answers"`), or every token after the compression
-        tokens (`loss_on="all_after_compression"`).
+        Labels cover the answers and their `<|im_end|>` (`self.loss_on == "answers"`), or every token after the
+        compression tokens (`"all_after_compression"`).
         """
-        if loss_on not in LOSS_ON_MODES:
-            raise ValueError(f"loss_on must be one of {LOSS_ON_MODES}, got {loss_on!r}")
         if not (text or "").strip() and image is None:
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
         turns = [self._checked_turn(turn, index, sample) for index, turn in enumerate(conversation or ())]
@@ -324,7 +344,7 @@ class CoMaProcessor(ProcessorMixin):
             ids += turn_ids
             answer_flags += flags
             kept += 1
-        if loss_on == "answers":
+        if self.loss_on == "answers":
             labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, answer_flags, strict=False)]
         else:
             labels = [IGNORE_INDEX] * len(prefix.input_ids) + ids[len(prefix.input_ids) :]
@@ -434,13 +454,11 @@ class CoMaProcessor(ProcessorMixin):
             )
         return self.collate(rendered)
 
-    def process_for_compression(
-        self, samples: Sequence[dict], loss_on: str = "answers", offset: int = 0
-    ) -> BatchFeature:
+    def process_for_compression(self, samples: Sequence[dict], offset: int = 0) -> BatchFeature:
         """Render and pad stage-1 samples (`{"image", "text", "conversation"}` dicts); dropped turns are logged."""
         rendered = [
             self.render_compression_sample(
-                sample.get("image"), sample.get("text"), sample.get("conversation", ()), loss_on, sample=offset + index
+                sample.get("image"), sample.get("text"), sample.get("conversation", ()), sample=offset + index
             )
             for index, sample in enumerate(samples)
         ]

@@ -21,17 +21,17 @@ REMOTE = {"trust_remote_code": True}
 
 def load_sentence_transformer(name_or_path: str, device: str | None = None, **model_kwargs):
     """`SentenceTransformer` over a CoMa checkpoint (folder or Hub id): sentence-transformers' own `Transformer`
-    module calling `CoMaModel.forward`, prompts `query` / `document` from the config's instructions."""
+    module calling `CoMaModel.forward`, prompts `query` / `document` from the processor's instructions."""
     from sentence_transformers import SentenceTransformer
 
     if (Path(name_or_path) / "modules.json").is_file():
         return SentenceTransformer(name_or_path, device=device, trust_remote_code=True, model_kwargs=model_kwargs)
     module = _transformer(name_or_path, model_kwargs)
-    config = module.model.config
+    layout = module.model.processor  # the checkpoint's own (an old checkpoint's config.json instructions applied)
     return SentenceTransformer(
         modules=[module],
         device=device,
-        prompts=prompts(config.query_instruction, config.document_instruction),
+        prompts=prompts(layout.query_instruction, layout.document_instruction),
         similarity_fn_name="cosine",
     )
 
@@ -67,11 +67,11 @@ def load_multi_vector_encoder(name_or_path: str, device: str | None = None, **mo
         "module_output_name": "token_embeddings",
     }
     module = _transformer(name_or_path, model_kwargs, **config)
-    coma_config = module.model.config
+    layout = module.model.processor
     return MultiVectorEncoder(
         modules=[module, CompressionStatesMask(), Normalize(module_input_name="token_embeddings")],
         device=device,
-        prompts=prompts(coma_config.query_instruction, coma_config.document_instruction),
+        prompts=prompts(layout.query_instruction, layout.document_instruction),
     )
 
 

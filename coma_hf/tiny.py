@@ -270,7 +270,8 @@ def build_tiny_coma(
     **config_kwargs,
 ) -> tuple[CoMaModel, CoMaProcessor]:
     """The embedded default: a tiny random-weight backbone of `family` turned into a CoMa model, and its processor.
-    Its config says so (`embedded_backbone=True`), which is how scripts choose the `tiny` recipe for it."""
+    Its config says so (`embedded_backbone=True`), which is how scripts choose the `tiny` recipe for it. Keyword
+    arguments go to `CoMaModel.from_backbone`: the processor's (`loss_on`, instructions) and the config's."""
     backbone, parts = build_tiny_backbone(family, seed, attn_implementation, backbone_config, tokenizer)
     model = CoMaModel.from_backbone(
         backbone,

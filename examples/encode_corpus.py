@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     state = PartialState()  # one process, or one per GPU under `accelerate launch`
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype))
     model = model.to(state.device).eval()
-    instruction = {"document": model.config.document_instruction, "query": model.config.query_instruction}.get(
+    instruction = {"document": model.processor.document_instruction, "query": model.processor.query_instruction}.get(
         args.role
     )
     progress = tqdm(

@@ -151,11 +151,11 @@ def load_data(data_args: DataArguments, seed: int = 0):
     return train, root, evaluation, root, source
 
 
-def drop_bad_rows(dataset, processor, root, data_args: DataArguments, loss_on: str, name: str):
+def drop_bad_rows(dataset, processor, root, data_args: DataArguments, name: str):
     """Validate up front when asked; skip and count bad rows, or stop naming them."""
     if not (data_args.validate_data or data_args.skip_bad_samples):
         return dataset, []
-    bad = validate_stage1_dataset(dataset, processor, root, loss_on)
+    bad = validate_stage1_dataset(dataset, processor, root)
     if bad and not data_args.skip_bad_samples:
         listing = "\n".join(f"  row {sample.index}: {sample.error}" for sample in bad[:20])
         raise SystemExit(f"{len(bad)} bad rows in the {name} data (use --skip_bad_samples to skip them):\n{listing}")
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with training_args.main_process_first(desc="writing or reading the data"):  # synthetic scenes written once
         train, root, evaluation, eval_root, eval_source = load_data(data_args, training_args.seed)
-    train, bad_train = drop_bad_rows(train, processor, root, data_args, model_args.loss_on, "training")
+    train, bad_train = drop_bad_rows(train, processor, root, data_args, "training")
     if evaluation is not None:
-        evaluation, _ = drop_bad_rows(evaluation, processor, eval_root, data_args, model_args.loss_on, "evaluation")
+        evaluation, _ = drop_bad_rows(evaluation, processor, eval_root, data_args, "evaluation")
     logger.info("Training on %d samples (%d skipped)", len(train), len(bad_train))
 
     from coma_hf.training.trainers import CoMaCompressionTrainer

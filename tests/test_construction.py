@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from coma_hf import CoMaConfig, CoMaModel
+from coma_hf import CoMaConfig, CoMaModel, CoMaProcessor
 from coma_hf.backbones import FAMILIES, get_family
+from coma_hf.configuration_coma import LEGACY_PROCESSOR_SETTINGS
 from coma_hf.tiny import build_tiny_backbone, build_tiny_coma, tiny_backbone_config
 
 from utils import tiny_coma
@@ -22,25 +23,34 @@ def test_unknown_backbone_is_an_error_listing_supported_families():
 
 
 def test_config_rejects_unknown_choices_and_documents_defaults():
-    for field, value in (("pooling", "max"), ("loss_on", "questions"), ("attention_rule", "full")):
+    for field, value in (("pooling", "max"), ("attention_rule", "full")):
         with pytest.raises(ValueError, match=field):
             CoMaConfig(**{field: value})
     config = CoMaConfig()
-    assert (config.num_compression_tokens, config.pooling, config.loss_on) == (32, "mean", "answers")
+    assert (config.num_compression_tokens, config.pooling) == (32, "mean")
     assert config.contrastive_temperature == 0.03
-    assert config.compress_instruction == "Summarize above image and text in a few words."
-    for knob in (
-        "num_compression_tokens",
-        "pooling",
-        "loss_on",
-        "attention_rule",
-        "compress_instruction",
-        "query_instruction",
-        "document_instruction",
-        "contrastive_temperature",
-        "embedding_dim",
-    ):
+    for knob in ("num_compression_tokens", "pooling", "attention_rule", "contrastive_temperature", "embedding_dim"):
         assert knob in CoMaConfig.__doc__
+    # the token layout is the processor's: a new config neither holds nor writes it
+    for setting in LEGACY_PROCESSOR_SETTINGS:
+        assert not hasattr(config, setting) and setting not in config.to_dict()
+
+
+def test_processor_owns_the_token_layout_and_checks_loss_on():
+    _, processor = tiny_coma()
+    assert processor.loss_on == "answers"
+    assert processor.compress_instruction == "Summarize above image and text in a few words."
+    assert (processor.query_instruction, processor.document_instruction) == (
+        "Find the matching image or text.",
+        "Represent the given image or text.",
+    )
+    for knob in ("loss_on", "compress_instruction", "query_instruction", "document_instruction"):
+        assert knob in CoMaProcessor.__doc__
+    with pytest.raises(ValueError, match="loss_on"):
+        CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=4, loss_on="questions")
+    with pytest.raises(ValueError, match="loss_on"):
+        processor.loss_on = "questions"
+    assert processor.loss_on == "answers"
 
 
 def test_compression_rows_grow_the_embedding_and_are_initialised_explicitly():

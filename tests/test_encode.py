@@ -84,12 +84,12 @@ def test_query_and_document_use_the_configured_instructions():
         )
 
     inputs = ["a red circle", image]
-    saved = model.config.query_instruction, model.config.document_instruction
+    saved = processor.query_instruction, processor.document_instruction
     try:  # instructions of our own: a hard-coded default would not pass
-        model.config.query_instruction, model.config.document_instruction = "Search for this:", "Index this:"
+        processor.query_instruction, processor.document_instruction = "Search for this:", "Index this:"
         query, document = model.encode_query(inputs), model.encode_document(inputs)
     finally:
-        model.config.query_instruction, model.config.document_instruction = saved
+        processor.query_instruction, processor.document_instruction = saved
     torch.testing.assert_close(query, expected("Search for this:"), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(document, expected("Index this:"), atol=1e-5, rtol=1e-5)
     plain = torch.stack(

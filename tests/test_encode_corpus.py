@@ -141,7 +141,7 @@ def test_a_killed_run_resumes_with_another_process_count_and_equals_an_uninterru
             killed,
             shard_size=50,
             batch_size=16,
-            instruction=coma.config.document_instruction,
+            instruction=coma.processor.document_instruction,
             process_index=rank,
             num_processes=2,
         )
@@ -186,7 +186,7 @@ def test_parquet_and_datasets_sources_give_the_same_vectors(checkpoint, tmp_path
         streamed,
         shard_size=5,
         batch_size=4,
-        instruction=coma.config.document_instruction,
+        instruction=coma.processor.document_instruction,
     )
     for folder in ("ds", "streamed"):
         ids, vectors = inference.load_embeddings(tmp_path / folder)

@@ -153,7 +153,7 @@ def test_multi_vector_encoder_scores_the_k_states_with_maxsim(tmp_path):
             batch = processor.process_for_embedding(items, instruction=instruction)
             return torch.nn.functional.normalize(model.compress(**batch).compression_states, dim=-1)
 
-    query_states, document_states = states(queries, model.config.query_instruction), states(documents)
+    query_states, document_states = states(queries, model.processor.query_instruction), states(documents)
     assert query_states.shape[1] == model.config.num_compression_tokens
     for i in range(len(queries)):
         for j in range(len(documents)):

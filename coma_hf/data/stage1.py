@@ -211,9 +211,7 @@ def _image_key(image) -> str | None:
     return None
 
 
-def validate_stage1_dataset(
-    dataset, processor, image_root: str | None = None, loss_on: str = "answers"
-) -> list[BadRow]:
+def validate_stage1_dataset(dataset, processor, image_root: str | None = None) -> list[BadRow]:
     """Render every row once (images decoded, lengths checked) and return the rows that fail, with reasons."""
     from transformers.utils.logging import tqdm
 
@@ -223,7 +221,7 @@ def validate_stage1_dataset(
         try:
             record = normalize_stage1_record(row, index, image_root)
             processor.render_compression_sample(
-                record["image"], record["text"], record["conversation"], loss_on, sample=record["id"]
+                record["image"], record["text"], record["conversation"], sample=record["id"]
             )
         except CoMaInputError as error:
             bad.append(BadRow(index, row_id(row, index), str(error)))

@@ -24,7 +24,8 @@ from .losses import PRESENT
 class CoMaCompressionCollator:
     """Turns raw stage-1 rows (any format `normalize_stage1_record` reads) into a left-padded batch with labels.
 
-    `max_turns` keeps only each conversation's first turns (the single- vs multi-turn ablation).
+    Labels follow the processor's `loss_on`. `max_turns` keeps only each conversation's first turns (the single- vs
+    multi-turn ablation).
     A bad row raises `CoMaInputError` naming the row's id and the field. QA turns that did not fit in the
     processor's `max_length` are counted in the batch's `dropped_turns` (the trainer sums them in the main process,
     since collators may run in dataloader workers) and in `self.dropped_turns`.
@@ -33,12 +34,10 @@ class CoMaCompressionCollator:
     def __init__(
         self,
         processor: CoMaProcessor,
-        loss_on: str = "answers",
         image_root: str | None = None,
         max_turns: int | None = None,
     ):
         self.processor = processor
-        self.loss_on = loss_on
         self.image_root = image_root
         self.max_turns = max_turns
         self.dropped_turns = 0
@@ -53,7 +52,6 @@ class CoMaCompressionCollator:
                     record["image"],
                     record["text"],
                     record["conversation"][: self.max_turns],
-                    self.loss_on,
                     sample=record["id"],
                 )
             )

@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: int = 0, **config_kwargs):
-    """`(model, processor)`: CoMa over `backbone` (Hub id or folder), or over the embedded tiny backbone if `None`."""
+    """`(model, processor)`: CoMa over `backbone` (Hub id or folder), or over the embedded tiny backbone if `None`.
+    Keyword arguments go to `CoMaModel.from_backbone`: the processor's (`loss_on`, instructions) and the config's."""
     from ..modeling_coma import CoMaModel
     from ..tiny import build_tiny_coma, tiny_backbone_config
 

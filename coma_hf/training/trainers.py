@@ -173,7 +173,7 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
     Args: as `Trainer`, plus `image_root` (resolves relative image paths in the rows), `max_turns` (QA turns kept
     per conversation; all by default) and `on_nonfinite_loss` ("stop" or "skip", see `_CoMaTrainerMixin`). Pass the
     `CoMaProcessor` as `processing_class`: it renders the batches and is saved with every checkpoint.
-    `data_collator` defaults to a `CoMaCompressionCollator` with the model's `config.loss_on`.
+    `data_collator` defaults to a `CoMaCompressionCollator` (labels as the processor's `loss_on` places them).
     """
 
     stage_name = "Stage 1"
@@ -198,8 +198,7 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("Pass the CoMaProcessor as `processing_class` (or a `data_collator`).")
-            loss_on = _coma_config(model).loss_on
-            data_collator = CoMaCompressionCollator(processing_class, loss_on, image_root, max_turns)
+            data_collator = CoMaCompressionCollator(processing_class, image_root, max_turns)
         super().__init__(
             model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
         )
@@ -277,11 +276,3 @@ def describe_batch_sizes(args) -> str:
         f"per-device batch {per_device} × accumulation {accumulation} × {processes} processes = global batch "
         f"{per_device * accumulation * processes}"
     )
-
-
-def _coma_config(model) -> Any:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "loss_on"):
-        base = getattr(model, "get_base_model", lambda: model)()
-        config = base.config
-    return config
