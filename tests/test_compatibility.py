@@ -6,6 +6,7 @@ image and that version's vectors (`tests/fixtures/make_v0_checkpoint.py` wrote i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 FIXTURE = Path(__file__).parent / "fixtures" / "coma_v0_stage2"
 TEXT = "a red circle left of a blue square"
 QUESTION = "What colour is the circle?"
+PROCESSOR_FILE = "processor_config.json"
 
 # A fresh interpreter in which `import coma_hf` fails: the checkpoint's own remote code, through AutoModel and
 # SentenceTransformer.
@@ -89,3 +91,51 @@ def test_old_checkpoint_gives_its_vectors_through_the_installed_package(tmp_path
     torch.testing.assert_close(model.encode_query(mixed), expected["encode_query"], atol=1e-5, rtol=0)
     torch.testing.assert_close(model.encode_document(mixed), expected["encode_document"], atol=1e-5, rtol=0)
     assert not torch.allclose(expected["encode_query"], expected["encode_document"], atol=1e-3)  # not vacuous
+
+
+def test_an_old_config_keeps_its_own_layout_settings(tmp_path):
+    """A folder saved before the processor owned the token layout: `query_instruction` and `loss_on` (not the
+    defaults) in `config.json`, none in `processor_config.json`. They stay in effect, and a save moves them to the
+    processor's config."""
+    from coma_hf import CoMaModel
+    from coma_hf.configuration_coma import LEGACY_PROCESSOR_SETTINGS
+    from coma_hf.hub.card import render_model_card
+    from coma_hf.training import CoMaCompressionCollator
+
+    from utils import random_image, tiny_coma
+
+    model, processor = tiny_coma()
+    folder = tmp_path / "old"
+    model.save_pretrained(folder)
+    config, saved_processor = (json.loads((folder / name).read_text()) for name in ("config.json", PROCESSOR_FILE))
+    assert not set(LEGACY_PROCESSOR_SETTINGS) & set(config)  # a new config never carries them
+    layout = {key: saved_processor.pop(key) for key in LEGACY_PROCESSOR_SETTINGS}
+    layout.update(query_instruction="Search the collection for:", loss_on="all_after_compression")
+    assert (layout["query_instruction"], layout["loss_on"]) != (processor.query_instruction, processor.loss_on)
+    (folder / "config.json").write_text(json.dumps({**config, **layout}))
+    (folder / PROCESSOR_FILE).write_text(json.dumps(saved_processor))
+
+    old = CoMaModel.from_pretrained(folder).eval()
+    assert old.processor.query_instruction == "Search the collection for:"
+    assert old.processor.loss_on == "all_after_compression"
+    inputs = ["a red circle", random_image(0)]
+    torch.testing.assert_close(
+        old.encode_query(inputs), model.encode(inputs, instruction="Search the collection for:"), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(old.encode_document(inputs), model.encode_document(inputs), atol=1e-5, rtol=0)
+    turns = [{"question": "What colour?", "answer": "red"}]
+    batch = CoMaCompressionCollator(old.processor)([{"id": "x", "text": "a red circle", "conversation": turns}])
+    labelled = batch["labels"][batch["labels"] != -100].tolist()
+    assert old.processor.decode(labelled).startswith("<|im_start|>user\nWhat colour?")  # all after compression
+    assert "all_after_compression" in str(render_model_card(folder))  # the card reads config.json's
+
+    old.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert not set(LEGACY_PROCESSOR_SETTINGS) & set(resaved)
+    resaved_processor = json.loads((tmp_path / "resaved" / PROCESSOR_FILE).read_text())
+    assert {key: resaved_processor[key] for key in layout} == layout
+    prompts = json.loads((tmp_path / "resaved" / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["query"] == "Search the collection for:"
+    again = CoMaModel.from_pretrained(tmp_path / "resaved").eval()
+    torch.testing.assert_close(again.encode_query(inputs), old.encode_query(inputs), atol=1e-5, rtol=0)
+    assert again.processor.loss_on == "all_after_compression"
