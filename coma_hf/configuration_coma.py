@@ -13,7 +13,7 @@ POOLING_MODES = ("mean", "last")
 ATTENTION_RULES = ("bottleneck", "causal")
 VISION_ATTENTION_MODES = ("auto", "stock")
 DEFAULT_CONTRASTIVE_TEMPERATURE = 0.03  # the paper's
-# Token-layout settings that configs saved before the processor owned them (coma_hf 0.1.0) carry. Such a config keeps
+# Token-layout settings that configs saved before the processor owned them (version 0.1.0) carry. Such a config keeps
 # them as plain attributes (transformers keeps unknown keys); `CoMaModel` hands them to its processor, and a config
 # never writes them again.
 LEGACY_PROCESSOR_SETTINGS = ("loss_on", "compress_instruction", "query_instruction", "document_instruction")

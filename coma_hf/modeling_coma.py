@@ -161,7 +161,7 @@ class CoMaModel(PreTrainedModel):
         """Attach `processor`, which must render the compression tokens this model was built with (K is stored by
         both: its ids in `config.compression_token_ids`, its token names in the processor's config).
 
-        A checkpoint saved before the processor owned the token layout (coma_hf 0.1.0) holds `query_instruction`,
+        A checkpoint saved before the processor owned the token layout (version 0.1.0) holds `query_instruction`,
         `document_instruction` and `loss_on` in its `config.json`; those values were in effect then, so they replace
         the processor's (its `compress_instruction` was the processor's already, and stays).
         """

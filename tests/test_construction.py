@@ -53,6 +53,18 @@ def test_processor_owns_the_token_layout_and_checks_loss_on():
     assert processor.loss_on == "answers"
 
 
+def test_from_backbone_hands_the_layout_settings_to_the_processor():
+    model, processor = build_tiny_coma(
+        num_compression_tokens=2, loss_on="all_after_compression", query_instruction="Q:", document_instruction="D:"
+    )
+    assert (processor.loss_on, processor.query_instruction, processor.document_instruction) == (
+        "all_after_compression",
+        "Q:",
+        "D:",
+    )
+    assert model.config.legacy_processor_settings() == {}
+
+
 def test_compression_rows_grow_the_embedding_and_are_initialised_explicitly():
     model, processor = tiny_coma()
     vocabulary = len(processor.tokenizer) - model.config.num_compression_tokens
