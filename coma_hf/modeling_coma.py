@@ -32,6 +32,7 @@ from .processing_coma import (
     DEFAULT_DOCUMENT_INSTRUCTION,
     DEFAULT_QUERY_INSTRUCTION,
     IGNORE_INDEX,
+    MODEL_INPUT_NAMES,
     BackboneProcessorParts,
     CoMaProcessor,
     compression_token_names,
@@ -586,9 +587,6 @@ def _decode_until(processor: CoMaProcessor, token_ids: list[int], end_id: int) -
     return processor.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
 
 
-_INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
 def _model_inputs(inputs: dict) -> dict:
     """Keep the keys the backbone run takes (a processor batch may carry labels)."""
-    return {name: inputs[name] for name in _INPUT_NAMES if inputs.get(name) is not None}
+    return {name: inputs[name] for name in MODEL_INPUT_NAMES if inputs.get(name) is not None}

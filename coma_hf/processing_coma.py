@@ -43,6 +43,7 @@ DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
 DEFAULT_DOCUMENT_INSTRUCTION = "Represent the given image or text."
 LOSS_ON_MODES = ("answers", "all_after_compression")  # stage-1 label positions (the paper's, the released code's)
 IGNORE_INDEX = -100
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 @dataclass
@@ -122,6 +123,8 @@ class CoMaProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
+    # What `collate` puts in a batch for the model (stage 1 adds `labels`); the model and the trainers read these keys.
+    model_input_names = list(MODEL_INPUT_NAMES)
 
     def __init__(
         self,

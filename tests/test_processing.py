@@ -302,3 +302,10 @@ def test_a_processor_for_other_compression_tokens_is_refused():
     with pytest.raises(ValueError, match="use the processor saved with the model"):
         model.processor = other
     assert model.processor is processor
+
+
+def test_the_processor_declares_the_inputs_it_makes():
+    _, processor = tiny_coma()
+    batch = processor.process_for_embedding([{"image": random_image(1), "text": "a red circle"}, "text only"])
+    assert list(batch.keys()) == ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
+    assert processor.model_input_names == list(batch.keys())  # what the model and Trainer read
