@@ -198,7 +198,10 @@ class CoMaModel(PreTrainedModel):
         either the previous model, or a folder without `config.json` that refuses to load, never a mix.
         """
         if kwargs.get("push_to_hub"):
-            raise ValueError("Save, then call `model.push_to_hub(repo_id)`: saving is atomic and uploads separately.")
+            raise ValueError(
+                "Save, then upload the folder with the package's `push_to_hub(folder, repo_id)`: saving is atomic and "
+                "uploads separately (transformers' own `model.push_to_hub` writes a generic card)."
+            )
         if not kwargs.get("is_main_process", True):  # a data-parallel rank that writes nothing
             return super().save_pretrained(save_directory, *args, **kwargs)
         save_atomically(save_directory, lambda staging: self._save_files(staging, *args, **kwargs))
