@@ -93,8 +93,8 @@ class DataArguments:
     validation_split_percentage: float = field(
         default=5.0,
         metadata={
-            "help": "With --dataset and no held-out data: this % of its rows, drawn as whole images (no image "
-            "on both sides) and at most --max_eval_samples rows, is held out of training for the answer "
+            "help": "With --dataset and no held-out data: this percentage of its rows, drawn as whole images (no "
+            "image on both sides) and at most --max_eval_samples rows, is held out of training for the answer "
             "evaluation; 0 turns it off."
         },
     )

@@ -141,3 +141,13 @@ def test_stage_two_from_ones_own_stage_one_folder_runs_on_cpu(tmp_path, caplog, 
     loss = f"{summary['train_loss_first']:.4f}"
     assert f"train loss          {loss} -> {loss} (first -> last optimizer step)" in printed
     assert any("Recipe 'tiny'" in line and "pretrain_summary.json" in line for line in caplog.messages)
+
+
+@pytest.mark.parametrize("script", ["pretrain", "train_contrastive"])
+def test_help_lists_the_options_without_a_checkpoint_or_a_gpu(tmp_path, monkeypatch, capsys, script):
+    monkeypatch.chdir(tmp_path)  # no outputs/stage1 here
+    with pytest.raises(SystemExit) as stopped:
+        load_example(script).main(["--help"])
+    assert stopped.value.code == 0
+    printed = capsys.readouterr().out
+    assert "--recipe" in printed and "--output_dir" in printed
