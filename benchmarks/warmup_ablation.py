@@ -83,7 +83,7 @@ QUICK = Budget(
     num_compression_tokens=4,
     answer_eval_samples=4,
 )
-QUICK_MODEL = ["--tiny_hidden_size", "32", "--min_image_tokens", "4", "--max_image_tokens", "4"]
+QUICK_MODEL = "--tiny_hidden_size 32 --min_image_tokens 4 --max_image_tokens 4".split()
 
 
 @dataclass(frozen=True)

@@ -30,70 +30,17 @@ from under_accelerate import batch  # noqa: E402
 
 # Dataset size = global batch, so every step sees the same rows whatever the sampler's order; SGD so that equal
 # gradients mean equal weights (Adam's first step divides by |g| and magnifies rounding in near-zero gradients).
-STAGE1 = [
-    "--num_train_scenes",
-    "4",
-    "--num_dev_scenes",
-    "2",
-    "--num_test_scenes",
-    "1",
-    "--scene_size",
-    "56",
-    "--max_steps",
-    "3",
-    "--max_eval_samples",
-    "1",
-    "--tiny_hidden_size",
-    "32",
-    "--num_compression_tokens",
-    "4",
-    "--min_image_tokens",
-    "4",
-    "--max_image_tokens",
-    "4",
-    "--dataloader_num_workers",
-    "0",
-    "--seed",
-    "3",
-    "--optim",
-    "sgd",
-    "--learning_rate",
-    "0.05",
-    "--lr_scheduler_type",
-    "constant",
-    "--warmup_steps",
-    "0",
-    "--logging_steps",
-    "1",
-]
-STAGE2 = [
-    "--recipe",
-    "tiny",
-    "--max_steps",
-    "2",
-    "--max_train_pairs",
-    "8",
-    "--by_dataset",
-    "false",
-    "--eval_datasets",
-    "Mini-Digit",
-    "--dataloader_num_workers",
-    "0",
-    "--optim",
-    "sgd",
-    "--learning_rate",
-    "0.05",
-    "--lr_scheduler_type",
-    "constant",
-    "--warmup_steps",
-    "0",
-    "--symmetric",
-    "true",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "3",
-]  # gathering across processes is the script's default
+STAGE1 = (
+    "--num_train_scenes 4 --num_dev_scenes 2 --num_test_scenes 1 --scene_size 56 --max_steps 3"
+    " --max_eval_samples 1 --tiny_hidden_size 32 --num_compression_tokens 4 --min_image_tokens 4"
+    " --max_image_tokens 4 --dataloader_num_workers 0 --seed 3 --optim sgd --learning_rate 0.05"
+    " --lr_scheduler_type constant --warmup_steps 0 --logging_steps 1"
+).split()
+STAGE2 = (
+    "--recipe tiny --max_steps 2 --max_train_pairs 8 --by_dataset false --eval_datasets"
+    " Mini-Digit --dataloader_num_workers 0 --optim sgd --learning_rate 0.05 --lr_scheduler_type"
+    " constant --warmup_steps 0 --symmetric true --logging_steps 1 --seed 3"
+).split()  # gathering across processes is the script's default
 # Two processes pad their halves separately and sum in another order: float32 rounding, nothing more.
 WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 

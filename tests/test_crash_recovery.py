@@ -21,40 +21,12 @@ from coma_hf.training import CoMaCompressionTrainer, NonFiniteLossError, last_co
 from utils import load_example
 
 PAUSING_PRETRAIN = Path(__file__).parent / "pausing_pretrain.py"  # examples/pretrain.py, halting on cue
-STAGE1 = [
-    "--num_train_scenes",
-    "24",
-    "--num_dev_scenes",
-    "2",
-    "--num_test_scenes",
-    "1",
-    "--scene_size",
-    "56",
-    "--max_steps",
-    "40",
-    "--per_device_train_batch_size",
-    "4",
-    "--max_eval_samples",
-    "1",
-    "--tiny_hidden_size",
-    "32",
-    "--num_compression_tokens",
-    "4",
-    "--min_image_tokens",
-    "4",
-    "--max_image_tokens",
-    "4",
-    "--dataloader_num_workers",
-    "0",
-    "--save_strategy",
-    "steps",
-    "--save_steps",
-    "4",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "5",
-]
+STAGE1 = (
+    "--num_train_scenes 24 --num_dev_scenes 2 --num_test_scenes 1 --scene_size 56 --max_steps"
+    " 40 --per_device_train_batch_size 4 --max_eval_samples 1 --tiny_hidden_size 32"
+    " --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
+    " --dataloader_num_workers 0 --save_strategy steps --save_steps 4 --logging_steps 1 --seed 5"
+).split()
 
 
 def _killed_at(phase: str, step: int, args: list[str], log: Path) -> None:

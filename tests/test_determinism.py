@@ -10,48 +10,16 @@ from coma_hf.data.mini_mmeb import write_mini_mmeb
 
 from utils import load_example
 
-STAGE1 = [
-    "--num_train_scenes",
-    "12",
-    "--num_dev_scenes",
-    "4",
-    "--num_test_scenes",
-    "2",
-    "--scene_size",
-    "56",
-    "--max_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "4",
-    "--max_eval_samples",
-    "2",
-    "--tiny_hidden_size",
-    "32",
-    "--num_compression_tokens",
-    "4",
-    "--min_image_tokens",
-    "4",
-    "--max_image_tokens",
-    "4",
-    "--dataloader_num_workers",
-    "0",
-    "--seed",
-    "7",
-]
-STAGE2 = [
-    "--recipe",
-    "tiny",
-    "--max_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "8",
-    "--dataloader_num_workers",
-    "0",
-    "--per_device_eval_batch_size",
-    "16",
-    "--seed",
-    "7",
-]
+STAGE1 = (
+    "--num_train_scenes 12 --num_dev_scenes 4 --num_test_scenes 2 --scene_size 56 --max_steps 3"
+    " --per_device_train_batch_size 4 --max_eval_samples 2 --tiny_hidden_size 32"
+    " --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
+    " --dataloader_num_workers 0 --seed 7"
+).split()
+STAGE2 = (
+    "--recipe tiny --max_steps 3 --per_device_train_batch_size 8 --dataloader_num_workers 0"
+    " --per_device_eval_batch_size 16 --seed 7"
+).split()
 
 
 def _weights(folder):

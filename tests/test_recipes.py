@@ -11,46 +11,16 @@ from coma_hf.training.recipes import choose_recipe, recipe_of_start
 
 from utils import load_example, tiny_coma
 
-STAGE1_TOY = [
-    "--num_train_scenes",
-    "12",
-    "--num_dev_scenes",
-    "4",
-    "--num_test_scenes",
-    "2",
-    "--scene_size",
-    "56",
-    "--max_steps",
-    "1",
-    "--per_device_train_batch_size",
-    "4",
-    "--max_eval_samples",
-    "2",
-    "--tiny_hidden_size",
-    "32",
-    "--num_compression_tokens",
-    "4",
-    "--min_image_tokens",
-    "4",
-    "--max_image_tokens",
-    "4",
-    "--dataloader_num_workers",
-    "0",
-]
-STAGE2_TOY = [
-    "--max_steps",
-    "1",
-    "--per_device_train_batch_size",
-    "4",
-    "--per_device_eval_batch_size",
-    "8",
-    "--dataloader_num_workers",
-    "0",
-    "--mini_batch_size",
-    "4",
-    "--max_train_scenes",
-    "12",
-]
+STAGE1_TOY = (
+    "--num_train_scenes 12 --num_dev_scenes 4 --num_test_scenes 2 --scene_size 56 --max_steps 1"
+    " --per_device_train_batch_size 4 --max_eval_samples 2 --tiny_hidden_size 32"
+    " --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
+    " --dataloader_num_workers 0"
+).split()
+STAGE2_TOY = (
+    "--max_steps 1 --per_device_train_batch_size 4 --per_device_eval_batch_size 8"
+    " --dataloader_num_workers 0 --mini_batch_size 4 --max_train_scenes 12"
+).split()
 needs_no_gpu = pytest.mark.skipif(is_torch_bf16_gpu_available(), reason="checks the machine without a GPU")
 
 

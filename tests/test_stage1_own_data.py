@@ -14,20 +14,10 @@ from coma_hf.evaluation.compression import token_f1
 
 from utils import load_example, random_image
 
-TOY = [
-    "--tiny_hidden_size",
-    "32",
-    "--num_compression_tokens",
-    "4",
-    "--min_image_tokens",
-    "4",
-    "--max_image_tokens",
-    "4",
-    "--per_device_train_batch_size",
-    "4",
-    "--dataloader_num_workers",
-    "0",
-]
+TOY = (
+    "--tiny_hidden_size 32 --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
+    " --per_device_train_batch_size 4 --dataloader_num_workers 0"
+).split()
 ANSWERS = ("a red circle on the left", "two", "the digit seven in the lower right corner of the picture")
 
 

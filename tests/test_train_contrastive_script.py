@@ -14,26 +14,11 @@ from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 
 from utils import load_example
 
-TOY = [
-    "--recipe",
-    "tiny",
-    "--max_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "8",
-    "--logging_steps",
-    "1",
-    "--per_device_eval_batch_size",
-    "16",
-    "--dataloader_num_workers",
-    "0",
-    "--cached",
-    "true",
-    "--mini_batch_size",
-    "4",
-    "--symmetric",
-    "true",
-]
+TOY = (
+    "--recipe tiny --max_steps 3 --per_device_train_batch_size 8 --logging_steps 1"
+    " --per_device_eval_batch_size 16 --dataloader_num_workers 0 --cached true --mini_batch_size"
+    " 4 --symmetric true"
+).split()
 
 
 @pytest.fixture(scope="module")

@@ -87,38 +87,12 @@ def test_dora_adapter_trains_and_merges_into_the_same_outputs(tmp_path):
 
 # ---- stage-2 LoRA through examples/train_contrastive.py -------------------------------------------------------------
 
-STAGE2 = [
-    "--recipe",
-    "tiny",
-    "--use_lora",
-    "true",
-    "--lora_r",
-    "4",
-    "--lora_alpha",
-    "16",
-    "--max_steps",
-    "2",
-    "--max_train_pairs",
-    "8",
-    "--per_device_train_batch_size",
-    "4",
-    "--by_dataset",
-    "false",
-    "--eval_datasets",
-    "Mini-Digit",
-    "--per_device_eval_batch_size",
-    "8",
-    "--dataloader_num_workers",
-    "0",
-    "--learning_rate",
-    "0.01",
-    "--warmup_steps",
-    "0",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "0",
-]
+STAGE2 = (
+    "--recipe tiny --use_lora true --lora_r 4 --lora_alpha 16 --max_steps 2 --max_train_pairs 8"
+    " --per_device_train_batch_size 4 --by_dataset false --eval_datasets Mini-Digit"
+    " --per_device_eval_batch_size 8 --dataloader_num_workers 0 --learning_rate 0.01"
+    " --warmup_steps 0 --logging_steps 1 --seed 0"
+).split()
 
 
 def _weight_names(folder) -> set[str]:
