@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import FAMILIES, random_image, tiny_coma
+from utils import FAMILIES, REMOTE_CODE_FILES, random_image, tiny_coma
 
 # Runs in a fresh interpreter in which `import coma_hf` fails, as on a machine without the package.
 CHILD = textwrap.dedent(
@@ -71,38 +71,13 @@ def test_checkpoint_loads_without_coma_hf_from_folder_and_from_hub_cache(family,
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
     files = set(os.listdir(folder))
-    assert {
-        "config.json",
-        "model.safetensors",
-        "modeling_coma.py",
-        "configuration_coma.py",
-        "processing_coma.py",
-        "inputs.py",
-        "saving.py",
-        "masking.py",
-        "backbones.py",
-        "sentence_transformers_files.py",
-        "vision_attention.py",
-        "processor_config.json",
-        "tokenizer.json",
-    } <= files
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} | REMOTE_CODE_FILES <= files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_coma.CoMaConfig",
         "AutoModel": "modeling_coma.CoMaModel",
     }
-    remote_code = (
-        "modeling_coma.py",
-        "configuration_coma.py",
-        "processing_coma.py",
-        "inputs.py",
-        "saving.py",
-        "masking.py",
-        "backbones.py",
-        "sentence_transformers_files.py",
-        "vision_attention.py",
-    )
-    for name in remote_code:
+    for name in sorted(REMOTE_CODE_FILES):
         assert "coma_hf" not in (folder / name).read_text().replace('"coma_hf"', ""), name
 
     image_path = tmp_path / "image.png"

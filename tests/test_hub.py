@@ -18,7 +18,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 from coma_hf.hub import push_to_hub, save_checkpoint
 
-from utils import load_example, random_image, tiny_coma
+from utils import REMOTE_CODE_FILES, load_example, random_image, tiny_coma
 
 REPO = "org/coma"
 TOKEN = "hf_PlantedTokenThatMustNeverBeWrittenAnywhere123"
@@ -103,24 +103,21 @@ def test_dry_run_folder_loads_by_repo_id_without_coma_hf(upload, tmp_path):
     root, _ = upload
     folder = root / "upload"
     names = set(os.listdir(folder))
-    assert {
-        "README.md",
-        "config.json",
-        "model.safetensors",
-        "modeling_coma.py",
-        "processing_coma.py",
-        "configuration_coma.py",
-        "masking.py",
-        "backbones.py",
-        "sentence_transformers_files.py",
-        "vision_attention.py",
-        "tokenizer.json",
-        "processor_config.json",
-        "modules.json",
-        "sentence_bert_config.json",
-        "config_sentence_transformers.json",
-        "mmeb_results.json",
-    } <= names
+    assert (
+        REMOTE_CODE_FILES
+        | {
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "processor_config.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "config_sentence_transformers.json",
+            "mmeb_results.json",
+        }
+        <= names
+    )
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     _hub_cache(folder, tmp_path / "home")
     image_path = tmp_path / "image.png"

@@ -9,19 +9,8 @@ import ast
 import pytest
 import torch
 
-from utils import tiny_coma
+from utils import REMOTE_CODE_FILES, tiny_coma
 
-SHIPPED = {
-    "modeling_coma.py",
-    "configuration_coma.py",
-    "processing_coma.py",
-    "inputs.py",
-    "saving.py",
-    "masking.py",
-    "backbones.py",
-    "sentence_transformers_files.py",
-    "vision_attention.py",
-}
 ALLOWED_MODULES = {
     "__future__",
     "collections",
@@ -109,7 +98,7 @@ def checkpoint(tmp_path_factory):
 
 def test_the_shipped_files_pass_the_scan(checkpoint):
     shipped = {path.name for path in checkpoint.glob("*.py")}
-    assert shipped == SHIPPED  # exactly these files run under trust_remote_code
+    assert shipped == REMOTE_CODE_FILES  # exactly these files run under trust_remote_code
     for name in sorted(shipped):
         assert violations((checkpoint / name).read_text(), name) == [], name
 

@@ -11,6 +11,20 @@ from PIL import Image
 from coma_hf.tiny import build_tiny_coma
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# The files `save_pretrained` copies into every checkpoint: what `trust_remote_code=True` runs.
+REMOTE_CODE_FILES = frozenset(
+    {
+        "modeling_coma.py",
+        "configuration_coma.py",
+        "processing_coma.py",
+        "inputs.py",
+        "saving.py",
+        "masking.py",
+        "backbones.py",
+        "sentence_transformers_files.py",
+        "vision_attention.py",
+    }
+)
 
 
 @functools.cache
