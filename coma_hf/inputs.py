@@ -2,7 +2,8 @@
 
 `CoMaInputError` is raised wherever an input is rejected, with the sample and the field it came from. `load_image`
 reads any image Pillow decodes (upright, RGB); `fit_aspect_ratio` makes images the backbones' image processors would
-refuse acceptable. `split_input` / `message_input` turn the accepted input forms into `(text, image, instruction)`.
+refuse acceptable. `split_input` / `message_input` turn the accepted input forms (a text, an image, a dict, a chat
+conversation) into one `EmbeddingInput`.
 
 Part of the remote code shipped with every checkpoint: imports only Pillow, numpy (a transformers dependency) and the
 standard library.
@@ -14,6 +15,7 @@ import io
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -139,39 +141,46 @@ def fit_aspect_ratio(image: Image.Image, limit: int = MAX_ASPECT_RATIO) -> Image
 # --------------------------------------------------------------------------------------------------------------------
 # Embedding inputs
 # --------------------------------------------------------------------------------------------------------------------
-def split_input(item: Any, sample: Any = None) -> tuple[str | None, Any, str | None]:
-    """`(text, image, instruction)` of one embedding input: a `str` is text, a PIL image is an image, a dict has
-    `text` / `image` / `instruction` keys."""
+@dataclass(frozen=True)
+class EmbeddingInput:
+    """One query or candidate, whichever form it was given in: what the processor renders."""
+
+    text: str | None = None
+    image: Any = None  # a PIL image, a path, bytes or a `datasets.Image` dict (see `load_image`)
+    instruction: str | None = None
+
+    def describe(self) -> str:
+        """A short description for error messages: the image (path or size) and the start of the text."""
+        parts = []
+        if isinstance(self.image, Image.Image):
+            parts.append(f"<{self.image.mode} image {self.image.width}×{self.image.height}>")
+        elif self.image is not None:
+            named = isinstance(self.image, (str, os.PathLike))
+            parts.append(f"image {os.fspath(self.image) if named else type(self.image).__name__}")
+        if self.text is not None:
+            parts.append(f"text {self.text[:40]!r}{'…' if len(self.text) > 40 else ''}")
+        return " + ".join(parts) or "(empty input)"
+
+
+def split_input(item: Any, sample: Any = None) -> EmbeddingInput:
+    """The `EmbeddingInput` of `item`: a `str` is text, a PIL image is an image, a dict has `text` / `image` /
+    `instruction` keys."""
     if isinstance(item, str):
-        return item, None, None
+        return EmbeddingInput(text=item)
     if isinstance(item, Image.Image):
-        return None, item, None
+        return EmbeddingInput(image=item)
     if isinstance(item, dict):
         unknown = set(item) - {"text", "image", "instruction"}
         if unknown:
             raise CoMaInputError(
                 f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input"
             )
-        return item.get("text"), item.get("image"), item.get("instruction")
+        return EmbeddingInput(**item)
     raise CoMaInputError(f"expected str, PIL image or dict, got {type(item).__name__}", sample, "input")
 
 
-def describe_input(item: dict) -> str:
-    """A short description of an embedding input for error messages: its image (path or size) and text."""
-    parts = []
-    image = item.get("image")
-    if isinstance(image, Image.Image):
-        parts.append(f"<{image.mode} image {image.width}×{image.height}>")
-    elif image is not None:
-        parts.append(f"image {os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__}")
-    text = item.get("text")
-    if text is not None:
-        parts.append(f"text {text[:40]!r}{'…' if len(text) > 40 else ''}")
-    return " + ".join(parts) or "(empty input)"
-
-
-def message_input(messages: Sequence[dict], sample: Any) -> dict:
-    """`{"text", "image", "instruction"}` of one chat conversation (see `CoMaProcessor.apply_chat_template`)."""
+def message_input(messages: Sequence[dict], sample: Any) -> EmbeddingInput:
+    """The `EmbeddingInput` of one chat conversation (see `CoMaProcessor.apply_chat_template`)."""
     parts: dict[str, list] = {"system": [], "text": [], "image": []}
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
@@ -195,8 +204,8 @@ def message_input(messages: Sequence[dict], sample: Any) -> dict:
             parts["system" if role == "system" else kind].append(value)
     if len(parts["image"]) > 1:
         raise CoMaInputError(f"{len(parts['image'])} images in one input; CoMa takes at most one", sample, "image")
-    return {
-        "text": "\n".join(parts["text"]) or None,
-        "image": parts["image"][0] if parts["image"] else None,
-        "instruction": "\n".join(parts["system"]) or None,
-    }
+    return EmbeddingInput(
+        text="\n".join(parts["text"]) or None,
+        image=parts["image"][0] if parts["image"] else None,
+        instruction="\n".join(parts["system"]) or None,
+    )

@@ -34,6 +34,7 @@ from .processing_coma import (
     IGNORE_INDEX,
     MODEL_INPUT_NAMES,
     BackboneProcessorParts,
+    BatchKey,
     CoMaProcessor,
     compression_token_names,
 )
@@ -100,7 +101,7 @@ class CoMaModel(PreTrainedModel):
     config_class = CoMaConfig
     config: CoMaConfig
     base_model_prefix = "model"
-    main_input_name = "input_ids"
+    main_input_name = BatchKey.INPUT_IDS
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = [
@@ -274,7 +275,8 @@ class CoMaModel(PreTrainedModel):
         num_tokens = self.config.num_compression_tokens
         missing = torch.nonzero(end - start != num_tokens).flatten().tolist()
         if missing:
-            raise CoMaInputError(f"no compression tokens in the input (rows {missing})", missing[0], "input_ids")
+            reason = f"no compression tokens in the input (rows {missing})"
+            raise CoMaInputError(reason, missing[0], BatchKey.INPUT_IDS)
         index = start[:, None] + torch.arange(num_tokens, device=hidden.device)
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
@@ -340,7 +342,7 @@ class CoMaModel(PreTrainedModel):
         compression tokens hold: their final states, their cached keys/values and the rope offset after them."""
         inputs = _model_inputs(inputs)
         output, start, end, position_ids = self._run_backbone(**inputs, use_cache=True)
-        length = inputs["input_ids"].shape[1]
+        length = inputs[BatchKey.INPUT_IDS].shape[1]
         if not bool((end == length).all()):
             raise ValueError("compress() expects inputs that end with the compression tokens (the stage-2 layout)")
         num_tokens = self.config.num_compression_tokens
@@ -379,10 +381,11 @@ class CoMaModel(PreTrainedModel):
             raise ValueError(f"got {len(questions)} questions for {batch} compressed inputs")
         device = compression.compression_states.device
         prompt = processor.process_questions(questions).to(device)
-        token_ids, key_valid = prompt["input_ids"], prompt["attention_mask"].bool()
+        token_ids, key_valid = prompt[BatchKey.INPUT_IDS], prompt[BatchKey.ATTENTION_MASK].bool()
         num_tokens = self.config.num_compression_tokens
         key_valid = torch.cat([torch.ones(batch, num_tokens, dtype=torch.bool, device=device), key_valid], dim=1)
-        positions = compression.position_offset[:, None] + (prompt["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
+        offsets_in_prompt = (prompt[BatchKey.ATTENTION_MASK].cumsum(dim=1) - 1).clamp(min=0)
+        positions = compression.position_offset[:, None] + offsets_in_prompt
 
         cache = DynamicCache()
         for layer_index, (keys, values) in enumerate(compression.key_values):

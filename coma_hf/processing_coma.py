@@ -1,16 +1,20 @@
 """CoMaProcessor: the one renderer of CoMa's token layout, for both stages.
 
-Stage 1 (compression pre-training), one sample, no system prompt::
+The order of an input's parts and the separators between them are data of the processor's saved config
+(`compression_layout`, `embedding_layout`), so a checkpoint can carry another layout. The defaults:
+
+Stage 1 (compression pre-training), one sample, no system prompt (`compression_layout`, then the QA turns)::
 
     <|vision_start|><|image_pad|>…<|vision_end|>{text}\\n{compress_instruction}<cmp_0>…<cmp_{K-1}>
     <|im_start|>user\\n{Q1}<|im_end|>\\n<|im_start|>assistant\\n{A1}<|im_end|>\\n …
 
-Stage 2 (a query or a candidate), nothing after the compression tokens::
+Stage 2 (a query or a candidate), nothing after the compression tokens (`embedding_layout`)::
 
     <|vision_start|><|image_pad|>…<|vision_end|>{instruction}\\n{text}<cmp_0>…<cmp_{K-1}>
 
-Missing parts are simply absent. A text that carries an image placeholder (`<|image_1|>` as in MMEB, or `<image>`
-as in LLaVA) gets the image tokens where the placeholder stands, and no instruction is added.
+Missing parts are simply absent, and so is a separator next to a missing part. A text that carries an image
+placeholder (`<|image_1|>` as in MMEB, or `<image>` as in LLaVA) gets the image tokens where the placeholder stands,
+and no instruction is added.
 User text is tokenized with special tokens split, so a text cannot inject `<|im_end|>` or a compression token.
 
 Part of the remote code shipped with every checkpoint: imports only torch, transformers, Pillow, sibling files and
@@ -31,7 +35,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .backbones import image_processor_class, pixels_per_token
-from .inputs import CoMaInputError, describe_input, fit_aspect_ratio, load_image, message_input, split_input
+from .inputs import CoMaInputError, EmbeddingInput, fit_aspect_ratio, load_image, message_input, split_input
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +45,38 @@ COMPRESSION_TOKEN_FORMAT = "<cmp_{index}>"  # the name of compression token `ind
 DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."  # the paper's
 DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
 DEFAULT_DOCUMENT_INSTRUCTION = "Represent the given image or text."
+# The order and separators of an input's parts (see `InputLayout`): stage 1's input, and a stage-2 query or candidate.
+COMPRESSION_LAYOUT = "{image}{text}\n{instruction}{compression}"
+EMBEDDING_LAYOUT = "{image}{instruction}\n{text}{compression}"
 LOSS_ON_MODES = ("answers", "all_after_compression")  # stage-1 label positions (the paper's, the released code's)
 IGNORE_INDEX = -100
-MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+class BatchKey:
+    """The names of a batch's entries: one owner for the processor, the model, the collators, the trainers and the
+    loss. `collate` writes the model inputs (shapes there); the rest are added on the way to training."""
+
+    INPUT_IDS = "input_ids"
+    ATTENTION_MASK = "attention_mask"
+    IMAGE_TOKENS = "mm_token_type_ids"  # 1 at image placeholder tokens
+    PIXEL_VALUES = "pixel_values"
+    IMAGE_GRID = "image_grid_thw"
+    LABELS = "labels"  # stage 1
+    IMAGES_PER_SAMPLE = "num_images_per_sample"  # sentence-transformers' GradCache cuts image rows by it
+    SAMPLE_IDS = "sample_ids"  # the rows' ids, named when the loss is not finite
+    DROPPED_TURNS = "dropped_turns"  # stage-1 QA turns that did not fit, summed by the trainer
+    # A candidate column's optional `[batch]` bool: False where the row has no input of its own there (a hard
+    # negative it lacks, a placeholder keeping the column rectangular); the loss drops those from every denominator.
+    PRESENT = "present"
+
+
+MODEL_INPUT_NAMES = (
+    BatchKey.INPUT_IDS,
+    BatchKey.ATTENTION_MASK,
+    BatchKey.IMAGE_TOKENS,
+    BatchKey.PIXEL_VALUES,
+    BatchKey.IMAGE_GRID,
+)
 
 
 @dataclass
@@ -65,6 +98,52 @@ class BackboneProcessorParts:
         except ImportError:  # transformers < 5.2x maps it to a torchvision-only class
             image_processor = image_processor_class().from_pretrained(source)
         return cls(AutoTokenizer.from_pretrained(source), image_processor)
+
+
+class InputLayout:
+    """The order of an input's parts and the separators between them, parsed from a template such as
+    `"{image}{instruction}\\n{text}{compression}"`.
+
+    The slots are `{image}` (the vision block), `{instruction}`, `{text}` (the only part truncated to fit
+    `max_length`) and `{compression}` (the K compression tokens, last: the answers or the pooling follow them); each
+    at most once, `{compression}` required. Text between two slots is a separator, written only when both of its
+    slots are present. Separators are tokenized together with the instruction they touch, and the text alone.
+    """
+
+    SLOTS = ("image", "instruction", "text", "compression")
+
+    def __init__(self, template: str):
+        self.template = template
+        self.parts = [part for part in re.split(r"(\{\w+\})", template) if part]
+        slots = [part[1:-1] for part in self.parts if _is_slot(part)]
+        unknown = sorted(set(slots) - set(self.SLOTS))
+        valid = slots and _is_slot(self.parts[0]) and slots[-1] == "compression" and len(slots) == len(set(slots))
+        if unknown or not valid:
+            raise ValueError(
+                f"invalid input layout {template!r}: start with a slot, use each of {{image}}, {{instruction}}, "
+                f"{{text}} at most once and end with {{compression}}"
+                + (f" (unknown slots {unknown})" if unknown else "")
+            )
+
+    def pieces(self, values: dict[str, Any]) -> list[tuple[str, Any]]:
+        """`(slot or "separator", value)` in order, for the slots present (non-empty `values`) and the separators
+        between two present slots."""
+        pieces: list[tuple[str, Any]] = []
+        for position, part in enumerate(self.parts):
+            if _is_slot(part):
+                if values.get(part[1:-1]):
+                    pieces.append((part[1:-1], values[part[1:-1]]))
+            elif self._present_on_both_sides(position, values):
+                pieces.append(("separator", part))
+        return pieces
+
+    def _present_on_both_sides(self, position: int, values: dict[str, Any]) -> bool:
+        before, after = self.parts[position - 1 : position], self.parts[position + 1 : position + 2]
+        return bool(before and after and values.get(before[0][1:-1]) and values.get(after[0][1:-1]))
+
+
+def _is_slot(part: str) -> bool:
+    return part.startswith("{") and part.endswith("}")
 
 
 def compression_token_names(count: int, token_format: str = COMPRESSION_TOKEN_FORMAT) -> list[str]:
@@ -117,6 +196,10 @@ class CoMaProcessor(ProcessorMixin):
         compression_token_format (`str`, defaults to `"<cmp_{index}>"`): the name of compression token `index` (a
             checkpoint may carry other names, e.g. the released code's `<|ctoken_pad_{index}|>`).
         image_placeholder (`str`): regular expression of the image placeholders that mark where a text's image goes.
+        compression_layout (`str`, defaults to `"{image}{text}\\n{instruction}{compression}"`): stage 1's input (the
+            instruction is `compress_instruction`); see `InputLayout`.
+        embedding_layout (`str`, defaults to `"{image}{instruction}\\n{text}{compression}"`): a query's or a
+            candidate's input; see `InputLayout`.
         max_length (`int`, *optional*): longest sequence in tokens. The compression tokens are never cut: input
             text is truncated first; in stage 1, trailing QA turns that do not fit are dropped and counted, and a
             sample whose first answer cannot fit is an error naming the sample.
@@ -141,12 +224,18 @@ class CoMaProcessor(ProcessorMixin):
         max_length: int | None = None,
         compression_token_format: str = COMPRESSION_TOKEN_FORMAT,
         image_placeholder: str = IMAGE_PLACEHOLDER,
+        compression_layout: str = COMPRESSION_LAYOUT,
+        embedding_layout: str = EMBEDDING_LAYOUT,
         **kwargs,
     ):
         self.num_compression_tokens = num_compression_tokens
         self.compression_token_format = compression_token_format
         self.image_placeholder = image_placeholder
         self._placeholder = re.compile(image_placeholder)
+        self.compression_layout = compression_layout
+        self.embedding_layout = embedding_layout
+        self._compression_layout = InputLayout(compression_layout)
+        self._embedding_layout = InputLayout(embedding_layout)
         self.compress_instruction = compress_instruction
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
@@ -275,21 +364,60 @@ class CoMaProcessor(ProcessorMixin):
         tail = self._encode("\n")
         return prompt + reply + tail, [False] * len(prompt) + [True] * len(reply) + [False] * len(tail)
 
-    def _text_budget(self, fixed_length: int, sample: Any, what: str, field_name: str) -> int | None:
+    def _text_room(self, fixed: int, reserve: int, sample: Any, field_name: str) -> int | None:
+        """Tokens left for the text beside `fixed` tokens and `reserve` after them (`None`: no `max_length`); an
+        error naming the sample and `field_name` when even no text leaves too little room."""
         if self.max_length is None:
             return None
-        budget = self.max_length - fixed_length
-        if budget < 0:
-            raise CoMaInputError(
-                f"{what} take {fixed_length} tokens, more than max_length={self.max_length}", sample, field_name
+        if fixed + reserve > self.max_length:
+            raise CoMaInputError(self._no_room(fixed, reserve), sample, field_name)
+        return self.max_length - fixed - reserve
+
+    def _render_layout(
+        self, layout: InputLayout, values: dict[str, Any], sample: Any, reserve: int = 0
+    ) -> tuple[list[int], int]:
+        """Token ids of `values` in `layout` and the text tokens cut so that they, and `reserve` tokens after them
+        (stage 1's first QA turn), fit in `max_length`. Only the text gives way; if even no text leaves too little
+        room, it is an error naming the sample."""
+        segments: list[list[int]] = []  # token ids per piece; the text's is the one at `text_index`
+        text_index, words = None, ""
+        for slot, value in layout.pieces(values):
+            if slot in ("instruction", "separator"):
+                words += value  # tokenized as one piece, as the instruction and its separators always were
+                continue
+            if words:
+                segments.append(self._encode(words))
+                words = ""
+            if slot == "text":
+                text_index = len(segments)
+            segments.append(self._encode(value) if slot == "text" else list(value))
+        if words:
+            segments.append(self._encode(words))
+        fixed = sum(len(ids) for index, ids in enumerate(segments) if index != text_index)
+        room = self._text_room(fixed, reserve, sample, _blamed_field(values, reserve))
+        cut = 0
+        if text_index is not None:
+            segments[text_index], cut = _truncate_tail([segments[text_index]], room)
+        return [token for ids in segments for token in ids], cut
+
+    def _no_room(self, fixed: int, reserve: int) -> str:
+        if reserve:
+            return (
+                f"the first question and answer cannot fit: image, instruction and compression tokens take {fixed} "
+                f"tokens and the first turn {reserve}, more than max_length={self.max_length}"
             )
-        return budget
+        return (
+            f"the image, instruction and compression tokens take {fixed} tokens, "
+            f"more than max_length={self.max_length}"
+        )
 
     # ---- stage 2 ----------------------------------------------------------------------------------------------------
     def render_embedding_input(
         self, text: str | None = None, image: Any = None, instruction: str | None = None, sample: Any = None
     ) -> RenderedSample:
-        """Render one query or candidate: `[image]{instruction}\\n{text}<cmp_0>…<cmp_{K-1}>`."""
+        """Render one query or candidate in `embedding_layout` (by default `[image]{instruction}\\n{text}<cmp_0>…`),
+        or, when `text` carries an image placeholder, as the text with the image at the placeholder, then `<cmp_0>…`.
+        """
         text = text or ""
         if not text.strip() and image is None:
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
@@ -302,21 +430,13 @@ class CoMaProcessor(ProcessorMixin):
         match = self._placeholder.search(text)
         if match and image is not None:  # MMEB rows carry their instruction and the image's place
             before, after = self._encode(text[: match.start()]), self._encode(text[match.end() :])
-            budget = self._text_budget(
-                len(vision) + len(compression), sample, "the image and compression tokens", "image"
-            )
-            before, after, cut = _truncate_tail([before, after], budget)
+            room = self._text_room(len(vision) + len(compression), 0, sample, "image")
+            before, after, cut = _truncate_tail([before, after], room)
             ids = before + vision + after + compression
         else:
             text = self._placeholder.sub("", text) if match else text
-            if instruction:
-                prefix = self._encode(instruction + "\n") if text else self._encode(instruction)
-            else:
-                prefix = []
-            fixed = len(vision) + len(prefix) + len(compression)
-            budget = self._text_budget(fixed, sample, "the image, instruction and compression tokens", "instruction")
-            body, cut = _truncate_tail([self._encode(text)], budget)
-            ids = vision + prefix + body + compression
+            values = {"image": vision, "instruction": instruction, "text": text, "compression": compression}
+            ids, cut = self._render_layout(self._embedding_layout, values, sample)
         return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
 
     # ---- stage 1 ----------------------------------------------------------------------------------------------------
@@ -357,9 +477,10 @@ class CoMaProcessor(ProcessorMixin):
     def render_compression_input(
         self, image: Any = None, text: str | None = None, sample: Any = None, reserve: int = 0
     ) -> RenderedSample:
-        """The stage-1 input alone: `[image]{text}\n{compress_instruction}<cmp_0>…<cmp_{K-1}>` (what `compress`
-        takes to answer questions as in stage 1). `reserve` keeps that many tokens free after it (the first QA
-        turn): the text is truncated for them, and if even the empty text leaves too little room it is an error."""
+        """The stage-1 input alone, in `compression_layout` (by default `[image]{text}\n{compress_instruction}<cmp…`):
+        what `compress` takes to answer questions as in stage 1. `reserve` keeps that many tokens free after it (the
+        first QA turn): the text is truncated for them, and if even the empty text leaves too little room it is an
+        error."""
         text = self._placeholder.sub("", text or "").strip()
         if not text and image is None:
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
@@ -367,22 +488,13 @@ class CoMaProcessor(ProcessorMixin):
         vision: list[int] = []
         if image is not None:
             vision, pixel_values, grid = self._image_block(image, sample)
-        instruction = self._encode(("\n" if text else "") + self.compress_instruction)
-        compression = self.compression_token_ids
-        fixed = len(vision) + len(instruction) + len(compression)
-        if self.max_length is not None and fixed + reserve > self.max_length:
-            raise CoMaInputError(
-                f"the first question and answer cannot fit: image, instruction and compression tokens take {fixed} "
-                f"tokens and the first turn {reserve}, more than max_length={self.max_length}",
-                sample,
-                "conversation" if reserve else "image",
-            )
-        body = self._encode(text)
-        cut = 0
-        if self.max_length is not None and fixed + len(body) + reserve > self.max_length:
-            keep = self.max_length - fixed - reserve
-            cut, body = len(body) - keep, body[:keep]
-        ids = vision + body + instruction + compression
+        values = {
+            "image": vision,
+            "instruction": self.compress_instruction,
+            "text": text,
+            "compression": self.compression_token_ids,
+        }
+        ids, cut = self._render_layout(self._compression_layout, values, sample, reserve)
         return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
 
     def _checked_turn(self, turn: Any, index: int, sample: Any) -> tuple[list[int], list[bool]]:
@@ -423,16 +535,16 @@ class CoMaProcessor(ProcessorMixin):
             if labels is not None:
                 labels[row, start:] = torch.tensor(sample.labels, dtype=torch.long)
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "mm_token_type_ids": (input_ids == self._special["image"]).to(torch.int32),
+            BatchKey.INPUT_IDS: input_ids,
+            BatchKey.ATTENTION_MASK: attention_mask,
+            BatchKey.IMAGE_TOKENS: (input_ids == self._special["image"]).to(torch.int32),
         }
         if labels is not None:
-            batch["labels"] = labels
+            batch[BatchKey.LABELS] = labels
         images = [sample for sample in samples if sample.pixel_values is not None]
         if images:
-            batch["pixel_values"] = torch.cat([sample.pixel_values for sample in images])
-            batch["image_grid_thw"] = torch.cat([sample.image_grid_thw for sample in images])
+            batch[BatchKey.PIXEL_VALUES] = torch.cat([sample.pixel_values for sample in images])
+            batch[BatchKey.IMAGE_GRID] = torch.cat([sample.image_grid_thw for sample in images])
         return BatchFeature(batch)
 
     def process_for_embedding(
@@ -444,18 +556,16 @@ class CoMaProcessor(ProcessorMixin):
         whose `image` may be a PIL image or a path. A bare string is always text here; only the dict form
         makes a string an image. `offset` numbers samples in error messages.
         """
-        rendered = []
-        for index, item in enumerate(inputs):
-            text, image, item_instruction = split_input(item, sample=offset + index)
-            rendered.append(
-                self.render_embedding_input(
-                    text,
-                    image,
-                    item_instruction if item_instruction is not None else instruction,
-                    sample=offset + index,
-                )
-            )
+        rendered = [
+            self._render(split_input(item, sample=offset + index), instruction, sample=offset + index)
+            for index, item in enumerate(inputs)
+        ]
         return self.collate(rendered)
+
+    def _render(self, item: EmbeddingInput, instruction: str | None, sample: Any) -> RenderedSample:
+        """`item` rendered, with `instruction` when it carries none of its own."""
+        own = item.instruction if item.instruction is not None else instruction
+        return self.render_embedding_input(item.text, item.image, own, sample=sample)
 
     def process_for_compression(self, samples: Sequence[dict], offset: int = 0) -> BatchFeature:
         """Render and pad stage-1 samples (`{"image", "text", "conversation"}` dicts); dropped turns are logged."""
@@ -483,7 +593,7 @@ class CoMaProcessor(ProcessorMixin):
         """Left-padded question prompts (`input_ids`, `attention_mask`) for `generate_from_compression`."""
         rendered = [RenderedSample(self.render_question(question)) for question in questions]
         batch = self.collate(rendered)
-        return BatchFeature({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        return BatchFeature({key: batch[key] for key in (BatchKey.INPUT_IDS, BatchKey.ATTENTION_MASK)})
 
     def __call__(self, images=None, text=None, instruction: str | None = None, **kwargs) -> BatchFeature:
         """Embedding inputs from parallel lists of `images` and/or `text` (either may be `None` or hold `None`s)."""
@@ -521,22 +631,20 @@ class CoMaProcessor(ProcessorMixin):
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
         inputs = [message_input(messages, index) for index, messages in enumerate(conversations)]
-        if tokenize:
-            try:
-                batch = self.process_for_embedding(inputs)
-            except CoMaInputError as error:  # sentence-transformers reorders inputs: name it by content, not position
-                position = error.position_in(inputs)
-                if position is None:
-                    raise
-                raise CoMaInputError(error.reason, describe_input(inputs[position]), error.field) from error
-            if "pixel_values" in batch:  # lets sentence-transformers' GradCache cut image rows per sample (< 6.2 too)
-                batch["num_images_per_sample"] = torch.tensor([int(item["image"] is not None) for item in inputs])
-            return batch
-        texts = [
-            self.tokenizer.decode(self.render_embedding_input(**item, sample=index).input_ids)
-            for index, item in enumerate(inputs)
-        ]
-        return texts if batched else texts[0]
+        try:
+            rendered = [self._render(item, None, sample=index) for index, item in enumerate(inputs)]
+        except CoMaInputError as error:  # sentence-transformers reorders inputs: name it by content, not position
+            position = error.position_in(inputs)
+            if position is None:
+                raise
+            raise CoMaInputError(error.reason, inputs[position].describe(), error.field) from error
+        if not tokenize:
+            texts = [self.tokenizer.decode(sample.input_ids) for sample in rendered]
+            return texts if batched else texts[0]
+        batch = self.collate(rendered)
+        if BatchKey.PIXEL_VALUES in batch:  # sentence-transformers' GradCache cuts image rows per sample by it
+            batch[BatchKey.IMAGES_PER_SAMPLE] = torch.tensor([int(item.image is not None) for item in inputs])
+        return batch
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -545,12 +653,39 @@ class CoMaProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
+def sample_contents(batch: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each row's own content in a batch `collate` made: its tokens without padding `[length]` and its image's pixel
+    patches `[patches, patch_dim]` (`None` for a row without an image)."""
+    input_ids, attention_mask = batch[BatchKey.INPUT_IDS], batch.get(BatchKey.ATTENTION_MASK)
+    tokens = (
+        list(input_ids)
+        if attention_mask is None
+        else [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
+    )
+    pixels: list[torch.Tensor | None] = [None] * len(tokens)
+    if BatchKey.PIXEL_VALUES in batch:
+        counts = batch.get(BatchKey.IMAGES_PER_SAMPLE)
+        if counts is None:
+            counts = batch[BatchKey.IMAGE_TOKENS].any(dim=1).long()
+        patches = torch.split(batch[BatchKey.PIXEL_VALUES], batch[BatchKey.IMAGE_GRID].prod(dim=1).tolist())
+        rows = [row for row, count in enumerate(counts.tolist()) if count]  # images are in row order
+        for row, image in zip(rows, patches, strict=True):
+            pixels[row] = image
+    return list(zip(tokens, pixels, strict=True))
+
+
 def _as_list(value) -> list:
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
+
+
+def _blamed_field(values: dict[str, Any], reserve: int) -> str:
+    """The field named when an input's fixed parts leave no room: the first QA turn, else the image (the largest
+    fixed part), else the instruction."""
+    return "conversation" if reserve else "image" if values.get("image") else "instruction"
 
 
 def _truncate_tail(pieces: list[list[int]], budget: int | None) -> tuple[list[int], ...]:

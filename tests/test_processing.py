@@ -11,8 +11,8 @@ from PIL import Image
 
 from coma_hf import CoMaInputError, load_image
 from coma_hf.backbones import get_family
-from coma_hf.inputs import fit_aspect_ratio
-from coma_hf.processing_coma import CoMaProcessor
+from coma_hf.inputs import fit_aspect_ratio, split_input
+from coma_hf.processing_coma import CoMaProcessor, sample_contents
 
 from utils import random_image, tiny_coma
 
@@ -296,6 +296,56 @@ def test_compression_token_names_are_data_of_the_saved_processor(tmp_path):
     assert reloaded.compression_token_format == "<|ctoken_pad_{index}|>" and reloaded.compression_token_ids == ids
 
 
+def test_the_input_layout_is_data_of_the_saved_processor(tmp_path):
+    _, processor = tiny_coma()
+    k = processor.num_compression_tokens
+    released = CoMaProcessor(
+        processor.image_processor,
+        processor.tokenizer,
+        num_compression_tokens=k,
+        embedding_layout="{image} {instruction} {text}\n{compression}",
+        compression_layout="{instruction}: {text}{image}{compression}",
+    )
+    compression = "".join(f"<cmp_{index}>" for index in range(k))
+
+    def rendered(**inputs):
+        return _text(released, released.render_embedding_input(**inputs).input_ids)
+
+    full = rendered(text="a red circle", image=random_image(0), instruction="Find it")
+    assert full.endswith(f"<|vision_end|> Find it a red circle\n{compression}")
+    # a separator is written only between two parts that are present
+    assert rendered(text="a red circle") == f"a red circle\n{compression}"
+    assert rendered(text="a red circle", instruction="Find it") == f"Find it a red circle\n{compression}"
+    assert rendered(image=random_image(0)).endswith(f"<|vision_end|>{compression}")
+    stage1 = released.render_compression_input(random_image(0), "a red circle")
+    assert _text(released, stage1.input_ids).startswith(
+        f"{released.compress_instruction}: a red circle<|vision_start|>"
+    )
+
+    released.save_pretrained(tmp_path)
+    reloaded = CoMaProcessor.from_pretrained(tmp_path)
+    assert reloaded.embedding_layout == released.embedding_layout
+    assert reloaded.render_embedding_input(text="a red circle").input_ids == (
+        released.render_embedding_input(text="a red circle").input_ids
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "{image}{text}",
+        "{text}{compression}{image}",
+        "{text}{text}{compression}",
+        "{caption}{compression}",
+        "Q: {text}{compression}",
+    ],
+)
+def test_layouts_without_a_final_compression_slot_or_with_unknown_or_repeated_slots_are_refused(layout):
+    _, processor = tiny_coma()
+    with pytest.raises(ValueError, match="invalid input layout"):
+        CoMaProcessor(processor.image_processor, processor.tokenizer, embedding_layout=layout)
+
+
 def test_a_processor_for_other_compression_tokens_is_refused():
     model, processor = tiny_coma()  # K = 4
     other = CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=3)
@@ -309,3 +359,14 @@ def test_the_processor_declares_the_inputs_it_makes():
     batch = processor.process_for_embedding([{"image": random_image(1), "text": "a red circle"}, "text only"])
     assert list(batch.keys()) == ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
     assert processor.model_input_names == list(batch.keys())  # what the model and Trainer read
+
+
+def test_sample_contents_gives_back_each_rows_tokens_and_image():
+    _, processor = tiny_coma()
+    inputs = ["text first", {"image": random_image(1), "text": "a"}, {"image": random_image(2, (60, 40))}, "b"]
+    rendered = [processor.render_embedding_input(**split_input(item).__dict__) for item in inputs]
+    contents = sample_contents(processor.collate(rendered))
+    assert [tokens.tolist() for tokens, _ in contents] == [sample.input_ids for sample in rendered]
+    for (_, pixels), sample in zip(contents, rendered, strict=True):
+        assert (pixels is None) == (sample.pixel_values is None)
+        assert pixels is None or torch.equal(pixels, sample.pixel_values)

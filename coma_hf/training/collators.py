@@ -17,8 +17,7 @@ from ..data.sources import ERROR_COLUMN
 from ..data.stage1 import normalize_stage1_record
 from ..data.stage2 import embedding_input, sides
 from ..inputs import CoMaInputError
-from ..processing_coma import CoMaProcessor
-from .losses import PRESENT
+from ..processing_coma import BatchKey, CoMaProcessor
 
 
 class CoMaCompressionCollator:
@@ -58,8 +57,8 @@ class CoMaCompressionCollator:
         batch = self.processor.collate(rendered)
         dropped = sum(sample.dropped_turns for sample in rendered)
         self.dropped_turns += dropped
-        batch["dropped_turns"] = torch.tensor(dropped)
-        batch["sample_ids"] = ids  # named when the loss is not finite
+        batch[BatchKey.DROPPED_TURNS] = torch.tensor(dropped)
+        batch[BatchKey.SAMPLE_IDS] = ids  # named when the loss is not finite
         return batch
 
 
@@ -88,9 +87,9 @@ class CoMaContrastiveCollator(SentenceTransformerDataCollator):
             rows.append(inputs)
         batch = super().__call__(rows)
         if "negative" in columns and not all(has_negative):
-            batch[f"negative_{PRESENT}"] = torch.tensor(has_negative)
+            batch[f"negative_{BatchKey.PRESENT}"] = torch.tensor(has_negative)
         if "id" in features[0]:
-            batch["sample_ids"] = [row["id"] for row in features]  # named when the loss is not finite
+            batch[BatchKey.SAMPLE_IDS] = [row["id"] for row in features]  # named when the loss is not finite
         return batch
 
     def _side_input(self, row: dict, side: str) -> dict[str, Any]:

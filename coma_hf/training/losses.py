@@ -5,7 +5,7 @@ needs added: the scale comes from the checkpoint's `contrastive_temperature` (0.
 positives are the same input are not each other's negatives (image→label data repeats its labels, and without the
 mask the loss pushes an image away from its own class name); and a batch in which only some rows have a hard
 negative keeps the negatives that exist (MMEB-train leaves most empty; the collator fills the others with a
-placeholder marked absent, see `PRESENT`). Everything else — mini-batches, gradient caching, gathering across
+placeholder marked absent, see `BatchKey.PRESENT`). Everything else — mini-batches, gradient caching, gathering across
 processes, `MatryoshkaLoss` compatibility — is inherited.
 """
 
@@ -21,11 +21,7 @@ from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim
 from torch import Tensor
 
 from ..configuration_coma import DEFAULT_CONTRASTIVE_TEMPERATURE
-
-PRESENT = "present"
-"""Feature key of a candidate column's optional `[batch]` bool tensor: False where the row has no input of its own
-there (a hard negative the row lacks, filled with a placeholder so that the column stays rectangular). The loss
-drops absent candidates from every row's denominator; the collator writes it as `negative_present`."""
+from ..processing_coma import BatchKey, sample_contents
 
 
 class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
@@ -38,7 +34,7 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
 
     where `s` is cosine similarity, τ the temperature and :math:`C_i` every positive and hard negative of the
     batch except the positives :math:`d_j` (j ≠ i) that are the *same input* as :math:`d_i` (same tokens and
-    pixels), which are masked out, and the hard negatives absent from their rows (see `PRESENT`).
+    pixels), which are masked out, and the hard negatives absent from their rows (see `BatchKey.PRESENT`).
     `symmetric=True` averages this with the document→query term (each positive against every anchor, the same
     duplicate mask applied), as in CLIP.
 
@@ -54,7 +50,7 @@ class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
         show_progress_bar: show GradCache mini-batch progress.
 
     Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, …, negative_m) tuples; no labels. A negative
-    column may carry a `PRESENT` mask for rows without a negative of their own.
+    column may carry a `BatchKey.PRESENT` mask for rows without a negative of their own.
 
     Reference: Compressing then Matching (CoMa), arXiv 2511.08480, stage 2; GradCache, arXiv 2101.06983.
     """
@@ -209,19 +205,19 @@ def _pad_to_the_most_columns(docs: list[Tensor], present: Tensor) -> tuple[list[
 
 
 def _split_present(features: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Tensor]:
-    """The features without their `PRESENT` masks (copies: `MatryoshkaLoss` passes the same features once per
+    """The features without their `BatchKey.PRESENT` masks (copies: `MatryoshkaLoss` passes the same features once per
     dimension), and `[len(features) - 1, batch]` bool: which candidates (positives, then each negative column) are
     real inputs. Anchors and positives always are."""
-    if any(PRESENT in column for column in features[:2]):
+    if any(BatchKey.PRESENT in column for column in features[:2]):
         raise ValueError(
-            f"Only hard-negative columns may mark rows absent ({PRESENT!r}); anchors and positives cannot"
+            f"Only hard-negative columns may mark rows absent ({BatchKey.PRESENT!r}); anchors and positives cannot"
         )
-    batch_size = len(features[0]["input_ids"])
+    batch_size = len(features[0][BatchKey.INPUT_IDS])
     present = [torch.ones(batch_size, dtype=torch.bool)]
     for column in features[2:]:
-        mask = column.get(PRESENT)
+        mask = column.get(BatchKey.PRESENT)
         present.append(torch.ones(batch_size, dtype=torch.bool) if mask is None else mask.bool().cpu())
-    stripped = [{key: value for key, value in column.items() if key != PRESENT} for column in features]
+    stripped = [{key: value for key, value in column.items() if key != BatchKey.PRESENT} for column in features]
     return stripped, torch.stack(present)
 
 
@@ -230,31 +226,13 @@ def input_keys(features: dict[str, Any]) -> Tensor:
 
     A digest, not Python's `hash`, so that keys agree across processes when gathered.
     """
-    input_ids, attention_mask = features["input_ids"], features.get("attention_mask")
-    image_rows = _rows_with_images(features)
-    pixel_slices = _pixel_slices(features) if image_rows else []
     keys = []
-    for row in range(len(input_ids)):
-        tokens = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
+    for tokens, pixels in sample_contents(features):
         digest = hashlib.blake2b(tokens.cpu().numpy().tobytes(), digest_size=8)
-        if row in image_rows:
-            digest.update(pixel_slices[image_rows.index(row)].cpu().numpy().tobytes())
+        if pixels is not None:
+            digest.update(pixels.cpu().numpy().tobytes())
         keys.append(int.from_bytes(digest.digest(), "little", signed=True))
     return torch.tensor(keys, dtype=torch.long)
-
-
-def _rows_with_images(features: dict[str, Any]) -> list[int]:
-    if "pixel_values" not in features:
-        return []
-    counts = features.get("num_images_per_sample")
-    if counts is None:
-        counts = features["mm_token_type_ids"].any(dim=1).long()
-    return [row for row, count in enumerate(counts.tolist()) if count]
-
-
-def _pixel_slices(features: dict[str, Any]) -> list[Tensor]:
-    sizes = features["image_grid_thw"].prod(dim=1).tolist()
-    return list(torch.split(features["pixel_values"], sizes))
 
 
 def _config_temperature(model) -> float:
@@ -265,4 +243,4 @@ def _config_temperature(model) -> float:
     return DEFAULT_CONTRASTIVE_TEMPERATURE  # a model that is not CoMa: the paper's value
 
 
-__all__ = ["PRESENT", "CoMaContrastiveLoss", "input_keys"]
+__all__ = ["CoMaContrastiveLoss", "input_keys"]

@@ -29,6 +29,7 @@ from sentence_transformers import SentenceTransformerTrainer
 from transformers import Trainer
 
 from ..hub import save_checkpoint, write_model_card
+from ..processing_coma import BatchKey
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .peft import NO_SHARDED_STAGE2, merge_lora, shards_parameters
 
@@ -205,8 +206,8 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         self.dropped_turns = 0  # QA turns cut by max_length, summed over the batches this process trained on
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        dropped = inputs.pop("dropped_turns", None)
-        sample_ids = inputs.pop("sample_ids", None)
+        dropped = inputs.pop(BatchKey.DROPPED_TURNS, None)
+        sample_ids = inputs.pop(BatchKey.SAMPLE_IDS, None)
         if dropped is not None and model.training:
             self.dropped_turns += int(dropped)
         return self._checked_loss(model, super().compute_loss(model, inputs, *args, **kwargs), sample_ids)
@@ -242,7 +243,7 @@ class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        sample_ids = inputs.pop("sample_ids", None)
+        sample_ids = inputs.pop(BatchKey.SAMPLE_IDS, None)
         return self._checked_loss(model, super().compute_loss(model, inputs, *args, **kwargs), sample_ids)
 
     def get_data_collator(self, model, args, processing_class=None) -> CoMaContrastiveCollator:
