@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.data.mini_mmeb import IN_DISTRIBUTION, write_mini_mmeb
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.mmeb import MMEBEvaluator, chance_baselines, load_mmeb_datasets
 
@@ -171,6 +171,8 @@ def stage2_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, st
         str(synthetic),
         "--logging_steps",
         str(max(1, steps // 10)),
+        "--eval_datasets",  # the datasets this experiment was run on, before the mini-MMEB had an OOD half
+        ",".join(IN_DISTRIBUTION),
     ]
     if start is None:  # arms A: the same initialisation stage 1 would have started from
         arguments += ["--from_backbone", "--num_compression_tokens", str(budget.num_compression_tokens)]
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         synthetic, budget.num_train_scenes, budget.num_dev_scenes, budget.num_test_scenes, image_size=budget.scene_size
     )
     write_mini_mmeb(synthetic, max_train_scenes=budget.pair_scenes)
-    test = load_mmeb_datasets(synthetic / "mini_mmeb" / "test")
+    test = load_mmeb_datasets(synthetic / "mini_mmeb" / "test", names=list(IN_DISTRIBUTION))
     results = []
     runs = plan(budget)
     if args.only:

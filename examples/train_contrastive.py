@@ -256,9 +256,11 @@ def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) ->
         "train_loss_last": trainer.last_step_loss,  # and its last
         "train_loss_steps": trainer.loss_steps,  # their step numbers (after a resume, the first is not step 1)
         "eval_precision_at_1": results["overall"]["precision@1"],
+        "eval_per_distribution": {name: values["precision@1"] for name, values in results["distributions"].items()},
         "eval_per_meta_task": {task: values["precision@1"] for task, values in results["meta_tasks"].items()},
         "eval_per_dataset": {name: values["precision@1"] for name, values in results["datasets"].items()},
         "baseline_precision_at_1": baselines["overall"]["best"],
+        "baseline_per_distribution": {name: values["best"] for name, values in baselines["distributions"].items()},
         "baseline_per_meta_task": {task: values["best"] for task, values in baselines["meta_tasks"].items()},
         "num_train_pairs": num_pairs,
         "num_skipped_samples": len(bad),
@@ -279,6 +281,8 @@ def print_summary(summary: dict, output_dir: str) -> None:
         f"  dev P@1             {summary['eval_precision_at_1']:.3f} (chance/constant baseline "
         f"{summary['baseline_precision_at_1']:.3f})"
     )
+    for name, value in summary["eval_per_distribution"].items():
+        print(f"    {name:<17} {value:.3f}  baseline {summary['baseline_per_distribution'][name]:.3f}")
     for task, value in summary["eval_per_meta_task"].items():
         print(f"    {task:<17} {value:.3f}  baseline {summary['baseline_per_meta_task'][task]:.3f}")
     print(f"  pairs {summary['num_train_pairs']} trained, {summary['num_skipped_samples']} skipped")

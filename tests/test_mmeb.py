@@ -9,12 +9,21 @@ import re
 import pytest
 import torch
 
-from coma_hf.data.mini_mmeb import META_TASKS, write_mini_mmeb
-from coma_hf.data.synthetic import HELD_OUT_COMBINATIONS
+from coma_hf.data.mini_mmeb import (
+    IN_DISTRIBUTION,
+    META_TASKS,
+    NUM_OOD_RETRIEVAL_CANDIDATES,
+    OUT_OF_DISTRIBUTION,
+    write_mini_mmeb,
+)
+from coma_hf.data.synthetic import HELD_OUT_COMBINATIONS, SceneObject
 from coma_hf.evaluation.mmeb import (
     MMEB_META_TASKS,
+    MMEB_OUT_OF_DISTRIBUTION,
     MMEBDataset,
     MMEBEvaluator,
+    chance_baselines,
+    distribution,
     gold_ranks,
     load_mmeb_datasets,
     markdown_table,
@@ -68,6 +77,37 @@ def test_evaluator_on_hand_made_datasets_with_known_answers(tmp_path):
     saved = json.loads((tmp_path / "out" / "mmeb_results.json").read_text())
     assert saved["overall"]["precision@1"] == pytest.approx(1 / 3)
     assert "| Classification | ImageNet-1K | 66.7 |" in (tmp_path / "out" / "mmeb_results.md").read_text()
+
+
+def test_in_and_out_of_distribution_means_are_reported_as_mmeb_does(tmp_path):
+    table = {"q1": [1, 0], "q2": [0, 1], "a": [1, 0], "b": [0, 1]}
+    right = {"qry_text": "q1", "qry_img_path": "", "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]}
+    wrong = {"qry_text": "q2", "qry_img_path": "", "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]}
+    for name, rows in {"ImageNet-1K": [right, wrong], "ImageNet-A": [right], "Mini-Shape": [wrong]}.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "mmeb_manifest.json").write_text(json.dumps({"out_of_distribution": ["Mini-Shape"]}))
+    datasets = load_mmeb_datasets(tmp_path)
+    assert {dataset.name: dataset.distribution for dataset in datasets} == {
+        "ImageNet-1K": "IND",
+        "ImageNet-A": "OOD",  # MMEB's own assignment
+        "Mini-Shape": "OOD",  # the manifest's
+    }
+    encode, _ = _lookup_encoder(table)
+    results = MMEBEvaluator(datasets, show_progress_bar=False)(encode)
+    assert results["distributions"]["IND"]["precision@1"] == pytest.approx(0.5)
+    assert results["distributions"]["OOD"]["precision@1"] == pytest.approx(0.5)  # mean of 1.0 and 0.0
+    assert results["distributions"]["OOD"]["num_datasets"] == 2
+    assert results["overall"]["precision@1"] == pytest.approx((0.5 + 1 + 0) / 3)
+    table_text = markdown_table(results)
+    assert "| **IND** | mean of 1 | 50.0 |" in table_text and "| **OOD** | mean of 2 | 50.0 |" in table_text
+    baselines = chance_baselines(datasets)
+    assert set(baselines["distributions"]) == {"IND", "OOD"}
+
+
+def test_mmeb_out_of_distribution_half_is_the_16_datasets_mmeb_train_leaves_out():
+    counts = {task: len(set(names) & MMEB_OUT_OF_DISTRIBUTION) for task, names in MMEB_META_TASKS.items()}
+    assert counts == {"Classification": 5, "VQA": 4, "Retrieval": 4, "Visual Grounding": 3}
+    assert distribution("GQA") == "OOD" and distribution("MSCOCO") == "IND" and distribution("Mini-Count") == "IND"
 
 
 def _dataset(count=5, candidates=4):
@@ -142,18 +182,63 @@ def test_mini_mmeb_has_all_four_meta_tasks_in_mmeb_layout(mini):
             "Visual Grounding",
         }
         for dataset in datasets:
-            assert len(dataset.rows) == 30
+            # a spatial question needs two objects in one row or column of the grid, which not every scene has
+            assert 0 < len(dataset.rows) <= 30 if dataset.name == "Mini-SpatialVQA" else len(dataset.rows) == 30
             for row in dataset.rows:
                 candidates = max(len(row["tgt_text"]), len(row["tgt_img_path"]))
                 assert candidates >= 2 and len(row["tgt_text"]) == len(row["tgt_img_path"])
                 for path in [row["qry_img_path"], *row["tgt_img_path"]]:
                     assert not path or (root / path).exists()
     pairs = [json.loads(line) for line in (output / "train.jsonl").read_text().splitlines()]
-    assert {pair["dataset"] for pair in pairs} == set(META_TASKS)
+    assert {pair["dataset"] for pair in pairs} == set(IN_DISTRIBUTION)  # the OOD half is never trained on
     assert all(
         {"qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path"} <= set(pair)
         for pair in pairs
     )
+
+
+def _rows(output, split, name):
+    return next(dataset for dataset in load_mmeb_datasets(output / split) if dataset.name == name).rows
+
+
+def _record_of(root, split, image):
+    scene = re.search(r"(dev|test)-\d{6}", image).group(0)
+    return next(json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines() if scene in line)
+
+
+def test_the_out_of_distribution_half_is_marked_and_its_golds_are_right(mini):
+    root, output = mini
+    datasets = load_mmeb_datasets(output / "test")
+    assert {dataset.name for dataset in datasets if dataset.distribution == "OOD"} == set(OUT_OF_DISTRIBUTION)
+    assert set(IN_DISTRIBUTION).isdisjoint(OUT_OF_DISTRIBUTION)
+    for row in _rows(output, "test", "Mini-Shape"):
+        record = _record_of(root, "test", row["qry_img_path"])
+        shapes = [obj for obj in record["objects"] if obj["kind"] == "shape"]
+        area = lambda obj: (obj["box"][2] - obj["box"][0]) * (obj["box"][3] - obj["box"][1])  # noqa: E731
+        assert row["tgt_text"][0] == max(shapes, key=area)["shape"] and len(row["tgt_text"]) == 4
+    for row in _rows(output, "test", "Mini-SpatialVQA"):
+        record = _record_of(root, "test", row["qry_img_path"])
+        cells = {SceneObject(**obj).name: divmod(obj["cell"], 3) for obj in record["objects"]}
+        first, second = re.search(r"Is the (.+) above, below, left or right of the (.+)\?", row["qry_text"]).groups()
+        (row_a, column_a), (row_b, column_b) = cells[first], cells[second]
+        expected = {(-1, 0): "above", (1, 0): "below", (0, -1): "left", (0, 1): "right"}
+        sign = lambda value: (value > 0) - (value < 0)  # noqa: E731
+        assert row["tgt_text"][0] == expected[(sign(row_a - row_b), sign(column_a - column_b))]
+    captions = [json.loads(line)["caption"] for line in (root / "test.jsonl").read_text().splitlines()]
+    for name, own_pictures in (("Mini-SameScene", 1), ("Mini-Composed", 2)):
+        for row in _rows(output, "test", name):
+            scene = _scene_ids([row], ["qry_img_path"])
+            candidates = row["tgt_img_path"]
+            assert _scene_ids([{"image": candidates[0]}], ["image"]) == scene  # the gold is the query's scene
+            caption = _record_of(root, "test", row["qry_img_path"])["caption"]
+            others = sum(other != caption for other in captions)  # distractor scenes: every other caption
+            assert len(candidates) == len(set(candidates)) == min(NUM_OOD_RETRIEVAL_CANDIDATES, own_pictures + others)
+            assert all((root / path).exists() for path in candidates)
+    for row in _rows(output, "test", "Mini-Composed"):
+        colour = re.search(r"painted (\w+)\.$", row["qry_text"]).group(1)
+        gold, unchanged = row["tgt_img_path"][:2]
+        assert gold.endswith(f"-{colour}.png") and unchanged.endswith("-again.png")
+        assert _scene_ids([{"image": unchanged}], ["image"]) == _scene_ids([row], ["qry_img_path"])
 
 
 def _scene_ids(rows, keys):
@@ -261,9 +346,12 @@ def test_evaluate_script_prints_and_writes_the_table(mini, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| **Overall** | 7 datasets |" in result.stdout
+    assert f"| **Overall** | {len(META_TASKS)} datasets |" in result.stdout
+    assert f"| **IND** | mean of {len(IN_DISTRIBUTION)} |" in result.stdout
+    assert f"| **OOD** | mean of {len(OUT_OF_DISTRIBUTION)} |" in result.stdout
     saved = json.loads((tmp_path / "eval" / "mmeb_results.json").read_text())
     assert set(saved["meta_tasks"]) == {"Classification", "VQA", "Retrieval", "Visual Grounding"}
+    assert set(saved["distributions"]) == {"IND", "OOD"}
 
 
 def test_sentence_transformer_is_scored_like_a_hand_computation(tmp_path):

@@ -9,6 +9,17 @@ Evaluation datasets (dev and test, from the scenes of those splits; gold candida
 | Retrieval | Mini-Caption2Image, Mini-Image2Caption | caption → images; image → captions |
 | Visual Grounding | Mini-Grounding | image + referring expression → crops of objects |
 
+These seven are in-distribution (IND): their training-split recipes are stage 2's training pairs. Four more are
+out-of-distribution (OOD, evaluation only, as MMEB keeps 16 of its 36 datasets out of training), each a task type no
+IND dataset trains:
+
+| meta-task | dataset | query → candidates |
+| --- | --- | --- |
+| Classification | Mini-Shape | image → the shape of its largest shape |
+| VQA | Mini-SpatialVQA | image + "is A above, below, left or right of B?" → those four answers |
+| Retrieval | Mini-SameScene | image → the same objects in the same cells, drawn again (100 candidates) |
+| Retrieval | Mini-Composed | image + "… with the red circle painted blue" → that picture (100 candidates) |
+
 Training pairs (from the train scenes) use MMEB's training layout: `qry`, `qry_image_path`, `pos_text`,
 `pos_image_path`, `neg_text`, `neg_image_path`, plus `dataset` (to draw batches from one dataset at a time).
 Image paths are relative to the synthetic-scene folder, which `mmeb_manifest.json` names as the image root.
@@ -24,9 +35,9 @@ from pathlib import Path
 from PIL import Image
 
 from .sources import read_jsonl_records
-from .synthetic import COLOURS, NUMBER_WORDS, write_synthetic_dataset
+from .synthetic import COLOURS, NUMBER_WORDS, SHAPES, SceneObject, redraw_scene, write_synthetic_dataset
 
-META_TASKS = {
+IN_DISTRIBUTION = {
     "Mini-Count": "Classification",
     "Mini-Digit": "Classification",
     "Mini-DominantColour": "Classification",
@@ -35,7 +46,16 @@ META_TASKS = {
     "Mini-Image2Caption": "Retrieval",
     "Mini-Grounding": "Visual Grounding",
 }
+OUT_OF_DISTRIBUTION = {
+    "Mini-Shape": "Classification",
+    "Mini-SpatialVQA": "VQA",
+    "Mini-SameScene": "Retrieval",
+    "Mini-Composed": "Retrieval",
+}
+META_TASKS = {**IN_DISTRIBUTION, **OUT_OF_DISTRIBUTION}
 NUM_RETRIEVAL_CANDIDATES = 16
+NUM_OOD_RETRIEVAL_CANDIDATES = 100
+SPATIAL_ANSWERS = ("above", "below", "left", "right")
 NUM_GROUNDING_DISTRACTOR_SCENES = 2
 IMAGE = "<|image_1|>"
 
@@ -48,15 +68,20 @@ def _digit(record: dict) -> str:
     return next((obj["text"] for obj in record["objects"] if obj["kind"] == "text"), "none")
 
 
-def _dominant_colour(record: dict) -> str:
+def _largest_shape(record: dict) -> dict:
     area = lambda obj: (obj["box"][2] - obj["box"][0]) * (obj["box"][3] - obj["box"][1])  # noqa: E731
-    return max(_shapes(record), key=area)["colour"]
+    return max(_shapes(record), key=area)
 
 
 CLASSIFICATION = {
     "Mini-Count": ("counting the shapes", lambda record: NUMBER_WORDS[len(_shapes(record))], NUMBER_WORDS[1:4]),
     "Mini-Digit": ("reading the digit", _digit, tuple(str(digit) for digit in range(10)) + ("none",)),
-    "Mini-DominantColour": ("the colour of the largest shape", _dominant_colour, tuple(COLOURS)),
+    "Mini-DominantColour": (
+        "the colour of the largest shape",
+        lambda record: _largest_shape(record)["colour"],
+        tuple(COLOURS),
+    ),
+    "Mini-Shape": ("the shape of the largest shape", lambda record: _largest_shape(record)["shape"], SHAPES),
 }
 
 
@@ -160,14 +185,105 @@ def grounding_rows(records: list[dict], rng: random.Random, root: Path, crops: P
     return rows
 
 
+def _name(obj: dict) -> str:
+    return SceneObject(**obj).name
+
+
+def _in_one_line(cell: int, other: int) -> bool:
+    """Whether two different cells of the 3×3 grid share a row or a column."""
+    return (cell // 3 == other // 3) != (cell % 3 == other % 3)
+
+
+def spatial_rows(records: list[dict], rng: random.Random) -> list[dict]:
+    """Where one object is relative to another in the same row or column of the 3×3 grid (scenes without such a
+    pair are left out): `above` / `below` / `left` / `right`, a relation the synthetic QA never asks vertically."""
+    rows = []
+    for record in records:
+        objects = record["objects"]
+        pairs = [
+            (a, b)
+            for a in range(len(objects))
+            for b in range(len(objects))
+            if a != b and _in_one_line(objects[a]["cell"], objects[b]["cell"])
+        ]
+        if not pairs:
+            continue
+        a, b = (objects[index] for index in rng.choice(pairs))
+        (row_a, column_a), (row_b, column_b) = divmod(a["cell"], 3), divmod(b["cell"], 3)
+        if column_a == column_b:
+            answer = "above" if row_a < row_b else "below"
+        else:
+            answer = "left" if column_a < column_b else "right"
+        question = f"Is the {_name(a)} above, below, left or right of the {_name(b)}?"
+        query = f"{IMAGE} Represent the given image with the following question: {question}"
+        candidates = [answer] + [other for other in SPATIAL_ANSWERS if other != answer]
+        rows.append(_row(query, record["image"], candidates, [""] * len(candidates)))
+    return rows
+
+
+def _redrawn(record: dict, root: Path, folder: Path, recolour: tuple[int, str] | None = None) -> str:
+    """Draw (once) and return the path, relative to `root`, of `record`'s scene drawn again (see `redraw_scene`);
+    placed by its own random stream, so the picture does not depend on what was drawn before."""
+    suffix = "again" if recolour is None else f"{recolour[0]}-{recolour[1]}"
+    relative = folder.relative_to(root) / f"{record['id']}-{suffix}.png"
+    if not (root / relative).exists():
+        with Image.open(root / record["image"]) as original:
+            image_size = original.width
+        rng = random.Random(f"mini-mmeb-redraw/{record['id']}/{suffix}")
+        redraw_scene(record, image_size, rng, recolour).save(root / relative)
+    return str(relative)
+
+
+def same_scene_rows(records: list[dict], rng: random.Random, root: Path, folder: Path) -> list[dict]:
+    """Image → the same scene drawn again, among other scenes drawn again."""
+    rows = []
+    for index, record in enumerate(records):
+        others = _distractors(records, index, NUM_OOD_RETRIEVAL_CANDIDATES - 1, rng)
+        images = [_redrawn(scene, root, folder) for scene in [record, *others]]
+        query = f"{IMAGE} Find an image with the same objects in the same places."
+        rows.append(_row(query, record["image"], [""] * len(images), images))
+    return rows
+
+
+def composed_rows(records: list[dict], rng: random.Random, root: Path, folder: Path) -> list[dict]:
+    """Image + "with the X painted C" → that scene drawn again with X in colour C; the scene drawn again unchanged is
+    a candidate too (a model that ignores the text ranks it first)."""
+    rows = []
+    for index, record in enumerate(records):
+        shapes = [position for position, obj in enumerate(record["objects"]) if obj["kind"] == "shape"]
+        target = rng.choice(shapes)
+        obj = record["objects"][target]
+        taken = {(other["colour"], other["shape"]) for other in _shapes(record)}
+        colour = rng.choice([name for name in COLOURS if (name, obj["shape"]) not in taken])
+        changed = _redrawn(record, root, folder, (target, colour))
+        unchanged = _redrawn(record, root, folder)
+        others = _distractors(records, index, NUM_OOD_RETRIEVAL_CANDIDATES - 2, rng)
+        images = [changed, unchanged] + [_redrawn(other, root, folder) for other in others]
+        query = f"{IMAGE} Find this picture with the {_name(obj)} painted {colour}."
+        rows.append(_row(query, record["image"], [""] * len(images), images))
+    return rows
+
+
 def evaluation_datasets(records: list[dict], seed: int, root: Path, crops: Path) -> dict[str, list[dict]]:
-    """All mini-MMEB datasets of one split."""
+    """The in-distribution mini-MMEB datasets of one split (the recipes of stage 2's training pairs)."""
     rng = random.Random(f"mini-mmeb/{seed}")
-    datasets = {name: classification_rows(records, name) for name in CLASSIFICATION}
+    datasets = {name: classification_rows(records, name) for name in CLASSIFICATION if name in IN_DISTRIBUTION}
     datasets["Mini-VQA"] = vqa_rows(records)
     datasets["Mini-Caption2Image"], datasets["Mini-Image2Caption"] = retrieval_rows(records, rng)
     datasets["Mini-Grounding"] = grounding_rows(records, rng, root, crops)
     return datasets
+
+
+def out_of_distribution_datasets(records: list[dict], seed: int, root: Path, folder: Path) -> dict[str, list[dict]]:
+    """The out-of-distribution datasets of one split (evaluation only); their own random stream, so adding them
+    left the in-distribution datasets as they were."""
+    rng = random.Random(f"mini-mmeb-ood/{seed}")
+    return {
+        "Mini-Shape": classification_rows(records, "Mini-Shape"),
+        "Mini-SpatialVQA": spatial_rows(records, rng),
+        "Mini-SameScene": same_scene_rows(records, rng, root, folder),
+        "Mini-Composed": composed_rows(records, rng, root, folder),
+    }
 
 
 def training_pairs(records: list[dict], seed: int, root: Path, crops: Path) -> list[dict]:
@@ -203,15 +319,22 @@ def write_mini_mmeb(synthetic_dir: str | Path, max_train_scenes: int | None = 20
     paths = write_synthetic_dataset(root, **settings)
     seed = settings.get("seed", 0)
     output = root / "mini_mmeb"
-    crops = output / "crops"
+    crops, redrawn = output / "crops", output / "redrawn"
     crops.mkdir(parents=True, exist_ok=True)
+    redrawn.mkdir(exist_ok=True)
     for split in ("dev", "test"):
         records = read_jsonl_records(paths[split])
         folder = output / split
         folder.mkdir(exist_ok=True)
-        for name, rows in evaluation_datasets(records, seed, root, crops).items():
+        datasets = evaluation_datasets(records, seed, root, crops)
+        datasets.update(out_of_distribution_datasets(records, seed, root, redrawn))
+        for name, rows in datasets.items():
             (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        manifest = {"image_root": "../..", "meta_tasks": META_TASKS}
+        manifest = {
+            "image_root": "../..",
+            "meta_tasks": META_TASKS,
+            "out_of_distribution": sorted(OUT_OF_DISTRIBUTION),
+        }
         (folder / "mmeb_manifest.json").write_text(json.dumps(manifest, indent=2))
     if max_train_scenes != 0:
         records = read_jsonl_records(paths["train"])[:max_train_scenes]

@@ -33,6 +33,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.28, "large": 0.45}  # half-extent as a fraction of a grid cell
+DIGIT_HALF_EXTENT = 0.4  # the painted digit's, likewise
 HELD_OUT_COMBINATIONS = (("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square"))
 HELD_OUT_SHARE = 0.25  # of dev/test scenes that show a held-out combination (the rest are in-distribution)
 CELL_NAMES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -124,7 +125,13 @@ def sample_scene(scene_id: str, split: str, rng: random.Random, image_size: int 
     if rng.random() < 0.7:
         colour = rng.choice(tuple(COLOURS))
         scene.objects.append(
-            SceneObject("text", colour, cells[3], _box(cells[3], 0.4, image_size, rng), text=str(rng.randint(0, 9)))
+            SceneObject(
+                "text",
+                colour,
+                cells[3],
+                _box(cells[3], DIGIT_HALF_EXTENT, image_size, rng),
+                text=str(rng.randint(0, 9)),
+            )
         )
     return scene
 
@@ -159,6 +166,24 @@ def render_scene(scene: Scene) -> Image.Image:
                 [((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)], fill=fill
             )
     return image
+
+
+def redraw_scene(
+    record: dict, image_size: int, rng: random.Random, recolour: tuple[int, str] | None = None
+) -> Image.Image:
+    """The scene of `record` drawn again: the same objects in the same cells, each placed anew within its cell.
+
+    `recolour=(object index, colour)` paints that object another colour (the target of a composed query).
+    """
+    scene = Scene(record["id"], record["split"], image_size)
+    for index, fields in enumerate(record["objects"]):
+        obj = SceneObject(**fields)
+        half = SIZES[obj.size] if obj.kind == "shape" else DIGIT_HALF_EXTENT
+        obj.box = _box(obj.cell, half, scene.image_size, rng)
+        if recolour is not None and recolour[0] == index:
+            obj.colour = recolour[1]
+        scene.objects.append(obj)
+    return render_scene(scene)
 
 
 def _font(size: int) -> ImageFont.ImageFont:

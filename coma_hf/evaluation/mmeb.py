@@ -76,12 +76,28 @@ MMEB_META_TASKS: dict[str, tuple[str, ...]] = {
     "Visual Grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
 }
 META_TASK_OF = {name: task for task, names in MMEB_META_TASKS.items() for name in names}
+# The 16 datasets MMEB keeps out of its training set (MMEB-train): its out-of-distribution half; the other 20 are IND.
+MMEB_OUT_OF_DISTRIBUTION = frozenset(
+    {
+        *("Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211"),
+        *("ScienceQA", "VizWiz", "GQA", "TextVQA"),
+        *("FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"),
+        *("RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
+    }
+)
+IND, OOD = "IND", "OOD"
 RECALL_AT = (1, 5, 10)
 
 
 def meta_task(dataset_name: str, extra: dict[str, str] | None = None) -> str:
     """The meta-task of a dataset: MMEB's assignment, then `extra` (e.g. the mini-MMEB's), else "Other"."""
     return META_TASK_OF.get(dataset_name) or (extra or {}).get(dataset_name, "Other")
+
+
+def distribution(dataset_name: str, extra_out_of_distribution: Sequence[str] = ()) -> str:
+    """`OOD` for MMEB's out-of-distribution datasets and those named in `extra_out_of_distribution`, else `IND`."""
+    out = dataset_name in MMEB_OUT_OF_DISTRIBUTION or dataset_name in extra_out_of_distribution
+    return OOD if out else IND
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -124,6 +140,7 @@ class MMEBDataset:
     rows: list[dict]
     image_root: str | None = None
     meta_task: str = "Other"
+    distribution: str = IND  # or OOD: a dataset none of whose task type was trained on
 
 
 def load_mmeb_datasets(
@@ -133,13 +150,14 @@ def load_mmeb_datasets(
     split: str = "test",
 ) -> list[MMEBDataset]:
     """Datasets from a folder of `{name}.jsonl` / `{name}.parquet` files, or from a Hub id (one config per name;
-    `names` required). A folder may hold `mmeb_manifest.json` with `meta_tasks` (extra dataset names → meta-task)
-    and `image_root` (relative to the folder); image paths start at `image_root`, else at the folder."""
+    `names` required). A folder may hold `mmeb_manifest.json` with `meta_tasks` (extra dataset names → meta-task),
+    `out_of_distribution` (extra dataset names that are OOD) and `image_root` (relative to the folder); image paths
+    start at `image_root`, else at the folder."""
     path = Path(source)
     if path.is_dir():
         manifest_path = path / "mmeb_manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        extra = manifest.get("meta_tasks", {})
+        extra, extra_ood = manifest.get("meta_tasks", {}), manifest.get("out_of_distribution", ())
         files = data_files(path)
         chosen = data_files(path, names)
         missing = sorted(set(names or ()) - {file.stem for file in chosen})
@@ -152,13 +170,21 @@ def load_mmeb_datasets(
             raise ValueError(f"{source}: no MMEB-format files (*.jsonl, *.parquet)")
         root = image_root or os.path.normpath(path / manifest.get("image_root", "."))
         # every row is read (a bad JSONL line is an error naming file and line): a skipped row would change the scores
-        return [MMEBDataset(file.stem, read_records(file), root, meta_task(file.stem, extra)) for file in chosen]
+        return [
+            MMEBDataset(
+                file.stem, read_records(file), root, meta_task(file.stem, extra), distribution(file.stem, extra_ood)
+            )
+            for file in chosen
+        ]
     if path.exists():
         raise ValueError(f"{source} is not a folder of MMEB-format files")
     if not names:
         raise ValueError("Loading MMEB from the Hub needs the dataset names (one config each)")
     return [
-        MMEBDataset(name, list(open_dataset(source, name, split=split)), image_root, meta_task(name)) for name in names
+        MMEBDataset(
+            name, list(open_dataset(source, name, split=split)), image_root, meta_task(name), distribution(name)
+        )
+        for name in names
     ]
 
 
@@ -236,7 +262,11 @@ class MMEBEvaluator:
         per_dataset = {}
         for dataset in self.datasets:
             ranks = self.rank_dataset(encode, dataset)
-            per_dataset[dataset.name] = {**ranking_metrics(ranks), "meta_task": dataset.meta_task}
+            per_dataset[dataset.name] = {
+                **ranking_metrics(ranks),
+                "meta_task": dataset.meta_task,
+                "distribution": dataset.distribution,
+            }
             logger.info(
                 "%s: P@1 %.3f over %d queries", dataset.name, per_dataset[dataset.name]["precision@1"], len(ranks)
             )
@@ -297,17 +327,27 @@ def _locator(dataset: str, side: str, rows: list[list[tuple]]) -> Callable[[tupl
 
 
 def summarize(per_dataset: dict[str, dict]) -> dict:
-    """Per-dataset metrics → means per meta-task and overall (each dataset weighs the same, as in MMEB)."""
-    groups: dict[str, list[dict]] = {}
-    for metrics in per_dataset.values():
-        groups.setdefault(metrics["meta_task"], []).append(metrics)
-    keys = [key for key in next(iter(per_dataset.values()), {}) if key not in ("meta_task", "num_queries")]
-    average = lambda rows: {key: sum(row[key] for row in rows) / len(rows) for key in keys}  # noqa: E731
+    """Per-dataset metrics → means per meta-task, per distribution (IND, OOD) and overall (each dataset weighs the
+    same, as in MMEB)."""
+    labels = ("meta_task", "distribution", "num_queries")
+    keys = [key for key in next(iter(per_dataset.values()), {}) if key not in labels]
+
+    def means(label: str) -> dict[str, dict]:
+        groups: dict[str, list[dict]] = {}
+        for metrics in per_dataset.values():
+            groups.setdefault(metrics.get(label, IND), []).append(metrics)
+        return {name: _average(rows, keys) for name, rows in groups.items()}
+
     return {
         "datasets": per_dataset,
-        "meta_tasks": {task: {**average(rows), "num_datasets": len(rows)} for task, rows in groups.items()},
-        "overall": {**average(list(per_dataset.values())), "num_datasets": len(per_dataset)} if per_dataset else {},
+        "meta_tasks": means("meta_task"),
+        "distributions": {name: rows for name, rows in sorted(means("distribution").items())},
+        "overall": _average(list(per_dataset.values()), keys) if per_dataset else {},
     }
+
+
+def _average(rows: list[dict], keys: list[str]) -> dict:
+    return {**{key: sum(row[key] for row in rows) / len(rows) for key in keys}, "num_datasets": len(rows)}
 
 
 def chance_baselines(datasets: Sequence[MMEBDataset]) -> dict:
@@ -334,6 +374,7 @@ def chance_baselines(datasets: Sequence[MMEBDataset]) -> dict:
             "constant": constant,
             "best": max(random_guess, constant),
             "meta_task": dataset.meta_task,
+            "distribution": dataset.distribution,
             "num_queries": len(dataset.rows),
         }
     return summarize(per_dataset)
@@ -350,6 +391,11 @@ def markdown_table(results: dict) -> str:
     for task, metrics in sorted(results["meta_tasks"].items()):
         lines.append(
             f"| **{task}** | mean of {metrics['num_datasets']} | {100 * metrics['precision@1']:.1f} | "
+            f"{100 * metrics['recall@5']:.1f} | {100 * metrics['mrr']:.1f} | |"
+        )
+    for name, metrics in results.get("distributions", {}).items():
+        lines.append(
+            f"| **{name}** | mean of {metrics['num_datasets']} | {100 * metrics['precision@1']:.1f} | "
             f"{100 * metrics['recall@5']:.1f} | {100 * metrics['mrr']:.1f} | |"
         )
     overall = results["overall"]

@@ -30,6 +30,8 @@ class MMEBSentenceEvaluator(SentenceEvaluator):
         if output_path is not None:
             write_results(results, output_path)
         metrics = {f"overall_{key}": value for key, value in results["overall"].items() if key != "num_datasets"}
+        for name, values in results["distributions"].items():
+            metrics[f"{name}_precision@1"] = values["precision@1"]
         for task, values in results["meta_tasks"].items():
             metrics[f"{task.lower().replace(' ', '_')}_precision@1"] = values["precision@1"]
         for dataset, values in results["datasets"].items():

@@ -167,14 +167,18 @@ def _training_rows(summaries: dict) -> list[tuple[str, str]]:
             (
                 "stage-2 dev Precision@1",
                 f"{100 * stage2['eval_precision_at_1']:.1f} (chance/constant baseline "
-                f"{100 * stage2['baseline_precision_at_1']:.1f})",
+                f"{100 * stage2['baseline_precision_at_1']:.1f})"
+                + "".join(
+                    f"; {name} {100 * value:.1f}" for name, value in stage2.get("eval_per_distribution", {}).items()
+                ),
             )
         )
     return rows
 
 
 def _eval_results(results: dict) -> list[EvalResult]:
-    evaluated = [("overall", results["overall"])] + sorted(results["meta_tasks"].items())
+    evaluated = [("overall", results["overall"])] + sorted(results.get("distributions", {}).items())
+    evaluated += sorted(results["meta_tasks"].items())
     return [
         EvalResult(
             task_type="feature-extraction",
