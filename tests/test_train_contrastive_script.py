@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.data.mini_mmeb import META_TASKS, write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 
 from utils import load_example
@@ -37,7 +37,7 @@ def _hand_chance_baseline(folder) -> float:
         random_guess = sum(1 / len(row["tgt_img_path"]) for row in rows) / len(rows)
         golds = Counter((row["tgt_text"][0], row["tgt_img_path"][0]) for row in rows)
         per_dataset.append(max(random_guess, max(golds.values()) / len(rows)))
-    assert len(per_dataset) == 7
+    assert len(per_dataset) == len(META_TASKS)
     return sum(per_dataset) / len(per_dataset)
 
 

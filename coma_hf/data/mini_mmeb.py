@@ -329,6 +329,8 @@ def write_mini_mmeb(synthetic_dir: str | Path, max_train_scenes: int | None = 20
         datasets = evaluation_datasets(records, seed, root, crops)
         datasets.update(out_of_distribution_datasets(records, seed, root, redrawn))
         for name, rows in datasets.items():
+            if not rows:  # a tiny split may have no scene a dataset can ask about; an empty file would score 0
+                continue
             (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         manifest = {
             "image_root": "../..",
