@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.training import CoMaContrastiveLoss
 
-from utils import load_example, tiny_coma
+from utils import TINY_MODEL_ARGS, command_line, load_example, tiny_coma
 
 DISTRIBUTED = Path(__file__).parent / "distributed"
 sys.path.insert(0, str(DISTRIBUTED))
@@ -30,12 +30,11 @@ from under_accelerate import batch  # noqa: E402
 
 # Dataset size = global batch, so every step sees the same rows whatever the sampler's order; SGD so that equal
 # gradients mean equal weights (Adam's first step divides by |g| and magnifies rounding in near-zero gradients).
-STAGE1 = (
+STAGE1 = TINY_MODEL_ARGS + command_line(
     "--num_train_scenes 4 --num_dev_scenes 2 --num_test_scenes 1 --scene_size 56 --max_steps 3"
-    " --max_eval_samples 1 --tiny_hidden_size 32 --num_compression_tokens 4 --min_image_tokens 4"
-    " --max_image_tokens 4 --dataloader_num_workers 0 --seed 3 --optim sgd --learning_rate 0.05"
+    " --max_eval_samples 1 --dataloader_num_workers 0 --seed 3 --optim sgd --learning_rate 0.05"
     " --lr_scheduler_type constant --warmup_steps 0 --logging_steps 1"
-).split()
+)
 STAGE2 = (
     "--recipe tiny --max_steps 2 --max_train_pairs 8 --by_dataset false --eval_datasets"
     " Mini-Digit --dataloader_num_workers 0 --optim sgd --learning_rate 0.05 --lr_scheduler_type"
@@ -53,6 +52,11 @@ def _corpus_images(root: Path) -> Path:
     for index in range(10):
         Image.new("RGB", (28, 28 + 28 * (index % 2)), (25 * index, 90, 200 - 15 * index)).save(folder / f"{index}.png")
     return folder
+
+
+def _corpus_args(root: Path, images: Path, output_dir: Path) -> list[str]:
+    """examples/encode_corpus.py's command line: the tiny checkpoint under `root` over `images`, shards of 3."""
+    return command_line(model=root / "checkpoint", images=images, shard_size=3, output_dir=output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -73,48 +77,26 @@ def two_processes(tmp_path_factory):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     command = [
         accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
+        *(
+            "launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+            " --main_process_port 29533"
+        ).split(),
         str(DISTRIBUTED / "under_accelerate.py"),
         str(root / "out"),
         str(root / "checkpoint"),
         "--",
         *STAGE1,
-        "--per_device_train_batch_size",
-        "2",
-        "--synthetic_dir",
-        str(synthetic),
-        "--output_dir",
-        str(root / "stage1-two"),
+        *command_line("--per_device_train_batch_size 2", synthetic_dir=synthetic, output_dir=root / "stage1-two"),
         "--",
         *STAGE2,
-        "--per_device_train_batch_size",
-        "4",
-        "--synthetic_dir",
-        str(synthetic),
-        "--model_name_or_path",
-        str(root / "checkpoint"),
-        "--output_dir",
-        str(root / "stage2-two"),
+        *command_line(
+            "--per_device_train_batch_size 4",
+            synthetic_dir=synthetic,
+            model_name_or_path=root / "checkpoint",
+            output_dir=root / "stage2-two",
+        ),
         "--",
-        "--model",
-        str(root / "checkpoint"),
-        "--images",
-        str(_corpus_images(root)),
-        "--shard_size",
-        "3",
-        "--output_dir",
-        str(root / "corpus-two"),
+        *_corpus_args(root, _corpus_images(root), root / "corpus-two"),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -160,14 +142,7 @@ def test_stage_one_on_two_processes_matches_one_process_with_the_same_global_bat
     assert "Stage 1: per-device batch 2 × accumulation 1 × 2 processes = global batch 4" in log
     load_example("pretrain").main(
         STAGE1
-        + [
-            "--per_device_train_batch_size",
-            "4",
-            "--synthetic_dir",
-            str(synthetic),
-            "--output_dir",
-            str(tmp_path / "stage1-one"),
-        ]
+        + command_line("--per_device_train_batch_size 4", synthetic_dir=synthetic, output_dir=tmp_path / "stage1-one")
     )
     _assert_same_weights(tmp_path / "stage1-one", root / "stage1-two")
 
@@ -178,16 +153,12 @@ def test_stage_two_on_two_processes_with_gathering_matches_one_process(two_proce
     assert "Stage 2: per-device batch 4 × accumulation 1 × 2 processes = global batch 8" in log
     load_example("train_contrastive").main(
         STAGE2
-        + [
-            "--per_device_train_batch_size",
-            "8",
-            "--synthetic_dir",
-            str(synthetic),
-            "--model_name_or_path",
-            str(root / "checkpoint"),
-            "--output_dir",
-            str(tmp_path / "stage2-one"),
-        ]
+        + command_line(
+            "--per_device_train_batch_size 8",
+            synthetic_dir=synthetic,
+            model_name_or_path=root / "checkpoint",
+            output_dir=tmp_path / "stage2-one",
+        )
     )
     _assert_same_weights(tmp_path / "stage2-one", root / "stage2-two", start=root / "checkpoint")
 
@@ -224,18 +195,7 @@ def test_encode_corpus_on_two_processes_writes_the_shards_of_one_process(two_pro
     assert (
         "process 0: {'rows': 10, 'embedded': 6" in log and "process 1: {'rows': 10, 'embedded': 4" in log
     )  # 2 shards each
-    load_example("encode_corpus").main(
-        [
-            "--model",
-            str(root / "checkpoint"),
-            "--images",
-            str(root / "corpus-images"),
-            "--shard_size",
-            "3",
-            "--output_dir",
-            str(root / "corpus-one"),
-        ]
-    )
+    load_example("encode_corpus").main(_corpus_args(root, root / "corpus-images", root / "corpus-one"))
     two, one = inference.finished_shards(root / "corpus-two"), inference.finished_shards(root / "corpus-one")
     assert [path.name for path in two] == [path.name for path in one] and len(one) == 4
     for first, second in zip(one, two, strict=False):

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from utils import FAMILIES, REMOTE_CODE_FILES, random_image, tiny_coma
+from utils import FAMILIES, REMOTE_CODE_FILES, hub_cache, random_image, run_python, tiny_coma
 
 # Runs in a fresh interpreter in which `import coma_hf` fails, as on a machine without the package.
 CHILD = textwrap.dedent(
@@ -46,23 +43,10 @@ def _reference(model, processor, image_path):
         return model(**processor.process_for_embedding(inputs, instruction="Find it")).pooler_output
 
 
-def _run_child(source: str, image_path: Path, output: Path, env: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, source, str(image_path), str(output)],
-        env=env,
-        cwd=output.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+def _run_child(source: str, image_path: Path, output: Path, hf_home: Path) -> dict:
+    """What CHILD saved to `output` after loading `source` offline with `hf_home` as its Hugging Face home."""
+    run_python(["-c", CHILD, source, str(image_path), str(output)], hf_home, output.parent)
     return torch.load(output)
-
-
-def _clean_env(hf_home: Path) -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -84,18 +68,13 @@ def test_checkpoint_loads_without_coma_hf_from_folder_and_from_hub_cache(family,
     random_image(7).save(image_path)
     expected = _reference(model, processor, image_path)
 
-    from_folder = _run_child(str(folder), image_path, tmp_path / "folder.pt", _clean_env(tmp_path / "home1"))
+    from_folder = _run_child(str(folder), image_path, tmp_path / "folder.pt", tmp_path / "home1")
     torch.testing.assert_close(from_folder["processor"], expected, atol=0, rtol=0)
     torch.testing.assert_close(from_folder["encode"], expected, atol=0, rtol=0)
 
     # The same files laid out as the Hub cache snapshot of `org/coma`, loaded by repo id, offline.
-    hf_home = tmp_path / "home2"
-    repo = hf_home / "hub" / "models--org--coma"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    from_hub = _run_child("org/coma", image_path, tmp_path / "hub.pt", _clean_env(hf_home))
+    hub_cache(folder, tmp_path / "home2", "org/coma")
+    from_hub = _run_child("org/coma", image_path, tmp_path / "hub.pt", tmp_path / "home2")
     torch.testing.assert_close(from_hub["processor"], expected, atol=0, rtol=0)
     torch.testing.assert_close(from_hub["encode"], expected, atol=0, rtol=0)
 

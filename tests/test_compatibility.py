@@ -7,16 +7,15 @@ image and that version's vectors (`tests/fixtures/make_v0_checkpoint.py` wrote i
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from utils import run_python
 
 FIXTURE = Path(__file__).parent / "fixtures" / "coma_v0_stage2"
 TEXT = "a red circle left of a blue square"
@@ -58,17 +57,9 @@ def _copy(tmp_path) -> Path:
 @pytest.mark.slow
 def test_old_checkpoint_gives_its_vectors_through_its_remote_code(tmp_path):
     folder = _copy(tmp_path)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
-    env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), TEXT, QUESTION, str(tmp_path / "out.safetensors")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_python(
+        ["-c", CHILD, str(folder), TEXT, QUESTION, str(tmp_path / "out.safetensors")], tmp_path / "home", tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     got, expected = (
         load_file(str(tmp_path / "out.safetensors")),
         load_file(str(FIXTURE / "expected_vectors.safetensors")),

@@ -18,15 +18,14 @@ from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
 from coma_hf.training import CoMaCompressionTrainer, NonFiniteLossError, last_complete_checkpoint
 
-from utils import load_example
+from utils import TINY_MODEL_ARGS, command_line, load_example, training_args
 
 PAUSING_PRETRAIN = Path(__file__).parent / "pausing_pretrain.py"  # examples/pretrain.py, halting on cue
-STAGE1 = (
-    "--num_train_scenes 24 --num_dev_scenes 2 --num_test_scenes 1 --scene_size 56 --max_steps"
-    " 40 --per_device_train_batch_size 4 --max_eval_samples 1 --tiny_hidden_size 32"
-    " --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
-    " --dataloader_num_workers 0 --save_strategy steps --save_steps 4 --logging_steps 1 --seed 5"
-).split()
+STAGE1 = TINY_MODEL_ARGS + command_line(
+    "--num_train_scenes 24 --num_dev_scenes 2 --num_test_scenes 1 --scene_size 56 --max_steps 40"
+    " --per_device_train_batch_size 4 --max_eval_samples 1 --dataloader_num_workers 0 --save_strategy steps"
+    " --save_steps 4 --logging_steps 1 --seed 5"
+)
 
 
 def _killed_at(phase: str, step: int, args: list[str], log: Path) -> None:
@@ -56,11 +55,11 @@ def _checkpoint_step(output_dir: Path) -> int | None:
 def test_a_run_killed_mid_training_resumes_from_its_last_complete_checkpoint(tmp_path):
     synthetic = tmp_path / "synthetic"
     write_synthetic_dataset(synthetic, num_train=24, num_dev=2, num_test=1, image_size=56)
-    common = STAGE1 + ["--synthetic_dir", str(synthetic)]
-    load_example("pretrain").main(common + ["--output_dir", str(tmp_path / "whole")])
+    common = STAGE1 + command_line(synthetic_dir=synthetic)
+    load_example("pretrain").main(common + command_line(output_dir=tmp_path / "whole"))
 
     killed = tmp_path / "killed"
-    args = common + ["--output_dir", str(killed)]
+    args = common + command_line(output_dir=killed)
     # mid-training: checkpoint-8 written, steps 9 and 10 run, then the kill
     _killed_at("after_step", 10, args, tmp_path / "first.log")
     assert _checkpoint_step(killed) == 8
@@ -94,33 +93,17 @@ def test_stage_two_resumes_from_the_checkpoint_a_crash_left_with_the_weights_of_
 
     write_mini_mmeb(tmp_path / "synthetic", num_train=12, num_dev=2, num_test=1, image_size=56)
     tiny_coma()[0].save_pretrained(tmp_path / "start")
-    common = [
-        "--recipe",
-        "tiny",
-        "--model_name_or_path",
-        str(tmp_path / "start"),
-        "--synthetic_dir",
-        str(tmp_path / "synthetic"),
-        "--max_steps",
-        "6",
-        "--per_device_train_batch_size",
-        "8",
-        "--eval_datasets",
-        "Mini-Digit",
-        "--dataloader_num_workers",
-        "0",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--seed",
-        "3",
-    ]
-    load_example("train_contrastive").main(common + ["--output_dir", str(tmp_path / "whole")])
+    common = command_line(
+        "--recipe tiny --max_steps 6 --per_device_train_batch_size 8 --eval_datasets Mini-Digit"
+        " --dataloader_num_workers 0 --save_strategy steps --save_steps 2 --seed 3",
+        model_name_or_path=tmp_path / "start",
+        synthetic_dir=tmp_path / "synthetic",
+    )
+    load_example("train_contrastive").main(common + command_line(output_dir=tmp_path / "whole"))
     # what a crash after step 2 leaves: that checkpoint (the multi-dataset sampler's position included), nothing else
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "crashed" / "checkpoint-2")
     summary = load_example("train_contrastive").main(
-        common + ["--output_dir", str(tmp_path / "crashed"), "--resume_from_checkpoint", "last"]
+        common + command_line("--resume_from_checkpoint last", output_dir=tmp_path / "crashed")
     )
     assert summary["global_steps"] == 6
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "crashed")
@@ -242,23 +225,9 @@ def _poison(trainer, sample: str):
 
 
 def _poisoned_stage1(sample: str, scenes, tmp_path, mode: str) -> CoMaCompressionTrainer:
-    from transformers import TrainingArguments
-
     dataset, root = scenes
     model, processor = build_tiny_coma(num_compression_tokens=4, seed=0, max_image_tokens=4)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=4,
-        learning_rate=1e-3,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-        use_cpu=True,
-        logging_steps=1,
-    )
+    args = training_args(tmp_path, per_device_train_batch_size=2, max_steps=4)
     trainer = CoMaCompressionTrainer(
         model=model,
         args=args,

@@ -8,14 +8,12 @@ from safetensors.torch import load_file
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 
-from utils import load_example
+from utils import TINY_MODEL_ARGS, command_line, load_example
 
-STAGE1 = (
+STAGE1 = TINY_MODEL_ARGS + command_line(
     "--num_train_scenes 12 --num_dev_scenes 4 --num_test_scenes 2 --scene_size 56 --max_steps 3"
-    " --per_device_train_batch_size 4 --max_eval_samples 2 --tiny_hidden_size 32"
-    " --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
-    " --dataloader_num_workers 0 --seed 7"
-).split()
+    " --per_device_train_batch_size 4 --max_eval_samples 2 --dataloader_num_workers 0 --seed 7"
+)
 STAGE2 = (
     "--recipe tiny --max_steps 3 --per_device_train_batch_size 8 --dataloader_num_workers 0"
     " --per_device_eval_batch_size 16 --seed 7"
@@ -32,17 +30,10 @@ def test_both_stages_are_deterministic(tmp_path):
     write_mini_mmeb(synthetic, num_train=12, num_dev=4, num_test=2, image_size=56)
     for run in ("a", "b"):
         stage1 = tmp_path / run / "stage1"
-        load_example("pretrain").main(STAGE1 + ["--synthetic_dir", str(synthetic), "--output_dir", str(stage1)])
+        load_example("pretrain").main(STAGE1 + command_line(synthetic_dir=synthetic, output_dir=stage1))
         load_example("train_contrastive").main(
             STAGE2
-            + [
-                "--model_name_or_path",
-                str(stage1),
-                "--synthetic_dir",
-                str(synthetic),
-                "--output_dir",
-                str(tmp_path / run / "stage2"),
-            ]
+            + command_line(model_name_or_path=stage1, synthetic_dir=synthetic, output_dir=tmp_path / run / "stage2")
         )
     for stage in ("stage1", "stage2"):
         first, second = _weights(tmp_path / "a" / stage), _weights(tmp_path / "b" / stage)

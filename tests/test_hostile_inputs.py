@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from coma_hf import CoMaInputError, inference
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 
-from utils import load_example, random_image, tiny_coma, tiny_sentence_transformer
+from utils import TINY_MODEL_ARGS, command_line, load_example, random_image, tiny_coma, tiny_sentence_transformer
 
 # name → (why it is hostile, the text a clear error must contain; None: it must embed)
 IMAGE_CASES = {
@@ -151,16 +152,7 @@ def test_encode_corpus_skips_and_lists_every_bad_image(hostile, tmp_path):
     model, _ = tiny_coma()
     model.save_pretrained(tmp_path / "model")
     result = load_example("encode_corpus").main(
-        [
-            "--model",
-            str(tmp_path / "model"),
-            "--images",
-            str(hostile),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--shard_size",
-            "4",
-        ]
+        command_line(model=tmp_path / "model", images=hostile, output_dir=tmp_path / "out", shard_size=4)
     )
     manifest = result["manifest"]
     bad = {name for name, (_, error) in IMAGE_CASES.items() if error is not None and name != "missing.png"}
@@ -193,28 +185,11 @@ def _stage1_rows(hostile) -> bytes:
 def test_stage_one_data_path_skips_and_counts_or_names_bad_rows(hostile, tmp_path):
     data = tmp_path / "stage1.jsonl"
     data.write_bytes(_stage1_rows(hostile))
-    common = [
-        "--dataset",
-        str(data),
-        "--max_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "2",
-        "--tiny_hidden_size",
-        "32",
-        "--num_compression_tokens",
-        "4",
-        "--min_image_tokens",
-        "4",
-        "--max_image_tokens",
-        "4",
-        "--dataloader_num_workers",
-        "0",
-        "--validation_split_percentage",
-        "0",
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
+    common = TINY_MODEL_ARGS + command_line(
+        "--max_steps 1 --per_device_train_batch_size 2 --dataloader_num_workers 0 --validation_split_percentage 0",
+        dataset=data,
+        output_dir=tmp_path / "out",
+    )
     with pytest.raises(SystemExit) as stopped:
         load_example("pretrain").main(common + ["--validate_data", "true"])
     listing = str(stopped.value)
@@ -248,44 +223,27 @@ def test_stage_two_data_path_skips_and_counts_bad_rows(hostile, tmp_path):
     synthetic = tmp_path / "synthetic"
     write_mini_mmeb(synthetic, num_train=2, num_dev=2, num_test=1, image_size=56)
     summary = load_example("train_contrastive").main(
-        [
-            "--model_name_or_path",
-            str(tmp_path / "start"),
-            "--dataset",
-            str(data),
-            "--skip_bad_samples",
-            "true",
-            "--by_dataset",
-            "false",
-            "--max_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "4",
-            "--recipe",
-            "tiny",
-            "--synthetic_dir",
-            str(synthetic),
-            "--eval_datasets",
-            "Mini-Digit",
-            "--dataloader_num_workers",
-            "0",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
+        command_line(
+            "--skip_bad_samples true --by_dataset false --max_steps 1 --per_device_train_batch_size 4 --recipe tiny"
+            " --eval_datasets Mini-Digit --dataloader_num_workers 0",
+            model_name_or_path=tmp_path / "start",
+            dataset=data,
+            synthetic_dir=synthetic,
+            output_dir=tmp_path / "out",
+        )
     )
     assert (summary["num_train_pairs"], summary["num_skipped_samples"]) == (5, 4)
     errors = " | ".join(entry["error"] for entry in summary["skipped_samples"])
     assert "text.png" in errors and errors.count("are empty") == 2 and "is a JSON list" in errors, errors
 
 
-@pytest.mark.parametrize("through", ["coma", "sentence_transformer"])
-def test_evaluator_names_dataset_row_and_image(hostile, tmp_path, tmp_path_factory, through):
-    folder = tmp_path / "mmeb"
+def _toy_mmeb(folder: Path, query_image: Path, candidate_images: list[Path]) -> list[dict]:
+    """The two rows written to `folder`/Toy.jsonl: an image query over two texts, a text query over two images."""
     folder.mkdir()
     rows = [
         {
             "qry_text": "<|image_1|> what is it",
-            "qry_img_path": str(hostile / "palette.png"),
+            "qry_img_path": str(query_image),
             "tgt_text": ["a", "b"],
             "tgt_img_path": ["", ""],
         },
@@ -293,11 +251,23 @@ def test_evaluator_names_dataset_row_and_image(hostile, tmp_path, tmp_path_facto
             "qry_text": "find it",
             "qry_img_path": "",
             "tgt_text": ["", ""],
-            "tgt_img_path": [str(hostile / "alpha.png"), str(hostile / "zero.png")],
+            "tgt_img_path": [str(path) for path in candidate_images],
         },
     ]
     (folder / "Toy.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    model = tiny_coma()[0] if through == "coma" else tiny_sentence_transformer(tmp_path_factory)
+    return rows
+
+
+def _evaluated(through: str, tmp_path_factory):
+    """The tiny CoMa model, or the SentenceTransformer over it, as `through` names."""
+    return tiny_coma()[0] if through == "coma" else tiny_sentence_transformer(tmp_path_factory)
+
+
+@pytest.mark.parametrize("through", ["coma", "sentence_transformer"])
+def test_evaluator_names_dataset_row_and_image(hostile, tmp_path, tmp_path_factory, through):
+    folder = tmp_path / "mmeb"
+    rows = _toy_mmeb(folder, hostile / "palette.png", [hostile / "alpha.png", hostile / "zero.png"])
+    model = _evaluated(through, tmp_path_factory)
     with pytest.raises(CoMaInputError, match=r"Toy row 1 \(candidate, image .*zero.png\), field 'image': cannot read"):
         MMEBEvaluator(load_mmeb_datasets(folder), show_progress_bar=False)(model)
     (folder / "Toy.jsonl").write_text(json.dumps(rows[0]) + "\n{broken\n")
@@ -308,22 +278,6 @@ def test_evaluator_names_dataset_row_and_image(hostile, tmp_path, tmp_path_facto
 @pytest.mark.parametrize("through", ["coma", "sentence_transformer"])
 def test_evaluator_scores_rows_with_extreme_aspect_ratios(hostile, tmp_path, tmp_path_factory, through):
     folder = tmp_path / "mmeb"
-    folder.mkdir()
-    rows = [
-        {
-            "qry_text": "<|image_1|> what is it",
-            "qry_img_path": str(hostile / "wide.png"),
-            "tgt_text": ["a", "b"],
-            "tgt_img_path": ["", ""],
-        },
-        {
-            "qry_text": "find it",
-            "qry_img_path": "",
-            "tgt_text": ["", ""],
-            "tgt_img_path": [str(hostile / "needle.png"), str(hostile / "alpha.png")],
-        },
-    ]
-    (folder / "Toy.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    model = tiny_coma()[0] if through == "coma" else tiny_sentence_transformer(tmp_path_factory)
-    results = MMEBEvaluator(load_mmeb_datasets(folder), show_progress_bar=False)(model)
+    _toy_mmeb(folder, hostile / "wide.png", [hostile / "needle.png", hostile / "alpha.png"])
+    results = MMEBEvaluator(load_mmeb_datasets(folder), show_progress_bar=False)(_evaluated(through, tmp_path_factory))
     assert results["datasets"]["Toy"]["num_queries"] == 2

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +15,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 from coma_hf.hub import push_to_hub, save_checkpoint
 
-from utils import REMOTE_CODE_FILES, load_example, random_image, tiny_coma
+from utils import REMOTE_CODE_FILES, command_line, hub_cache, load_example, random_image, run_python, tiny_coma
 
 REPO = "org/coma"
 TOKEN = "hf_PlantedTokenThatMustNeverBeWrittenAnywhere123"
@@ -39,20 +36,6 @@ CHILD = textwrap.dedent(
     torch.save({"auto": model.encode(inputs), "st": st.encode(inputs, convert_to_tensor=True)}, sys.argv[2])
     """
 )
-
-
-def _hub_cache(folder, home):
-    """`folder` laid out as the Hub cache snapshot of `org/coma` under `home`."""
-    repo = home / "hub" / "models--org--coma"
-    shutil.copytree(folder, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-
-
-def _offline_env(home):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +64,13 @@ def upload(tmp_path_factory):
         model, root / "eval"
     )
     load_example("push_to_hub").main(
-        [
-            "--model_name_or_path",
-            str(root / "model"),
-            "--repo_id",
-            REPO,
-            "--dry_run",
-            "--output_dir",
-            str(root / "upload"),
-            "--eval_results",
-            str(root / "eval" / "mmeb_results.json"),
-            "--license",
-            "apache-2.0",
-        ]
+        command_line(
+            "--dry_run --license apache-2.0",
+            model_name_or_path=root / "model",
+            repo_id=REPO,
+            output_dir=root / "upload",
+            eval_results=root / "eval" / "mmeb_results.json",
+        )
     )
     return root, results
 
@@ -119,18 +96,10 @@ def test_dry_run_folder_loads_by_repo_id_without_coma_hf(upload, tmp_path):
         <= names
     )
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
-    _hub_cache(folder, tmp_path / "home")
+    hub_cache(folder, tmp_path / "home", REPO)
     image_path = tmp_path / "image.png"
     random_image(4).save(image_path)
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(image_path), str(tmp_path / "out.pt")],
-        env=_offline_env(tmp_path / "home"),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_python(["-c", CHILD, str(image_path), str(tmp_path / "out.pt")], tmp_path / "home", tmp_path)
     out = torch.load(tmp_path / "out.pt")
     model, _ = tiny_coma()
     from PIL import Image
@@ -170,18 +139,10 @@ def test_card_snippets_run_against_the_uploaded_folder(upload, tmp_path):
     root, _ = upload
     snippets = re.findall(r"```python\n(.*?)```", (root / "upload" / "README.md").read_text(), flags=re.S)
     assert len(snippets) == 2 and all(REPO in snippet for snippet in snippets)
-    _hub_cache(root / "upload", tmp_path / "home")
+    hub_cache(root / "upload", tmp_path / "home", REPO)
     for snippet in snippets:
         code = 'import sys\nsys.modules["coma_hf"] = None\n' + snippet
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            env=_offline_env(tmp_path / "home"),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
+        result = run_python(["-c", code], tmp_path / "home", tmp_path)
         assert "tensor" in result.stdout or "[[" in result.stdout
 
 
@@ -204,9 +165,7 @@ def test_push_uploads_one_commit_and_never_writes_the_token(upload, tmp_path, mo
     )
     monkeypatch.setattr(huggingface_hub, "create_branch", lambda *args, **kwargs: None)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    load_example("push_to_hub").main(
-        ["--model_name_or_path", str(root / "model"), "--repo_id", REPO, "--revision", "v1"]
-    )
+    load_example("push_to_hub").main(command_line("--revision v1", model_name_or_path=root / "model", repo_id=REPO))
     model, _ = tiny_coma()
     push_to_hub(model, REPO, commit_message="from the model")
     push_to_hub(root / "model", REPO, commit_message="from the folder")

@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import load_example, random_image
+from utils import TINY_MODEL_ARGS, command_line, load_example, random_image
 
-TOY = (
+TOY = TINY_MODEL_ARGS + command_line(
     "--num_train_scenes 24 --num_dev_scenes 6 --num_test_scenes 2 --scene_size 56 --max_steps 2"
-    " --per_device_train_batch_size 4 --logging_steps 1 --max_eval_samples 4 --tiny_hidden_size"
-    " 32 --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
-    " --dataloader_num_workers 0"
-).split()
+    " --per_device_train_batch_size 4 --logging_steps 1 --max_eval_samples 4 --dataloader_num_workers 0"
+)
 
 
 @pytest.mark.slow

@@ -25,6 +25,11 @@ def _text(processor, ids):
     return processor.tokenizer.decode(ids)
 
 
+def _rebuilt(processor: CoMaProcessor, **settings) -> CoMaProcessor:
+    """A new CoMaProcessor on `processor`'s image processor and tokenizer: 4 compression tokens, then `settings`."""
+    return CoMaProcessor(processor.image_processor, processor.tokenizer, **{"num_compression_tokens": 4, **settings})
+
+
 def test_stage2_layout_image_instruction_text_then_compression_tokens():
     _, processor = tiny_coma()
     rendered = processor.render_embedding_input("a red circle", random_image(0), instruction="Find the image")
@@ -96,7 +101,7 @@ def test_user_text_cannot_inject_special_tokens():
 
 def test_truncation_cuts_text_never_compression_tokens_and_drops_turns():
     _, processor = tiny_coma()
-    short = CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=4, max_length=40)
+    short = _rebuilt(processor, max_length=40)
     long_text = "the quick brown fox jumps over the lazy dog " * 20
     rendered = short.render_embedding_input(long_text, instruction="Find it")
 
@@ -126,34 +131,21 @@ def test_truncation_cuts_text_never_compression_tokens_and_drops_turns():
 
 def test_first_answer_that_cannot_fit_is_an_error_naming_the_sample():
     _, processor = tiny_coma()
-    short = CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=4, max_length=30)
+    short = _rebuilt(processor, max_length=30)
     with pytest.raises(CoMaInputError, match=r"sample 7, field 'conversation'.*first question and answer"):
         short.render_compression_sample(None, "text", [("a question " * 10, "an answer " * 10)], sample=7)
 
 
 def test_image_too_large_for_max_length_is_an_error():
     _, processor = tiny_coma()
-    short = CoMaProcessor(
-        processor.image_processor,
-        processor.tokenizer,
-        num_compression_tokens=4,
-        max_length=8,
-        min_image_tokens=16,
-        max_image_tokens=16,
-    )
+    short = _rebuilt(processor, max_length=8, min_image_tokens=16, max_image_tokens=16)
     with pytest.raises(CoMaInputError, match="sample 3"):
         short.render_embedding_input("text", random_image(0), sample=3)
 
 
 def test_image_token_bounds_are_given_in_tokens():
     _, processor = tiny_coma()
-    bounded = CoMaProcessor(
-        processor.image_processor,
-        processor.tokenizer,
-        num_compression_tokens=4,
-        min_image_tokens=16,
-        max_image_tokens=16,
-    )
+    bounded = _rebuilt(processor, min_image_tokens=16, max_image_tokens=16)
     for size in ((28, 28), (400, 300), (1000, 60)):
         rendered = bounded.render_embedding_input(image=random_image(0, size))
         tokens = int(rendered.image_grid_thw.prod()) // 4
@@ -348,7 +340,7 @@ def test_layouts_without_a_final_compression_slot_or_with_unknown_or_repeated_sl
 
 def test_a_processor_for_other_compression_tokens_is_refused():
     model, processor = tiny_coma()  # K = 4
-    other = CoMaProcessor(processor.image_processor, processor.tokenizer, num_compression_tokens=3)
+    other = _rebuilt(processor, num_compression_tokens=3)
     with pytest.raises(ValueError, match="use the processor saved with the model"):
         model.processor = other
     assert model.processor is processor

@@ -37,23 +37,28 @@ def _write_images(folder, count):
         random_image(index, (56, 56)).save(folder / f"img_{index}.png")
 
 
-def test_generates_stage1_records_and_resumes(vlm, tmp_path):
+def _generate(vlm, images, output, batch_size: int) -> dict:
+    """The counts of one `generate_qa` run over the images in `images` into `output` (3 questions, 4 new tokens)."""
     model, processor = vlm
-    images = tmp_path / "images"
-    _write_images(images, 3)
-    (images / "broken.png").write_bytes(b"not an image")
-    output = tmp_path / "qa.jsonl"
-
-    counts = generate_qa(
+    return generate_qa(
         model,
         processor,
         iter_images(images),
         output,
         num_questions=3,
-        batch_size=2,
+        batch_size=batch_size,
         max_new_tokens=4,
         image_root=str(images),
     )
+
+
+def test_generates_stage1_records_and_resumes(vlm, tmp_path):
+    images = tmp_path / "images"
+    _write_images(images, 3)
+    (images / "broken.png").write_bytes(b"not an image")
+    output = tmp_path / "qa.jsonl"
+
+    counts = _generate(vlm, images, output, batch_size=2)
     assert counts == {"written": 3, "skipped_done": 0, "skipped_unreadable": 1}
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(row["id"] for row in rows) == ["img_0.png", "img_1.png", "img_2.png"]
@@ -65,16 +70,7 @@ def test_generates_stage1_records_and_resumes(vlm, tmp_path):
     _write_images(tmp_path / "more", 2)
     for index in range(2):
         (tmp_path / "more" / f"img_{index}.png").rename(images / f"new_{index}.png")
-    resumed = generate_qa(
-        model,
-        processor,
-        iter_images(images),
-        output,
-        num_questions=3,
-        batch_size=2,
-        max_new_tokens=4,
-        image_root=str(images),
-    )
+    resumed = _generate(vlm, images, output, batch_size=2)
     assert resumed == {"written": 2, "skipped_done": 3, "skipped_unreadable": 1}
     assert len(finished_ids(output)) == 5
     assert len(output.read_text().splitlines()) == 5  # nothing written twice
@@ -101,33 +97,14 @@ def test_images_listed_in_jsonl_resolve_against_its_folder(tmp_path):
 
 
 def test_resume_after_a_cut_last_line_keeps_every_record_once(vlm, tmp_path):
-    model, processor = vlm
     images = tmp_path / "images"
     _write_images(images, 3)
     output = tmp_path / "qa.jsonl"
-    generate_qa(
-        model,
-        processor,
-        iter_images(images),
-        output,
-        num_questions=3,
-        batch_size=1,
-        max_new_tokens=4,
-        image_root=str(images),
-    )
+    _generate(vlm, images, output, batch_size=1)
     complete = output.read_text().splitlines(keepends=True)
     output.write_text("".join(complete[:2]) + complete[2][: len(complete[2]) // 2])  # a kill mid-write
 
-    resumed = generate_qa(
-        model,
-        processor,
-        iter_images(images),
-        output,
-        num_questions=3,
-        batch_size=1,
-        max_new_tokens=4,
-        image_root=str(images),
-    )
+    resumed = _generate(vlm, images, output, batch_size=1)
     assert resumed == {"written": 1, "skipped_done": 2, "skipped_unreadable": 0}
     rows = [json.loads(line) for line in output.read_text().splitlines()]  # every line reads back
     assert sorted(row["id"] for row in rows) == ["img_0.png", "img_1.png", "img_2.png"]

@@ -9,14 +9,12 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from coma_hf.training.recipes import choose_recipe, recipe_of_start
 
-from utils import load_example, tiny_coma
+from utils import TINY_MODEL_ARGS, command_line, load_example, tiny_coma
 
-STAGE1_TOY = (
+STAGE1_TOY = TINY_MODEL_ARGS + command_line(
     "--num_train_scenes 12 --num_dev_scenes 4 --num_test_scenes 2 --scene_size 56 --max_steps 1"
-    " --per_device_train_batch_size 4 --max_eval_samples 2 --tiny_hidden_size 32"
-    " --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
-    " --dataloader_num_workers 0"
-).split()
+    " --per_device_train_batch_size 4 --max_eval_samples 2 --dataloader_num_workers 0"
+)
 STAGE2_TOY = (
     "--max_steps 1 --per_device_train_batch_size 4 --per_device_eval_batch_size 8"
     " --dataloader_num_workers 0 --mini_batch_size 4 --max_train_scenes 12"
@@ -74,13 +72,8 @@ def test_the_recipe_follows_the_start_checkpoint(tmp_path, monkeypatch):
 def test_the_paper_recipe_without_a_gpu_stops_with_one_line_saying_what_to_pass(tmp_path, script):
     with pytest.raises(SystemExit) as stopped:
         load_example(script).main(
-            [
-                "--recipe",
-                "paper",
-                "--output_dir",
-                str(tmp_path / "out"),
-                "--from_backbone" if script == "train_contrastive" else "--max_steps=1",
-            ]
+            command_line("--recipe paper", output_dir=tmp_path / "out")
+            + ["--from_backbone" if script == "train_contrastive" else "--max_steps=1"]
         )
     message = str(stopped.value)
     assert "\n" not in message and "bf16" in message
@@ -91,18 +84,10 @@ def test_the_paper_recipe_without_a_gpu_stops_with_one_line_saying_what_to_pass(
 def test_stage_two_from_ones_own_stage_one_folder_runs_on_cpu(tmp_path, caplog, capsys):
     """`pretrain.py --output_dir X` then `train_contrastive.py --model_name_or_path X`, no recipe named."""
     synthetic, stage1 = tmp_path / "synthetic", tmp_path / "stage1"
-    load_example("pretrain").main(STAGE1_TOY + ["--output_dir", str(stage1), "--synthetic_dir", str(synthetic)])
+    load_example("pretrain").main(STAGE1_TOY + command_line(output_dir=stage1, synthetic_dir=synthetic))
     caplog.set_level("INFO", logger="train_contrastive")
     summary = load_example("train_contrastive").main(
-        STAGE2_TOY
-        + [
-            "--model_name_or_path",
-            str(stage1),
-            "--synthetic_dir",
-            str(synthetic),
-            "--output_dir",
-            str(tmp_path / "stage2"),
-        ]
+        STAGE2_TOY + command_line(model_name_or_path=stage1, synthetic_dir=synthetic, output_dir=tmp_path / "stage2")
     )
     assert summary["recipe"] == "tiny" and summary["global_steps"] == 1
     # one step, shorter than any logging window: its loss is both the first and the last, recorded and printed

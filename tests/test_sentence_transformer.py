@@ -4,8 +4,6 @@ kept."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from coma_hf import CoMaInputError
 from coma_hf.sentence_transformer import load_sentence_transformer
 
-from utils import random_image, tiny_coma
+from utils import random_image, run_python, tiny_coma
 
 # A fresh interpreter in which `import coma_hf` fails: AutoModel and SentenceTransformer from the same folder.
 CHILD = textwrap.dedent(
@@ -57,17 +55,7 @@ def test_same_vectors_through_automodel_and_sentence_transformer_without_coma_hf
     )
     image_path = tmp_path / "image.png"
     random_image(3).save(image_path)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
-    env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(image_path), str(tmp_path / "out.pt")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_python(["-c", CHILD, str(folder), str(image_path), str(tmp_path / "out.pt")], tmp_path / "home", tmp_path)
     out = torch.load(tmp_path / "out.pt")
     for name in ("text", "images", "mixed", "query", "document"):
         torch.testing.assert_close(out[f"st_{name}"], out[f"auto_{name}"], atol=1e-5, rtol=0, msg=name)

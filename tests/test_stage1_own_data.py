@@ -4,6 +4,7 @@ the first and last optimizer step in runs of any length."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -12,12 +13,9 @@ from transformers import AutoTokenizer
 from coma_hf.data.stage1 import hold_out_by_image
 from coma_hf.evaluation.compression import token_f1
 
-from utils import load_example, random_image
+from utils import TINY_MODEL_ARGS, command_line, load_example, random_image
 
-TOY = (
-    "--tiny_hidden_size 32 --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4"
-    " --per_device_train_batch_size 4 --dataloader_num_workers 0"
-).split()
+TOY = TINY_MODEL_ARGS + "--per_device_train_batch_size 4 --dataloader_num_workers 0".split()
 ANSWERS = ("a red circle on the left", "two", "the digit seven in the lower right corner of the picture")
 
 
@@ -39,6 +37,11 @@ def _llava_rows(folder, images: int = 12, rows_per_image: int = 2) -> list[dict]
                 }
             )
     return rows
+
+
+def _pretrain_on(data: Path, output: Path, options: str) -> dict:
+    """The summary of examples/pretrain.py at toy size on `data`/my.jsonl, with `options`, saved to `output`."""
+    return load_example("pretrain").main(TOY + command_line(options, dataset=data / "my.jsonl", output_dir=output))
 
 
 def test_hold_out_by_image_keeps_every_image_on_one_side(tmp_path):
@@ -70,21 +73,8 @@ def test_short_run_on_own_data_reports_losses_and_held_out_answers(tmp_path):
     data.mkdir()
     rows = _llava_rows(data)
     (data / "my.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    script = load_example("pretrain")
-    summary = script.main(
-        TOY
-        + [
-            "--dataset",
-            str(data / "my.jsonl"),
-            "--max_steps",
-            "3",
-            "--logging_steps",
-            "100",
-            "--validation_split_percentage",
-            "25",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
+    summary = _pretrain_on(
+        data, tmp_path / "out", "--max_steps 3 --logging_steps 100 --validation_split_percentage 25"
     )
     # a run shorter than one logging window still has the loss of its first and its last optimizer step
     assert isinstance(summary["train_loss_first"], float) and isinstance(summary["train_loss_last"], float)
@@ -130,25 +120,12 @@ def test_first_and_last_step_losses_match_trainers_own_per_step_logs(tmp_path):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    script = load_example("pretrain")
     original, trainer_module.CoMaCompressionTrainer = trainer_module.CoMaCompressionTrainer, RecordingTrainer
     try:
-        summary = script.main(
-            TOY
-            + [
-                "--dataset",
-                str(data / "my.jsonl"),
-                "--max_steps",
-                "3",
-                "--logging_steps",
-                "1",
-                "--gradient_accumulation_steps",
-                "2",
-                "--validation_split_percentage",
-                "0",
-                "--output_dir",
-                str(tmp_path / "out"),
-            ]
+        summary = _pretrain_on(
+            data,
+            tmp_path / "out",
+            "--max_steps 3 --logging_steps 1 --gradient_accumulation_steps 2 --validation_split_percentage 0",
         )
     finally:
         trainer_module.CoMaCompressionTrainer = original

@@ -12,7 +12,7 @@ import torch
 from coma_hf.data.mini_mmeb import META_TASKS, write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 
-from utils import load_example
+from utils import TINY_MODEL_ARGS, command_line, load_example
 
 TOY = (
     "--recipe tiny --max_steps 3 --per_device_train_batch_size 8 --logging_steps 1"
@@ -48,36 +48,13 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
 
     stage1 = tmp_path / "stage1"
     load_example("pretrain").main(
-        [
-            "--num_train_scenes",
-            "12",
-            "--num_dev_scenes",
-            "6",
-            "--num_test_scenes",
-            "2",
-            "--scene_size",
-            "56",
-            "--max_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "4",
-            "--max_eval_samples",
-            "2",
-            "--tiny_hidden_size",
-            "32",
-            "--num_compression_tokens",
-            "4",
-            "--min_image_tokens",
-            "4",
-            "--max_image_tokens",
-            "4",
-            "--dataloader_num_workers",
-            "0",
-            "--output_dir",
-            str(stage1),
-            "--synthetic_dir",
-            str(synthetic),
-        ]
+        TINY_MODEL_ARGS
+        + command_line(
+            "--num_train_scenes 12 --num_dev_scenes 6 --num_test_scenes 2 --scene_size 56 --max_steps 1"
+            " --per_device_train_batch_size 4 --max_eval_samples 2 --dataloader_num_workers 0",
+            output_dir=stage1,
+            synthetic_dir=synthetic,
+        )
     )
     output = tmp_path / "stage2"
     script, trainers = load_example("train_contrastive"), []
@@ -88,9 +65,7 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
             trainers.append(self)
 
     script.CoMaContrastiveTrainer = RecordingTrainer
-    script.main(
-        TOY + ["--model_name_or_path", str(stage1), "--synthetic_dir", str(synthetic), "--output_dir", str(output)]
-    )
+    script.main(TOY + command_line(model_name_or_path=stage1, synthetic_dir=synthetic, output_dir=output))
     saved = json.loads((output / "contrastive_summary.json").read_text())
     # what was asked for and what the trainer logged, not the dict that wrote the file
     assert saved["global_steps"] == 3 and saved["started_from"] == str(stage1) and saved["recipe"] == "tiny"
@@ -143,33 +118,23 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, synthetic):
     rows[5]["qry_image_path"] = str(tmp_path / "broken.png")
     rows[9]["pos_image_path"] = str(tmp_path / "missing.png")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    common = TOY + [
-        "--from_backbone",
-        "--tiny_hidden_size",
-        "32",
-        "--num_compression_tokens",
-        "4",
-        "--min_image_tokens",
-        "4",
-        "--max_image_tokens",
-        "4",
-        "--dataset",
-        str(tmp_path / "train.jsonl"),
-        "--image_root",
-        str(synthetic),
-        "--eval_data",
-        str(synthetic / "mini_mmeb" / "dev"),
-        "--eval_datasets",
-        "Mini-Count",
-        "--max_steps",
-        "1",
-    ]
+    common = (
+        TOY
+        + ["--from_backbone"]
+        + TINY_MODEL_ARGS
+        + command_line(
+            "--eval_datasets Mini-Count --max_steps 1",
+            dataset=tmp_path / "train.jsonl",
+            image_root=synthetic,
+            eval_data=synthetic / "mini_mmeb" / "dev",
+        )
+    )
     with pytest.raises(SystemExit, match=r"2 bad training rows[\s\S]*row 5: anchor: .*broken.png"):
         load_example("train_contrastive").main(
-            common + ["--validate_data", "true", "--output_dir", str(tmp_path / "a")]
+            common + command_line("--validate_data true", output_dir=tmp_path / "a")
         )
     summary = load_example("train_contrastive").main(
-        common + ["--skip_bad_samples", "true", "--output_dir", str(tmp_path / "b")]
+        common + command_line("--skip_bad_samples true", output_dir=tmp_path / "b")
     )
     assert summary["num_skipped_samples"] == 2 and summary["num_train_pairs"] == 22
     assert [sample["index"] for sample in summary["skipped_samples"]] == [5, 9]

@@ -11,7 +11,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainingArguments
 
 from coma_hf import CoMaInputError
 from coma_hf.data.stage1 import load_stage1_dataset
@@ -19,7 +18,7 @@ from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
 from coma_hf.training import CoMaCompressionCollator, CoMaCompressionTrainer, LoraArguments, apply_lora
 
-from utils import random_image
+from utils import random_image, training_args
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +26,6 @@ def scenes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scenes")
     paths = write_synthetic_dataset(folder, num_train=48, num_dev=8, num_test=8, seed=0, image_size=56)
     return load_stage1_dataset(paths["train"])
-
-
-def _args(output_dir, **overrides):
-    values = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_steps=6,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-        use_cpu=True,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
 
 
 def _fresh_model():
@@ -59,12 +40,16 @@ def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(scenes
     dataset, root = scenes
     model, processor = _fresh_model()
     CoMaCompressionTrainer(
-        model=model, args=_args(tmp_path / "full"), train_dataset=dataset, processing_class=processor, image_root=root
+        model=model,
+        args=training_args(tmp_path / "full"),
+        train_dataset=dataset,
+        processing_class=processor,
+        image_root=root,
     ).train()
     uninterrupted = _weights(model)
 
     model, processor = _fresh_model()
-    interrupted_args = _args(tmp_path / "part", save_strategy="steps", save_steps=3)  # same run, checkpointed
+    interrupted_args = training_args(tmp_path / "part", save_strategy="steps", save_steps=3)  # same run, checkpointed
     CoMaCompressionTrainer(
         model=model, args=interrupted_args, train_dataset=dataset, processing_class=processor, image_root=root
     ).train()
@@ -74,7 +59,7 @@ def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(scenes
     model, processor = _fresh_model()
     resumed = CoMaCompressionTrainer(
         model=model,
-        args=_args(tmp_path / "resumed", save_strategy="steps", save_steps=3),
+        args=training_args(tmp_path / "resumed", save_strategy="steps", save_steps=3),
         train_dataset=dataset,
         processing_class=processor,
         image_root=root,
@@ -91,7 +76,7 @@ def test_gradient_accumulation_matches_a_larger_batch(scenes, tmp_path):
     results = []
     for batch, accumulation in ((4, 1), (2, 2)):
         model, processor = _fresh_model()
-        args = _args(
+        args = training_args(
             tmp_path / f"acc{accumulation}",
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=accumulation,
@@ -119,7 +104,7 @@ def _hand_answer_loss(model, inputs) -> float:
 def test_training_logs_loss_tokens_per_second_and_evaluates(scenes, tmp_path):
     dataset, root = scenes
     model, processor = _fresh_model()
-    args = _args(
+    args = training_args(
         tmp_path / "log",
         eval_strategy="steps",
         eval_steps=3,
@@ -169,7 +154,7 @@ def test_bad_row_stops_training_naming_row_and_field(tmp_path):
     model, processor = _fresh_model()
     trainer = CoMaCompressionTrainer(
         model=model,
-        args=_args(tmp_path / "out", max_steps=1),
+        args=training_args(tmp_path / "out", max_steps=1),
         train_dataset=dataset,
         processing_class=processor,
         image_root=root,
@@ -192,7 +177,7 @@ def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_p
 
     trainer = CoMaCompressionTrainer(
         model=peft_model,
-        args=_args(tmp_path / "lora", learning_rate=1e-2, max_steps=3),
+        args=training_args(tmp_path / "lora", learning_rate=1e-2, max_steps=3),
         train_dataset=dataset,
         processing_class=processor,
         image_root=root,

@@ -1,12 +1,20 @@
-"""Test helpers: tiny backbones built offline (seconds, CPU), deterministic images, the example scripts as modules."""
+"""Test helpers: tiny backbones built offline (seconds, CPU), deterministic images, the example scripts as modules
+and their command lines, quiet TrainingArguments, and offline child interpreters (with a Hub cache to load from)."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import TrainingArguments
 
 from coma_hf.tiny import build_tiny_coma
 
@@ -25,6 +33,8 @@ REMOTE_CODE_FILES = frozenset(
         "vision_attention.py",
     }
 )
+# The smallest model the example scripts build from scratch (stage 1, and stage 2 with --from_backbone).
+TINY_MODEL_ARGS = "--tiny_hidden_size 32 --num_compression_tokens 4 --min_image_tokens 4 --max_image_tokens 4".split()
 
 
 @functools.cache
@@ -64,10 +74,6 @@ def tiny_sentence_transformer(tmp_path_factory, family: str = "qwen2_5_vl", num_
 
 def load_example(name: str):
     """The module of `examples/{name}.py`, imported fresh."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     spec = importlib.util.spec_from_file_location(
         f"{name}_script", Path(__file__).parents[1] / "examples" / f"{name}.py"
     )
@@ -75,3 +81,45 @@ def load_example(name: str):
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def command_line(fixed: str = "", **options: object) -> list[str]:
+    """The tokens of `fixed` (split on spaces), then `--name value` for each keyword option, its value as `str`."""
+    return fixed.split() + [token for name, value in options.items() for token in (f"--{name}", str(value))]
+
+
+def training_args(output_dir: str | Path, **overrides) -> TrainingArguments:
+    """Quiet, seeded CPU TrainingArguments (batch 4, 6 steps, loss logged every step, no saving) with `overrides`."""
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def run_python(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The finished `python *args` in `cwd`: offline, HF_HOME `home`, no inherited HF_*/PYTHONPATH; asserts exit 0."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def hub_cache(folder: Path, home: Path, repo_id: str) -> None:
+    """Lays `folder` out under `home` as the Hub cache snapshot of `repo_id` (main at a fixed commit)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
