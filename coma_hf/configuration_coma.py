@@ -30,6 +30,7 @@ class CoMaConfig(PretrainedConfig):
             Qwen2.5-VL config.
         num_compression_tokens (`int`, defaults to 32):
             K, the number of compression tokens appended after every input. The paper's ablation found 32 best.
+            0 makes a VLM2Vec-style embedder: no compression tokens, the embedding read off the last input token.
         compression_token_ids (`list[int]`, *optional*):
             Vocabulary ids of `<cmp_0>` … `<cmp_{K-1}>`, in order. Set by `CoMaModel.from_backbone`.
         pooling (`str`, defaults to `"mean"`):

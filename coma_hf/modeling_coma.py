@@ -272,7 +272,11 @@ class CoMaModel(PreTrainedModel):
         return self._run_backbone(**inputs, rule=rule)[0].last_hidden_state
 
     def _compression_states(self, hidden: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """`[batch, K, hidden]`: the final states at the compression tokens; with K = 0 (VLM2Vec-style) `[batch, 1,
+        hidden]`, the last input token's (inputs are left-padded, so it is every row's last position)."""
         num_tokens = self.config.num_compression_tokens
+        if num_tokens == 0:
+            return hidden[:, -1:]
         missing = torch.nonzero(end - start != num_tokens).flatten().tolist()
         if missing:
             reason = f"no compression tokens in the input (rows {missing})"
@@ -340,6 +344,8 @@ class CoMaModel(PreTrainedModel):
     def compress(self, **inputs) -> CoMaCompression:
         """Run inputs rendered in the stage-2 layout (ending with the K compression tokens) and keep only what the
         compression tokens hold: their final states, their cached keys/values and the rope offset after them."""
+        if self.config.num_compression_tokens == 0:
+            raise ValueError("A model without compression tokens (K = 0) has no compressed states to answer from")
         inputs = _model_inputs(inputs)
         output, start, end, position_ids = self._run_backbone(**inputs, use_cache=True)
         length = inputs[BatchKey.INPUT_IDS].shape[1]
@@ -540,9 +546,10 @@ class CoMaModel(PreTrainedModel):
         model.model, model.lm_head = backbone.model, backbone.lm_head
         model.apply_vision_attention()  # the backbone's own vision tower
         model.tie_weights()
-        if max(token_ids) >= model.get_input_embeddings().num_embeddings:
+        if token_ids and max(token_ids) >= model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)
-        model.init_compression_embeddings(token_ids, real_vocabulary, seed=seed)
+        if token_ids:  # K = 0: a VLM2Vec-style embedder, nothing to add
+            model.init_compression_embeddings(token_ids, real_vocabulary, seed=seed)
         model.processor = CoMaProcessor(
             image_processor=processor.image_processor,
             tokenizer=tokenizer,

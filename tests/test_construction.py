@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -11,7 +13,7 @@ from coma_hf.backbones import FAMILIES, get_family
 from coma_hf.configuration_coma import LEGACY_PROCESSOR_SETTINGS
 from coma_hf.tiny import build_tiny_backbone, build_tiny_coma, tiny_backbone_config
 
-from utils import tiny_coma
+from utils import random_image, tiny_coma
 
 
 def test_unknown_backbone_is_an_error_listing_supported_families():
@@ -127,3 +129,19 @@ def test_forward_without_compression_tokens_is_an_error_naming_the_sample():
     ids[1, 0] = processor.tokenizer.pad_token_id
     with pytest.raises(ValueError, match="sample 1"):
         model(**{**batch, "input_ids": ids})
+
+
+def test_without_compression_tokens_the_embedding_is_the_stock_models_last_token_state():
+    """K = 0 is the VLM2Vec-style embedder: causal attention over the input alone, last-token pooling."""
+    backbone, parts = build_tiny_backbone(seed=3)
+    reference, vocabulary = copy.deepcopy(backbone), len(parts.tokenizer)
+    model = CoMaModel.from_backbone(backbone, processor=parts, num_compression_tokens=0).eval()
+    assert model.processor.compression_token_ids == [] and len(model.processor.tokenizer) == vocabulary
+    inputs = [{"image": random_image(1), "text": "a red circle"}, "just some text", {"image": random_image(2)}]
+    batch = model.processor.process_for_embedding(inputs)
+    with torch.no_grad():
+        stock = reference.model(**batch).last_hidden_state[:, -1]  # left padding: every row's last input token
+        vectors = model.encode(inputs)
+    torch.testing.assert_close(vectors, torch.nn.functional.normalize(stock, dim=-1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="K = 0"):
+        model.compress(**batch)
