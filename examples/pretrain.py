@@ -49,6 +49,7 @@ from coma_hf.training import (
     build_coma,
     check_sharding,
     parse_with_recipe,
+    weights_fingerprint,
 )
 
 logger = logging.getLogger("pretrain")
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss_on=model_args.loss_on,
         attention_rule=model_args.attention_rule,
     )
+    initial_weights = weights_fingerprint(model)  # runs with equal fingerprints started from the same weights
     with training_args.main_process_first(desc="writing or reading the data"):  # synthetic scenes written once
         train, root, evaluation, eval_root, eval_source = load_data(data_args, training_args.seed)
     train, bad_train = drop_bad_rows(train, processor, root, data_args, "training")
@@ -210,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     merged = trainer.save_merged(training_args.output_dir)
 
     summary = summarize(trainer, merged, processor, train, evaluation, eval_root, data_args, bad_train, started)
+    summary["initial_weights"] = initial_weights
     summary["eval_source"] = eval_source
     summary["recipe"] = model_args.recipe
     summary["train_dataset"] = data_args.dataset or "synthetic scenes"

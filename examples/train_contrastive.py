@@ -42,6 +42,7 @@ from coma_hf.training import (
     build_coma,
     check_sharding,
     parse_with_recipe,
+    weights_fingerprint,
 )
 
 logger = logging.getLogger("train_contrastive")
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         start_from = initial_checkpoint(model_args, backbone_args, training_args.output_dir, training_args.seed)
     model = load_sentence_transformer(start_from, device="cpu" if training_args.use_cpu else None)
     transformer = model[0]
+    start_weights = weights_fingerprint(transformer.model)  # equal fingerprints: runs started from the same weights
     transformer.model = apply_lora(transformer.model, lora_args)
     with training_args.main_process_first(desc="writing or reading the data"):
         train, bad = load_training_pairs(data_args, transformer.processor)
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer.save_merged(training_args.output_dir)
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
+    summary["start_weights"] = start_weights
     summary["recipe"] = model_args.recipe
     summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"
     summary["hardware"] = hardware()

@@ -23,6 +23,7 @@ from .recipes import (
     parse_with_recipe,
     recipe_defaults,
     recipe_of_start,
+    weights_fingerprint,
 )
 from .trainers import (
     CoMaCompressionTrainer,
@@ -45,6 +46,7 @@ __all__ = [
     "NonFiniteLossError",
     "apply_lora",
     "build_coma",
+    "weights_fingerprint",
     "check_precision",
     "check_sharding",
     "choose_recipe",

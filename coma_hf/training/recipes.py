@@ -5,10 +5,13 @@ which preset a run takes and the scripts' parsing over it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from ..configuration_coma import is_embedded_backbone
 from ..hub.card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, read_json_file
@@ -41,6 +44,16 @@ def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: 
         return build_tiny_coma(arguments.family, seed=seed, backbone_config=backbone_config, **common)
     model = CoMaModel.from_backbone(backbone, seed=seed, **common)
     return model, model.processor
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of a model's parameters (names, dtypes, shapes and values, in name order): equal fingerprints mean
+    runs started from the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 RECIPES = ("tiny", "paper")
