@@ -482,7 +482,7 @@ def headline(report_verdicts: list[dict]) -> str:
         return "**B (CoMa) beats A and C out of distribution at every budget, beyond the seed spread.**"
     return (
         f"**B (CoMa) does not beat both A and C out of distribution at every budget** ({len(wins)} of {len(ood)} "
-        "comparisons beyond the seed spread in B's favour); see the diagnosis below."
+        "comparisons beyond the seed spread in B's favour)."
     )
 
 
@@ -528,9 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget, extra = (QUICK, QUICK_ARGS) if args.quick else (Budget(), [])
     if args.stage2_learning_rate is not None:
         budget = replace(budget, stage2_learning_rate=args.stage2_learning_rate)
-    from coma_hf.reader import reader_path
-
-    reader = str(args.reader or reader_path())
+    reader = args.reader or _shipped_reader()
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
     synthetic = work / "synthetic"
     write_synthetic_dataset(
@@ -582,6 +580,12 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(report, json_path, Path(args.docs_dir or (work / "report" if args.quick else ROOT / "docs")))
     print(render_markdown(report))
     return report
+
+
+def _shipped_reader() -> str:
+    from coma_hf.reader import reader_path
+
+    return str(reader_path())
 
 
 def _reader_record(reader: str) -> dict:
