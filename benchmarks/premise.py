@@ -101,6 +101,8 @@ QUICK_ARGS = "--max_image_tokens 4 --dataloader_num_workers 0 --per_device_eval_
 
 @dataclass(frozen=True)
 class Stage1Run:
+    """Stage 1 of arm B or C for one seed and K; its checkpoint serves every stage-2 run of that arm and seed."""
+
     arm: str
     seed: int
     k: int
@@ -112,6 +114,8 @@ class Stage1Run:
 
 @dataclass(frozen=True)
 class Stage2Run:
+    """Stage 2 of one arm, seed and K at one contrastive-data budget (`pairs`) for `steps` optimizer steps."""
+
     arm: str
     seed: int
     k: int
@@ -157,21 +161,25 @@ def _example(name: str):
 
 def stage1_arguments(run: Stage1Run, budget: Budget, synthetic: Path, output: Path, reader: str) -> list[str]:
     attention_rule, loss_on = STAGE1_RULES[run.arm]
+    paths = ["--model_name_or_path", reader, "--output_dir", str(output), "--synthetic_dir", str(synthetic)]
     return (
-        f"--recipe tiny --model_name_or_path {reader} --seed {run.seed} --max_steps {budget.stage1_steps} "
-        f"--per_device_train_batch_size {budget.batch_size} --logging_steps {max(1, budget.stage1_steps // 10)} "
-        f"--output_dir {output} --synthetic_dir {synthetic} --num_train_scenes {budget.num_train_scenes} "
-        f"--num_dev_scenes {budget.num_dev_scenes} --num_test_scenes {budget.num_test_scenes} "
-        f"--scene_size {budget.scene_size} --num_compression_tokens {run.k} --attention_rule {attention_rule} "
-        f"--loss_on {loss_on} --max_eval_samples 100"
-    ).split()
+        paths
+        + (
+            f"--recipe tiny --seed {run.seed} --max_steps {budget.stage1_steps} "
+            f"--per_device_train_batch_size {budget.batch_size} --logging_steps {max(1, budget.stage1_steps // 10)} "
+            f"--num_train_scenes {budget.num_train_scenes} "
+            f"--num_dev_scenes {budget.num_dev_scenes} --num_test_scenes {budget.num_test_scenes} "
+            f"--scene_size {budget.scene_size} --num_compression_tokens {run.k} --attention_rule {attention_rule} "
+            f"--loss_on {loss_on} --max_eval_samples 100"
+        ).split()
+    )
 
 
 def stage2_arguments(run: Stage2Run, budget: Budget, synthetic: Path, output: Path, start: str) -> list[str]:
-    arguments = (
+    arguments = ["--output_dir", str(output), "--synthetic_dir", str(synthetic)] + (
         f"--recipe tiny --seed {run.seed} --max_steps {run.steps} --per_device_train_batch_size {budget.batch_size} "
-        f"--logging_steps {max(1, run.steps // 10)} --output_dir {output} --synthetic_dir {synthetic} "
-        f"--max_train_scenes {budget.pair_scenes} --max_train_pairs {run.pairs}"
+        f"--logging_steps {max(1, run.steps // 10)} --max_train_scenes {budget.pair_scenes} "
+        f"--max_train_pairs {run.pairs}"
     ).split()
     if budget.stage2_learning_rate is not None:
         arguments += ["--learning_rate", str(budget.stage2_learning_rate)]
