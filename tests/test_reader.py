@@ -147,14 +147,20 @@ def test_the_reader_trains_on_the_stage1_layout_without_the_compression_tokens()
 
 
 def test_the_reader_never_trains_on_dev_scenes_or_held_out_combinations():
-    scenes = ReaderTrainingScenes(200)
+    scenes = ReaderTrainingScenes(200, all_question_types=True)
     assert all(scene.split == "train" for scene, _ in scenes.rows)
     pairs = {(obj.colour, obj.shape) for scene, _ in scenes.rows for obj in scene.shapes}
     assert pairs.isdisjoint(HELD_OUT_COMBINATIONS)
-    # each sample adds a caption turn (and some a description turn) to the scene's own questions
-    sample, (_, record) = scenes[0], scenes.rows[0]
-    assert [turn for turn in sample["conversation"] if turn["type"] in QUESTION_TYPES] == record["conversation"]
-    assert sum(turn["question"] == CAPTION_QUESTION for turn in sample["conversation"]) == 1
+    # one question of every type the scene allows, one caption turn; or the scene's own stage-1 questions
+    sample = scenes[0]
+    kinds = [turn["type"] for turn in sample["conversation"]]
+    assert kinds.count("caption") == 1 and len(set(kinds)) == len(kinds)
+    assert {"count", "text"} <= set(kinds) <= {*QUESTION_TYPES, "caption", "description"}
+    own = ReaderTrainingScenes(4, all_question_types=False, description_share=0.0)
+    for index in range(len(own)):
+        turns = own[index]["conversation"]
+        assert [turn for turn in turns if turn["type"] in QUESTION_TYPES] == own.rows[index][1]["conversation"]
+        assert [turn["question"] for turn in turns if turn["type"] == "caption"] == [CAPTION_QUESTION]
 
 
 def test_a_tiny_coma_from_the_reader_keeps_the_reader_family():
