@@ -13,6 +13,9 @@ POOLING_MODES = ("mean", "last")
 ATTENTION_RULES = ("bottleneck", "causal")
 VISION_ATTENTION_MODES = ("auto", "stock")
 DEFAULT_CONTRASTIVE_TEMPERATURE = 0.03  # the paper's
+# The config key that marks the package's embedded backbone: on a CoMa config, and on a stock backbone config that
+# the package trained itself (the shipped reader), which a CoMa config built over it inherits.
+EMBEDDED_BACKBONE_MARKER = "embedded_backbone"
 # Token-layout settings that configs saved before the processor owned them (version 0.1.0) carry. Such a config keeps
 # them as plain attributes (transformers keeps unknown keys); `CoMaModel` hands them to its processor, and a config
 # never writes them again.
@@ -54,9 +57,10 @@ class CoMaConfig(PretrainedConfig):
         backbone_name_or_path (`str`, *optional*):
             Where the backbone came from (Hub id or folder), set by `CoMaModel.from_backbone`; the model card's
             `base_model`. `None` for the embedded tiny backbone.
-        embedded_backbone (`bool`, defaults to `False`):
-            Whether the backbone is the package's embedded one (its `tiny` module), set by its builder. Scripts pick
-            the recipe a run starts with from it (`tiny` for the embedded backbone, `paper` for a real one).
+        embedded_backbone (`bool`, *optional*):
+            Whether the backbone is the package's embedded one (its `tiny` module, or the shipped reader), set by its
+            builder. Scripts pick the recipe a run starts with from it (`tiny` for the embedded backbone, `paper` for a
+            real one). `None` takes the backbone config's own marker (`EMBEDDED_BACKBONE_MARKER`), else `False`.
     """
 
     model_type = "coma"
@@ -74,7 +78,7 @@ class CoMaConfig(PretrainedConfig):
         normalize_embeddings: bool = True,
         vision_attention: str = "auto",
         backbone_name_or_path: str | None = None,
-        embedded_backbone: bool = False,
+        embedded_backbone: bool | None = None,
         **kwargs,
     ):
         self.backbone_config = _as_backbone_config(backbone_config)
@@ -88,6 +92,8 @@ class CoMaConfig(PretrainedConfig):
         self.normalize_embeddings = normalize_embeddings
         self.vision_attention = _check_choice("vision_attention", vision_attention, VISION_ATTENTION_MODES)
         self.backbone_name_or_path = backbone_name_or_path
+        if embedded_backbone is None:
+            embedded_backbone = bool(getattr(self.backbone_config, EMBEDDED_BACKBONE_MARKER, False))
         self.embedded_backbone = embedded_backbone
         if self.compression_token_ids is not None and len(self.compression_token_ids) != num_compression_tokens:
             raise ValueError(
@@ -133,10 +139,11 @@ class CoMaConfig(PretrainedConfig):
 
 def is_embedded_backbone(config: dict) -> bool:
     """Whether a saved config (`config.json` as a dict) holds the package's embedded backbone: its
-    `embedded_backbone` marker; CoMa checkpoints saved before the marker existed built the embedded backbone without
-    naming a source (`backbone_name_or_path` unset). Any other config (a stock backbone's) holds a real one."""
-    if "embedded_backbone" in config:
-        return bool(config["embedded_backbone"])
+    `embedded_backbone` marker (a CoMa config's, or a stock backbone config's such as the shipped reader's); CoMa
+    checkpoints saved before the marker existed built the embedded backbone without naming a source
+    (`backbone_name_or_path` unset). Any other config (a stock backbone's) holds a real one."""
+    if EMBEDDED_BACKBONE_MARKER in config:
+        return bool(config[EMBEDDED_BACKBONE_MARKER])
     return config.get("model_type") == CoMaConfig.model_type and config.get("backbone_name_or_path") is None
 
 

@@ -7,7 +7,8 @@
 * `tiny_backbone_config(family, tokenizer)` is a small config of each supported family (Qwen2.5-VL by default, so the
   windowed vision attention is exercised); `shrink_config` shrinks a published config in width and depth while
   keeping what matters for correctness (vocabulary, special ids, tying, patch/merge sizes, rope sections).
-* `build_tiny_coma()` puts these together through `CoMaModel.from_backbone`, the path real checkpoints take.
+* `build_tiny_coma()` puts these together through `CoMaModel.from_backbone`, the path real checkpoints take; with
+  `reader=True` it starts from the shipped pre-trained reader (`coma_hf.reader`) instead of random weights.
 
 Everything is deterministic from `seed`.
 """
@@ -15,6 +16,7 @@ Everything is deterministic from `seed`.
 from __future__ import annotations
 
 import copy
+import os
 from importlib import resources
 
 import torch
@@ -267,12 +269,20 @@ def build_tiny_coma(
     max_length: int | None = 1024,
     backbone_config: PretrainedConfig | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    reader: bool | str | os.PathLike = False,
     **config_kwargs,
 ) -> tuple[CoMaModel, CoMaProcessor]:
     """The embedded default: a tiny random-weight backbone of `family` turned into a CoMa model, and its processor.
     Its config says so (`embedded_backbone=True`), which is how scripts choose the `tiny` recipe for it. Keyword
-    arguments go to `CoMaModel.from_backbone`: the processor's (`loss_on`, instructions) and the config's."""
-    backbone, parts = build_tiny_backbone(family, seed, attn_implementation, backbone_config, tokenizer)
+    arguments go to `CoMaModel.from_backbone`: the processor's (`loss_on`, instructions) and the config's.
+
+    `reader=True` starts from the shipped pre-trained reader (a folder: a reader `examples/train_reader.py` wrote)
+    instead of random weights; its size, family and tokenizer are the reader's, so `family` must match and
+    `backbone_config` / `tokenizer` must not be given."""
+    if reader:
+        backbone, parts = _reader_backbone(reader, family, attn_implementation, backbone_config, tokenizer)
+    else:
+        backbone, parts = build_tiny_backbone(family, seed, attn_implementation, backbone_config, tokenizer)
     model = CoMaModel.from_backbone(
         backbone,
         processor=parts,
@@ -285,3 +295,14 @@ def build_tiny_coma(
         **config_kwargs,
     )
     return model.eval(), model.processor
+
+
+def _reader_backbone(reader, family, attn_implementation, backbone_config, tokenizer):
+    from .reader import load_reader
+
+    if backbone_config is not None or tokenizer is not None:
+        raise ValueError("reader=... fixes the backbone and its tokenizer: do not pass backbone_config or tokenizer")
+    backbone, parts = load_reader(None if reader is True else reader, attn_implementation)
+    if backbone.config.model_type != family:
+        raise ValueError(f"the reader is a {backbone.config.model_type} model, not {family}")
+    return backbone, parts

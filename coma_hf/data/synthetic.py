@@ -212,6 +212,14 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[dict]:
     return [{**candidates[kind], "type": kind} for kind in chosen]
 
 
+def every_question(scene: Scene, rng: random.Random) -> list[dict]:
+    """One question/answer turn of every type the scene allows (up to all of `QUESTION_TYPES`), in random order;
+    each turn records its `type`. More practice per scene than `scene_questions`, e.g. to train a reader."""
+    turns = [{**turn, "type": kind} for kind, builder in _QUESTION_BUILDERS.items() if (turn := builder(scene, rng))]
+    rng.shuffle(turns)
+    return turns
+
+
 def _unique(scene: Scene, predicate) -> list[SceneObject]:
     return [obj for obj in scene.shapes if sum(predicate(other, obj) for other in scene.shapes) == 1]
 
