@@ -96,7 +96,9 @@ QUICK = Budget(
     num_compression_tokens=4,
     k_sweep=(1, 4),
 )
-QUICK_ARGS = "--max_image_tokens 4 --dataloader_num_workers 0 --per_device_eval_batch_size 8".split()
+QUICK_ARGS = (
+    "--min_image_tokens 4 --max_image_tokens 4 --dataloader_num_workers 0 --per_device_eval_batch_size 8"
+).split()
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,12 @@ def render_markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`; machine: {report['machine']}; wall time {report['seconds'] / 60:.0f} min.",
         f"Reader: {report['reader']['summary']}.",
+        f"Budget: stage 1 {budget['stage1_steps']} steps, stage 2 {budget['stage2_steps']} steps (V and A "
+        f"compute-matched: {budget['matched_steps']}), batch {budget['batch_size']}, seeds {budget['seeds']}, "
+        f"K = {k}; "
+        f"stage-2 learning rate {budget['stage2_learning_rate'] or 'of the tiny recipe'} for every arm; "
+        f"test: {budget['eval_queries']} queries per dataset; chance/constant baseline "
+        f"{_baseline_cells(report['baseline'])}.",
         "",
         "## Test Precision@1 (%), mean ± std over seeds",
         "",
@@ -435,6 +443,10 @@ def render_markdown(report: dict) -> str:
         )
     lines += ["", "![P@1 against contrastive pairs](premise.png)", ""]
     return "\n".join(lines)
+
+
+def _baseline_cells(baseline: dict) -> str:
+    return ", ".join(f"{name} {100 * value:.1f}" for name, value in baseline.items())
 
 
 def _order(key: str) -> tuple:
@@ -475,10 +487,18 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+HAND_WRITTEN = "<!-- Hand-written below this line: kept when the benchmark rewrites the file. -->"
+
+
 def write_report(report: dict, json_path: Path, docs: Path) -> None:
+    """The JSON, `premise.md` (generated tables, then the hand-written reading the previous file had, if any) and
+    `premise.png`."""
     _write_json(json_path, report)
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "premise.md").write_text(render_markdown(report))
+    markdown = docs / "premise.md"
+    previous = markdown.read_text() if markdown.is_file() else ""
+    tail = previous[previous.index(HAND_WRITTEN) :] if HAND_WRITTEN in previous else HAND_WRITTEN + "\n"
+    markdown.write_text(render_markdown(report) + "\n" + tail)
     plot(report, docs / "premise.png")
 
 
@@ -531,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_json", default=None, help="default: benchmarks/results/premise.json")
     parser.add_argument("--docs_dir", default=None, help="where premise.md and .png go (default: docs)")
     parser.add_argument("--stage2_learning_rate", type=float, default=None, help="one for every arm (tuned on dev)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/premise.py", *(argv if argv is not None else sys.argv[1:])])
     budget, extra = (QUICK, QUICK_ARGS) if args.quick else (Budget(), [])
@@ -548,7 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plan:
         projection = project(budget, work, synthetic, reader, extra, test, inputs)
         print(
-            f"Projected: {projection['runs']} runs, {projection['seconds'] / 60:.0f} min: "
+            f"Projected: {projection['runs']} runs, {projection['seconds'] / 60:.0f} min of one worker "
+            f"({projection['seconds'] / 60 / args.workers:.0f} min wall with {args.workers}): "
             + ", ".join(
                 f"{kind} {projection['per_step'][kind]:.2f} s/step + {projection['overhead'][kind]:.0f} s a run"
                 for kind in ("stage1", "stage2")
@@ -558,14 +580,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.time()
     stage1_runs, stage2_runs = plan(budget)
-    stage1 = []
-    for index, run in enumerate(stage2_runs):
-        if run.stage1 is not None and run.stage1 not in [Stage1Run(**record["run"]) for record in stage1]:
-            print(f"\n=== {run.stage1.name} ===", flush=True)
-            stage1.append(run_stage1(run.stage1, budget, work, synthetic, reader, extra))
-        print(f"\n=== run {index + 1}/{len(stage2_runs)}: {run.name} ===", flush=True)
-        record = run_stage2(run, budget, work, synthetic, reader, extra, test, inputs)
-        print(f"=== {run.name}: test IND {record['test'][IND]:.3f} OOD {record['test'][OOD]:.3f} ===", flush=True)
+    with _pool(args.workers) as pool:
+        stage1 = list(
+            pool.map(_run_stage1_logged, stage1_runs, *_same(len(stage1_runs), budget, work, synthetic, reader, extra))
+        )
+        total = len(stage2_runs)
+        list(
+            pool.map(
+                _run_stage2_logged,
+                stage2_runs,
+                [f"{index + 1}/{total}" for index in range(total)],
+                *_same(total, budget, work, synthetic, reader, extra, test, inputs),
+            )
+        )
     records = [_load_json(work / "results" / f"{run.name}.json") for run in stage2_runs]
     report_verdicts = verdicts(records, budget)
     report = {
@@ -590,6 +617,49 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def _pool(workers: int):
+    """Runs execute in `workers` processes of `cpu_count // workers` torch threads each (inline for 1): every run
+    is its own training script call, so they only share the files they read."""
+    if workers <= 1:
+        return _Inline()
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,))
+
+
+class _Inline:
+    """The `ProcessPoolExecutor` interface, run in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def map(self, function, *iterables):
+        return map(function, *iterables)
+
+
+def _same(count: int, *values) -> list[list]:
+    """Each value repeated `count` times, as `map` takes the arguments that every run shares."""
+    return [[value] * count for value in values]
+
+
+def _run_stage1_logged(run: Stage1Run, *arguments) -> dict:
+    print(f"\n=== {run.name} ===", flush=True)
+    return run_stage1(run, *arguments)
+
+
+def _run_stage2_logged(run: Stage2Run, position: str, *arguments) -> dict:
+    print(f"\n=== run {position}: {run.name} ===", flush=True)
+    record = run_stage2(run, *arguments)
+    print(f"=== {run.name}: test IND {record['test'][IND]:.3f} OOD {record['test'][OOD]:.3f} ===", flush=True)
+    return record
+
+
 def _shipped_reader() -> str:
     from coma_hf.reader import reader_path
 
@@ -600,9 +670,11 @@ def _reader_record(reader: str) -> dict:
     """The reader's own record (how it was trained, how well it reads), with a one-line summary for the report."""
     path = Path(reader) / "record.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
-    accuracy = record.get("accuracy", {})
-    overall = accuracy.get("exact_match", accuracy.get("overall", "n/a"))
-    return {**record, "summary": f"{record.get('parameters', 'n/a')} parameters, full-input dev accuracy {overall}"}
+    parameters = record.get("model", {}).get("parameters")
+    overall = record.get("evaluation", {}).get("overall", {}).get("reader")
+    if parameters is None or overall is None:
+        return {**record, "summary": "a reader without a record"}
+    return {**record, "summary": f"{parameters:,} parameters, full-input dev accuracy {overall:.3f}"}
 
 
 def _baseline(test: list[MMEBDataset]) -> dict:

@@ -32,7 +32,7 @@ from coma_hf.reader import (
 from coma_hf.tiny import build_tiny_coma, build_tokenizer
 from coma_hf.training.recipes import recipe_of_start
 
-from utils import load_example, tiny_coma
+from utils import command_line, load_example, tiny_coma
 
 ROOT = Path(__file__).parents[1]
 MAX_PARAMETERS = 1_500_000
@@ -168,3 +168,24 @@ def test_a_tiny_coma_from_the_reader_keeps_the_reader_family():
         build_tiny_coma("qwen2_vl", reader=True)
     with pytest.raises(ValueError, match="backbone_config"):
         build_tiny_coma(reader=True, tokenizer=build_tokenizer())
+
+
+def test_the_scripts_start_from_the_reader_unless_told_random(tmp_path):
+    """`pretrain.py` builds the embedded backbone from the shipped reader by default (at learning rate 0 its weights
+    stay the reader's, fresh compression rows aside); `--tiny_init random` keeps the random-weight backbone of the
+    `tiny_*` sizes. `train_contrastive.py --from_backbone` builds its model the same way (`build_coma`)."""
+    reader = load_reader()[0].state_dict()
+    toy = command_line(
+        "--num_train_scenes 8 --num_dev_scenes 2 --num_test_scenes 2 --scene_size 56 --max_steps 1 --learning_rate 0"
+        " --per_device_train_batch_size 2 --max_eval_samples 2 --dataloader_num_workers 0 --num_compression_tokens 2"
+        " --min_image_tokens 4 --max_image_tokens 4",
+        synthetic_dir=tmp_path / "synthetic",
+    )
+    for tiny_init in ("reader", "random"):
+        output = tmp_path / tiny_init
+        extra = [] if tiny_init == "reader" else ["--tiny_init", "random"]
+        load_example("pretrain").main(toy + extra + command_line(output_dir=output))
+        weights = CoMaModel.from_pretrained(output).state_dict()
+        shared = [name for name in reader if "embed_tokens" not in name and name != "lm_head.weight"]
+        same = [name in weights and torch.equal(weights[name], reader[name]) for name in shared]
+        assert all(same) if tiny_init == "reader" else not any(same)

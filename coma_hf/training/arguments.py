@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from .peft import LANGUAGE_MODEL_ATTENTION
 
+TINY_INITS = ("reader", "random")  # the embedded backbone's weights: the shipped pre-trained reader, or random
+
 
 @dataclass
 class LoraArguments:
@@ -26,13 +28,22 @@ class LoraArguments:
 
 @dataclass
 class BackboneArguments:
-    """How a fresh CoMa model is built: K, image and sequence bounds, and the embedded tiny backbone's size."""
+    """How a fresh CoMa model is built: K, image and sequence bounds, and the embedded tiny backbone's weights and
+    size."""
 
     num_compression_tokens: int = field(default=32, metadata={"help": "K, the number of compression tokens."})
     min_image_tokens: int | None = field(default=None, metadata={"help": "Fewest visual tokens per image."})
     max_image_tokens: int | None = field(default=None, metadata={"help": "Most visual tokens per image."})
     max_length: int | None = field(default=2048, metadata={"help": "Longest sequence in tokens."})
     family: str = field(default="qwen2_5_vl", metadata={"help": "Family of the embedded backbone."})
+    tiny_init: str = field(
+        default="reader",
+        metadata={
+            "help": "Weights of the embedded backbone: 'reader' (the shipped pre-trained reader, whose size it "
+            "fixes; the tiny_* sizes do not apply) or 'random' (random weights of the tiny_* sizes).",
+            "choices": TINY_INITS,
+        },
+    )
     tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the embedded backbone's language model."})
     tiny_num_layers: int = field(default=2, metadata={"help": "Depth of the embedded backbone's language model."})
     tiny_vision_width: int = field(default=32, metadata={"help": "Width of the embedded backbone's vision tower."})

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: int = 0, **config_kwargs):
-    """`(model, processor)`: CoMa over `backbone` (Hub id or folder), or over the embedded tiny backbone if `None`.
+    """`(model, processor)`: CoMa over `backbone` (Hub id or folder), or over the embedded tiny backbone if `None`
+    (the shipped reader, or random weights of the `tiny_*` sizes, as `arguments.tiny_init` says).
     Keyword arguments go to `CoMaModel.from_backbone`: the processor's (`loss_on`, instructions) and the config's."""
     from ..modeling_coma import CoMaModel
     from ..tiny import build_tiny_coma, tiny_backbone_config
@@ -33,6 +34,8 @@ def build_coma(arguments: BackboneArguments, backbone: str | None = None, seed: 
         max_length=arguments.max_length,
         **config_kwargs,
     )
+    if backbone is None and arguments.tiny_init == "reader":
+        return build_tiny_coma(arguments.family, seed=seed, reader=True, **common)
     if backbone is None:
         backbone_config = tiny_backbone_config(
             arguments.family,
