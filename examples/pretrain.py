@@ -1,7 +1,9 @@
 """Stage 1 of CoMa: compression pre-training — the project's main job.
 
-With no arguments it runs on the embedded default: builds a small random-weight Qwen2.5-VL-architecture backbone
-offline, writes the synthetic scenes (train/dev/test) to `outputs/synthetic`, trains all weights (`--recipe tiny`),
+With no arguments it runs on the embedded default: starts from the shipped pre-trained reader (`coma_hf.reader`, a
+0.8 M-parameter Qwen2.5-VL that reads the synthetic scenes; `--tiny_init random` builds a random-weight backbone of the
+`--tiny_*` sizes instead), writes the synthetic scenes (train/dev/test) to `outputs/synthetic`, trains all weights
+(`--recipe tiny`),
 measures how well answers decoded from the compression states alone match on unseen dev scenes, prints a summary
 and saves the merged checkpoint to `outputs/stage1` with `pretrain_summary.json`.
 

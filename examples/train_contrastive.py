@@ -6,7 +6,8 @@ mini-MMEB training pairs (each batch from one dataset), scores the dev split wit
 checkpoint to `outputs/stage2` (loads through `AutoModel` and `SentenceTransformer`) with `contrastive_summary.json`.
 
     python examples/train_contrastive.py
-    python examples/train_contrastive.py --from_backbone          # skip stage 1 (the comparison of issue 6)
+    python examples/train_contrastive.py --from_backbone          # skip stage 1: from the shipped reader
+    python examples/train_contrastive.py --from_backbone --tiny_init random   # from a random-weight backbone
     python examples/train_contrastive.py --model_name_or_path outputs/stage1-3b --recipe paper \\
         --dataset TIGER-Lab/MMEB-train --subsets ImageNet_1K,MSCOCO_t2i --image_root mmeb_images
 
@@ -58,8 +59,8 @@ class ModelArguments:
     from_backbone: bool = field(
         default=False,
         metadata={
-            "help": "Skip stage 1: start from --backbone (default: the embedded tiny backbone) with fresh "
-            "compression tokens."
+            "help": "Skip stage 1: start from --backbone (default: the embedded tiny backbone, the shipped reader "
+            "unless --tiny_init random) with fresh compression tokens."
         },
     )
     backbone: str | None = field(default=None, metadata={"help": "Backbone MLLM for --from_backbone."})
