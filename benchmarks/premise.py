@@ -436,17 +436,39 @@ def render_markdown(report: dict) -> str:
             f"{100 * paired['mean']:+.1f} ± {100 * paired['std']:.1f} over seeds {line['seeds']}"
             f"{', same sign on every seed' if line['paired_all_same_sign'] else ''}."
         )
-    lines += ["", "## Stage 1 (through the bottleneck for B; answers on held-out dev scenes)", ""]
-    lines += ["| run | loss first → last | answer accuracy | majority |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Stage 1 (answers on held-out dev scenes: through the bottleneck for B, with the input in view for C)",
+        "",
+        f"The reader's own full-input dev accuracy, same scorer: {_reader_accuracy(report['reader'])}. K states: the "
+        "mean cosine between two compression states of the same dev input and their effective rank (of K), on the "
+        "movement inputs; the reader with fresh compression rows (A's start): "
+        f"{_k_states_cell(report.get('fresh_k_states'))}.",
+        "",
+        "| run | loss first → last | answer accuracy | majority | K states: cosine, effective rank |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for record in report["stage1"]:
         run = record["run"]
         lines.append(
             f"| {run['arm']} seed {run['seed']} K = {run['k']} | {record['train_loss_first']:.2f} → "
             f"{record['train_loss_last']:.2f} | {record['heldout_answer_accuracy']:.3f} | "
-            f"{record['majority_baseline_accuracy']:.3f} |"
+            f"{record['majority_baseline_accuracy']:.3f} | {_k_states_cell(record.get('k_states'))} |"
         )
     lines += ["", "![P@1 against contrastive pairs](premise.png)", ""]
     return "\n".join(lines)
+
+
+def _k_states_cell(values: dict | None) -> str:
+    if not values:
+        return "n/a"
+    cosine = values["mean_pairwise_cosine"]
+    return f"{'n/a' if cosine is None else f'{cosine:.3f}'}, {values['effective_rank']:.2f} of {values['k']}"
+
+
+def _reader_accuracy(reader: dict) -> str:
+    overall = reader.get("evaluation", {}).get("overall", {}).get("reader")
+    return "n/a" if overall is None else f"{overall:.3f}"
 
 
 def _baseline_cells(baseline: dict) -> str:
@@ -521,27 +543,50 @@ def headline(report_verdicts: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------------
-def project(budget: Budget, work: Path, synthetic: Path, reader: str, extra: list[str], test, inputs) -> dict:
-    """Seconds per optimizer step and per run of each kind, from runs of 2 and 6 steps, and the projected total."""
+PLAN_STEPS = (4, 20)  # the timing runs' lengths: far enough apart that the per-run evaluation does not swamp a step
+
+
+def project(budget: Budget, work: Path, synthetic: Path, reader: str, extra: list[str], test, inputs, workers: int):
+    """Seconds per optimizer step and per run of each kind, from runs of `PLAN_STEPS` steps, and the projected wall
+    time. The timing runs go `workers` at a time, as the benchmark's do, so the figures include their contention."""
+    with _pool(workers) as pool:
+        copies = list(
+            pool.map(_time_runs, range(workers), *_same(workers, budget, work, synthetic, reader, extra, test, inputs))
+        )
+    timings = {key: statistics.mean(copy[key] for copy in copies) for key in copies[0]}
+    short, long = PLAN_STEPS
+    per_step = {
+        kind: (timings[(kind, long)] - timings[(kind, short)]) / (long - short) for kind in ("stage1", "stage2")
+    }
+    overhead = {kind: max(0.0, timings[(kind, short)] - short * per_step[kind]) for kind in ("stage1", "stage2")}
+    stage1_runs, stage2_runs = plan(budget)
+    total = sum(overhead["stage1"] + budget.stage1_steps * per_step["stage1"] for _ in stage1_runs)
+    total += sum(overhead["stage2"] + run.steps * per_step["stage2"] for run in stage2_runs)
+    return {
+        "per_step": per_step,
+        "overhead": overhead,
+        "runs": len(stage1_runs) + len(stage2_runs),
+        "seconds": total,
+        "wall_seconds": total / workers,
+    }
+
+
+def _time_runs(copy: int, budget: Budget, work: Path, synthetic: Path, reader: str, extra, test, inputs) -> dict:
+    """Seconds of a stage-1 and a stage-2 run of each of `PLAN_STEPS` lengths, in this copy's own folders."""
     timings = {}
-    for steps in (2, 6):
-        timed = replace(budget, stage1_steps=steps)
-        plan_work = work / f"plan-{steps}"
+    for steps in PLAN_STEPS:
+        plan_work = work / f"plan-{copy}-{steps}"
         shutil.rmtree(plan_work, ignore_errors=True)
         started = time.time()
-        run_stage1(Stage1Run("B", 0, budget.num_compression_tokens), timed, plan_work, synthetic, reader, extra)
+        stage1 = Stage1Run("B", 0, budget.num_compression_tokens)
+        run_stage1(stage1, replace(budget, stage1_steps=steps), plan_work, synthetic, reader, extra)
         timings[("stage1", steps)] = time.time() - started
         started = time.time()
         run = Stage2Run("A", 0, budget.num_compression_tokens, max(budget.pair_budgets), steps)
         run_stage2(run, budget, plan_work, synthetic, reader, extra, test, inputs)
         timings[("stage2", steps)] = time.time() - started
         shutil.rmtree(plan_work, ignore_errors=True)
-    per_step = {kind: (timings[(kind, 6)] - timings[(kind, 2)]) / 4 for kind in ("stage1", "stage2")}
-    overhead = {kind: max(0.0, timings[(kind, 2)] - 2 * per_step[kind]) for kind in ("stage1", "stage2")}
-    stage1_runs, stage2_runs = plan(budget)
-    total = sum(overhead["stage1"] + budget.stage1_steps * per_step["stage1"] for _ in stage1_runs)
-    total += sum(overhead["stage2"] + run.steps * per_step["stage2"] for run in stage2_runs)
-    return {"per_step": per_step, "overhead": overhead, "runs": len(stage1_runs) + len(stage2_runs), "seconds": total}
+    return timings
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -571,10 +616,10 @@ def main(argv: list[str] | None = None) -> dict:
     test = test_subset(synthetic / "mini_mmeb" / "test", budget.eval_queries)
     inputs = movement_set(synthetic / "mini_mmeb" / "dev", budget.movement_inputs)
     if args.plan:
-        projection = project(budget, work, synthetic, reader, extra, test, inputs)
+        projection = project(budget, work, synthetic, reader, extra, test, inputs, args.workers)
         print(
-            f"Projected: {projection['runs']} runs, {projection['seconds'] / 60:.0f} min of one worker "
-            f"({projection['seconds'] / 60 / args.workers:.0f} min wall with {args.workers}): "
+            f"Projected: {projection['runs']} runs, {projection['wall_seconds'] / 60:.0f} min wall with "
+            f"{args.workers} worker(s) ({projection['seconds'] / 60:.0f} min of run time): "
             + ", ".join(
                 f"{kind} {projection['per_step'][kind]:.2f} s/step + {projection['overhead'][kind]:.0f} s a run"
                 for kind in ("stage1", "stage2")
@@ -598,6 +643,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )
     records = [_load_json(work / "results" / f"{run.name}.json") for run in stage2_runs]
+    stage1 = [
+        {**record, "k_states": k_state_similarity(work / "checkpoints" / name, inputs)}
+        for record, name in zip(stage1, [run.name for run in stage1_runs], strict=True)
+    ]
+    fresh = k_state_similarity(reader, inputs, budget.num_compression_tokens)
     report_verdicts = verdicts(records, budget)
     report = {
         "headline": headline(report_verdicts),
@@ -610,8 +660,9 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": aggregate(records),
         "verdicts": report_verdicts,
         "stage1": stage1,
+        "fresh_k_states": fresh,
         "results": records,
-        "seconds": round(time.time() - started, 1),
+        "seconds": _add_wall_time(work, time.time() - started),
     }
     json_path = Path(
         args.output_json or (work / "premise.json" if args.quick else ROOT / "benchmarks" / "results" / "premise.json")
@@ -619,6 +670,53 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(report, json_path, Path(args.docs_dir or (work / "report" if args.quick else ROOT / "docs")))
     print(render_markdown(report))
     return report
+
+
+@torch.no_grad()
+def k_state_similarity(folder: str | Path, inputs: list, num_compression_tokens: int | None = None) -> dict:
+    """How alike an input's K compression states are (the paper's reason a large K underperforms): the mean cosine
+    between two different states of the same input, and the states' mean effective rank (exp of the entropy of the
+    normalised singular values; K means all distinct), over `inputs`. `folder` is a CoMa checkpoint, or with
+    `num_compression_tokens` a backbone given fresh compression rows (seed 0), as arm A starts."""
+    from coma_hf import CoMaModel
+
+    if num_compression_tokens is None:
+        model = CoMaModel.from_pretrained(str(folder))
+    else:
+        model = CoMaModel.from_backbone(str(folder), num_compression_tokens=num_compression_tokens, seed=0)
+    model.eval()
+    chunks = [
+        model(**model.processor.process_for_embedding(inputs[start : start + 16])).compression_states.float()
+        for start in range(0, len(inputs), 16)
+    ]
+    cosines, ranks = state_redundancy(torch.cat(chunks))
+    k = model.config.num_compression_tokens
+    return {
+        "k": k,
+        "mean_pairwise_cosine": float(cosines.mean()) if k > 1 else None,
+        "effective_rank": float(ranks.mean()),
+    }
+
+
+def state_redundancy(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input of `states` `[inputs, K, hidden]`: the mean cosine between two different states (`[inputs]`; K > 1)
+    and the effective rank of the K states (`[inputs]`: exp of the entropy of the normalised singular values)."""
+    k = states.shape[1]
+    unit = torch.nn.functional.normalize(states, dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    cosines = similarity[:, ~torch.eye(k, dtype=torch.bool)].view(len(states), -1).mean(dim=1)
+    singular = torch.linalg.svdvals(unit)
+    weights = singular / singular.sum(dim=1, keepdim=True)
+    ranks = torch.exp(-(weights * torch.log(weights.clamp_min(1e-12))).sum(dim=1))
+    return cosines, ranks
+
+
+def _add_wall_time(work: Path, seconds: float) -> float:
+    """The benchmark's wall time over every call that worked on `work` (a resumed benchmark adds up its calls)."""
+    path = work / "wall_seconds.json"
+    total = (_load_json(path) or {"seconds": 0.0})["seconds"] + seconds
+    _write_json(path, {"seconds": round(total, 1)})
+    return round(total, 1)
 
 
 def _pool(workers: int):

@@ -50,6 +50,16 @@ def test_cka_and_cosine_are_one_for_the_same_representation_and_cka_ignores_rota
     assert premise.linear_cka(x, torch.randn(50, 8, generator=torch.Generator().manual_seed(2))) < 0.6
 
 
+def test_state_redundancy_is_one_and_rank_one_for_copies_zero_and_rank_k_for_orthogonal_states():
+    premise = _premise()
+    row = torch.randn(1, 1, 6, generator=torch.Generator().manual_seed(0))
+    cosines, ranks = premise.state_redundancy(row.expand(2, 4, 6))
+    assert cosines.tolist() == pytest.approx([1.0, 1.0]) and ranks.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)
+    orthogonal = torch.eye(6)[:4].unsqueeze(0) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1)  # scale ignored
+    cosines, ranks = premise.state_redundancy(orthogonal)
+    assert cosines.tolist() == pytest.approx([0.0]) and ranks.tolist() == pytest.approx([4.0])
+
+
 @pytest.mark.slow
 def test_quick_premise_shares_starts_keeps_its_budgets_and_reports_the_recorded_numbers(tmp_path):
     premise = _premise()
@@ -97,6 +107,11 @@ def test_quick_premise_shares_starts_keeps_its_budgets_and_reports_the_recorded_
         assert line["paired"]["mean"] == pytest.approx(statistics.mean(x - y for x, y in zip(b, o, strict=True)))
     markdown = (docs / "premise.md").read_text()
     assert report["headline"] in markdown and (docs / "premise.png").is_file()
+    for record in report["stage1"]:  # K-state redundancy of every stage-1 checkpoint, in the table
+        assert (
+            record["k_states"]["k"] == record["run"]["k"]
+            and 1 - 1e-4 <= record["k_states"]["effective_rank"] <= record["run"]["k"] + 1e-4
+        )
     assert saved["verdicts"] == report["verdicts"]
     reading = "\nOur reading, written by hand.\n"
     (docs / "premise.md").write_text(markdown + reading)
@@ -106,3 +121,22 @@ def test_quick_premise_shares_starts_keeps_its_budgets_and_reports_the_recorded_
     assert [record["seconds"] for record in again["results"]] == [record["seconds"] for record in results]
     rewritten = (docs / "premise.md").read_text()
     assert rewritten.endswith(premise.HAND_WRITTEN + "\n" + reading) and rewritten.count(premise.HAND_WRITTEN) == 1
+
+
+@pytest.mark.slow
+def test_plan_times_both_kinds_of_run_and_projects_every_run_without_leaving_checkpoints(tmp_path):
+    premise = _premise()
+    reader = _toy_reader(tmp_path / "reader")
+    projection = premise.main(f"--quick --plan --reader {reader} --work_dir {tmp_path / 'work'}".split())
+    stage1_runs, stage2_runs = premise.plan(premise.QUICK)
+    assert projection["runs"] == len(stage1_runs) + len(stage2_runs)
+    assert all(projection["overhead"][kind] >= 0 for kind in ("stage1", "stage2"))
+    expected = sum(projection["overhead"]["stage1"] + 2 * projection["per_step"]["stage1"] for _ in stage1_runs)
+    expected += sum(
+        projection["overhead"]["stage2"] + run.steps * projection["per_step"]["stage2"] for run in stage2_runs
+    )
+    assert projection["seconds"] == pytest.approx(expected) and projection["wall_seconds"] == projection["seconds"]
+    assert (
+        not list((tmp_path / "work" / "quick").glob("plan-*"))
+        and not (tmp_path / "work" / "quick" / "results").exists()
+    )
