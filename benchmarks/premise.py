@@ -20,8 +20,9 @@ zero-shot Precision@1 of the start checkpoint and how far stage 2 moved the repr
 Each run writes one JSON file under `--work_dir`; a killed benchmark resumes where it stopped. `--plan` times a few
 steps of each kind and prints the projected wall time before anything long starts.
 
-    python benchmarks/premise.py --plan     # project the wall time
-    python benchmarks/premise.py            # the benchmark; writes benchmarks/results/premise.json, docs/premise.*
+    python benchmarks/premise.py --plan --workers 2   # project the wall time
+    python benchmarks/premise.py --workers 2          # the benchmark; writes benchmarks/results/premise.json,
+                                                      # docs/premise.md and .png (two runs at a time, one thread each)
     python benchmarks/premise.py --quick    # toy sizes, for the test
 """
 
