@@ -79,6 +79,7 @@ class Budget:
     movement_inputs: int = 20  # dev queries per dataset whose embeddings are compared before and after stage 2
     num_compression_tokens: int = 8
     k_sweep: tuple[int, ...] = (1, 8, 32)
+    arms: tuple[str, ...] = ARMS  # a subset runs a follow-up (e.g. B alone at another stage-1 budget)
     # Tuned on dev for arm A (seed 0, 500 pairs, 300 steps of batch 32; IND dev P@1): 1e-4 0.451, 3e-4 0.487,
     # 1e-3 0.524, 3e-3 0.484. None: the tiny recipe's.
     stage2_learning_rate: float | None = 1e-3
@@ -143,14 +144,22 @@ def plan(budget: Budget) -> tuple[list[Stage1Run], list[Stage2Run]]:
     """Every run, in the order they execute: each seed's arms together, so a partial benchmark is comparable."""
     k = budget.num_compression_tokens
     small, large = min(budget.pair_budgets), max(budget.pair_budgets)
+    arms = [arm for arm in ARMS if arm in budget.arms]
     runs = []
     for seed in budget.seeds:
-        for arm in ARMS:
+        for arm in arms:
             runs += [
-                Stage2Run(arm, seed, 0 if arm == "V" else k, pairs, budget.stage2_steps) for pairs in (small, large)
+                Stage2Run(arm, seed, 0 if arm == "V" else k, pairs, budget.stage2_steps)
+                for pairs in dict.fromkeys((small, large))
             ]
-        runs += [Stage2Run(arm, seed, 0 if arm == "V" else k, large, budget.matched_steps, "matched") for arm in "VA"]
-    runs += [Stage2Run("B", 0, other, small, budget.stage2_steps, "k-sweep") for other in budget.k_sweep if other != k]
+        matched = [arm for arm in arms if arm in "VA"]
+        runs += [
+            Stage2Run(arm, seed, 0 if arm == "V" else k, large, budget.matched_steps, "matched") for arm in matched
+        ]
+    if "B" in arms:
+        runs += [
+            Stage2Run("B", 0, other, small, budget.stage2_steps, "k-sweep") for other in budget.k_sweep if other != k
+        ]
     stage1 = list(dict.fromkeys(run.stage1 for run in runs if run.stage1 is not None))
     return stage1, runs
 
@@ -601,12 +610,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_json", default=None, help="default: benchmarks/results/premise.json")
     parser.add_argument("--docs_dir", default=None, help="where premise.md and .png go (default: docs)")
     parser.add_argument("--stage2_learning_rate", type=float, default=None, help="one for every arm (tuned on dev)")
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="JSON of Budget fields to change, for a follow-up in its own --work_dir (its report stays there), e.g. "
+        '\'{"stage1_steps": 900, '
+        '"arms": ["B"], "seeds": [0], "pair_budgets": [500], "k_sweep": [8]}\'',
+    )
     parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/premise.py", *(argv if argv is not None else sys.argv[1:])])
     budget, extra = (QUICK, QUICK_ARGS) if args.quick else (Budget(), [])
     if args.stage2_learning_rate is not None:
         budget = replace(budget, stage2_learning_rate=args.stage2_learning_rate)
+    if args.budget:
+        overrides = json.loads(args.budget)
+        budget = replace(budget, **{key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()})
     reader = args.reader or _shipped_reader()
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
     synthetic = work / "synthetic"
@@ -665,10 +684,11 @@ def main(argv: list[str] | None = None) -> dict:
         "results": records,
         "seconds": _add_wall_time(work, time.time() - started),
     }
+    in_work = args.quick or args.budget  # toy sizes and follow-ups never overwrite the committed report
     json_path = Path(
-        args.output_json or (work / "premise.json" if args.quick else ROOT / "benchmarks" / "results" / "premise.json")
+        args.output_json or (work / "premise.json" if in_work else ROOT / "benchmarks" / "results" / "premise.json")
     )
-    write_report(report, json_path, Path(args.docs_dir or (work / "report" if args.quick else ROOT / "docs")))
+    write_report(report, json_path, Path(args.docs_dir or (work / "report" if in_work else ROOT / "docs")))
     print(render_markdown(report))
     return report
 

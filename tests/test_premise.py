@@ -140,3 +140,13 @@ def test_plan_times_both_kinds_of_run_and_projects_every_run_without_leaving_che
         not list((tmp_path / "work" / "quick").glob("plan-*"))
         and not (tmp_path / "work" / "quick" / "results").exists()
     )
+
+
+def test_a_follow_up_budget_plans_only_its_arms_once_each():
+    premise = _premise()
+    budget = premise.Budget(arms=("B",), seeds=(0,), pair_budgets=(500,), k_sweep=(1, 8), stage1_steps=900)
+    stage1_runs, stage2_runs = premise.plan(budget)
+    assert stage1_runs == [premise.Stage1Run("B", 0, 8), premise.Stage1Run("B", 0, 1)]
+    assert [(run.k, run.pairs, run.variant) for run in stage2_runs] == [(8, 500, "main"), (1, 500, "k-sweep")]
+    everything = premise.plan(premise.Budget())[1]
+    assert len({run.name for run in everything}) == len(everything) == 3 * (4 * 2 + 2) + 2
