@@ -558,8 +558,8 @@ class CoMaModel(PreTrainedModel):
             outside = [token for token, index in zip(new_tokens, token_ids, strict=True) if index >= rows]
             if outside:
                 raise ValueError(
-                    f"The compression tokens {outside} have ids beyond the embedding matrix's {rows} rows: there are no "
-                    "trained rows to keep for them"
+                    f"The compression tokens {outside} have ids beyond the embedding matrix's {rows} rows: there "
+                    "are no trained rows to keep for them"
                 )
         elif token_ids and max(token_ids) >= rows:
             model.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)

@@ -1,8 +1,8 @@
 """Convert a checkpoint of the authors' CoMa release into a coma_hf checkpoint (AutoModel, SentenceTransformer, card).
 
     python examples/convert_released.py --source path/to/merged --output_dir outputs/released
-    python examples/convert_released.py --source path/to/adapter --base_model path/to/base --output_dir outputs/released
-    python examples/convert_released.py --source org/released-model --output_dir outputs/released --num_compression_tokens 32
+    python examples/convert_released.py --source path/to/adapter --base_model path/to/base
+    python examples/convert_released.py --source org/released-model --num_compression_tokens 32
 
 `--source` is a folder or a Hub id holding their merged model (older or current key names; a tied model may lack
 `lm_head`) or their peft adapter. K comes from the tokenizer's `<|ctoken_pad_i|>` tokens; a tokenizer saved without

@@ -152,7 +152,11 @@ def _training_rows(summaries: dict) -> list[tuple[str, str]]:
     rows = []
     conversion = summaries[CONVERSION_SUMMARY]
     if conversion:
-        merged = f", adapter merged into `{_source_name(conversion.get('base_model'))}`" if conversion.get("adapter") else ""
+        merged = (
+            f", adapter merged into `{_source_name(conversion.get('base_model'))}`"
+            if conversion.get("adapter")
+            else ""
+        )
         rows.append(
             (
                 "converted from the release",
