@@ -161,6 +161,7 @@ def merge_released_adapter(backbone: Any, adapter_folder: str | os.PathLike) -> 
         raise FileNotFoundError(f"{adapter_folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
     config = PeftConfig.from_pretrained(adapter_folder)
     state = {current_adapter_key(name): tensor for name, tensor in load_file(weights).items()}
+    tied = bool(_tied_keys(backbone))  # peft unties a merged model whose embedding matrix was trained
     peft_model = get_peft_model(backbone, config)
     try:
         result = set_peft_model_state_dict(peft_model, state)
@@ -173,7 +174,8 @@ def merge_released_adapter(backbone: Any, adapter_folder: str | os.PathLike) -> 
             f"unexpected {sorted(result.unexpected_keys)[:5]}"
         )
     merged = peft_model.merge_and_unload()
-    if _tied_keys(merged):
+    if tied:
+        merged.config.tie_word_embeddings = True
         merged.lm_head.weight = merged.get_input_embeddings().weight
     return merged
 
