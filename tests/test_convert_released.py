@@ -298,5 +298,24 @@ def test_converted_vectors_equal_the_stock_class_read_at_the_last_compression_to
         assert torch.allclose(ours, F.normalize(theirs, dim=-1), atol=1e-5), item
 
 
-def test_the_conversion_record_travels_with_the_checkpoint():
-    assert CONVERSION_SUMMARY in CARRIED_FILES  # a later save of a converted model keeps it
+def test_a_converted_checkpoint_gives_the_same_vectors_through_automodel_and_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    source = write_released(tmp_path / "released", trained_backbone(tie=True))
+    convert_released_checkpoint(source, tmp_path / "converted")
+    inputs = ["a red circle", {"image": random_image(3), "text": "a blue square"}]
+    automodel = AutoModel.from_pretrained(tmp_path / "converted", trust_remote_code=True)
+    expected = automodel.encode(inputs)
+    st = SentenceTransformer(str(tmp_path / "converted"), trust_remote_code=True, device="cpu")
+    assert torch.allclose(torch.as_tensor(st.encode(inputs)), expected, atol=1e-5)
+
+
+def test_the_conversion_record_travels_with_later_saves(tmp_path):
+    source = write_released(tmp_path / "released", trained_backbone(tie=True))
+    convert_released_checkpoint(source, tmp_path / "converted")
+    CoMaModel.from_pretrained(tmp_path / "converted").save_pretrained(tmp_path / "saved_again")
+    assert CONVERSION_SUMMARY in CARRIED_FILES
+    again = json.loads((tmp_path / "saved_again" / CONVERSION_SUMMARY).read_text())
+    assert again == json.loads((tmp_path / "converted" / CONVERSION_SUMMARY).read_text())
+    assert again["recipe"] == "released"
