@@ -511,8 +511,9 @@ class CoMaModel(PreTrainedModel):
         limits and `max_length` too; remaining keyword arguments go to `CoMaConfig` (pooling, attention rule, …).
 
         `compression_token_format` names the K tokens (the processor saves it). `initialize_compression_rows=False`
-        keeps the rows a backbone already trained for tokens its tokenizer already carries (a converted release,
-        `coma_hf.released`): nothing is resized or initialised, and ids outside the embedding matrix are an error.
+        keeps the rows a backbone already trained for tokens its tokenizer already carries (a checkpoint converted
+        from the authors' release): nothing is resized or initialised, and ids outside the embedding matrix are an
+        error.
         """
         if isinstance(model_name_or_path_or_model, PreTrainedModel):
             backbone = model_name_or_path_or_model
