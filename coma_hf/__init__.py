@@ -8,6 +8,7 @@ from .inputs import CoMaInputError, load_image
 from .masking import may_attend
 from .modeling_coma import CoMaCompression, CoMaModel, CoMaModelOutput
 from .processing_coma import CoMaProcessor
+from .released import convert_released_checkpoint
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "CoMaModel",
     "CoMaModelOutput",
     "CoMaProcessor",
+    "convert_released_checkpoint",
     "load_image",
     "may_attend",
     "push_to_hub",

@@ -28,6 +28,7 @@ from .configuration_coma import CoMaConfig
 from .inputs import CoMaInputError
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
 from .processing_coma import (
+    COMPRESSION_TOKEN_FORMAT,
     DEFAULT_COMPRESS_INSTRUCTION,
     DEFAULT_DOCUMENT_INSTRUCTION,
     DEFAULT_QUERY_INSTRUCTION,
@@ -496,6 +497,8 @@ class CoMaModel(PreTrainedModel):
         compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
         query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
         document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
+        compression_token_format: str = COMPRESSION_TOKEN_FORMAT,
+        initialize_compression_rows: bool = True,
         **config_kwargs,
     ) -> CoMaModel:
         """A CoMa model around a pretrained MLLM: Hub id, local folder, or a loaded `...ForConditionalGeneration`.
@@ -506,6 +509,11 @@ class CoMaModel(PreTrainedModel):
         `image_processor`) is required when passing a model object; it is loaded from the Hub id or folder otherwise.
         `loss_on` and the compress/query/document instructions go to the processor (see `CoMaProcessor`), the token
         limits and `max_length` too; remaining keyword arguments go to `CoMaConfig` (pooling, attention rule, …).
+
+        `compression_token_format` names the K tokens (the processor saves it). `initialize_compression_rows=False`
+        keeps the rows a backbone already trained for tokens its tokenizer already carries (a checkpoint converted
+        from the authors' release): nothing is resized or initialised, and ids outside the embedding matrix are an
+        error.
         """
         if isinstance(model_name_or_path_or_model, PreTrainedModel):
             backbone = model_name_or_path_or_model
@@ -527,7 +535,7 @@ class CoMaModel(PreTrainedModel):
 
         tokenizer = processor.tokenizer
         real_vocabulary = len(tokenizer)
-        new_tokens = compression_token_names(num_compression_tokens)
+        new_tokens = compression_token_names(num_compression_tokens, compression_token_format)
         tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
         token_ids = tokenizer.convert_tokens_to_ids(new_tokens)
 
@@ -546,9 +554,17 @@ class CoMaModel(PreTrainedModel):
         model.model, model.lm_head = backbone.model, backbone.lm_head
         model.apply_vision_attention()  # the backbone's own vision tower
         model.tie_weights()
-        if token_ids and max(token_ids) >= model.get_input_embeddings().num_embeddings:
+        rows = model.get_input_embeddings().num_embeddings
+        if not initialize_compression_rows:
+            outside = [token for token, index in zip(new_tokens, token_ids, strict=True) if index >= rows]
+            if outside:
+                raise ValueError(
+                    f"The compression tokens {outside} have ids beyond the embedding matrix's {rows} rows: there "
+                    "are no trained rows to keep for them"
+                )
+        elif token_ids and max(token_ids) >= rows:
             model.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)
-        if token_ids:  # K = 0: a VLM2Vec-style embedder, nothing to add
+        if token_ids and initialize_compression_rows:  # K = 0: a VLM2Vec-style embedder, nothing to add
             model.init_compression_embeddings(token_ids, real_vocabulary, seed=seed)
         model.processor = CoMaProcessor(
             image_processor=processor.image_processor,
@@ -562,6 +578,7 @@ class CoMaModel(PreTrainedModel):
             min_image_tokens=min_image_tokens,
             max_image_tokens=max_image_tokens,
             max_length=max_length,
+            compression_token_format=compression_token_format,
         )
         logger.info("Built a CoMa model on a %s backbone with K=%d", family.model_type, num_compression_tokens)
         return model

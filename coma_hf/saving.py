@@ -11,7 +11,13 @@ import tempfile
 from collections.abc import Callable
 
 # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
-CARRIED_FILES = ("README.md", "pretrain_summary.json", "contrastive_summary.json", "mmeb_results.json")
+CARRIED_FILES = (
+    "README.md",
+    "pretrain_summary.json",
+    "contrastive_summary.json",
+    "mmeb_results.json",
+    "conversion_summary.json",
+)
 
 
 def save_atomically(save_directory: str | os.PathLike, write: Callable[[str], None]) -> None:

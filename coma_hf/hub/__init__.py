@@ -8,6 +8,7 @@
 
 from .card import (
     CONTRASTIVE_SUMMARY,
+    CONVERSION_SUMMARY,
     PRETRAIN_SUMMARY,
     SUMMARY_FILES,
     hardware,
@@ -22,6 +23,7 @@ from .push import prepare_upload, push_to_hub, scrub_local_paths, upload_folder_
 
 __all__ = [
     "CONTRASTIVE_SUMMARY",
+    "CONVERSION_SUMMARY",
     "PRETRAIN_SUMMARY",
     "SUMMARY_FILES",
     "hardware",

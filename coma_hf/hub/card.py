@@ -1,7 +1,8 @@
 """The model card of a CoMa checkpoint: `model_cards/coma.md` filled in from the checkpoint and its run's summaries.
 
 Inputs, all read from the checkpoint folder: `config.json` (backbone, K, pooling), `pretrain_summary.json` (stage 1),
-`contrastive_summary.json` (stage 2) and `mmeb_results.json` (`examples/evaluate.py`), each used when present.
+`contrastive_summary.json` (stage 2), `mmeb_results.json` (`examples/evaluate.py`) and `conversion_summary.json` (a
+checkpoint converted from the authors' release, `coma_hf.released`), each used when present.
 `save_checkpoint` is the package's one save: `save_pretrained` and then `write_model_card`, so every checkpoint a
 script or trainer saves carries an up-to-date `README.md` (sentence-transformers' own generated card is never
 written). A plain `CoMaModel.save_pretrained` writes no card of its own: it keeps the card of the folder the model was
@@ -23,7 +24,8 @@ from ..evaluation.mmeb import markdown_table
 
 PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records beside its checkpoint
 CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
-SUMMARY_FILES = (PRETRAIN_SUMMARY, CONTRASTIVE_SUMMARY, "mmeb_results.json")
+CONVERSION_SUMMARY = "conversion_summary.json"  # and coma_hf.released (a checkpoint converted from the release)
+SUMMARY_FILES = (PRETRAIN_SUMMARY, CONTRASTIVE_SUMMARY, "mmeb_results.json", CONVERSION_SUMMARY)
 PLACEHOLDER_REPO = "path/to/this/model"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 TAGS = ["coma", "multimodal-embedding", "sentence-transformers", "transformers", "feature-extraction", "image-text"]
@@ -51,6 +53,13 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
     base_model = base_model if base_model and HUB_ID.match(base_model) else None
     evaluation = summaries["mmeb_results.json"]
     model_name = repo_id.split("/")[-1] if repo_id else "CoMa embedding model"
+    conversion = summaries[CONVERSION_SUMMARY]
+    if conversion:  # the weights are the authors'; the card names where they came from
+        base_model_text = f"the authors' released checkpoint `{_source_name(conversion.get('source'))}`"
+    elif base_model:
+        base_model_text = f"`{base_model}`"
+    else:
+        base_model_text = "the small random-initialised backbone built into coma_hf"
     card_data = ModelCardData(
         language=["en"],
         license=license,
@@ -69,9 +78,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
         template_path=str(template_path()),
         model_name=model_name,
         repo_id=repo_id or PLACEHOLDER_REPO,
-        base_model_text=f"`{base_model}`"
-        if base_model
-        else "the small random-initialised backbone built into coma_hf",
+        base_model_text=base_model_text,
         model_type=backbone.get("model_type", "unknown"),
         num_compression_tokens=config.get("num_compression_tokens"),
         pooling=config.get("pooling", "mean"),
@@ -134,8 +141,30 @@ def _hub_datasets(summaries: dict) -> list[str] | None:
     return hub or None
 
 
+def _source_name(source: str | None) -> str:
+    """A released checkpoint's name for the card: a Hub id as it is, a local folder by its last part only."""
+    if not source:
+        return "unknown"
+    return source if HUB_ID.match(source) and not Path(source).exists() else Path(source).name
+
+
 def _training_rows(summaries: dict) -> list[tuple[str, str]]:
     rows = []
+    conversion = summaries[CONVERSION_SUMMARY]
+    if conversion:
+        merged = (
+            f", adapter merged into `{_source_name(conversion.get('base_model'))}`"
+            if conversion.get("adapter")
+            else ""
+        )
+        rows.append(
+            (
+                "converted from the release",
+                f"`{_source_name(conversion.get('source'))}`{merged} (recipe {conversion.get('recipe')}; compression "
+                f"tokens {conversion.get('compression_token_format')} from the {conversion.get('tokens_from')}; "
+                f"pooling {conversion.get('pooling')} as their evaluation)",
+            )
+        )
     stage1, stage2 = summaries["pretrain_summary.json"], summaries["contrastive_summary.json"]
     if stage1:
         rows.append(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_coma import is_embedded_backbone
-from ..hub.card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, read_json_file
+from ..hub.card import CONTRASTIVE_SUMMARY, CONVERSION_SUMMARY, PRETRAIN_SUMMARY, read_json_file
 from .arguments import BackboneArguments
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def recipe_of_start(start: str | None) -> tuple[str, str]:
     read = _local_reader(start) if Path(start).is_dir() else _hub_reader(start)
     if read is None:
         return "paper", f"{start} is neither a local folder nor a readable Hub repository (taken for a real backbone)"
-    for name in (CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY):  # the newest stage first
+    for name in (CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, CONVERSION_SUMMARY):  # the newest stage first
         recorded = (read(name) or {}).get("recipe")
         if recorded in RECIPES:
             return recorded, f"{start} was trained with the {recorded!r} recipe ({name})"

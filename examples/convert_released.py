@@ -1,0 +1,44 @@
+"""Convert a checkpoint of the authors' CoMa release into a coma_hf checkpoint (AutoModel, SentenceTransformer, card).
+
+    python examples/convert_released.py --source path/to/merged --output_dir outputs/released
+    python examples/convert_released.py --source path/to/adapter --base_model path/to/base
+    python examples/convert_released.py --source org/released-model --num_compression_tokens 32
+
+`--source` is a folder or a Hub id holding their merged model (older or current key names; a tied model may lack
+`lm_head`) or their peft adapter. K comes from the tokenizer's `<|ctoken_pad_i|>` tokens; a tokenizer saved without
+them needs `--num_compression_tokens` (their code took K from an environment variable, 32 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from coma_hf.released import convert_released_checkpoint
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, help="folder or Hub id of a released merged model or adapter")
+    parser.add_argument("--output_dir", default="outputs/released", help="where the CoMa checkpoint is written")
+    parser.add_argument(
+        "--num_compression_tokens", type=int, default=None, help="K, when the tokenizer lacks <|ctoken_pad_i|>"
+    )
+    parser.add_argument("--base_model", default=None, help="an adapter's base (default: from adapter_config.json)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    args = parser.parse_args(argv)
+    model = convert_released_checkpoint(
+        args.source,
+        args.output_dir,
+        num_compression_tokens=args.num_compression_tokens,
+        base_model=args.base_model,
+        dtype=args.dtype,
+    )
+    print(
+        f"Converted {args.source} into {args.output_dir}: K={model.config.num_compression_tokens}, compression "
+        f"token ids {model.config.compression_token_ids}, pooling {model.config.pooling}"
+    )
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()
