@@ -210,7 +210,7 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
             self.teacher = frozen_teacher(model) if teacher is None else teacher.requires_grad_(False).eval()
         elif teacher is not None:
             raise ValueError(f"A teacher is for the KL objectives; objective is {objective!r}")
-        self._objective_terms: dict[str, list[float]] = {}  # "ce" / "kl" of the micro-batches since the last log
+        self._objective_terms: dict[str, list[torch.Tensor]] = {}  # "ce" / "kl" per micro-batch since the last log
         if args is not None:
             if args.remove_unused_columns:  # the collator needs the raw rows (images, conversations)
                 args.remove_unused_columns = False
@@ -261,9 +261,9 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
             scale = self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
         loss = (outputs.loss + self.kl_weight * kl if with_ce else kl) * scale
         if model.training:
-            self._objective_terms.setdefault("kl", []).append(float(kl.detach()) * scale)
+            self._objective_terms.setdefault("kl", []).append(kl.detach() * scale)
             if with_ce:
-                self._objective_terms.setdefault("ce", []).append(float(outputs.loss.detach()) * scale)
+                self._objective_terms.setdefault("ce", []).append(outputs.loss.detach() * scale)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -272,7 +272,7 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         if "loss" in logs and self._objective_terms:
             steps = max(1, self.args.gradient_accumulation_steps)
             for name, values in self._objective_terms.items():
-                logs[name] = round(sum(values) * steps / max(1, len(values)), 4)
+                logs[name] = round(float(torch.stack(values).sum()) * steps / len(values), 4)
             self._objective_terms = {}
         super().log(logs, *args, **kwargs)
 
