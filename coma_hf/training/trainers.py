@@ -207,6 +207,10 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         self.objective, self.kl_weight = objective, kl_weight
         self.teacher = None
         if uses_teacher(objective):
+            if teacher is None and model is None:
+                raise ValueError(
+                    f"objective {objective!r} needs the model (its frozen copy is the teacher) or `teacher`"
+                )
             self.teacher = frozen_teacher(model) if teacher is None else teacher.requires_grad_(False).eval()
         elif teacher is not None:
             raise ValueError(f"A teacher is for the KL objectives; objective is {objective!r}")
