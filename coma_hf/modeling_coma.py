@@ -54,11 +54,15 @@ class CoMaModelOutput(ModelOutput):
         loss: stage-1 loss (only with `labels`): summed answer-token cross-entropy / label tokens in the global batch.
         pooler_output: `[batch, embedding_size]` pooled, L2-normalised embedding.
         compression_states: `[batch, K, hidden]` final (post-norm) hidden states of the K compression tokens.
+        last_hidden_state: `[batch, length, hidden]` final (post-norm) hidden states of every position under the
+            attention rule (only with `output_last_hidden_state=True`: a stage-1 objective that reads them, such as
+            the distillation of the training package).
     """
 
     loss: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     compression_states: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -306,6 +310,7 @@ class CoMaModel(PreTrainedModel):
         mm_token_type_ids: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        output_last_hidden_state: bool = False,
         **kwargs,
     ) -> CoMaModelOutput:
         """Embed a batch, and with `labels` compute the stage-1 loss.
@@ -318,6 +323,7 @@ class CoMaModel(PreTrainedModel):
             labels: `[batch, length]` stage-1 targets, `-100` where no loss.
             num_items_in_batch: label tokens in the *global* batch (Trainer passes it); the loss is the summed
                 token cross-entropy divided by it, so accumulation and several processes give the same loss.
+            output_last_hidden_state: also return `last_hidden_state` `[batch, length, hidden]`.
         """
         output, start, end, _ = self._run_backbone(
             input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
@@ -326,7 +332,10 @@ class CoMaModel(PreTrainedModel):
         compression_states = self._compression_states(hidden, start, end)
         loss = None if labels is None else self._answer_loss(hidden, labels, num_items_in_batch)
         return CoMaModelOutput(
-            loss=loss, pooler_output=self.pool(compression_states), compression_states=compression_states
+            loss=loss,
+            pooler_output=self.pool(compression_states),
+            compression_states=compression_states,
+            last_hidden_state=hidden if output_last_hidden_state else None,
         )
 
     def _answer_loss(

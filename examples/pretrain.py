@@ -15,6 +15,7 @@ start checkpoint (`coma_hf.training.recipe_of_start`, which the log quotes): the
     python examples/pretrain.py
     python examples/pretrain.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset data/stage1.jsonl
     python examples/pretrain.py --recipe examples/configs/stage1_paper.json --use_dora true
+    python examples/pretrain.py --objective ce+kl --kl_weight 0.5   # the paper's KL ablation (needs trl>=1.16)
 
 Every `TrainingArguments` option works on the command line and overrides the recipe.
 """
@@ -45,12 +46,15 @@ from coma_hf.evaluation.compression import (
 )
 from coma_hf.hub import hardware, write_run_summary
 from coma_hf.training import (
+    OBJECTIVES,
     BackboneArguments,
     LoraArguments,
     apply_lora,
     build_coma,
     check_sharding,
+    frozen_teacher,
     parse_with_recipe,
+    uses_teacher,
     weights_fingerprint,
 )
 
@@ -75,6 +79,16 @@ class ModelArguments:
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "A NaN/inf loss: 'stop' (naming step and samples) or 'skip' the batch."}
     )
+    objective: str = field(
+        default="ce",
+        metadata={
+            "help": "Stage-1 loss: 'ce' (answer cross-entropy, the paper's), 'kl' (token-level KL(teacher || "
+            "student) on the answer tokens; the teacher is a frozen copy of the starting model that reads the input "
+            "directly) or 'ce+kl' (ce + kl_weight * kl). The KL objectives need trl>=1.16.",
+            "choices": OBJECTIVES,
+        },
+    )
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term in --objective ce+kl."})
 
 
 @dataclass
@@ -181,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("Recipe %r: %s", model_args.recipe, why)
     check_sharding(training_args, lora_args, "stage1")
+    if model_args.objective != "ce+kl" and model_args.kl_weight != 1.0:
+        raise SystemExit(
+            f"--kl_weight weighs the KL term of --objective ce+kl; the objective is {model_args.objective!r}"
+        )
     set_seed(training_args.seed)
     started = time.time()
 
@@ -201,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from coma_hf.training.trainers import CoMaCompressionTrainer
 
+    teacher = frozen_teacher(model) if uses_teacher(model_args.objective) else None  # the starting model, frozen
     trainer = CoMaCompressionTrainer(
         model=apply_lora(model, lora_args),
         args=training_args,
@@ -209,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
         image_root=root,
         max_turns=data_args.max_qa_turns,
         on_nonfinite_loss=model_args.on_nonfinite_loss,
+        objective=model_args.objective,
+        kl_weight=model_args.kl_weight,
+        teacher=teacher,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     merged = trainer.save_merged(training_args.output_dir)
@@ -217,6 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary["initial_weights"] = initial_weights
     summary["eval_source"] = eval_source
     summary["recipe"] = model_args.recipe
+    summary["objective"] = model_args.objective
+    if model_args.objective == "ce+kl":
+        summary["kl_weight"] = model_args.kl_weight
     summary["train_dataset"] = data_args.dataset or "synthetic scenes"
     summary["hardware"] = hardware()
     if training_args.should_save:
@@ -277,6 +302,8 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
 
 def print_summary(summary: dict, output_dir: str) -> None:
     print(f"\nStage 1 finished in {summary['seconds']} s ({summary['global_steps']} steps); saved to {output_dir}")
+    weight = f" (kl_weight {summary['kl_weight']:g})" if "kl_weight" in summary else ""
+    print(f"  objective             {summary['objective']}{weight}")
     first, last = (summary[key] for key in ("train_loss_first", "train_loss_last"))
     if first is not None:
         print(f"  train loss            {first:.4f} -> {last:.4f} (first -> last optimizer step)")

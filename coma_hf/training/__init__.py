@@ -8,11 +8,23 @@ sentence-transformers).
 - `collators`: `CoMaCompressionCollator` (stage 1), `CoMaContrastiveCollator` (stage 2);
 - `trainers`: `CoMaCompressionTrainer`, `CoMaContrastiveTrainer` (both end with `save_merged`), `NonFiniteLossError`,
   `last_complete_checkpoint`, `describe_batch_sizes`;
-- `losses`: `CoMaContrastiveLoss` (stage 2).
+- `losses`: `CoMaContrastiveLoss` (stage 2);
+- `distillation`: stage 1's `OBJECTIVES` (ce, kl, ce+kl), `frozen_teacher`, `teacher_inputs`, `align_answer_states`,
+  `forward_kl` (trl's chunked divergence, imported only when a KL objective runs).
 """
 
 from .arguments import BackboneArguments, LoraArguments
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
+from .distillation import (
+    OBJECTIVES,
+    align_answer_states,
+    answer_kl_sum,
+    check_objective,
+    forward_kl,
+    frozen_teacher,
+    teacher_inputs,
+    uses_teacher,
+)
 from .losses import CoMaContrastiveLoss
 from .peft import LANGUAGE_MODEL_ATTENTION, apply_lora, check_sharding, merge_lora, shards_parameters
 from .recipes import (
@@ -35,6 +47,7 @@ from .trainers import (
 
 __all__ = [
     "LANGUAGE_MODEL_ATTENTION",
+    "OBJECTIVES",
     "RECIPES",
     "BackboneArguments",
     "CoMaCompressionCollator",
@@ -44,6 +57,8 @@ __all__ = [
     "CoMaContrastiveTrainer",
     "LoraArguments",
     "NonFiniteLossError",
+    "align_answer_states",
+    "answer_kl_sum",
     "apply_lora",
     "build_coma",
     "weights_fingerprint",
@@ -57,4 +72,9 @@ __all__ = [
     "recipe_defaults",
     "recipe_of_start",
     "shards_parameters",
+    "check_objective",
+    "forward_kl",
+    "frozen_teacher",
+    "teacher_inputs",
+    "uses_teacher",
 ]

@@ -5,7 +5,9 @@ chat-template tokenization and completion masks would duplicate what `CoMaProces
 tokens included). The loss is the model's own `forward` loss, which Trainer normalises through `num_items_in_batch`;
 everything `TrainingArguments` offers (bf16, accumulation, gradient checkpointing, evaluation, saving, resuming,
 logging) is Trainer's. What the subclass adds: the collator by default, raw rows kept (`remove_unused_columns` off),
-tokens/s logged and a loss-only evaluation.
+tokens/s logged, a loss-only evaluation, and the `objective` (`coma_hf.training.distillation.OBJECTIVES`): the
+cross-entropy, token-level KL to a frozen teacher that reads the input directly (through trl's chunked divergence),
+or their weighted sum.
 
 `CoMaContrastiveTrainer` (stage 2) is a thin `SentenceTransformerTrainer` subclass; the loss is
 `coma_hf.training.losses.CoMaContrastiveLoss`.
@@ -29,8 +31,9 @@ from sentence_transformers import SentenceTransformerTrainer
 from transformers import Trainer
 
 from ..hub import save_checkpoint, write_model_card
-from ..processing_coma import BatchKey
+from ..processing_coma import IGNORE_INDEX, BatchKey
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
+from .distillation import answer_kl_sum, check_objective, frozen_teacher, uses_teacher
 from .peft import NO_SHARDED_STAGE2, merge_lora, shards_parameters
 
 logger = logging.getLogger(__name__)
@@ -172,9 +175,15 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
     """`Trainer` for CoMa's compression pre-training (stage 1).
 
     Args: as `Trainer`, plus `image_root` (resolves relative image paths in the rows), `max_turns` (QA turns kept
-    per conversation; all by default) and `on_nonfinite_loss` ("stop" or "skip", see `_CoMaTrainerMixin`). Pass the
+    per conversation; all by default), `on_nonfinite_loss` ("stop" or "skip", see `_CoMaTrainerMixin`) and the
+    objective (`coma_hf.training.distillation`): `objective` ("ce", "kl" or "ce+kl"), `kl_weight` (the KL term's
+    weight in "ce+kl": loss = ce + kl_weight · kl) and `teacher` (the frozen teacher of the KL objectives; by default
+    `frozen_teacher(model)`, a copy of `model` as passed, which must then not carry a LoRA yet). Pass the
     `CoMaProcessor` as `processing_class`: it renders the batches and is saved with every checkpoint.
     `data_collator` defaults to a `CoMaCompressionCollator` (labels as the processor's `loss_on` places them).
+
+    With a KL objective the logs carry the two terms of the loss as well (`ce`, `kl`: means over the logged steps,
+    each normalised by the label tokens as the loss is).
     """
 
     stage_name = "Stage 1"
@@ -188,9 +197,24 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         image_root=None,
         max_turns=None,
         on_nonfinite_loss: str = "stop",
+        objective: str = "ce",
+        kl_weight: float = 1.0,
+        teacher=None,
         **kwargs,
     ):
         self._init_guard(on_nonfinite_loss)
+        check_objective(objective, kl_weight)
+        self.objective, self.kl_weight = objective, kl_weight
+        self.teacher = None
+        if uses_teacher(objective):
+            if teacher is None and model is None:
+                raise ValueError(
+                    f"objective {objective!r} needs the model (its frozen copy is the teacher) or `teacher`"
+                )
+            self.teacher = frozen_teacher(model) if teacher is None else teacher.requires_grad_(False).eval()
+        elif teacher is not None:
+            raise ValueError(f"A teacher is for the KL objectives; objective is {objective!r}")
+        self._objective_terms: dict[str, list[torch.Tensor]] = {}  # "ce" / "kl" per micro-batch since the last log
         if args is not None:
             if args.remove_unused_columns:  # the collator needs the raw rows (images, conversations)
                 args.remove_unused_columns = False
@@ -205,12 +229,56 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         )
         self.dropped_turns = 0  # QA turns cut by max_length, summed over the batches this process trained on
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         dropped = inputs.pop(BatchKey.DROPPED_TURNS, None)
         sample_ids = inputs.pop(BatchKey.SAMPLE_IDS, None)
         if dropped is not None and model.training:
             self.dropped_turns += int(dropped)
-        return self._checked_loss(model, super().compute_loss(model, inputs, *args, **kwargs), sample_ids)
+        if self.teacher is None:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = self._distillation_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self._checked_loss(model, result, sample_ids)
+
+    def _distillation_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
+        """The "kl" / "ce+kl" loss of one micro-batch, normalised as Trainer normalises the model's own loss: by
+        `num_items_in_batch` (label tokens of the global batch) when the model takes it, else by this batch's label
+        tokens; scaled by the process count when Trainer averages tokens across devices (DDP then averages
+        gradients)."""
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None
+        labels = inputs[BatchKey.LABELS]
+        with_ce = self.objective == "ce+kl"
+        student_inputs = {key: value for key, value in inputs.items() if with_ce or key != BatchKey.LABELS}
+        if with_ce and num_items_in_batch is not None:
+            student_inputs["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**student_inputs, output_last_hidden_state=True)
+        hidden = outputs.last_hidden_state
+        if next(self.teacher.parameters()).device != hidden.device:
+            self.teacher.to(hidden.device)
+        student_weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
+        count = torch.as_tensor(count, device=hidden.device, dtype=torch.float32).clamp(min=1)
+        kl = answer_kl_sum(hidden, labels, student_weight, self.teacher, inputs) / count
+        scale = 1
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            scale = self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+        loss = (outputs.loss + self.kl_weight * kl if with_ce else kl) * scale
+        if model.training:
+            self._objective_terms.setdefault("kl", []).append(kl.detach() * scale)
+            if with_ce:
+                self._objective_terms.setdefault("ce", []).append(outputs.loss.detach() * scale)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """As Trainer's; a training log of a KL objective also carries its terms (`kl`, and `ce` for "ce+kl"), each
+        summed over a step's micro-batches and averaged over the steps since the last log (this process's)."""
+        if "loss" in logs and self._objective_terms:
+            steps = max(1, self.args.gradient_accumulation_steps)
+            for name, values in self._objective_terms.items():
+                logs[name] = round(float(torch.stack(values).sum()) * steps / len(values), 4)
+            self._objective_terms = {}
+        super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss only; embeddings are not gathered."""
