@@ -5,8 +5,9 @@ a folder outside the source tree, with the source tree's path as the argument:
 
 An editable install reads the model-card template (setup.cfg `data_files`) and the package resources
 (`package_data`) from the checkout, so only an installed wheel shows whether they ship. Exits non-zero if anything
-is missing: coma_hf imported from the checkout, no template under `share/`, no resources, no card in a saved
-checkpoint, or a checkpoint that does not reload through its remote code with the same vectors.
+is missing: coma_hf imported from the checkout, no template under `share/`, no resources (the tiny corpus, the
+shipped reader), no card in a saved checkpoint, or a checkpoint that does not reload through its remote code with the
+same vectors.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def check_installed(source_tree: Path) -> None:
     assert template_path() == installed, f"the card template resolves to {template_path()}, not {installed}"
     corpus = resources.files("coma_hf").joinpath("resources/tiny_corpus.txt")
     assert corpus.is_file(), "coma_hf/resources/tiny_corpus.txt is not installed (setup.cfg package_data)"
+    from coma_hf.reader import load_reader, reader_path, reader_record
+
+    assert reader_path().is_relative_to(package.parent), f"the reader resolves outside the package: {reader_path()}"
+    reader, _ = load_reader()  # weights, config, tokenizer and image processor all shipped
+    assert sum(p.numel() for p in reader.parameters()) == reader_record()["model"]["parameters"], "reader mismatch"
 
 
 def save_tiny_checkpoint(folder: Path, vectors: Path) -> None:
