@@ -150,3 +150,5 @@ def test_a_follow_up_budget_plans_only_its_arms_once_each():
     assert [(run.k, run.pairs, run.variant) for run in stage2_runs] == [(8, 500, "main"), (1, 500, "k-sweep")]
     everything = premise.plan(premise.Budget())[1]
     assert len({run.name for run in everything}) == len(everything) == 3 * (4 * 2 + 2) + 2
+    fewer_matched = premise.plan(premise.Budget(matched_seeds=(0, 1)))[1]
+    assert [run for run in everything if run.variant != "matched" or run.seed != 2] == fewer_matched
