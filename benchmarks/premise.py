@@ -480,8 +480,13 @@ def _k_states_cell(values: dict | None) -> str:
     return f"{'n/a' if cosine is None else f'{cosine:.3f}'}, {values['effective_rank']:.2f} of {values['k']}"
 
 
+def _reader_overall(record: dict) -> float | None:
+    """The reader's full-input dev accuracy in its record (`None` for a reader without one)."""
+    return record.get("evaluation", {}).get("overall", {}).get("reader")
+
+
 def _reader_accuracy(reader: dict) -> str:
-    overall = reader.get("evaluation", {}).get("overall", {}).get("reader")
+    overall = _reader_overall(reader)
     return "n/a" if overall is None else f"{overall:.3f}"
 
 
@@ -795,10 +800,11 @@ def _shipped_reader() -> str:
 
 def _reader_record(reader: str) -> dict:
     """The reader's own record (how it was trained, how well it reads), with a one-line summary for the report."""
-    path = Path(reader) / "record.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    from coma_hf.reader import RECORD_FILE, reader_record
+
+    record = reader_record(reader) if (Path(reader) / RECORD_FILE).is_file() else {}
     parameters = record.get("model", {}).get("parameters")
-    overall = record.get("evaluation", {}).get("overall", {}).get("reader")
+    overall = _reader_overall(record)
     if parameters is None or overall is None:
         return {**record, "summary": "a reader without a record"}
     return {**record, "summary": f"{parameters:,} parameters, full-input dev accuracy {overall:.3f}"}
