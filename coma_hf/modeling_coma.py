@@ -127,6 +127,7 @@ class CoMaModel(PreTrainedModel):
     def __init__(self, config: CoMaConfig):
         super().__init__(config)
         family = get_family(config.backbone_config.model_type)
+        _pass_dtype_to_backbone_parts(config)
         self.model = family.base_model_class(config.backbone_config)
         text_config = config.get_text_config()
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
@@ -610,6 +611,22 @@ class CoMaModel(PreTrainedModel):
         output = self.get_output_embeddings().weight
         if output.data_ptr() != embeddings.data_ptr():
             output[ids] = output[:reference_rows].float().mean(dim=0).to(output.dtype)
+
+
+def _pass_dtype_to_backbone_parts(config: CoMaConfig) -> None:
+    """Give the backbone's own sub-configs (text, vision) the dtype on the CoMa config, when one is set.
+
+    `from_pretrained(dtype=...)` puts the dtype on a config and its direct sub-configs only (here `backbone_config`),
+    but the backbone's base model builds its text and vision models from *their* configs' dtype, which a saved backbone
+    may record (the shipped reader's say float32, Qwen3-VL-2B's text config bfloat16): without this,
+    `from_pretrained(path, dtype=torch.bfloat16)` silently loads the reader's parts in float32.
+    """
+    if config.dtype is None:
+        return
+    backbone = config.backbone_config
+    for name in backbone.sub_configs:
+        if getattr(backbone, name, None) is not None:
+            getattr(backbone, name).dtype = config.dtype
 
 
 def _decoding_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
