@@ -169,6 +169,12 @@ def test_per_device_flags_win_and_the_log_says_the_global_batch_that_results(tmp
         "global batch 4 = per-device batch 2 × accumulation 1 × 2 processes (per-device flags on the command line); "
         "the recipe's global batch is 16"
     )
+    # a flag alone replaces its number of the recipe's split (here 1 × 32 on 8 processes), the other one stays
+    plan = plan_batch(BatchArguments(256, 1), 8, {"gradient_accumulation_steps": 16}, args)
+    assert (plan.per_device, plan.accumulation, plan.global_batch, plan.asked) == (1, 16, 128, 256)
+    # both flags: the recipe's split is not needed, even where it would not come out whole
+    both = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3}
+    assert plan_batch(recipe, 3, both, args).global_batch == 18
     # with the global batch on the command line as well, the missing number is derived from it
     plan = plan_batch(recipe, 2, {"per_device_train_batch_size": 2, "global_train_batch_size": 16}, args)
     assert (plan.per_device, plan.accumulation, plan.global_batch) == (2, 4, 16)

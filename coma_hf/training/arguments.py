@@ -76,7 +76,8 @@ class BatchArguments:
         metadata={
             "help": "Rows per optimizer step over all processes. The per-device batch and accumulation are derived "
             "from it and the process count; --per_device_train_batch_size / --gradient_accumulation_steps given on "
-            "the command line win (then the global batch is what they make, unless this flag is given as well)."
+            "the command line win (each replaces its number of the derived split, and the global batch is what "
+            "results, unless this flag is given as well: then the other one is derived from it)."
         },
     )
     max_micro_batch_size: int | None = field(

@@ -285,27 +285,30 @@ def derive_batch_sizes(
 def plan_batch(batch_args: BatchArguments, processes: int, given: dict[str, int], training_args) -> BatchPlan:
     """The batch plan of a run: `batch_args` (the recipe's global batch and micro-batch bound), the process count,
     the batch flags the command line `given` explicitly (`explicit_batch_flags`), and `training_args` for the
-    per-device numbers when nothing is derived.
+    per-device numbers when no global batch is stated.
 
-    The rule: per-device flags on the command line win — alone they make the global batch (the log says which and
-    what the recipe asked for); with `--global_train_batch_size` as well, the missing one is derived from it. Without
-    them the recipe's global batch is split (`derive_batch_sizes`). Without any global batch the per-device settings
-    stand. A split that does not come out whole stops the run with a message naming the numbers.
+    The rule: without per-device flags on the command line, the global batch (the recipe's, or
+    `--global_train_batch_size`) is split by `derive_batch_sizes`. Per-device flags on the command line win: with
+    `--global_train_batch_size` as well, the missing one is derived from it; without, they replace the recipe's split
+    number for number (a flag not given keeps the recipe's number) and the global batch is what results — the log
+    says which, and what the recipe asked for. Without any global batch the per-device settings stand. A split that
+    does not come out whole stops the run with a message naming the numbers.
     """
     asked = batch_args.global_train_batch_size
     per_device = given.get("per_device_train_batch_size")
     accumulation = given.get("gradient_accumulation_steps")
     flags_given = per_device is not None or accumulation is not None
-    if asked is None or (flags_given and GLOBAL_BATCH_KEY not in given):
+    if asked is None:
         source = "per-device flags on the command line" if flags_given else "per-device settings"
-        return BatchPlan(
-            training_args.per_device_train_batch_size,
-            training_args.gradient_accumulation_steps,
-            processes,
-            asked,
-            source,
-        )
+        sizes = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+        return BatchPlan(*sizes, processes, asked, source)
     try:
+        if flags_given and GLOBAL_BATCH_KEY not in given:
+            sizes = (per_device, accumulation)
+            if None in sizes:  # the flag not given keeps the recipe's number
+                recipe_split = derive_batch_sizes(asked, processes, max_micro_batch=batch_args.max_micro_batch_size)
+                sizes = tuple(flag or derived for flag, derived in zip(sizes, recipe_split, strict=True))
+            return BatchPlan(*sizes, processes, asked, "per-device flags on the command line")
         sizes = derive_batch_sizes(asked, processes, per_device, accumulation, batch_args.max_micro_batch_size)
     except ValueError as error:
         raise SystemExit(f"Cannot split the global batch: {error}") from None
