@@ -8,12 +8,19 @@ measures how well answers decoded from the compression states alone match on uns
 and saves the merged checkpoint to `outputs/stage1` with `pretrain_summary.json`.
 
 With `--model_name_or_path` (a Hub id or folder of a Qwen2/2.5/3-VL model) the paper's recipe is the default
-(`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained). The recipe follows the
-start checkpoint (`coma_hf.training.recipe_of_start`, which the log quotes): the recipe its run summary records, else
-`tiny` when its config marks the package's embedded backbone, else `paper`.
+(`--recipe paper`: LoRA on the language model, vision tower frozen, compression rows trained); `--recipe released` is
+what the authors' released script runs (DoRA, the whole embedding matrix trained, plain causal attention, loss on
+everything after the compression tokens as a per-sample mean). The recipe follows the start checkpoint
+(`coma_hf.training.recipe_of_start`, which the log quotes): the recipe its run summary records, else `tiny` when its
+config marks the package's embedded backbone, else `paper`.
+
+A recipe states the global batch (`--global_train_batch_size`); the per-device batch and the accumulation are derived
+from it and the process count, and logged (`coma_hf.training.plan_batch`). `--per_device_train_batch_size` /
+`--gradient_accumulation_steps` on the command line win.
 
     python examples/pretrain.py
     python examples/pretrain.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset data/stage1.jsonl
+    python examples/pretrain.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --recipe released --dataset qa.jsonl
     python examples/pretrain.py --recipe examples/configs/stage1_paper.json --use_dora true
     python examples/pretrain.py --objective ce+kl --kl_weight 0.5   # the paper's KL ablation (needs trl>=1.16)
 
@@ -46,8 +53,10 @@ from coma_hf.evaluation.compression import (
 )
 from coma_hf.hub import hardware, write_run_summary
 from coma_hf.training import (
+    LOSS_NORMALIZATIONS,
     OBJECTIVES,
     BackboneArguments,
+    BatchArguments,
     LoraArguments,
     apply_lora,
     build_coma,
@@ -70,11 +79,19 @@ class ModelArguments:
     recipe: str | None = field(
         default=None,
         metadata={
-            "help": "'tiny', 'paper' or a JSON file of defaults (default: what the backbone calls for: tiny "
-            "for the embedded one, paper for a real one)."
+            "help": "'tiny', 'paper', 'released' or a JSON file of defaults (default: what the backbone calls "
+            "for: tiny for the embedded one, paper for a real one)."
         },
     )
     loss_on: str = field(default="answers", metadata={"help": "'answers' or 'all_after_compression'."})
+    loss_normalization: str = field(
+        default="tokens",
+        metadata={
+            "help": "'tokens' (the summed token loss over the global batch's label tokens) or 'per_sample_mean' "
+            "(each sample's mean token loss, averaged over the global batch's samples: the released code).",
+            "choices": LOSS_NORMALIZATIONS,
+        },
+    )
     attention_rule: str = field(default="bottleneck", metadata={"help": "'bottleneck' (CoMa) or 'causal' (control)."})
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "A NaN/inf loss: 'stop' (naming step and samples) or 'skip' the batch."}
@@ -128,6 +145,10 @@ class DataArguments:
         default=MAX_ANSWER_TOKENS, metadata={"help": "Cap on generated answer tokens (else the longest reference's)."}
     )
     max_qa_turns: int | None = field(default=None, metadata={"help": "Train on each conversation's first turns only."})
+
+
+# The script's arguments, in the order `main` unpacks them.
+ARGUMENTS = (ModelArguments, BackboneArguments, DataArguments, LoraArguments, BatchArguments, TrainingArguments)
 
 
 def load_data(data_args: DataArguments, seed: int = 0):
@@ -184,8 +205,8 @@ def drop_bad_rows(dataset, processor, root, data_args: DataArguments, name: str)
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    (model_args, backbone_args, data_args, lora_args, training_args), why = parse_with_recipe(
-        (ModelArguments, BackboneArguments, DataArguments, LoraArguments, TrainingArguments),
+    (model_args, backbone_args, data_args, lora_args, _, training_args), why, batch = parse_with_recipe(
+        ARGUMENTS,
         argv,
         "stage1",
         CONFIGS,
@@ -194,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("Recipe %r: %s", model_args.recipe, why)
+    logger.info("Batch: %s", batch.describe())
     check_sharding(training_args, lora_args, "stage1")
     if model_args.objective != "ce+kl" and model_args.kl_weight != 1.0:
         raise SystemExit(
@@ -231,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         objective=model_args.objective,
         kl_weight=model_args.kl_weight,
         teacher=teacher,
+        loss_normalization=model_args.loss_normalization,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     merged = trainer.save_merged(training_args.output_dir)
@@ -239,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary["initial_weights"] = initial_weights
     summary["eval_source"] = eval_source
     summary["recipe"] = model_args.recipe
+    summary["batch"] = batch.as_dict()
     summary["objective"] = model_args.objective
+    summary["loss_normalization"] = model_args.loss_normalization
     if model_args.objective == "ce+kl":
         summary["kl_weight"] = model_args.kl_weight
     summary["train_dataset"] = data_args.dataset or "synthetic scenes"
@@ -261,6 +286,7 @@ def summarize(trainer, model, processor, train, evaluation, eval_root, data_args
         "dropped_qa_turns": trainer.dropped_turns,
         "skipped_nonfinite_batches": trainer.skipped_batches,
         "global_steps": trainer.state.global_step,
+        "first_step_rows": trainer.first_step_rows,  # rows of the first optimizer step, all processes together
     }
     if evaluation is not None and len(evaluation):
         rows = [evaluation[index] for index in range(min(len(evaluation), data_args.max_eval_samples))]

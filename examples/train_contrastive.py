@@ -12,8 +12,13 @@ checkpoint to `outputs/stage2` (loads through `AutoModel` and `SentenceTransform
         --dataset TIGER-Lab/MMEB-train --subsets ImageNet_1K,MSCOCO_t2i --image_root mmeb_images
 
 `--recipe paper` is the paper's setting: a fresh LoRA (r=16, alpha=64) on the language model, global batch 1024 in
-GradCache mini-batches of 8, temperature 0.03, lr 5e-5, cosine, 5 % warm-up, 1500 steps. Every
-`SentenceTransformerTrainingArguments` option works on the command line and overrides the recipe.
+GradCache mini-batches of 8, temperature 0.03, lr 5e-5, cosine, 5 % warm-up, 1500 steps. `--recipe released` is the
+authors' released script: DoRA with the whole embedding matrix trained, batches of 64-row single-dataset chunks with
+the datasets mixed uniformly and capped, no hard negatives, no duplicate-positive masking, mean pooling in training
+and last-token pooling for evaluation (and in the saved checkpoint). A recipe states the global batch
+(`--global_train_batch_size`); the per-device batch is derived from it and the process count (accumulation only when
+`--max_micro_batch_size` asks for it: accumulated micro-batches do not see each other's rows as negatives).
+Every `SentenceTransformerTrainingArguments` option works on the command line and overrides the recipe.
 """
 
 from __future__ import annotations
@@ -28,20 +33,23 @@ from sentence_transformers import SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 from transformers import set_seed
 
+from coma_hf.configuration_coma import POOLING_MODES
 from coma_hf.data.mini_mmeb import write_mini_mmeb
-from coma_hf.data.stage2 import load_mmeb_train, split_by_dataset, validate_pairs
+from coma_hf.data.stage2 import cap_per_dataset, load_mmeb_train, parse_dataset_caps, split_by_dataset, validate_pairs
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.hub import hardware, save_checkpoint, write_run_summary
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.training import (
     BackboneArguments,
+    BatchArguments,
     CoMaContrastiveLoss,
     CoMaContrastiveTrainer,
     LoraArguments,
     apply_lora,
     build_coma,
     check_sharding,
+    chunked_batch_sampler,
     parse_with_recipe,
     weights_fingerprint,
 )
@@ -67,8 +75,23 @@ class ModelArguments:
     recipe: str | None = field(
         default=None,
         metadata={
-            "help": "'tiny', 'paper' or a JSON file of defaults (default: the recipe the start checkpoint "
-            "was trained with, else tiny for the embedded backbone and paper for a real one)."
+            "help": "'tiny', 'paper', 'released' or a JSON file of defaults (default: the recipe the start "
+            "checkpoint was trained with, else tiny for the embedded backbone and paper for a real one)."
+        },
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pooling of the K states in training (default: the checkpoint's).",
+            "choices": POOLING_MODES,
+        },
+    )
+    eval_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pooling of the evaluations and of the saved checkpoint (default: the training pooling; the "
+            "released code trains on the mean and evaluates on the last state).",
+            "choices": POOLING_MODES,
         },
     )
 
@@ -92,6 +115,24 @@ class DataArguments:
     max_train_scenes: int = field(default=2000, metadata={"help": "Synthetic scenes that make mini-MMEB pairs."})
     max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     by_dataset: bool = field(default=True, metadata={"help": "Draw each batch from one dataset (the paper)."})
+    dataset_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --by_dataset: build batches from chunks of this many rows of one dataset, each chunk's "
+            "dataset drawn uniformly (the released code: 64), instead of --multi_dataset_batch_sampler's whole "
+            "batches. Must divide the global batch."
+        },
+    )
+    max_pairs_per_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on each dataset's pairs (shuffled with seed 42, then cut): 'N' for every dataset, or "
+            "'name=N,name=N' (the released code caps each MMEB subset)."
+        },
+    )
+    hard_negatives: bool = field(
+        default=True, metadata={"help": "Train on the data's hard negatives (neg_*); false drops them (released)."}
+    )
     validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
 
@@ -112,6 +153,18 @@ class LossArguments:
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "A NaN/inf loss: 'stop' (naming step and samples) or 'skip' the batch."}
     )
+
+
+# The script's arguments, in the order `main` unpacks them.
+ARGUMENTS = (
+    ModelArguments,
+    BackboneArguments,
+    DataArguments,
+    LossArguments,
+    LoraArguments,
+    BatchArguments,
+    SentenceTransformerTrainingArguments,
+)
 
 
 def recipe_start(model_args: ModelArguments) -> str | None:
@@ -157,7 +210,7 @@ def load_training_pairs(data_args: DataArguments, processor):
         source, root = mini_mmeb(data_args) / "train.jsonl", data_args.image_root or data_args.synthetic_dir
     else:
         source, root = data_args.dataset, data_args.image_root
-    pairs = load_mmeb_train(source, image_root=root, subsets=subsets)
+    pairs = load_mmeb_train(source, image_root=root, subsets=subsets, hard_negatives=data_args.hard_negatives)
     if data_args.max_train_pairs is not None and len(pairs) > data_args.max_train_pairs:
         pairs = pairs.shuffle(seed=0).select(range(data_args.max_train_pairs))
     bad = []
@@ -170,7 +223,24 @@ def load_training_pairs(data_args: DataArguments, processor):
             logger.warning("Skipping training row %d: %s", sample.index, sample.error)
         skip = {sample.index for sample in bad}
         pairs = pairs.select([index for index in range(len(pairs)) if index not in skip])
-    return (split_by_dataset(pairs) if data_args.by_dataset else pairs), bad
+    if not data_args.by_dataset:
+        if data_args.max_pairs_per_dataset or data_args.dataset_chunk_size:
+            raise SystemExit(
+                "--max_pairs_per_dataset and --dataset_chunk_size work by dataset: pass --by_dataset true"
+            )
+        return pairs, bad
+    return cap_per_dataset(split_by_dataset(pairs), parse_dataset_caps(data_args.max_pairs_per_dataset)), bad
+
+
+def use_chunked_batches(training_args, data_args: DataArguments, train, global_batch: int) -> None:
+    """With --dataset_chunk_size, batches of single-dataset chunks (`coma_hf.training.samplers`); the chunk must
+    divide the global batch, so that every optimizer step is whole chunks."""
+    chunk = data_args.dataset_chunk_size
+    if chunk is None:
+        return
+    if global_batch % chunk:
+        raise SystemExit(f"--dataset_chunk_size {chunk} does not divide the global batch {global_batch}")
+    training_args.multi_dataset_batch_sampler = chunked_batch_sampler(chunk, list(train))
 
 
 def evaluation_datasets(data_args: DataArguments):
@@ -198,19 +268,12 @@ def build_loss(model, loss_args: LossArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    dataclass_types = (
-        ModelArguments,
-        BackboneArguments,
-        DataArguments,
-        LossArguments,
-        LoraArguments,
-        SentenceTransformerTrainingArguments,
-    )
-    (model_args, backbone_args, data_args, loss_args, lora_args, training_args), why = parse_with_recipe(
-        dataclass_types, argv, "stage2", CONFIGS, recipe_start, output_dir="outputs/stage2"
+    (model_args, backbone_args, data_args, loss_args, lora_args, _, training_args), why, batch = parse_with_recipe(
+        ARGUMENTS, argv, "stage2", CONFIGS, recipe_start, output_dir="outputs/stage2"
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("Recipe %r: %s", model_args.recipe, why)
+    logger.info("Batch: %s", batch.describe())
     check_sharding(training_args, lora_args, "stage2")
     set_seed(training_args.seed)
     started = time.time()
@@ -220,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_sentence_transformer(start_from, device="cpu" if training_args.use_cpu else None)
     transformer = model[0]
     start_weights = weights_fingerprint(transformer.model)  # equal fingerprints: runs started from the same weights
+    if model_args.pooling is not None:
+        transformer.model.config.pooling = model_args.pooling
+    training_pooling = transformer.model.config.pooling
     transformer.model = apply_lora(transformer.model, lora_args)
     with training_args.main_process_first(desc="writing or reading the data"):
         train, bad = load_training_pairs(data_args, transformer.processor)
@@ -227,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluator = MMEBSentenceEvaluator(evaluation, name="dev", batch_size=training_args.per_device_eval_batch_size)
     num_pairs = sum(len(part) for part in train.values()) if hasattr(train, "values") else len(train)
     logger.info("Stage 2 from %s on %d pairs (%d skipped)", start_from, num_pairs, len(bad))
+    use_chunked_batches(training_args, data_args, train, batch.global_batch)
 
     trainer = CoMaContrastiveTrainer(
         model=model,
@@ -235,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss=build_loss(model, loss_args),
         evaluator=evaluator,
         on_nonfinite_loss=loss_args.on_nonfinite_loss,
+        eval_pooling=model_args.eval_pooling,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
@@ -242,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
     summary["start_weights"] = start_weights
     summary["recipe"] = model_args.recipe
+    summary["batch"] = batch.as_dict()
+    summary["pooling"] = {"training": training_pooling, "evaluation": model_args.eval_pooling or training_pooling}
     summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"
     summary["hardware"] = hardware()
     if training_args.should_save:
@@ -271,6 +341,7 @@ def summarize(trainer, model, evaluator, start_from, num_pairs, bad, started) ->
         "skipped_nonfinite_batches": trainer.skipped_batches,
         "skipped_samples": [asdict(sample) for sample in bad],
         "global_steps": trainer.state.global_step,
+        "first_step_rows": trainer.first_step_rows,  # rows of the first optimizer step, all processes together
         "seconds": round(time.time() - started, 1),
         "device": str(model.device),
     }

@@ -1,9 +1,11 @@
 """`accelerate launch --num_processes 2` (CPU, gloo): both example scripts run unchanged, and two processes give
 what one process gives on the same global batch.
 
-One launch does three things (tests/distributed/under_accelerate.py): the gathered contrastive loss and its
+One launch does these things (tests/distributed/under_accelerate.py): the gathered contrastive loss and its
 gradients on a fixed batch, then stage 1 (`examples/pretrain.py`) and stage 2 (`examples/train_contrastive.py`)
-with per-device batch halved; the references run here, in one process, with the whole batch.
+with per-device batch halved, the corpus encoder, and both stages under `--recipe released --bf16 false` with no
+per-device flag, so that the scripts split the global batch themselves; the references run here, in one process,
+with the whole batch.
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ STAGE2 = (
     " Mini-Digit --dataloader_num_workers 0 --optim sgd --learning_rate 0.05 --lr_scheduler_type"
     " constant --warmup_steps 0 --symmetric true --logging_steps 1 --seed 3"
 ).split()  # gathering across processes is the script's default
+# The released recipe (DoRA, the embedding matrix, per-sample-mean loss, chunked stage-2 batches) with a global batch
+# small enough for CPUs; no per-device flag, so the scripts derive the split: stage 1's micro-batch of 1 × 4
+# accumulation × 2 processes, stage 2's 4 rows (one chunk) × 2 processes. LoRA dropout off: processes draw different
+# masks; gradient clipping off: it would hide a wrongly scaled loss. Eight scenes, so every stage-1 step sees the same
+# rows in any order.
+RELEASED_GLOBAL_BATCH = 8
+RELEASED = (
+    f"--recipe released --bf16 false --global_train_batch_size {RELEASED_GLOBAL_BATCH} --lora_dropout 0"
+    " --max_grad_norm 0"
+)
+STAGE1_RELEASED = TINY_MODEL_ARGS + command_line(
+    RELEASED + " --num_train_scenes 8 --num_dev_scenes 2 --num_test_scenes 1 --scene_size 56 --max_steps 2"
+    " --max_eval_samples 1 --dataloader_num_workers 0 --optim sgd --learning_rate 0.05 --lr_scheduler_type constant"
+    " --warmup_steps 0 --logging_steps 1 --save_strategy no --seed 3"
+)
+STAGE2_RELEASED = command_line(
+    RELEASED + " --dataset_chunk_size 4 --mini_batch_size 2 --max_steps 2 --eval_datasets Mini-Digit"
+    " --dataloader_num_workers 0 --optim sgd --learning_rate 0.05 --lr_scheduler_type constant --warmup_steps 0"
+    " --logging_steps 1 --save_strategy no --seed 3"
+)
 # Two processes pad their halves separately and sum in another order: float32 rounding, nothing more.
 WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
@@ -85,9 +107,11 @@ def two_processes(tmp_path_factory):
         str(root / "out"),
         str(root / "checkpoint"),
         "--",
+        "pretrain",
         *STAGE1,
         *command_line("--per_device_train_batch_size 2", synthetic_dir=synthetic, output_dir=root / "stage1-two"),
         "--",
+        "train_contrastive",
         *STAGE2,
         *command_line(
             "--per_device_train_batch_size 4",
@@ -96,7 +120,18 @@ def two_processes(tmp_path_factory):
             output_dir=root / "stage2-two",
         ),
         "--",
+        "encode_corpus",
         *_corpus_args(root, _corpus_images(root), root / "corpus-two"),
+        "--",
+        "pretrain",
+        *STAGE1_RELEASED,
+        *command_line(synthetic_dir=root / "released-scenes", output_dir=root / "stage1-released-two"),
+        "--",
+        "train_contrastive",
+        *STAGE2_RELEASED,
+        *command_line(
+            synthetic_dir=synthetic, model_name_or_path=root / "checkpoint", output_dir=root / "stage2-released-two"
+        ),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -161,6 +196,47 @@ def test_stage_two_on_two_processes_with_gathering_matches_one_process(two_proce
         )
     )
     _assert_same_weights(tmp_path / "stage2-one", root / "stage2-two", start=root / "checkpoint")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "script", "summary", "split"),
+    [
+        ("stage1", "pretrain", "pretrain_summary.json", (1, 4)),
+        ("stage2", "train_contrastive", "contrastive_summary.json", (4, 1)),
+    ],
+)
+def test_the_released_recipe_on_two_processes_trains_on_the_global_batch_it_states(
+    two_processes, tmp_path, stage, script, summary, split
+):
+    """No per-device flag: the script splits the stated global batch over the two processes, logs the split, and the
+    first optimizer step trains on exactly that many rows; one process on the same global batch gives the same
+    weights (the per-sample-mean loss and the chunked batches hold across processes and accumulation)."""
+    root, synthetic, log = two_processes
+    two = root / f"{stage}-released-two"
+    recorded = json.loads((two / summary).read_text())
+    assert recorded["recipe"] == "released"
+    assert recorded["batch"]["global_train_batch_size"] == RELEASED_GLOBAL_BATCH == recorded["first_step_rows"]
+    assert (recorded["batch"]["per_device"], recorded["batch"]["accumulation"], recorded["batch"]["processes"]) == (
+        *split,
+        2,
+    )
+    per_device, accumulation = split
+    assert (
+        f"Batch: global batch {RELEASED_GLOBAL_BATCH} = per-device batch {per_device} × accumulation {accumulation}"
+        " × 2 processes (derived from the global batch)"
+    ) in log
+    if stage == "stage1":
+        arguments = STAGE1_RELEASED + command_line(synthetic_dir=root / "released-scenes", output_dir=tmp_path / "one")
+    else:
+        assert recorded["pooling"] == {"training": "mean", "evaluation": "last"}
+        assert json.loads((two / "config.json").read_text())["pooling"] == "last"
+        arguments = STAGE2_RELEASED + command_line(
+            synthetic_dir=synthetic, model_name_or_path=root / "checkpoint", output_dir=tmp_path / "one"
+        )
+    one = load_example(script).main(arguments)
+    assert one["batch"]["processes"] == 1 and one["first_step_rows"] == RELEASED_GLOBAL_BATCH
+    _assert_same_weights(tmp_path / "one", two, start=None if stage == "stage1" else root / "checkpoint")
 
 
 @pytest.mark.parametrize("config", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])

@@ -12,12 +12,16 @@ dataset has flat string columns `anchor_text`, `anchor_image`, `positive_text`, 
 `dataset`; `embedding_input` turns a
 text/image pair back into the `{"text", "image"}` dict that `encode` and the collators take. With `by_dataset=True`
 the result is a `DatasetDict` keyed by dataset, so that sentence-transformers' multi-dataset batch sampler draws each
-batch from one dataset (the paper's interleaving). `coma_hf.training.CoMaContrastiveCollator` hands the rows to
-sentence-transformers as (anchor, positive[, negative]) inputs.
+batch from one dataset (the paper's interleaving; `coma_hf.training.samplers` has the released code's chunked one).
+`hard_negatives=False` drops the negative columns (the released code trains without them); `cap_per_dataset` keeps at
+most a given number of rows of each dataset (the released code's per-subset caps, `parse_dataset_caps` reads them).
+`coma_hf.training.CoMaContrastiveCollator` hands the rows to sentence-transformers as (anchor, positive[, negative])
+inputs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,8 @@ from .sources import (
     resolve_image_path,
     row_id,
 )
+
+logger = logging.getLogger(__name__)
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 SIDES = (
@@ -109,13 +115,14 @@ def load_mmeb_train(
     subsets: list[str] | None = None,
     split: str = "train",
     by_dataset: bool = False,
+    hard_negatives: bool = True,
 ):
     """MMEB-format training pairs from a JSONL/parquet file, a folder of `{subset}` files, or a Hub id (with
     `subsets`). Relative image paths start at `image_root` (default: the file's folder). Hard negatives are kept when
-    the data has `neg_text` / `neg_image_path`."""
+    the data has `neg_text` / `neg_image_path`, unless `hard_negatives=False` (then they are not even read)."""
     raw, default_root = _read(source, subsets, split)
     root = image_root or default_root
-    with_negative = "neg_text" in raw.column_names or "neg_image_path" in raw.column_names
+    with_negative = hard_negatives and ("neg_text" in raw.column_names or "neg_image_path" in raw.column_names)
     pairs = raw.map(
         lambda row, index: _pair_or_error(row, index, root, with_negative),
         with_indices=True,
@@ -142,6 +149,48 @@ def split_by_dataset(pairs):
 
     names = sorted(set(pairs["dataset"]))
     return datasets.DatasetDict({name: pairs.filter(lambda row, name=name: row["dataset"] == name) for name in names})
+
+
+def parse_dataset_caps(text: str | None) -> dict[str, int] | int | None:
+    """`"N"` (every dataset) or `"name=N,name=N"` (those datasets; the others uncapped) → the caps `cap_per_dataset`
+    takes; `None` or empty → no cap. A malformed entry is an error naming it."""
+    if not text or not text.strip():
+        return None
+    if "=" not in text:
+        return _positive_cap(text.strip(), text)
+    caps = {}
+    for entry in text.split(","):
+        name, _, value = entry.partition("=")
+        if not name.strip() or not value.strip():
+            raise ValueError(f"Dataset cap {entry!r}: expected name=rows")
+        caps[name.strip()] = _positive_cap(value.strip(), entry)
+    return caps
+
+
+def _positive_cap(value: str, entry: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"Dataset cap {entry!r}: the row count must be a positive integer")
+    return int(value)
+
+
+def cap_per_dataset(pairs_by_dataset, caps: dict[str, int] | int | None, seed: int = 42):
+    """The `DatasetDict` with each dataset cut to its cap: shuffled with `seed`, then the first rows kept (as the
+    released code does, seed 42). `caps`: one int for all, a dict by name (datasets it does not name stay whole), or
+    `None`. Caps naming datasets that are not there are logged (a run on some of the subsets a preset caps is
+    ordinary; a misspelt name should not pass unseen)."""
+    import datasets
+
+    if caps is None:
+        return pairs_by_dataset
+    if isinstance(caps, dict):
+        unknown = sorted(set(caps) - set(pairs_by_dataset))
+        if unknown:
+            logger.warning("Caps for datasets not in the data (ignored): %s", ", ".join(unknown))
+    capped = {}
+    for name, part in pairs_by_dataset.items():
+        cap = caps.get(name) if isinstance(caps, dict) else caps
+        capped[name] = part.shuffle(seed=seed).select(range(cap)) if cap is not None and len(part) > cap else part
+    return datasets.DatasetDict(capped)
 
 
 def validate_pairs(pairs, processor) -> list[BadRow]:

@@ -1,19 +1,24 @@
 """Training CoMa: stage 1 (compression pre-training, a transformers `Trainer`) and stage 2 (contrastive matching,
 sentence-transformers).
 
-- `arguments`: `LoraArguments` (what a stage trains), `BackboneArguments` (how a fresh model is built);
-- `peft`: `apply_lora`, `merge_lora` (the paper's LoRA, or all weights), `shards_parameters`, `check_sharding`;
+- `arguments`: `LoraArguments` (what a stage trains), `BackboneArguments` (how a fresh model is built),
+  `BatchArguments` (the global batch a recipe states);
+- `peft`: `apply_lora`, `merge_lora` (the paper's LoRA, the released DoRA with the embedding matrix, or all weights),
+  `input_embeddings_tied`, `shards_parameters`, `check_sharding`;
 - `recipes`: `build_coma` and the presets of `examples/configs/` (`recipe_of_start`, `choose_recipe`,
-  `recipe_defaults`, `parse_with_recipe`, `check_precision`);
+  `recipe_defaults`, `parse_with_recipe`, `check_precision`), the global batch's split (`derive_batch_sizes`,
+  `plan_batch`, `BatchPlan`, `explicit_batch_flags`);
 - `collators`: `CoMaCompressionCollator` (stage 1), `CoMaContrastiveCollator` (stage 2);
+- `samplers`: `UniformChunkBatchSampler`, `chunked_batch_sampler` (stage 2's released batching);
 - `trainers`: `CoMaCompressionTrainer`, `CoMaContrastiveTrainer` (both end with `save_merged`), `NonFiniteLossError`,
-  `last_complete_checkpoint`, `describe_batch_sizes`;
-- `losses`: `CoMaContrastiveLoss` (stage 2);
+  `last_complete_checkpoint`, `describe_batch_sizes`, `pooling_as`;
+- `losses`: stage 1's `LOSS_NORMALIZATIONS` (`per_sample_token_means`, `labelled_rows`), `CoMaContrastiveLoss`
+  (stage 2);
 - `distillation`: stage 1's `OBJECTIVES` (ce, kl, ce+kl), `frozen_teacher`, `teacher_inputs`, `align_answer_states`,
   `forward_kl` (trl's chunked divergence, imported only when a KL objective runs).
 """
 
-from .arguments import BackboneArguments, LoraArguments
+from .arguments import BackboneArguments, BatchArguments, LoraArguments
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .distillation import (
     OBJECTIVES,
@@ -25,31 +30,68 @@ from .distillation import (
     teacher_inputs,
     uses_teacher,
 )
-from .losses import CoMaContrastiveLoss
-from .peft import LANGUAGE_MODEL_ATTENTION, apply_lora, check_sharding, merge_lora, shards_parameters
+from .losses import (
+    LOSS_NORMALIZATIONS,
+    CoMaContrastiveLoss,
+    check_loss_normalization,
+    labelled_rows,
+    per_sample_token_means,
+)
+from .peft import (
+    LANGUAGE_MODEL_ATTENTION,
+    LORA_INITS,
+    apply_lora,
+    check_sharding,
+    input_embeddings_tied,
+    merge_lora,
+    shards_parameters,
+)
 from .recipes import (
     RECIPES,
+    BatchPlan,
+    ParsedRun,
     build_coma,
     check_precision,
     choose_recipe,
+    derive_batch_sizes,
+    explicit_batch_flags,
     parse_with_recipe,
+    plan_batch,
     recipe_defaults,
     recipe_of_start,
     weights_fingerprint,
 )
+from .samplers import RELEASED_CHUNK_SIZE, UniformChunkBatchSampler, chunked_batch_sampler
 from .trainers import (
     CoMaCompressionTrainer,
     CoMaContrastiveTrainer,
     NonFiniteLossError,
     describe_batch_sizes,
     last_complete_checkpoint,
+    pooling_as,
 )
 
 __all__ = [
     "LANGUAGE_MODEL_ATTENTION",
+    "LORA_INITS",
+    "LOSS_NORMALIZATIONS",
     "OBJECTIVES",
     "RECIPES",
+    "RELEASED_CHUNK_SIZE",
     "BackboneArguments",
+    "BatchArguments",
+    "BatchPlan",
+    "ParsedRun",
+    "UniformChunkBatchSampler",
+    "check_loss_normalization",
+    "chunked_batch_sampler",
+    "derive_batch_sizes",
+    "explicit_batch_flags",
+    "input_embeddings_tied",
+    "labelled_rows",
+    "per_sample_token_means",
+    "plan_batch",
+    "pooling_as",
     "CoMaCompressionCollator",
     "CoMaCompressionTrainer",
     "CoMaContrastiveCollator",

@@ -1,11 +1,11 @@
-"""The argument dataclasses the training scripts share: what a stage trains (`LoraArguments`) and how a fresh CoMa
-model is built (`BackboneArguments`)."""
+"""The argument dataclasses the training scripts share: what a stage trains (`LoraArguments`), how a fresh CoMa
+model is built (`BackboneArguments`) and the global batch a recipe states (`BatchArguments`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .peft import LANGUAGE_MODEL_ATTENTION
+from .peft import LANGUAGE_MODEL_ATTENTION, LORA_INITS
 
 TINY_INITS = ("reader", "random")  # the embedded backbone's weights: the shipped pre-trained reader, or random
 
@@ -20,8 +20,23 @@ class LoraArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default=LANGUAGE_MODEL_ATTENTION, metadata={"help": "Regex of LoRA targets."})
     use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA), as the released code."})
+    lora_init: str = field(
+        default="default",
+        metadata={
+            "help": "How LoRA's A matrices start: 'default' (peft's Kaiming-uniform) or 'gaussian' (the released "
+            "code's); B starts at zero either way.",
+            "choices": tuple(LORA_INITS),
+        },
+    )
     train_compression_embeddings: bool = field(
         default=True, metadata={"help": "With LoRA, also train the K compression-token embedding rows."}
+    )
+    train_input_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "With LoRA, train the whole input embedding matrix (peft modules_to_save; the released code). A "
+            "tied LM head stays tied to it (peft's ensure_weight_tying). Includes the compression rows."
+        },
     )
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Without LoRA, keep the vision tower fixed."})
 
@@ -48,3 +63,28 @@ class BackboneArguments:
     tiny_num_layers: int = field(default=2, metadata={"help": "Depth of the embedded backbone's language model."})
     tiny_vision_width: int = field(default=32, metadata={"help": "Width of the embedded backbone's vision tower."})
     tiny_vision_depth: int = field(default=1, metadata={"help": "Depth of the embedded backbone's vision tower."})
+
+
+@dataclass
+class BatchArguments:
+    """The batch a recipe states: rows per optimizer step over all processes. `resolve_batch_sizes`
+    (`coma_hf.training.recipes`) splits it into `per_device_train_batch_size` × `gradient_accumulation_steps` × the
+    process count."""
+
+    global_train_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows per optimizer step over all processes. The per-device batch and accumulation are derived "
+            "from it and the process count; --per_device_train_batch_size / --gradient_accumulation_steps given on "
+            "the command line win (each replaces its number of the derived split, and the global batch is what "
+            "results, unless this flag is given as well: then the other one is derived from it)."
+        },
+    )
+    max_micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "When the per-device batch is derived: at most this many rows per forward/backward pass, "
+            "accumulation making up the rest. None: each process's whole share in one pass (stage 2: accumulated "
+            "micro-batches do not see each other's rows as negatives)."
+        },
+    )

@@ -1,4 +1,13 @@
-"""Stage-2 loss: InfoNCE over in-batch candidates, read off CoMa's compression tokens (sentence-transformers).
+"""Stage-1 loss normalisation and the stage-2 loss.
+
+Stage 1 (`LOSS_NORMALIZATIONS`): `"tokens"`, the default, is the model's own loss — the token cross-entropy summed
+over the global batch's label tokens, divided by their count (DESIGN.md). `"per_sample_mean"` is the released code's:
+each sample's mean token cross-entropy, averaged over the samples of the global batch (their micro-batch of 1, the
+loss divided by the accumulation and averaged over processes), so a long conversation weighs as much as a short one.
+`per_sample_token_means` gives the per-sample means; `CoMaCompressionTrainer` divides their sum by the global count of
+`labelled_rows`.
+
+Stage 2: InfoNCE over in-batch candidates, read off CoMa's compression tokens (sentence-transformers).
 
 `CoMaContrastiveLoss` is sentence-transformers' `CachedMultipleNegativesRankingLoss` (GradCache) with three CoMa
 needs added: the scale comes from the checkpoint's `contrastive_temperature` (0.03, the paper); rows whose
@@ -16,12 +25,46 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..configuration_coma import DEFAULT_CONTRASTIVE_TEMPERATURE
-from ..processing_coma import BatchKey, sample_contents
+from ..processing_coma import IGNORE_INDEX, BatchKey, sample_contents
+
+# Stage-1 loss normalisations: over the global batch's label tokens (the default), or the mean over its samples of
+# each sample's mean token loss (the released code).
+LOSS_NORMALIZATIONS = ("tokens", "per_sample_mean")
+
+
+def check_loss_normalization(value: str) -> str:
+    """`value` if it is one of `LOSS_NORMALIZATIONS`, else a `ValueError` naming the choices."""
+    if value not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {value!r}")
+    return value
+
+
+def labelled_rows(labels: Tensor) -> Tensor:
+    """`[batch]` bool: the rows of `labels` (`[batch, length]`) with at least one next-token target (position 0
+    predicts nothing, so it does not count)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
+
+
+def per_sample_token_means(hidden: Tensor, labels: Tensor, output_embeddings: nn.Module) -> Tensor:
+    """`[batch]` float32: each row's mean next-token cross-entropy over its label tokens (0 for a row without any).
+
+    `hidden` `[batch, length, dim]` are the final states, `labels` `[batch, length]` the targets (`IGNORE_INDEX` where
+    no loss), `output_embeddings` the LM head (called as a module, so peft wrappers apply). As the model's own loss,
+    logits are computed at label positions only.
+    """
+    targets = labels[:, 1:]
+    positions = targets != IGNORE_INDEX
+    logits = output_embeddings(hidden[:, :-1][positions]).float()
+    token_losses = F.cross_entropy(logits, targets[positions], reduction="none")
+    rows = positions.nonzero()[:, 0]  # the row of each selected position, in the same (row-major) order
+    sums = token_losses.new_zeros(len(labels)).index_add(0, rows, token_losses)
+    return sums / positions.sum(dim=1).clamp(min=1)
 
 
 class CoMaContrastiveLoss(CachedMultipleNegativesRankingLoss):
@@ -243,4 +286,11 @@ def _config_temperature(model) -> float:
     return DEFAULT_CONTRASTIVE_TEMPERATURE  # a model that is not CoMa: the paper's value
 
 
-__all__ = ["CoMaContrastiveLoss", "input_keys"]
+__all__ = [
+    "LOSS_NORMALIZATIONS",
+    "CoMaContrastiveLoss",
+    "check_loss_normalization",
+    "input_keys",
+    "labelled_rows",
+    "per_sample_token_means",
+]

@@ -19,10 +19,12 @@ checkpoint and its card. The collators are in `coma_hf.training.collators`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,12 @@ import torch
 from sentence_transformers import SentenceTransformerTrainer
 from transformers import Trainer
 
+from ..configuration_coma import POOLING_MODES
 from ..hub import save_checkpoint, write_model_card
 from ..processing_coma import IGNORE_INDEX, BatchKey
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .distillation import answer_kl_sum, check_objective, frozen_teacher, uses_teacher
+from .losses import check_loss_normalization, labelled_rows, per_sample_token_means
 from .peft import NO_SHARDED_STAGE2, merge_lora, shards_parameters
 
 logger = logging.getLogger(__name__)
@@ -51,7 +55,9 @@ class _CoMaTrainerMixin:
     *complete* checkpoint, the loss of the first and the last optimizer step (`first_step_loss`, `last_step_loss`;
     Trainer logs only window means, which a run shorter than `logging_steps` never fills), and a guard against
     non-finite losses (`on_nonfinite_loss`: "stop" raises `NonFiniteLossError`; "skip" gives the batch zero gradients,
-    counts it in `skipped_batches` and goes on), and `save_merged`."""
+    counts it in `skipped_batches` and goes on), the rows the first optimizer step trained on over all processes
+    (`first_step_rows`: the global batch as it happened, next to the arithmetic one `describe_batch_sizes` logs), and
+    `save_merged`."""
 
     stage_name = "training"
 
@@ -64,6 +70,8 @@ class _CoMaTrainerMixin:
         self.last_step_loss: float | None = None
         self.loss_steps: tuple[int, int] | None = None  # which steps those are (a resumed run starts after 1)
         self._step_losses: dict[int, torch.Tensor] = {}  # optimizer step → summed micro-batch losses, first and last
+        self.first_step_rows: int | None = None  # rows of the first optimizer step, all processes together
+        self._first_step_rows = 0  # this process's, counted as its micro-batches pass
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` (or "last" / "true" from a command line) resumes from
@@ -72,14 +80,16 @@ class _CoMaTrainerMixin:
         if resume_from_checkpoint in (True, "last", "true", "True"):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             logger.info("Resuming from %s", resume_from_checkpoint or "the start (no complete checkpoint yet)")
-        self._step_losses = {}
+        self._step_losses, self._first_step_rows = {}, 0
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._record_first_and_last_step_loss()
         return output
 
     def training_step(self, model, inputs, *args, **kwargs):
         """As Trainer's; the micro-batch losses of one optimizer step are summed (each is already scaled for
-        accumulation, as Trainer's logged loss), kept on the device for the first and the latest step only."""
+        accumulation, as Trainer's logged loss), kept on the device for the first and the latest step only; the rows
+        of the first step's micro-batches are counted."""
+        rows = batch_rows(inputs)  # before the loss pops the sample ids
         loss = super().training_step(model, inputs, *args, **kwargs)
         step = self.state.global_step + 1  # Trainer counts a step once its optimizer step is done
         if step not in self._step_losses:
@@ -87,6 +97,8 @@ class _CoMaTrainerMixin:
             self._step_losses = {key: value for key, value in self._step_losses.items() if key == first}
             self._step_losses[step] = torch.zeros((), device=loss.device)
         self._step_losses[step] = self._step_losses[step] + loss.detach().float()
+        if step == min(self._step_losses):
+            self._first_step_rows += rows
         return loss
 
     def _record_first_and_last_step_loss(self) -> None:
@@ -96,8 +108,10 @@ class _CoMaTrainerMixin:
         first, last = min(self._step_losses), max(self._step_losses)
         self.loss_steps = (first, last)
         pair = torch.stack([self._step_losses[first], self._step_losses[last]])
-        pair = self.accelerator.reduce(pair, reduction="mean")  # every process gets here: one collective, at the end
+        pair = self.accelerator.reduce(pair, reduction="mean")  # every process gets here: collectives at the end
         self.first_step_loss, self.last_step_loss = (float(value) for value in pair)
+        rows = torch.tensor(self._first_step_rows, device=pair.device)
+        self.first_step_rows = int(self.accelerator.reduce(rows, reduction="sum"))
 
     def _checked_loss(self, model, result, sample_ids):
         """`result` (a loss, or `(loss, outputs)`) if its loss is finite; otherwise stop, or a zero loss that still
@@ -133,6 +147,7 @@ class _CoMaTrainerMixin:
             self._save_gathered(output_dir)
             return model
         merged = merge_lora(model)
+        self._prepare_merged(merged)
         self._use_merged(merged)
         if processor is not None:
             merged.processor = processor
@@ -143,6 +158,9 @@ class _CoMaTrainerMixin:
     def _coma_model_and_processor(self) -> tuple[Any, Any]:
         """The `CoMaModel` being trained (a `PeftModel` around it with LoRA) and the processor it is saved with."""
         raise NotImplementedError
+
+    def _prepare_merged(self, merged) -> None:
+        """Set what the saved checkpoint should record that training did not use (stage 2: the evaluation pooling)."""
 
     def _use_merged(self, merged) -> None:
         """Put the merged model where the adapter model was, where the caller goes on using it."""
@@ -181,6 +199,10 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
     `frozen_teacher(model)`, a copy of `model` as passed, which must then not carry a LoRA yet). Pass the
     `CoMaProcessor` as `processing_class`: it renders the batches and is saved with every checkpoint.
     `data_collator` defaults to a `CoMaCompressionCollator` (labels as the processor's `loss_on` places them).
+    `loss_normalization` (`coma_hf.training.losses.LOSS_NORMALIZATIONS`): "tokens" (default; the model's loss, the
+    summed token cross-entropy over the global batch's label tokens) or "per_sample_mean" (the released code's: each
+    sample's mean token cross-entropy, averaged over the samples of the global batch — every micro-batch and process
+    together —; for the "ce" objective).
 
     With a KL objective the logs carry the two terms of the loss as well (`ce`, `kl`: means over the logged steps,
     each normalised by the label tokens as the loss is).
@@ -200,10 +222,17 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         objective: str = "ce",
         kl_weight: float = 1.0,
         teacher=None,
+        loss_normalization: str = "tokens",
         **kwargs,
     ):
         self._init_guard(on_nonfinite_loss)
         check_objective(objective, kl_weight)
+        self.loss_normalization = check_loss_normalization(loss_normalization)
+        if self.loss_normalization != "tokens" and objective != "ce":
+            raise ValueError(
+                f"loss_normalization {loss_normalization!r} is for the 'ce' objective; {objective!r} normalises by "
+                "the label tokens"
+            )
         self.objective, self.kl_weight = objective, kl_weight
         self.teacher = None
         if uses_teacher(objective):
@@ -234,11 +263,49 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         sample_ids = inputs.pop(BatchKey.SAMPLE_IDS, None)
         if dropped is not None and model.training:
             self.dropped_turns += int(dropped)
-        if self.teacher is None:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        else:
+        if self.teacher is not None:
             result = self._distillation_loss(model, inputs, return_outputs, num_items_in_batch)
+        elif self.loss_normalization == "per_sample_mean":
+            result = self._per_sample_mean_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return self._checked_loss(model, result, sample_ids)
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        """As Trainer's; with "per_sample_mean" the count that normalises the loss is of the samples with a label
+        token in the optimizer step's micro-batches, summed over processes (Trainer's count is of label tokens)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.loss_normalization == "per_sample_mean" and num_items_in_batch is not None:
+            count = sum(labelled_rows(batch[BatchKey.LABELS]).sum() for batch in batch_samples).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            num_items_in_batch = count
+        return batch_samples, num_items_in_batch
+
+    def _per_sample_mean_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
+        """The "per_sample_mean" loss of one micro-batch: its samples' mean token losses summed, divided by the
+        samples of the global batch (`num_items_in_batch`, see `get_batch_samples`; this batch's when Trainer gives
+        none) and scaled as Trainer scales a loss normalised over all processes (`_across_devices_scale`)."""
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None
+        labels = inputs[BatchKey.LABELS]
+        outputs = model(
+            **{key: value for key, value in inputs.items() if key != BatchKey.LABELS}, output_last_hidden_state=True
+        )
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        means = per_sample_token_means(outputs.last_hidden_state, labels, head)
+        count = num_items_in_batch if num_items_in_batch is not None else labelled_rows(labels).sum()
+        count = torch.as_tensor(count, device=means.device, dtype=torch.float32).clamp(min=1)
+        loss = means.sum() / count * self._across_devices_scale(num_items_in_batch)
+        outputs.loss = loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _across_devices_scale(self, num_items_in_batch) -> int:
+        """What Trainer multiplies a loss by when it was normalised by a count over all processes (DDP then averages
+        the gradients, which would otherwise divide the sum by the process count once more)."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
 
     def _distillation_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
         """The "kl" / "ce+kl" loss of one micro-batch, normalised as Trainer normalises the model's own loss: by
@@ -260,9 +327,7 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
         count = torch.as_tensor(count, device=hidden.device, dtype=torch.float32).clamp(min=1)
         kl = answer_kl_sum(hidden, labels, student_weight, self.teacher, inputs) / count
-        scale = 1
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            scale = self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+        scale = self._across_devices_scale(num_items_in_batch)
         loss = (outputs.loss + self.kl_weight * kl if with_ce else kl) * scale
         if model.training:
             self._objective_terms.setdefault("kl", []).append(kl.detach() * scale)
@@ -301,14 +366,29 @@ class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):
 
     Differences: the data collator defaults to `CoMaContrastiveCollator`, sentence-transformers' automatic model
     card is not tracked (it tokenizes raw dataset columns for statistics, which split text and image here; CoMa
-    checkpoints carry their own card), and `on_nonfinite_loss` ("stop" or "skip", see `_CoMaTrainerMixin`).
+    checkpoints carry their own card), `on_nonfinite_loss` ("stop" or "skip", see `_CoMaTrainerMixin`) and
+    `eval_pooling` (`"mean"` / `"last"`, default: the model's pooling): the pooling of every evaluation during
+    training and of the checkpoint `save_merged` writes — training itself pools as the model's config says (the
+    released code trains on the mean of the K states and evaluates on the last one).
     """
 
     stage_name = "Stage 2"
 
-    def __init__(self, *args, on_nonfinite_loss: str = "stop", **kwargs):
+    def __init__(self, *args, on_nonfinite_loss: str = "stop", eval_pooling: str | None = None, **kwargs):
         self._init_guard(on_nonfinite_loss)
+        if eval_pooling is not None and eval_pooling not in POOLING_MODES:
+            raise ValueError(f"eval_pooling must be one of {POOLING_MODES}, got {eval_pooling!r}")
+        self.eval_pooling = eval_pooling
         super().__init__(*args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        """As sentence-transformers' (loss and evaluator), with the embeddings pooled by `eval_pooling`."""
+        with pooling_as(self._coma_model_and_processor()[0].config, self.eval_pooling):
+            return super().evaluation_loop(*args, **kwargs)
+
+    def _prepare_merged(self, merged) -> None:
+        if self.eval_pooling is not None:
+            merged.config.pooling = self.eval_pooling
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         sample_ids = inputs.pop(BatchKey.SAMPLE_IDS, None)
@@ -328,6 +408,26 @@ class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):
 
     def _use_merged(self, merged) -> None:
         self.accelerator.unwrap_model(self.model)[0].model = merged
+
+
+@contextlib.contextmanager
+def pooling_as(config, pooling: str | None):
+    """Within the block, `config.pooling` is `pooling` (unchanged when `None`); restored afterwards."""
+    previous = config.pooling
+    config.pooling = pooling or previous
+    try:
+        yield
+    finally:
+        config.pooling = previous
+
+
+def batch_rows(inputs: dict[str, Any]) -> int:
+    """Rows in a collated batch of either stage: its sample ids when it carries them, else the first `*input_ids`
+    tensor's rows."""
+    if BatchKey.SAMPLE_IDS in inputs:
+        return len(inputs[BatchKey.SAMPLE_IDS])
+    key = next(key for key in inputs if key.endswith(BatchKey.INPUT_IDS))
+    return len(inputs[key])
 
 
 def describe_batch_sizes(args) -> str:

@@ -2,11 +2,10 @@
 
 1. `loss`: each process takes its half of a fixed batch, computes CoMaContrastiveLoss with candidates gathered
    across processes (plain and cached) and saves its loss and parameter gradients;
-2. `stage1`: `examples/pretrain.py` with the given arguments;
-3. `stage2`: `examples/train_contrastive.py` with the given arguments;
-4. `encode_corpus`: `examples/encode_corpus.py` with the given arguments.
+2. then each `-- SCRIPT ARGS` segment in turn: `examples/SCRIPT.py` with those arguments (`pretrain`,
+   `train_contrastive`, `encode_corpus`, any number of times).
 
-    accelerate launch ... under_accelerate.py OUTPUT CHECKPOINT -- STAGE1 ARGS -- STAGE2 ARGS -- ENCODE ARGS
+    accelerate launch ... under_accelerate.py OUTPUT CHECKPOINT -- pretrain ARGS -- train_contrastive ARGS ...
 """
 
 import sys
@@ -52,10 +51,9 @@ def main(output: str, checkpoint: str, *rest: str) -> None:
     assert state.num_processes == 2, f"expected two processes, got {state.num_processes} ({state.distributed_type})"
     gathered_loss_and_gradients(checkpoint, output, state)
     separators = [index for index, value in enumerate(rest) if value == "--"] + [len(rest)]
-    for script, (begin, end) in zip(
-        ("pretrain", "train_contrastive", "encode_corpus"), zip(separators, separators[1:], strict=False), strict=False
-    ):
-        load_example(script).main(list(rest[begin + 1 : end]))
+    for begin, end in zip(separators, separators[1:], strict=False):
+        script, *arguments = rest[begin + 1 : end]
+        load_example(script).main(arguments)
 
 
 if __name__ == "__main__":
