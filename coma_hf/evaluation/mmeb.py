@@ -149,6 +149,11 @@ class EvalItem(NamedTuple):
     instruction: str | None = None
     layout: str | None = None
 
+    @classmethod
+    def of(cls, item: EvalItem | Sequence) -> EvalItem:
+        """`item` as an `EvalItem` (a `(text, image path)` pair is one without instruction and layout)."""
+        return item if isinstance(item, cls) else cls(*item)
+
     def as_input(self) -> dict:
         """The `{"text", "image", "instruction", "layout"}` dict `CoMaModel.encode` takes (unset keys left out)."""
         values = {"text": self.text, "image": self.image, "instruction": self.instruction, "layout": self.layout}
@@ -261,13 +266,13 @@ Encoder = Callable[[list[EvalItem]], torch.Tensor]
 
 
 def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True) -> Encoder:
-    """A function from `EvalItem`s to `[N, dim]` embeddings, for a CoMa model (its `encode`) or a
-    `SentenceTransformer`. Both hand a verbatim MMEB text over as it is, `<|image_1|>` placeholder and instruction
-    included (sentence-transformers gets the image opened), so the processor renders a row the same way on both paths
-    and in stage-2 training; an item the release's rules prepared goes with its instruction and the name of its
-    layout (to sentence-transformers as chat messages, which it passes through), so both paths render it with the
-    checkpoint's own copy of those rules. A plain function gets `(text, image path)` pairs for verbatim rows and the
-    `EvalItem`s themselves for prepared ones."""
+    """A function from `EvalItem`s (or `(text, image path)` pairs) to `[N, dim]` embeddings, for a CoMa model (its
+    `encode`) or a `SentenceTransformer`. Both hand a verbatim MMEB text over as it is, `<|image_1|>` placeholder and
+    instruction included (sentence-transformers gets the image opened), so the processor renders a row the same way
+    on both paths and in stage-2 training; an item the release's rules prepared goes with its instruction and the
+    name of its layout (to sentence-transformers as chat messages, which it passes through), so both paths render it
+    with the checkpoint's own copy of those rules. A plain function gets `(text, image path)` pairs for verbatim rows
+    and the `EvalItem`s themselves for prepared ones."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:  # pragma: no cover - sentence-transformers is a dependency
@@ -277,7 +282,7 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
 
         def encode_with_sentence_transformer(items):
             inputs = []
-            for item in items:
+            for item in map(EvalItem.of, items):
                 if item.layout is not None or item.instruction is not None:
                     inputs.append(item.as_messages())
                     continue
@@ -297,13 +302,14 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
     if callable(getattr(model, "encode", None)):
 
         def encode_with_coma(items):
-            inputs = [item.as_input() for item in items]
+            inputs = [EvalItem.of(item).as_input() for item in items]
             return model.encode(inputs, batch_size=batch_size, show_progress_bar=show_progress_bar).float().cpu()
 
         return encode_with_coma
     if callable(model):
 
         def encode_with_function(items):
+            items = [EvalItem.of(item) for item in items]
             return model([item if item.layout or item.instruction is not None else item[:2] for item in items])
 
         return encode_with_function
