@@ -52,7 +52,7 @@ class CoMaModelOutput(ModelOutput):
 
     Attributes:
         loss: stage-1 loss (only with `labels`): summed answer-token cross-entropy / label tokens in the global batch.
-        pooler_output: `[batch, embedding_size]` pooled, L2-normalised embedding.
+        pooler_output: `[batch, embedding_size]` pooled, L2-normalised embedding (float32 in any model dtype).
         compression_states: `[batch, K, hidden]` final (post-norm) hidden states of the K compression tokens.
         last_hidden_state: `[batch, length, hidden]` final (post-norm) hidden states of every position under the
             attention rule (only with `output_last_hidden_state=True`: a stage-1 objective that reads them, such as
@@ -127,6 +127,7 @@ class CoMaModel(PreTrainedModel):
     def __init__(self, config: CoMaConfig):
         super().__init__(config)
         family = get_family(config.backbone_config.model_type)
+        _pass_dtype_to_backbone_parts(config)
         self.model = family.base_model_class(config.backbone_config)
         text_config = config.get_text_config()
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
@@ -290,7 +291,11 @@ class CoMaModel(PreTrainedModel):
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def pool(self, compression_states: torch.Tensor) -> torch.Tensor:
-        """`[batch, K, hidden]` → `[batch, embedding_size]`: mean (or last) state, truncated, L2-normalised."""
+        """`[batch, K, hidden]` → `[batch, embedding_size]` float32: mean (or last) state, truncated, L2-normalised.
+
+        Pooled in float32 whatever the model's dtype: normalised in bfloat16, vectors come out with norms up to 0.3 %
+        off 1, and dot products are then no longer cosines."""
+        compression_states = compression_states.float()
         if self.config.pooling == "mean":
             pooled = compression_states.mean(dim=1)
         else:
@@ -606,6 +611,22 @@ class CoMaModel(PreTrainedModel):
         output = self.get_output_embeddings().weight
         if output.data_ptr() != embeddings.data_ptr():
             output[ids] = output[:reference_rows].float().mean(dim=0).to(output.dtype)
+
+
+def _pass_dtype_to_backbone_parts(config: CoMaConfig) -> None:
+    """Give the backbone's own sub-configs (text, vision) the dtype on the CoMa config, when one is set.
+
+    `from_pretrained(dtype=...)` puts the dtype on a config and its direct sub-configs only (here `backbone_config`),
+    but the backbone's base model builds its text and vision models from *their* configs' dtype, which a saved backbone
+    may record (the shipped reader's say float32, Qwen3-VL-2B's text config bfloat16): without this,
+    `from_pretrained(path, dtype=torch.bfloat16)` silently loads the reader's parts in float32.
+    """
+    if config.dtype is None:
+        return
+    backbone = config.backbone_config
+    for name in backbone.sub_configs:
+        if getattr(backbone, name, None) is not None:
+            getattr(backbone, name).dtype = config.dtype
 
 
 def _decoding_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:

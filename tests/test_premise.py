@@ -149,6 +149,9 @@ def test_a_follow_up_budget_plans_only_its_arms_once_each():
     assert stage1_runs == [premise.Stage1Run("B", 0, 8), premise.Stage1Run("B", 0, 1)]
     assert [(run.k, run.pairs, run.variant) for run in stage2_runs] == [(8, 500, "main"), (1, 500, "k-sweep")]
     everything = premise.plan(premise.Budget())[1]
-    assert len({run.name for run in everything}) == len(everything) == 3 * (4 * 2 + 2) + 2
+    # four arms on three seeds at two budgets, V and A compute-matched, two K-sweep runs, and arm D (KL) on seed 0 only
+    assert len({run.name for run in everything}) == len(everything) == 3 * (4 * 2 + 2) + 2 + 2
+    assert {run.seed for run in everything if run.arm == "D"} == {0}
+    assert premise.plan(premise.Budget(kl_seeds=(0, 1)))[0].count(premise.Stage1Run("D", 1, 8)) == 1
     fewer_matched = premise.plan(premise.Budget(matched_seeds=(0, 1)))[1]
     assert [run for run in everything if run.variant != "matched" or run.seed != 2] == fewer_matched

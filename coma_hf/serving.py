@@ -1,0 +1,133 @@
+"""Serving a CoMa checkpoint with the stock backbone class, e.g. on an inference server that pools a stock model.
+
+Stage-2 inference is ordinary causal attention over the input followed by the K compression tokens (the attention
+rule only differs for tokens *after* them, and an embedding input has none), so the stock
+`...ForConditionalGeneration` class computes the same final hidden states as `CoMaModel`: render the input, append
+the K compression-token ids, run a causal forward, pool the final (post-norm) hidden states of the last K positions
+(mean, or the last one), truncate to `embedding_dim` if set, L2-normalise.
+
+The weights need no conversion (a CoMa checkpoint keeps the stock key names, see `modeling_coma.py`), but a CoMa
+folder's `config.json` is the `coma` config and its tokenizer and image processor point at `CoMaProcessor`'s remote
+code, so a server reading the folder finds no stock model there. `export_stock_backbone` therefore writes a stock
+folder: the backbone's config and weights, the tokenizer (with the compression tokens) and image processor without
+remote-code pointers, and `coma_pooling.json`, everything else a server must be told (`pooling_spec`).
+
+    python -m coma_hf.serving CHECKPOINT OUTPUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbones import get_family
+from .configuration_coma import CoMaConfig
+from .processing_coma import CoMaProcessor
+
+POOLING_FILE = "coma_pooling.json"
+# Keys that send a loader to CoMa's remote code; the stock folder's processor files must not carry them.
+REMOTE_CODE_KEYS = ("auto_map", "processor_class")
+PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json")
+
+
+def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]:
+    """What a server running the stock class must be told to reproduce `CoMaModel.encode`, as JSON-ready data.
+
+    The input is `embedding_layout` with its slots filled (`{image}`: `image_block` with `image_token` repeated once
+    per visual token, i.e. `image_grid_thw.prod() // merge_size**2` times, as the stock processor expands it;
+    `{compression}`: the `compression_token_ids`), a separator written only when the slots on both of its sides are
+    present; the user's text is tokenized with special-token strings left as plain text. The embedding is read off
+    the final (post-norm) hidden states of the last `pooled_positions` positions.
+    """
+    tokenizer = processor.tokenizer
+    backbone = config.backbone_config
+    vision_start, image_token, vision_end = tokenizer.convert_ids_to_tokens(
+        [backbone.vision_start_token_id, backbone.image_token_id, backbone.vision_end_token_id]
+    )
+    num_tokens = config.num_compression_tokens
+    return {
+        "architecture": get_family(backbone.model_type).generation_class_name,
+        "attention": "causal",
+        "compression_tokens": processor.compression_tokens,
+        "compression_token_ids": list(processor.compression_token_ids),
+        "num_compression_tokens": num_tokens,
+        # K = 0 (a VLM2Vec-style embedder): the last input token's state
+        "pooled_positions": max(num_tokens, 1),
+        "pooling": config.pooling,
+        "hidden_states": "final, after the language model's last norm (the stock output's hidden_states[-1])",
+        "embedding_dim": config.embedding_dim,
+        "normalize": config.normalize_embeddings,
+        "embedding_layout": processor.embedding_layout,
+        "separators": "a text between two slots is written only when both slots are present",
+        "image_block": f"{vision_start}{image_token}{vision_end}",
+        "image_token": image_token,
+        "image_placeholder": processor.image_placeholder,
+        "image_placeholder_rule": "an input with an image whose text contains image_placeholder (an MMEB row) is that "
+        "text with the image block in place of the first placeholder, then the compression tokens: no layout, no "
+        "instruction; without an image, placeholders are removed from the text",
+        "text_tokenization": "special-token strings inside the user's text stay plain text (split_special_tokens)",
+        "query_instruction": processor.query_instruction,
+        "document_instruction": processor.document_instruction,
+        "max_length": processor.max_length,
+    }
+
+
+def export_stock_backbone(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"
+) -> Path:
+    """Write a CoMa checkpoint (folder or Hub id) as a folder the stock backbone class and servers load as is.
+
+    `output_dir` receives the stock `config.json` and weights (same tensors, loaded and saved by the family's stock
+    class, which refuses missing or unexpected keys), the tokenizer (with the K compression tokens), the image
+    processor (with the checkpoint's visual-token bounds) and chat template, without remote-code pointers, and
+    `coma_pooling.json` (`pooling_spec`). `dtype` is the stock class's `from_pretrained` argument ("auto": the
+    saved weights'). Returns `output_dir`.
+    """
+    output_dir = Path(output_dir)
+    if os.path.isdir(checkpoint) and output_dir.exists() and output_dir.samefile(checkpoint):
+        raise ValueError(f"Export the stock backbone to a new folder, not into the checkpoint {checkpoint} itself")
+    config = CoMaConfig.from_pretrained(checkpoint)
+    processor = CoMaProcessor.from_pretrained(checkpoint)
+    stock_class = get_family(config.backbone_config.model_type).generation_class
+    stock, loading = stock_class.from_pretrained(
+        checkpoint, config=config.backbone_config, dtype=dtype, use_safetensors=True, output_loading_info=True
+    )
+    problems = {key: value for key, value in loading.items() if key in ("missing_keys", "unexpected_keys") and value}
+    if problems:
+        raise ValueError(f"{checkpoint}'s weights do not fit {stock_class.__name__}: {problems}")
+    stock.save_pretrained(output_dir)
+    processor.tokenizer.save_pretrained(output_dir)
+    processor.image_processor.save_pretrained(output_dir)
+    for name in PROCESSOR_FILES:
+        _drop_keys(output_dir / name, REMOTE_CODE_KEYS)
+    spec = pooling_spec(config, processor)
+    (output_dir / POOLING_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    return output_dir
+
+
+def _drop_keys(path: Path, keys: tuple[str, ...]) -> None:
+    """Remove `keys` from the JSON object in `path` (if the file exists)."""
+    if not path.is_file():
+        return
+    content = json.loads(path.read_text(encoding="utf-8"))
+    for key in keys:
+        content.pop(key, None)
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=export_stock_backbone.__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a CoMa checkpoint: folder or Hub id")
+    parser.add_argument("output_dir", help="the stock folder to write")
+    parser.add_argument("--dtype", default="auto", help='weights dtype, e.g. "bfloat16" (default: as saved)')
+    args = parser.parse_args(argv)
+    print(export_stock_backbone(args.checkpoint, args.output_dir, args.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""A CoMa checkpoint served through the stock backbone class gives `CoMaModel.encode`'s vectors.
+
+The serving side (`SERVER`) runs in a fresh interpreter in which `import coma_hf` fails. It reads only what
+`export_stock_backbone` wrote: the stock config and weights (loaded by `AutoModelForImageTextToText`), the tokenizer,
+the image processor and `coma_pooling.json`; it renders each input from the layout text there, appends the K
+compression-token ids, runs one causal forward per input and pools the last positions' final hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coma_hf.serving import POOLING_FILE, REMOTE_CODE_KEYS, export_stock_backbone
+from coma_hf.tiny import build_tiny_coma
+
+from utils import random_image, run_python
+
+SERVER = textwrap.dedent(
+    r"""
+    import json, re, sys
+    sys.modules["coma_hf"] = None
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+
+    def is_slot(part):
+        return part.startswith("{") and part.endswith("}")
+
+
+    def render(spec, image_tokens, text, instruction):
+        # the prompt text before the compression tokens, as coma_pooling.json describes it
+        block = None
+        if image_tokens:
+            start, end = spec["image_block"].split(spec["image_token"])
+            block = start + spec["image_token"] * image_tokens + end
+        if block and text and re.search(spec["image_placeholder"], text):
+            return re.sub(spec["image_placeholder"], lambda match: block, text, count=1)
+        text = re.sub(spec["image_placeholder"], "", text) if text else text
+        values = {"image": block, "instruction": instruction, "text": text, "compression": ""}
+        present = {name: bool(value) for name, value in values.items()} | {"compression": True}
+        parts = [part for part in re.split(r"(\{\w+\})", spec["embedding_layout"]) if part]
+        prompt = ""
+        for index, part in enumerate(parts):
+            if is_slot(part):
+                prompt += values[part[1:-1]] or ""
+            elif present[parts[index - 1][1:-1]] and present[parts[index + 1][1:-1]]:
+                prompt += part
+        return prompt
+
+
+    def embed(folder, rows):
+        spec = json.load(open(f"{folder}/coma_pooling.json"))
+        model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+        assert type(model).__name__ == spec["architecture"], type(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        vectors = []
+        for row in rows:
+            image_inputs, image_tokens = {}, 0
+            if row["image"]:
+                image = Image.open(row["image"]).convert("RGB")
+                image_inputs = dict(image_processor(images=[image], return_tensors="pt"))
+                image_tokens = int(image_inputs["image_grid_thw"].prod()) // image_processor.merge_size**2
+            prompt = render(spec, image_tokens, row["text"], row["instruction"])
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt_ids + spec["compression_token_ids"]])
+            with torch.no_grad():
+                output = model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    # what the stock processor returns beside the ids: M-RoPE needs it
+                    mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                    output_hidden_states=True,
+                    **image_inputs,
+                )
+            states = output.hidden_states[-1][0, -spec["pooled_positions"] :]
+            pooled = states.mean(dim=0) if spec["pooling"] == "mean" else states[-1]
+            if spec["embedding_dim"]:
+                pooled = pooled[: spec["embedding_dim"]]
+            vectors.append(F.normalize(pooled, dim=-1) if spec["normalize"] else pooled)
+        return torch.stack(vectors)
+
+
+    jobs, output = json.load(open(sys.argv[1])), sys.argv[2]
+    torch.save({folder: embed(folder, rows) for folder, rows in jobs.items()}, output)
+    """
+)
+
+# (family, CoMa settings): every family, both poolings, Matryoshka truncation, and K = 0 (VLM2Vec-style).
+CASES = {
+    "qwen2_vl-last": ("qwen2_vl", {"pooling": "last"}),
+    "qwen2_5_vl-mean": ("qwen2_5_vl", {}),
+    "qwen3_vl-mean-dim48": ("qwen3_vl", {"embedding_dim": 48}),
+    "qwen2_5_vl-k0": ("qwen2_5_vl", {"num_compression_tokens": 0, "pooling": "last"}),
+}
+INSTRUCTION = "Find the matching image"
+
+
+def _rows(folder: Path) -> list[dict]:
+    """Image, text and image + text, with and without an instruction, and an MMEB row with its image placeholder."""
+    images = []
+    for seed, size in ((1, (84, 112)), (2, (140, 56))):
+        images.append(str(folder / f"image{seed}.png"))
+        random_image(seed, size).save(images[-1])
+    return [
+        {"image": images[0], "text": None, "instruction": INSTRUCTION},
+        {"image": None, "text": "a red circle left of a blue square", "instruction": INSTRUCTION},
+        {"image": images[1], "text": "what colour is the triangle?", "instruction": INSTRUCTION},
+        {"image": None, "text": "a green star", "instruction": None},
+        {"image": images[1], "text": None, "instruction": None},
+        {"image": images[0], "text": "Represent the image <|image_1|> for classification", "instruction": None},
+    ]
+
+
+def _as_coma_input(row: dict) -> dict:
+    return {key: value for key, value in row.items() if value is not None}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """Per case: the CoMa checkpoint folder, its stock export and `CoMaModel.encode`'s vectors of the rows."""
+    root = tmp_path_factory.mktemp("serving")
+    rows = _rows(root)
+    cases = {}
+    for name, (family, settings) in CASES.items():
+        settings = {"num_compression_tokens": 4, **settings}
+        model, _ = build_tiny_coma(family, **settings)
+        checkpoint = root / name
+        model.save_pretrained(checkpoint)
+        expected = model.encode([_as_coma_input(row) for row in rows])
+        cases[name] = {
+            "checkpoint": checkpoint,
+            "export": export_stock_backbone(checkpoint, root / f"{name}-stock"),
+            "expected": expected,
+        }
+    return {"root": root, "rows": rows, "cases": cases}
+
+
+@pytest.fixture(scope="module")
+def served(exported) -> dict:
+    """Per case: the vectors the serving side computed from the export alone."""
+    root = exported["root"]
+    jobs = {str(case["export"]): exported["rows"] for case in exported["cases"].values()}
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    run_python(["-c", SERVER, str(root / "jobs.json"), str(root / "served.pt")], root / "home", root)
+    vectors = torch.load(root / "served.pt")
+    return {name: vectors[str(case["export"])] for name, case in exported["cases"].items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stock_class_gives_coma_vectors(case, exported, served):
+    expected = exported["cases"][case]["expected"]
+    assert served[case].shape == expected.shape
+    torch.testing.assert_close(served[case], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_vl-mean", "qwen3_vl-mean-dim48"])
+def test_export_is_a_stock_folder_with_the_same_weights(case, exported):
+    checkpoint, export = exported["cases"][case]["checkpoint"], exported["cases"][case]["export"]
+    family, settings = CASES[case]
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == family and "auto_map" not in config
+    assert not list(export.glob("*.py"))  # nothing to trust: no remote code
+    for path in export.glob("*.json"):
+        content = json.loads(path.read_text())
+        assert not set(REMOTE_CODE_KEYS) & set(content), path.name
+
+    ours, stock = load_file(str(checkpoint / "model.safetensors")), load_file(str(export / "model.safetensors"))
+    assert set(ours) == set(stock)
+    for name, tensor in stock.items():
+        assert tensor.dtype == ours[name].dtype and torch.equal(tensor, ours[name]), name
+
+    spec = json.loads((export / POOLING_FILE).read_text())
+    coma = json.loads((checkpoint / "config.json").read_text())
+    assert spec["compression_token_ids"] == coma["compression_token_ids"]
+    assert spec["num_compression_tokens"] == coma["num_compression_tokens"] == 4
+    assert (spec["pooling"], spec["embedding_dim"]) == (coma["pooling"], settings.get("embedding_dim"))
+    tokenizer = json.loads((export / "tokenizer.json").read_text())
+    added = {token["content"]: token["id"] for token in tokenizer["added_tokens"]}
+    assert [added[token] for token in spec["compression_tokens"]] == spec["compression_token_ids"]
+    # the checkpoint's visual-token bounds travel with the image processor
+    processor = json.loads((checkpoint / "processor_config.json").read_text())["image_processor"]
+    assert json.loads((export / "preprocessor_config.json").read_text())["size"] == processor["size"]
+
+
+def test_export_refuses_to_write_into_the_checkpoint(exported):
+    checkpoint = exported["cases"]["qwen2_5_vl-mean"]["checkpoint"]
+    with pytest.raises(ValueError, match="new folder"):
+        export_stock_backbone(checkpoint, checkpoint)
+    assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "coma"
