@@ -14,7 +14,9 @@ Stage 2 (a query or a candidate), nothing after the compression tokens (`embeddi
 
 Missing parts are simply absent, and so is a separator next to a missing part. A text that carries an image
 placeholder (`<|image_1|>` as in MMEB, or `<image>` as in LLaVA) gets the image tokens where the placeholder stands,
-and no instruction is added.
+and no instruction is added. A layout may instead be a prompt (`InputLayout`'s prompt mode, with its options), and the
+config may name more layouts that an input chooses: a checkpoint converted from the authors' release renders so, as
+their evaluation did.
 User text is tokenized with special tokens split, so a text cannot inject `<|im_end|>` or a compression token.
 
 Part of the remote code shipped with every checkpoint: imports only torch, transformers, Pillow, sibling files and
@@ -183,11 +185,8 @@ class InputLayout:
     @property
     def spec(self) -> str | dict:
         """The saved form: the template alone when every option has its default, else a dict."""
-        options = {
-            name: getattr(self, name)
-            for name, default in (("mode", "parts"), *((name, False) for name in self.OPTIONS[1:]))
-            if getattr(self, name) != default
-        }
+        defaults = inspect.signature(type(self).__init__).parameters
+        options = {name: getattr(self, name) for name in self.OPTIONS if getattr(self, name) != defaults[name].default}
         return {"template": self.template, **options} if options else self.template
 
     def slot_values(self, image: Any, instruction: str | None, text: str | None, compression: Any) -> dict[str, Any]:
@@ -323,11 +322,11 @@ class CoMaProcessor(ProcessorMixin):
         self.compression_token_format = compression_token_format
         self.image_placeholder = image_placeholder
         self._placeholder = re.compile(image_placeholder)
-        self.compression_layout = compression_layout
-        self.embedding_layout = embedding_layout
+        self.compression_layout = copy.deepcopy(compression_layout)  # saved as given; a dict must not be shared
+        self.embedding_layout = copy.deepcopy(embedding_layout)
         self._compression_layout = InputLayout.from_spec(compression_layout)
         self._embedding_layout = InputLayout.from_spec(embedding_layout)
-        self.layouts = dict(layouts or {})
+        self.layouts = copy.deepcopy(dict(layouts or {}))
         self._layouts = {name: InputLayout.from_spec(spec) for name, spec in self.layouts.items()}
         self.enlarge_images_below = enlarge_images_below
         self.enlarged_image_size = enlarged_image_size

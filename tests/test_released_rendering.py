@@ -220,6 +220,24 @@ def test_the_plain_api_puts_the_text_in_the_instruction_slot(processor):
     assert with_instruction == expected(processor, block + " Find it. a cat\n")
 
 
+def test_chat_messages_and_dicts_name_a_layout_the_same_way(processor):
+    """How sentence-transformers reaches a named layout: a chat message carrying `layout` (the system message is the
+    instruction, even empty)."""
+    image = random_image(12)
+    item = {"image": image, "instruction": "", "layout": "image_i2i_vg.candidate_without_text"}
+    messages = [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": [{"type": "image", "image": image}], "layout": item["layout"]},
+    ]
+    from_messages = processor.apply_chat_template(messages, tokenize=True)["input_ids"][0].tolist()
+    assert from_messages == tokens(processor, item)
+    clash = [{"role": "system", "content": "a", "layout": "image_cls.query"}, {**messages[1]}]
+    with pytest.raises(CoMaInputError, match="field 'layout'.*several layouts"):
+        processor.apply_chat_template(clash, tokenize=True)
+    with pytest.raises(CoMaInputError, match="unknown keys \\['layouts'\\]"):
+        processor.process_for_embedding([{"text": "a", "layouts": "image_cls.query"}])
+
+
 def test_an_ordinary_processor_has_no_named_layouts_and_says_so():
     processor = tiny_coma()[1]
     assert processor.layouts == {} and processor._embedding_layout.mode == "parts"
