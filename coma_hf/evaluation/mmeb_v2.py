@@ -42,6 +42,8 @@ apply: 28·28·4 = 3,136 to 28·28·1,280 = 1,003,520 pixels, i.e. 4 to 1,280 vi
 
 **Vectors** (`eval.py`, `src/model/model.py`): `--pooling eos --normalize true`: the final hidden state at the last
 position — the last compression token — L2-normalised; plain causal attention; bf16 autocast there, float32 here.
+Their batches are padded on the right (their position ids too, `pad_and_cat`), ours on the left with matching
+positions: either way each sample's vector is the one it gets alone.
 
 **Where each rule lives here.** The prompt assembly is data of the converted checkpoint's processor config
 (`RELEASED_PROCESSOR_SETTINGS`, written by `coma_hf.released.convert_released_checkpoint`): one named layout per
