@@ -1,9 +1,10 @@
 """What CoMa takes as input: the error that names a bad input, image decoding, and the parsing of embedding inputs.
 
 `CoMaInputError` is raised wherever an input is rejected, with the sample and the field it came from. `load_image`
-reads any image Pillow decodes (upright, RGB); `fit_aspect_ratio` makes images the backbones' image processors would
-refuse acceptable. `split_input` / `message_input` turn the accepted input forms (a text, an image, a dict, a chat
-conversation) into one `EmbeddingInput`.
+reads any image Pillow decodes (upright unless told otherwise, RGB, tiny images enlarged when asked);
+`fit_aspect_ratio` makes images the backbones' image processors would refuse acceptable. `split_input` /
+`message_input` turn the accepted input forms (a text, an image, a dict, a chat conversation) into one
+`EmbeddingInput`.
 
 Part of the remote code shipped with every checkpoint: imports only Pillow, numpy (a transformers dependency) and the
 standard library.
@@ -50,24 +51,38 @@ def _sample_name(sample: Any) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------------------------
-def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Image:
+def load_image(
+    image: Any,
+    sample: Any = None,
+    field: str = "image",
+    upright: bool = True,
+    enlarge_below: int | None = None,
+    enlarged_size: int = 56,
+) -> Image.Image:
     """Return `image` as a decoded RGB PIL image.
 
     Accepts a PIL image (taken as it is), a local path (str or `os.PathLike`), raw bytes, or a
     `datasets.Image(decode=False)` dict with `bytes` and/or `path`; a file is read upright (its EXIF orientation
-    applied — a PIL image keeps its EXIF after `transpose`, so doing it for those could turn them twice). URLs are
-    refused: this file is remote code and makes no network calls (download the image, or pass
-    `transformers.image_utils.load_image(url)`). Images in modes L, LA, P, RGBA, CMYK, I;16, I, F and 1 are
-    converted; transparency is composited onto white.
+    applied — a PIL image keeps its EXIF after `transpose`, so doing it for those could turn them twice) unless
+    `upright=False`. With `enlarge_below`, an image with a side shorter than that many pixels becomes
+    `enlarged_size` × `enlarged_size` first (see `enlarge_tiny_image`). URLs are refused: this file is remote code
+    and makes no network calls (download the image, or pass `transformers.image_utils.load_image(url)`). Images in
+    modes L, LA, P, RGBA, CMYK, I;16, I, F and 1 are converted; transparency is composited onto white.
     Raises `CoMaInputError` naming the sample, the field and the path when the image is missing, unreadable, or
     larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`).
     """
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(enlarge_tiny_image(image, enlarge_below, enlarged_size))
+    opened = _decoded(image, sample, field, upright)
+    return to_rgb(enlarge_tiny_image(opened, enlarge_below, enlarged_size))
+
+
+def _decoded(image: Any, sample: Any, field: str, upright: bool) -> Image.Image:
+    """The decoded image a path, bytes or `datasets.Image` dict holds, in its own mode (upright when asked)."""
     if isinstance(image, dict) and ("bytes" in image or "path" in image):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, (bytes, bytearray)):
-        return _open(io.BytesIO(image), "<bytes>", sample, field)
+        return _open(io.BytesIO(image), "<bytes>", sample, field, upright)
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if path.startswith(("http://", "https://")):
@@ -79,15 +94,15 @@ def load_image(image: Any, sample: Any = None, field: str = "image") -> Image.Im
             )
         if not os.path.isfile(path):
             raise CoMaInputError(f"image file not found: {path}", sample, field)
-        return _open(path, path, sample, field)
+        return _open(path, path, sample, field, upright)
     raise CoMaInputError(f"expected a PIL image, a path or bytes, got {type(image).__name__}", sample, field)
 
 
-def _open(source: Any, name: str, sample: Any, field: str) -> Image.Image:
+def _open(source: Any, name: str, sample: Any, field: str, upright: bool = True) -> Image.Image:
     try:
         with Image.open(source) as opened:
             opened.load()  # decode now, so a truncated file fails here and not inside a batch
-            return to_rgb(_upright(opened, sample, field))
+            return _upright(opened, sample, field) if upright else opened.copy()
     except Image.DecompressionBombError as error:
         raise CoMaInputError(f"image {name} is too large to decode safely: {error}", sample, field) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -102,6 +117,16 @@ def _upright(image: Image.Image, sample: Any, field: str) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except Exception as error:  # a corrupt EXIF block: name it rather than fail inside Pillow
         raise CoMaInputError(f"cannot apply the image's EXIF orientation: {error}", sample, field) from error
+
+
+def enlarge_tiny_image(image: Image.Image, below: int | None, size: int = 56) -> Image.Image:
+    """`image` resized to `size` × `size` when `below` is set and its width or height is shorter than `below` pixels,
+    else `image` itself. Pillow's default filter for the image's own mode is used (bicubic; nearest for palette and
+    1-bit images), so the result equals a plain `image.resize((size, size))` — how the release's evaluation treats
+    images below one visual token (28 px); the aspect ratio is not kept."""
+    if below is None or (image.width >= below and image.height >= below):
+        return image
+    return image.resize((size, size))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -148,6 +173,7 @@ class EmbeddingInput:
     text: str | None = None
     image: Any = None  # a PIL image, a path, bytes or a `datasets.Image` dict (see `load_image`)
     instruction: str | None = None
+    layout: str | None = None  # a named layout of the processor's config (`CoMaProcessor.layouts`); None: the default
 
     def describe(self) -> str:
         """A short description for error messages: the image (path or size) and the start of the text."""
@@ -162,26 +188,33 @@ class EmbeddingInput:
         return " + ".join(parts) or "(empty input)"
 
 
+INPUT_KEYS = ("text", "image", "instruction", "layout")  # the keys of a dict input (`EmbeddingInput`'s fields)
+
+
 def split_input(item: Any, sample: Any = None) -> EmbeddingInput:
     """The `EmbeddingInput` of `item`: a `str` is text, a PIL image is an image, a dict has `text` / `image` /
-    `instruction` keys."""
+    `instruction` / `layout` keys."""
     if isinstance(item, str):
         return EmbeddingInput(text=item)
     if isinstance(item, Image.Image):
         return EmbeddingInput(image=item)
     if isinstance(item, dict):
-        unknown = set(item) - {"text", "image", "instruction"}
+        unknown = set(item) - set(INPUT_KEYS)
         if unknown:
             raise CoMaInputError(
-                f"unknown keys {sorted(unknown)}; use 'text', 'image', 'instruction'", sample, "input"
+                f"unknown keys {sorted(unknown)}; use {', '.join(repr(key) for key in INPUT_KEYS)}", sample, "input"
             )
         return EmbeddingInput(**item)
     raise CoMaInputError(f"expected str, PIL image or dict, got {type(item).__name__}", sample, "input")
 
 
 def message_input(messages: Sequence[dict], sample: Any) -> EmbeddingInput:
-    """The `EmbeddingInput` of one chat conversation (see `CoMaProcessor.apply_chat_template`)."""
+    """The `EmbeddingInput` of one chat conversation (see `CoMaProcessor.apply_chat_template`). A message may name
+    the processor layout to render with (`"layout": name`, as `MMEBEvaluator` does for the release's rules)."""
     parts: dict[str, list] = {"system": [], "text": [], "image": []}
+    layouts = {message["layout"] for message in messages if isinstance(message, dict) and message.get("layout")}
+    if len(layouts) > 1:
+        raise CoMaInputError(f"the messages name several layouts: {sorted(layouts)}", sample, "layout")
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("system", "user"):
@@ -207,5 +240,7 @@ def message_input(messages: Sequence[dict], sample: Any) -> EmbeddingInput:
     return EmbeddingInput(
         text="\n".join(parts["text"]) or None,
         image=parts["image"][0] if parts["image"] else None,
-        instruction="\n".join(parts["system"]) or None,
+        # an empty system message is an empty instruction, not none (a prompt layout writes its separators for it)
+        instruction="\n".join(parts["system"]) if parts["system"] else None,
+        layout=layouts.pop() if layouts else None,
     )

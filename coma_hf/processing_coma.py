@@ -14,7 +14,9 @@ Stage 2 (a query or a candidate), nothing after the compression tokens (`embeddi
 
 Missing parts are simply absent, and so is a separator next to a missing part. A text that carries an image
 placeholder (`<|image_1|>` as in MMEB, or `<image>` as in LLaVA) gets the image tokens where the placeholder stands,
-and no instruction is added.
+and no instruction is added. A layout may instead be a prompt (`InputLayout`'s prompt mode, with its options), and the
+config may name more layouts that an input chooses: a checkpoint converted from the authors' release renders so, as
+their evaluation did.
 User text is tokenized with special tokens split, so a text cannot inject `<|im_end|>` or a compression token.
 
 Part of the remote code shipped with every checkpoint: imports only torch, transformers, Pillow, sibling files and
@@ -24,6 +26,7 @@ the standard library.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import re
 from collections.abc import Sequence
@@ -50,6 +53,7 @@ COMPRESSION_LAYOUT = "{image}{text}\n{instruction}{compression}"
 EMBEDDING_LAYOUT = "{image}{instruction}\n{text}{compression}"
 LOSS_ON_MODES = ("answers", "all_after_compression")  # stage-1 label positions (the paper's, the released code's)
 IGNORE_INDEX = -100
+_NOT_SETTINGS = ("self", "image_processor", "tokenizer", "kwargs")  # `__init__` arguments that are not settings
 
 
 class BatchKey:
@@ -102,17 +106,43 @@ class BackboneProcessorParts:
 
 class InputLayout:
     """The order of an input's parts and the separators between them, parsed from a template such as
-    `"{image}{instruction}\\n{text}{compression}"`.
+    `"{image}{instruction}\\n{text}{compression}"`, and how the parts become tokens.
 
     The slots are `{image}` (the vision block), `{instruction}`, `{text}` (the only part truncated to fit
     `max_length`) and `{compression}` (the K compression tokens, last: the answers or the pooling follow them); each
     at most once, `{compression}` required. Text between two slots is a separator, written only when both of its
-    slots are present. Separators are tokenized together with the instruction they touch, and the text alone.
+    slots are present.
+
+    A layout is saved as its template (the defaults below) or as a dict `{"template": …, option: value, …}`
+    (`from_spec`, `spec`). Options:
+
+    * `mode` — `"parts"` (default; how CoMa checkpoints are trained): separators are tokenized together with the
+      instruction they touch, and the text alone; a text carrying an image placeholder gets the image there
+      (`CoMaProcessor.render_embedding_input`). `"prompt"`: the parts are first joined into one prompt string, as a
+      stock processor is handed one, and each stretch of it between the vision block and the compression tokens is
+      tokenized at once; the instruction, where a prompt starts, counts as present whenever it is given, even empty;
+      instruction and text are taken as they are (no placeholder handling).
+    * `clean_space_newline` (prompt mode) — every " \\n" of the prompt becomes "\\n" (the release's evaluation
+      cleans its image prompts so);
+    * `trailing_newline` (prompt mode) — "\\n" right before the compression tokens, whatever is present, written
+      after the clean-up;
+    * `text_as_instruction` — an input given without an instruction has its text (or, without one, an empty string)
+      in the instruction slot (how the release's evaluation prepares a classification query: the vision block, then
+      the instruction, then the text).
     """
 
     SLOTS = ("image", "instruction", "text", "compression")
+    MODES = ("parts", "prompt")
+    OPTIONS = ("mode", "clean_space_newline", "trailing_newline", "text_as_instruction")
 
-    def __init__(self, template: str):
+    def __init__(
+        self,
+        template: str,
+        mode: str = "parts",
+        clean_space_newline: bool = False,
+        trailing_newline: bool = False,
+        text_as_instruction: bool = False,
+    ):
         self.template = template
         self.parts = [part for part in re.split(r"(\{\w+\})", template) if part]
         slots = [part[1:-1] for part in self.parts if _is_slot(part)]
@@ -124,22 +154,70 @@ class InputLayout:
                 f"{{text}} at most once and end with {{compression}}"
                 + (f" (unknown slots {unknown})" if unknown else "")
             )
+        if mode not in self.MODES:
+            raise ValueError(f"invalid input layout {template!r}: mode must be one of {self.MODES}, got {mode!r}")
+        if mode != "prompt" and (clean_space_newline or trailing_newline):
+            raise ValueError(
+                f"invalid input layout {template!r}: clean_space_newline and trailing_newline need mode "
+                "'prompt' (they act on the joined prompt)"
+            )
+        if text_as_instruction and "instruction" not in slots:
+            raise ValueError(f"invalid input layout {template!r}: text_as_instruction needs an {{instruction}} slot")
+        self.mode = mode
+        self.clean_space_newline = clean_space_newline
+        self.trailing_newline = trailing_newline
+        self.text_as_instruction = text_as_instruction
+
+    @classmethod
+    def from_spec(cls, spec: str | dict | InputLayout) -> InputLayout:
+        """A layout from its saved form: a template string, or `{"template": …, **options}`."""
+        if isinstance(spec, InputLayout):
+            return spec
+        if isinstance(spec, str):
+            return cls(spec)
+        if not isinstance(spec, dict) or "template" not in spec:
+            raise ValueError(f"invalid input layout {spec!r}: expected a template string or a dict with 'template'")
+        unknown = sorted(set(spec) - {"template", *cls.OPTIONS})
+        if unknown:
+            raise ValueError(f"invalid input layout {spec!r}: unknown options {unknown} (known: {cls.OPTIONS})")
+        return cls(**spec)
+
+    @property
+    def spec(self) -> str | dict:
+        """The saved form: the template alone when every option has its default, else a dict."""
+        defaults = inspect.signature(type(self).__init__).parameters
+        options = {name: getattr(self, name) for name in self.OPTIONS if getattr(self, name) != defaults[name].default}
+        return {"template": self.template, **options} if options else self.template
+
+    def slot_values(self, image: Any, instruction: str | None, text: str | None, compression: Any) -> dict[str, Any]:
+        """The value of each slot for an input's parts (`text_as_instruction` applied)."""
+        if self.text_as_instruction and instruction is None:
+            instruction, text = text or "", None
+        return {"image": image, "instruction": instruction, "text": text, "compression": compression}
 
     def pieces(self, values: dict[str, Any]) -> list[tuple[str, Any]]:
-        """`(slot or "separator", value)` in order, for the slots present (non-empty `values`) and the separators
-        between two present slots."""
+        """`(slot or "separator", value)` in order, for the slots present (non-empty `values`; in prompt mode an
+        instruction is present whenever it is not `None`) and the separators between two present slots."""
         pieces: list[tuple[str, Any]] = []
         for position, part in enumerate(self.parts):
             if _is_slot(part):
-                if values.get(part[1:-1]):
+                if self._present(part[1:-1], values):
                     pieces.append((part[1:-1], values[part[1:-1]]))
             elif self._present_on_both_sides(position, values):
                 pieces.append(("separator", part))
         return pieces
 
+    def _present(self, slot: str, values: dict[str, Any]) -> bool:
+        value = values.get(slot)
+        if slot == "instruction" and self.mode == "prompt":
+            return value is not None  # a prompt starts from its instruction, empty or not
+        return bool(value)
+
     def _present_on_both_sides(self, position: int, values: dict[str, Any]) -> bool:
         before, after = self.parts[position - 1 : position], self.parts[position + 1 : position + 2]
-        return bool(before and after and values.get(before[0][1:-1]) and values.get(after[0][1:-1]))
+        return bool(
+            before and after and self._present(before[0][1:-1], values) and self._present(after[0][1:-1], values)
+        )
 
 
 def _is_slot(part: str) -> bool:
@@ -198,8 +276,16 @@ class CoMaProcessor(ProcessorMixin):
         image_placeholder (`str`): regular expression of the image placeholders that mark where a text's image goes.
         compression_layout (`str`, defaults to `"{image}{text}\\n{instruction}{compression}"`): stage 1's input (the
             instruction is `compress_instruction`); see `InputLayout`.
-        embedding_layout (`str`, defaults to `"{image}{instruction}\\n{text}{compression}"`): a query's or a
-            candidate's input; see `InputLayout`.
+        embedding_layout (`str` or `dict`, defaults to `"{image}{instruction}\\n{text}{compression}"`): a query's or
+            a candidate's input; see `InputLayout` (a dict carries a layout's options).
+        layouts (`dict`, *optional*): named layouts (name → template or dict) for inputs that name one
+            (`{"layout": name}`): a checkpoint converted from the authors' release carries the rules their evaluation
+            renders each MMEB dataset family and side with. An input that names none uses `embedding_layout`.
+        enlarge_images_below (`int`, *optional*): an image with a side shorter than this many pixels is resized to
+            `enlarged_image_size` × `enlarged_image_size` first (the release's evaluation: 28 → 56). `None`: never.
+        enlarged_image_size (`int`, defaults to 56): see `enlarge_images_below`.
+        apply_exif_orientation (`bool`, defaults to `True`): read image files upright (their EXIF orientation
+            applied); the release's evaluation read them as stored.
         max_length (`int`, *optional*): longest sequence in tokens. The compression tokens are never cut: input
             text is truncated first; in stage 1, trailing QA turns that do not fit are dropped and counted, and a
             sample whose first answer cannot fit is an error naming the sample.
@@ -224,18 +310,27 @@ class CoMaProcessor(ProcessorMixin):
         max_length: int | None = None,
         compression_token_format: str = COMPRESSION_TOKEN_FORMAT,
         image_placeholder: str = IMAGE_PLACEHOLDER,
-        compression_layout: str = COMPRESSION_LAYOUT,
-        embedding_layout: str = EMBEDDING_LAYOUT,
+        compression_layout: str | dict = COMPRESSION_LAYOUT,
+        embedding_layout: str | dict = EMBEDDING_LAYOUT,
+        layouts: dict[str, str | dict] | None = None,
+        enlarge_images_below: int | None = None,
+        enlarged_image_size: int = 56,
+        apply_exif_orientation: bool = True,
         **kwargs,
     ):
         self.num_compression_tokens = num_compression_tokens
         self.compression_token_format = compression_token_format
         self.image_placeholder = image_placeholder
         self._placeholder = re.compile(image_placeholder)
-        self.compression_layout = compression_layout
-        self.embedding_layout = embedding_layout
-        self._compression_layout = InputLayout(compression_layout)
-        self._embedding_layout = InputLayout(embedding_layout)
+        self.compression_layout = copy.deepcopy(compression_layout)  # saved as given; a dict must not be shared
+        self.embedding_layout = copy.deepcopy(embedding_layout)
+        self._compression_layout = InputLayout.from_spec(compression_layout)
+        self._embedding_layout = InputLayout.from_spec(embedding_layout)
+        self.layouts = copy.deepcopy(dict(layouts or {}))
+        self._layouts = {name: InputLayout.from_spec(spec) for name, spec in self.layouts.items()}
+        self.enlarge_images_below = enlarge_images_below
+        self.enlarged_image_size = enlarged_image_size
+        self.apply_exif_orientation = apply_exif_orientation
         self.compress_instruction = compress_instruction
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
@@ -271,6 +366,31 @@ class CoMaProcessor(ProcessorMixin):
     @property
     def compression_token_ids(self) -> list[int]:
         return list(self._special["compression"])
+
+    def with_settings(self, **settings) -> CoMaProcessor:
+        """A new processor with the same tokenizer and image processor and this one's settings, `settings` replacing
+        some of them (any `__init__` argument but the two parts), e.g. the layouts a converted release renders with."""
+        names = [name for name in inspect.signature(type(self).__init__).parameters if name not in _NOT_SETTINGS]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise TypeError(f"unknown processor settings {unknown}")
+        current = {name: getattr(self, name) for name in names if hasattr(self, name)}
+        return type(self)(self.image_processor, self.tokenizer, **{**current, **settings})
+
+    def layout_named(self, name: str | None, sample: Any = None) -> InputLayout:
+        """The layout an input names (`None`: `embedding_layout`); an unknown name is an error naming the sample."""
+        if name is None:
+            return self._embedding_layout
+        try:
+            return self._layouts[name]
+        except KeyError:
+            known = ", ".join(sorted(self._layouts)) or "none"
+            raise CoMaInputError(
+                f"the processor's config has no layout named {name!r} (it has: {known}); only a checkpoint converted "
+                "from the authors' release carries their evaluation's layouts",
+                sample,
+                "layout",
+            ) from None
 
     def _apply_image_token_bounds(self) -> None:
         """Translate token bounds into the pixel bounds the image processor understands.
@@ -335,7 +455,15 @@ class CoMaProcessor(ProcessorMixin):
 
     def _image_block(self, image: Any, sample: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Vision tokens for one image, with its pixel patches and grid."""
-        picture = fit_aspect_ratio(load_image(image, sample=sample))
+        picture = fit_aspect_ratio(
+            load_image(
+                image,
+                sample=sample,
+                upright=self.apply_exif_orientation,
+                enlarge_below=self.enlarge_images_below,
+                enlarged_size=self.enlarged_image_size,
+            )
+        )
         try:
             features = self.image_processor(images=[picture], return_tensors="pt")
         except ValueError as error:  # an image the backbone's processor refuses for another reason
@@ -379,6 +507,8 @@ class CoMaProcessor(ProcessorMixin):
         """Token ids of `values` in `layout` and the text tokens cut so that they, and `reserve` tokens after them
         (stage 1's first QA turn), fit in `max_length`. Only the text gives way; if even no text leaves too little
         room, it is an error naming the sample."""
+        if layout.mode == "prompt":
+            return self._render_prompt(layout, values, sample, reserve)
         segments: list[list[int]] = []  # token ids per piece; the text's is the one at `text_index`
         text_index, words = None, ""
         for slot, value in layout.pieces(values):
@@ -400,6 +530,34 @@ class CoMaProcessor(ProcessorMixin):
             segments[text_index], cut = _truncate_tail([segments[text_index]], room)
         return [token for ids in segments for token in ids], cut
 
+    def _render_prompt(
+        self, layout: InputLayout, values: dict[str, Any], sample: Any, reserve: int = 0
+    ) -> tuple[list[int], int]:
+        """`_render_layout` for a prompt-mode layout: the text between the vision block and the compression tokens is
+        joined into strings (cleaned, then the trailing newline added, as the layout says), each tokenized at once as
+        a stock processor tokenizes a prompt. To fit `max_length`, the stretch holding the text loses its last
+        tokens."""
+        segments: list[list[int] | str] = []  # token ids (vision block, compression tokens) or prompt text
+        text_index = None
+        for slot, value in layout.pieces(values):
+            if slot in ("image", "compression"):
+                if segments and isinstance(segments[-1], str) and layout.clean_space_newline:
+                    segments[-1] = segments[-1].replace(" \n", "\n")  # a stretch of text is complete: clean it
+                if slot == "compression" and layout.trailing_newline:  # after the clean-up, as the release does
+                    _append_text(segments, "\n")
+                segments.append(list(value))
+                continue
+            _append_text(segments, value)
+            if slot == "text":
+                text_index = len(segments) - 1
+        ids = [self._encode(piece) if isinstance(piece, str) else piece for piece in segments]
+        fixed = sum(len(piece) for index, piece in enumerate(ids) if index != text_index)
+        room = self._text_room(fixed, reserve, sample, _blamed_field(values, reserve))
+        cut = 0
+        if text_index is not None:
+            ids[text_index], cut = _truncate_tail([ids[text_index]], room)
+        return [token for piece in ids for token in piece], cut
+
     def _no_room(self, fixed: int, reserve: int) -> str:
         if reserve:
             return (
@@ -413,11 +571,18 @@ class CoMaProcessor(ProcessorMixin):
 
     # ---- stage 2 ----------------------------------------------------------------------------------------------------
     def render_embedding_input(
-        self, text: str | None = None, image: Any = None, instruction: str | None = None, sample: Any = None
+        self,
+        text: str | None = None,
+        image: Any = None,
+        instruction: str | None = None,
+        sample: Any = None,
+        layout: str | None = None,
     ) -> RenderedSample:
-        """Render one query or candidate in `embedding_layout` (by default `[image]{instruction}\\n{text}<cmp_0>…`),
-        or, when `text` carries an image placeholder, as the text with the image at the placeholder, then `<cmp_0>…`.
+        """Render one query or candidate in `embedding_layout` (by default `[image]{instruction}\\n{text}<cmp_0>…`)
+        or in the named `layout` of the processor's config, or — in a parts-mode layout — when `text` carries an
+        image placeholder, as the text with the image at the placeholder, then `<cmp_0>…`.
         """
+        chosen = self.layout_named(layout, sample)
         text = text or ""
         if not text.strip() and image is None:
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
@@ -426,6 +591,10 @@ class CoMaProcessor(ProcessorMixin):
         if image is not None:
             vision, pixel_values, grid = self._image_block(image, sample)
         compression = self.compression_token_ids
+        if chosen.mode == "prompt":  # instruction and text as given, as a stock processor's prompt
+            values = chosen.slot_values(vision, instruction, text, compression)
+            ids, cut = self._render_layout(chosen, values, sample)
+            return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
 
         match = self._placeholder.search(text)
         if match and image is not None:  # MMEB rows carry their instruction and the image's place
@@ -435,8 +604,8 @@ class CoMaProcessor(ProcessorMixin):
             ids = before + vision + after + compression
         else:
             text = self._placeholder.sub("", text) if match else text
-            values = {"image": vision, "instruction": instruction, "text": text, "compression": compression}
-            ids, cut = self._render_layout(self._embedding_layout, values, sample)
+            values = chosen.slot_values(vision, instruction, text, compression)
+            ids, cut = self._render_layout(chosen, values, sample)
         return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
 
     # ---- stage 1 ----------------------------------------------------------------------------------------------------
@@ -565,7 +734,7 @@ class CoMaProcessor(ProcessorMixin):
     def _render(self, item: EmbeddingInput, instruction: str | None, sample: Any) -> RenderedSample:
         """`item` rendered, with `instruction` when it carries none of its own."""
         own = item.instruction if item.instruction is not None else instruction
-        return self.render_embedding_input(item.text, item.image, own, sample=sample)
+        return self.render_embedding_input(item.text, item.image, own, sample=sample, layout=item.layout)
 
     def process_for_compression(self, samples: Sequence[dict], offset: int = 0) -> BatchFeature:
         """Render and pad stage-1 samples (`{"image", "text", "conversation"}` dicts); dropped turns are logged."""
@@ -672,6 +841,14 @@ def sample_contents(batch: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]
         for row, image in zip(rows, patches, strict=True):
             pixels[row] = image
     return list(zip(tokens, pixels, strict=True))
+
+
+def _append_text(segments: list, text: str) -> None:
+    """Add `text` to the prompt text at the end of `segments`, or start a new stretch after token ids."""
+    if segments and isinstance(segments[-1], str):
+        segments[-1] += text
+    else:
+        segments.append(text)
 
 
 def _as_list(value) -> list:

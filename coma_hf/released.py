@@ -15,8 +15,11 @@ What their code saves (read from it, not copied):
 the current key layout), merges an adapter, keeps the trained compression-token rows and their ids (nothing is
 re-initialised or appended), builds the CoMa model through `CoMaModel.from_backbone` with the release's token names,
 and saves it with `save_checkpoint` (remote code, processor, sentence-transformers files, card). The config records
-what their evaluation did (pooling of the **last** compression token, plain causal attention), and
-`conversion_summary.json` that the weights came from the release (source, recipe `released`).
+what their evaluation did (pooling of the **last** compression token, plain causal attention), the processor config
+how it rendered inputs (`RELEASED_PROCESSOR_SETTINGS`, owned by `coma_hf.evaluation.mmeb_v2`: a layout per MMEB
+dataset family and side, their image-query rule for the plain API, their eval image bounds, tiny images enlarged,
+images read as stored), and `conversion_summary.json` that the weights came from the release (source, recipe
+`released`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 
 from .backbones import get_family
+from .evaluation.mmeb_v2 import RELEASED_PROCESSOR_SETTINGS
 from .hub.card import CONVERSION_SUMMARY, HUB_ID, save_checkpoint, write_run_summary
 from .modeling_coma import CoMaModel
 from .processing_coma import BackboneProcessorParts
@@ -248,7 +252,8 @@ def convert_released_checkpoint(
 
     The tokenizer and image processor come from `source`, or for an adapter without them from the base. The
     compression-token rows and ids are the trained ones (`released_compression_tokens`); the config records
-    `RELEASED_CONFIG` (their evaluation's pooling and attention).
+    `RELEASED_CONFIG` (their evaluation's pooling and attention), the processor `RELEASED_PROCESSOR_SETTINGS` (their
+    evaluation's rendering, see `coma_hf.evaluation.mmeb_v2`).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     folder = local_folder(source)
@@ -281,6 +286,7 @@ def convert_released_checkpoint(
     )
     if model.config.compression_token_ids != tokens.ids:  # from_backbone must not have moved them
         raise RuntimeError(f"compression token ids changed: {tokens.ids} → {model.config.compression_token_ids}")
+    model.processor = model.processor.with_settings(**RELEASED_PROCESSOR_SETTINGS)  # how their evaluation renders
     save_checkpoint(model, output_dir)
     summary = {
         "recipe": RELEASED_RECIPE,

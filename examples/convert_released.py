@@ -7,6 +7,10 @@
 `--source` is a folder or a Hub id holding their merged model (older or current key names; a tied model may lack
 `lm_head`) or their peft adapter. K comes from the tokenizer's `<|ctoken_pad_i|>` tokens; a tokenizer saved without
 them needs `--num_compression_tokens` (their code took K from an environment variable, 32 by default).
+
+The converted checkpoint encodes as their evaluation did (its processor records their rendering rules, see
+`coma_hf/evaluation/mmeb_v2.py`); score it on the MMEB-V2 instruct rows their scripts read with
+`python examples/evaluate.py --model_name_or_path OUT --data ziyjiang/MMEB_Test_Instruct --datasets … --image_root …`.
 """
 
 from __future__ import annotations

@@ -3,10 +3,14 @@
     python examples/evaluate.py                                   # outputs/stage2 on the mini-MMEB test split
     python examples/evaluate.py --model_name_or_path outputs/stage1 --data outputs/synthetic/mini_mmeb/dev
     python examples/evaluate.py --data TIGER-Lab/MMEB-eval --datasets ImageNet-1K,MSCOCO_t2i --image_root eval_images
+    python examples/evaluate.py --model_name_or_path outputs/released --data ziyjiang/MMEB_Test_Instruct \
+        --datasets ImageNet-1K,OK-VQA --image_root MMEB-V2/image-tasks
 
 `--data` is a folder of MMEB-format files (default: the synthetic mini-MMEB test split, generated if absent) or a
-Hub dataset id with `--datasets` naming its configs. Prints a table; writes `mmeb_results.json` and
-`mmeb_results.md` to `--output_dir`.
+Hub dataset id with `--datasets` naming its configs. Rows in the MMEB-V2 instruct field layout (`qry_inst`, …, as
+the authors' release evaluates) are rendered by each dataset family's rule (`coma_hf.evaluation.mmeb_v2`), which a
+checkpoint converted by `examples/convert_released.py` carries; `--data_format` forces one reading. Prints a table;
+writes `mmeb_results.json` and `mmeb_results.md` to `--output_dir`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import logging
 from pathlib import Path
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
-from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets, markdown_table
+from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets, markdown_table, read_manifest
+from coma_hf.evaluation.mmeb_v2 import as_instruct_dataset, is_instruct_rows
 
 DEFAULT_SYNTHETIC = "outputs/synthetic"
 
@@ -33,7 +38,18 @@ def load_model(name_or_path: str):
     return AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
 
 
-def main() -> None:
+def read_datasets(data: str, names, image_root, split: str, data_format: str) -> list:
+    """The evaluation datasets; instruct rows (`--data_format mmeb_v2`, or `auto` and every row has `qry_inst`)
+    prepared by their family's rule."""
+    datasets = load_mmeb_datasets(data, names=names, image_root=image_root, split=split)
+    instruct = all(is_instruct_rows(dataset.rows) for dataset in datasets)
+    if data_format == "mmeb_v2" or (data_format == "auto" and instruct):
+        parsers = read_manifest(data).get("parsers", {}) if Path(data).is_dir() else {}
+        return [as_instruct_dataset(dataset, parsers) for dataset in datasets]
+    return datasets
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default="outputs/stage2")
     parser.add_argument("--data", default=None, help="MMEB-format folder or Hub id (default: mini-MMEB test split)")
@@ -42,7 +58,13 @@ def main() -> None:
     parser.add_argument("--split", default="test", help="split of a Hub dataset")
     parser.add_argument("--output_dir", default="outputs/eval")
     parser.add_argument("--batch_size", type=int, default=16)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--data_format",
+        default="auto",
+        choices=("auto", "mmeb", "mmeb_v2"),
+        help="mmeb: verbatim rows (qry_text, …); mmeb_v2: instruct rows (qry_inst, …); auto: from the rows",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     data = args.data
@@ -51,10 +73,11 @@ def main() -> None:
         if not Path(data).exists():
             write_mini_mmeb(DEFAULT_SYNTHETIC, max_train_scenes=0)  # evaluation needs no training pairs
     names = args.datasets.split(",") if args.datasets else None
-    datasets = load_mmeb_datasets(data, names=names, image_root=args.image_root, split=args.split)
+    datasets = read_datasets(data, names, args.image_root, args.split, args.data_format)
     results = MMEBEvaluator(datasets, batch_size=args.batch_size)(load_model(args.model_name_or_path), args.output_dir)
     print(markdown_table(results))
     print(f"Results written to {args.output_dir}/mmeb_results.json and .md")
+    return results
 
 
 if __name__ == "__main__":

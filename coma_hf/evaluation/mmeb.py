@@ -5,7 +5,9 @@ An evaluation set is one file per dataset, rows in MMEB's published layout::
     {"qry_text": str, "qry_img_path": str, "tgt_text": [str, ...], "tgt_img_path": [str, ...]}
 
 with the gold candidate first. Read from local JSONL/parquet (image paths relative to an image root) or, by Hub id,
-through `datasets` (e.g. `TIGER-Lab/MMEB-eval`, one config per dataset).
+through `datasets` (e.g. `TIGER-Lab/MMEB-eval`, one config per dataset). Rows in the field layout of the MMEB-V2
+instruct test set (`qry_inst`, `tgt_inst`, …) are read by `coma_hf.evaluation.mmeb_v2`, which renders each side as
+the authors' evaluation does and hands this module *prepared* rows: `{"query": EvalItem, "candidates": [EvalItem]}`.
 
 Scoring cannot be fooled by the gold-first convention: the gold candidate's rank counts every other candidate whose
 score is greater **or equal**, so ties are misses, and a NaN score ranks last. An encoder that returns one vector for
@@ -24,7 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -132,15 +134,81 @@ def ranking_metrics(ranks: Sequence[int], recall_at: Sequence[int] = RECALL_AT) 
 # --------------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------------
+MANIFEST = "mmeb_manifest.json"  # a folder's extra meta-tasks, out-of-distribution names, image root, parsers
+
+
+class EvalItem(NamedTuple):
+    """One query or candidate as the encoder receives it (hashable: each distinct item is encoded once).
+
+    `text` and `image` (a path, already joined to the image root) are the input; `instruction` and `layout` (a named
+    layout of the model's processor) are set for rows the release's rules prepared, `None` for MMEB's verbatim rows.
+    """
+
+    text: str
+    image: str | None = None
+    instruction: str | None = None
+    layout: str | None = None
+
+    @classmethod
+    def of(cls, item: EvalItem | Sequence) -> EvalItem:
+        """`item` as an `EvalItem` (a `(text, image path)` pair is one without instruction and layout)."""
+        return item if isinstance(item, cls) else cls(*item)
+
+    def as_input(self) -> dict:
+        """The `{"text", "image", "instruction", "layout"}` dict `CoMaModel.encode` takes (unset keys left out)."""
+        values = {"text": self.text, "image": self.image, "instruction": self.instruction, "layout": self.layout}
+        return {key: value for key, value in values.items() if value is not None and (value or key == "instruction")}
+
+    def as_messages(self) -> list[dict]:
+        """The chat messages sentence-transformers passes through to CoMa's processor: the instruction as the system
+        message, the image (by path: the processor reads it) and text as the user's, the layout named on it."""
+        content = ([{"type": "image", "image": self.image}] if self.image else []) + (
+            [{"type": "text", "text": self.text}] if self.text else []
+        )
+        user = {"role": "user", "content": content, **({"layout": self.layout} if self.layout else {})}
+        system = [] if self.instruction is None else [{"role": "system", "content": self.instruction}]
+        return [*system, user]
+
+
 @dataclass
 class MMEBDataset:
-    """One evaluation dataset: its name, rows and where relative image paths start."""
+    """One evaluation dataset: its name, rows and where relative image paths start.
+
+    Rows are MMEB's verbatim rows (`qry_text`, `qry_img_path`, `tgt_text`, `tgt_img_path`), or prepared rows
+    (`{"query": EvalItem, "candidates": [EvalItem, …]}`, gold first, image paths joined) with `parser` naming the
+    release's rule that prepared them (`coma_hf.evaluation.mmeb_v2`).
+    """
 
     name: str
     rows: list[dict]
     image_root: str | None = None
     meta_task: str = "Other"
     distribution: str = IND  # or OOD: a dataset none of whose task type was trained on
+    parser: str | None = None  # the release's data parser whose rules prepared `rows`; None: verbatim rows
+
+    def items(self) -> tuple[list[EvalItem], list[list[EvalItem]]]:
+        """Each row's query and its candidates (gold first)."""
+        queries, candidate_lists = [], []
+        for index, row in enumerate(self.rows):
+            if "query" in row:  # prepared
+                query, candidates = row["query"], list(row["candidates"])
+            else:
+                texts, images = row.get("tgt_text") or [], row.get("tgt_img_path") or []
+                count = max(len(texts), len(images))
+                texts, images = list(texts) + [""] * (count - len(texts)), list(images) + [""] * (count - len(images))
+                query = _item(row.get("qry_text"), row.get("qry_img_path"), self.image_root)
+                candidates = [_item(text, image, self.image_root) for text, image in zip(texts, images, strict=False)]
+            if not candidates:
+                raise ValueError(f"{self.name} row {index}: no candidates")
+            queries.append(query)
+            candidate_lists.append(candidates)
+        return queries, candidate_lists
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """A folder's `mmeb_manifest.json` (`meta_tasks`, `out_of_distribution`, `image_root`, `parsers`), or `{}`."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def load_mmeb_datasets(
@@ -155,8 +223,7 @@ def load_mmeb_datasets(
     start at `image_root`, else at the folder."""
     path = Path(source)
     if path.is_dir():
-        manifest_path = path / "mmeb_manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        manifest = read_manifest(path)
         extra, extra_ood = manifest.get("meta_tasks", {}), manifest.get("out_of_distribution", ())
         files = data_files(path)
         chosen = data_files(path, names)
@@ -188,20 +255,24 @@ def load_mmeb_datasets(
     ]
 
 
-def _item(text: str | None, image_path: str | None, image_root: str | None) -> tuple[str, str | None]:
-    return (text or "", resolve_image_path(image_path or None, image_root))
+def _item(text: str | None, image_path: str | None, image_root: str | None) -> EvalItem:
+    return EvalItem(text or "", resolve_image_path(image_path or None, image_root))
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Encoders
 # --------------------------------------------------------------------------------------------------------------------
-Encoder = Callable[[list[tuple[str, str | None]]], torch.Tensor]
+Encoder = Callable[[list[EvalItem]], torch.Tensor]
 
 
 def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True) -> Encoder:
-    """A function from `(text, image path)` items to `[N, dim]` embeddings, for a CoMa model (its `encode`) or a
-    `SentenceTransformer` (images opened). Both hand the MMEB text over as it is, `<|image_1|>` placeholder and
-    instruction included, so the processor renders a row the same way on both paths and in stage-2 training."""
+    """A function from `EvalItem`s (or `(text, image path)` pairs) to `[N, dim]` embeddings, for a CoMa model (its
+    `encode`) or a `SentenceTransformer`. Both hand a verbatim MMEB text over as it is, `<|image_1|>` placeholder and
+    instruction included (sentence-transformers gets the image opened), so the processor renders a row the same way
+    on both paths and in stage-2 training; an item the release's rules prepared goes with its instruction and the
+    name of its layout (to sentence-transformers as chat messages, which it passes through), so both paths render it
+    with the checkpoint's own copy of those rules. A plain function gets `(text, image path)` pairs for verbatim rows
+    and the `EvalItem`s themselves for prepared ones."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:  # pragma: no cover - sentence-transformers is a dependency
@@ -211,7 +282,11 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
 
         def encode_with_sentence_transformer(items):
             inputs = []
-            for text, image in items:
+            for item in map(EvalItem.of, items):
+                if item.layout is not None or item.instruction is not None:
+                    inputs.append(item.as_messages())
+                    continue
+                text, image = item.text, item.image
                 if image is None:
                     inputs.append(text)
                 else:
@@ -227,12 +302,17 @@ def as_encoder(model: Any, batch_size: int = 16, show_progress_bar: bool = True)
     if callable(getattr(model, "encode", None)):
 
         def encode_with_coma(items):
-            inputs = [{"text": text, "image": image} if image else {"text": text} for text, image in items]
+            inputs = [EvalItem.of(item).as_input() for item in items]
             return model.encode(inputs, batch_size=batch_size, show_progress_bar=show_progress_bar).float().cpu()
 
         return encode_with_coma
     if callable(model):
-        return model
+
+        def encode_with_function(items):
+            items = [EvalItem.of(item) for item in items]
+            return model([item if item.layout or item.instruction is not None else item[:2] for item in items])
+
+        return encode_with_function
     raise TypeError(
         f"Cannot encode with {type(model).__name__}: pass a CoMa model, a SentenceTransformer or a function"
     )
@@ -277,17 +357,11 @@ class MMEBEvaluator:
 
     def rank_dataset(self, encode: Encoder, dataset: MMEBDataset) -> list[int]:
         """Gold ranks for every row; each distinct query and candidate encoded once."""
-        queries, candidate_lists = [], []
-        for index, row in enumerate(dataset.rows):
-            texts, images = row.get("tgt_text") or [], row.get("tgt_img_path") or []
-            count = max(len(texts), len(images))
-            if count == 0:
-                raise ValueError(f"{dataset.name} row {index}: no candidates")
-            texts, images = list(texts) + [""] * (count - len(texts)), list(images) + [""] * (count - len(images))
-            queries.append(_item(row.get("qry_text"), row.get("qry_img_path"), dataset.image_root))
-            candidate_lists.append(
-                [_item(text, image, dataset.image_root) for text, image in zip(texts, images, strict=False)]
-            )
+        return gold_ranks(self.score_dataset(encode, dataset))
+
+    def score_dataset(self, encode: Encoder, dataset: MMEBDataset) -> list[torch.Tensor]:
+        """Each row's scores `[candidates]` (gold first): the cosine of its query with each of its candidates."""
+        queries, candidate_lists = dataset.items()
         query_vectors = _encode_unique(encode, queries, _locator(dataset.name, "query", [[item] for item in queries]))
         candidate_vectors = _encode_unique(
             encode,
@@ -298,12 +372,12 @@ class MMEBEvaluator:
         for query, candidates in zip(queries, candidate_lists, strict=False):
             matrix = torch.stack([candidate_vectors[item] for item in candidates])
             scores.append(matrix @ query_vectors[query])
-        return gold_ranks(scores)
+        return scores
 
 
 def _encode_unique(
-    encode: Encoder, items: list[tuple[str, str | None]], locate: Callable[[tuple], str]
-) -> dict[tuple, torch.Tensor]:
+    encode: Encoder, items: list[EvalItem], locate: Callable[[EvalItem], str]
+) -> dict[EvalItem, torch.Tensor]:
     """Encode each distinct item once; an input error is re-raised naming the dataset row the item comes from."""
     unique = list(dict.fromkeys(items))
     try:
@@ -316,12 +390,12 @@ def _encode_unique(
     return dict(zip(unique, vectors, strict=False))
 
 
-def _locator(dataset: str, side: str, rows: list[list[tuple]]) -> Callable[[tuple], str]:
+def _locator(dataset: str, side: str, rows: list[list[EvalItem]]) -> Callable[[EvalItem], str]:
     """`item → "Name row 12 (query)"`: the first row whose `side` holds the item."""
 
-    def locate(item: tuple) -> str:
+    def locate(item: EvalItem) -> str:
         row = next(index for index, items in enumerate(rows) if item in items)
-        return f"{dataset} row {row} ({side}{', image ' + item[1] if item[1] else ''})"
+        return f"{dataset} row {row} ({side}{', image ' + item.image if item.image else ''})"
 
     return locate
 
@@ -360,12 +434,9 @@ def chance_baselines(datasets: Sequence[MMEBDataset]) -> dict:
     per_dataset = {}
     for dataset in datasets:
         golds, inverse_sizes = {}, []
-        for row in dataset.rows:
-            texts, images = list(row.get("tgt_text") or []), list(row.get("tgt_img_path") or [])
-            count = max(len(texts), len(images))
-            gold = (texts[0] if texts else "", images[0] if images else "")
-            golds[gold] = golds.get(gold, 0) + 1
-            inverse_sizes.append(1.0 / count)
+        for candidates in dataset.items()[1]:
+            golds[candidates[0]] = golds.get(candidates[0], 0) + 1
+            inverse_sizes.append(1.0 / len(candidates))
         rows = max(len(dataset.rows), 1)
         random_guess = sum(inverse_sizes) / rows
         constant = max(golds.values(), default=0) / rows
