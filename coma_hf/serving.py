@@ -63,6 +63,14 @@ def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]
         "embedding_dim": config.embedding_dim,
         "normalize": config.normalize_embeddings,
         "embedding_layout": processor.embedding_layout,
+        # a dict layout carries options (`InputLayout.OPTIONS`: prompt mode, clean-ups); `layouts` are the named ones
+        # inputs may ask for (a converted release checkpoint's per-family evaluation rules)
+        "layouts": processor.layouts,
+        "image_settings": {
+            "enlarge_images_below": processor.enlarge_images_below,
+            "enlarged_image_size": processor.enlarged_image_size,
+            "apply_exif_orientation": processor.apply_exif_orientation,
+        },
         "separators": "a text between two slots is written only when both slots are present",
         "image_block": f"{vision_start}{image_token}{vision_end}",
         "image_token": image_token,

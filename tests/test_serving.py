@@ -197,3 +197,16 @@ def test_export_refuses_to_write_into_the_checkpoint(exported):
     with pytest.raises(ValueError, match="new folder"):
         export_stock_backbone(checkpoint, checkpoint)
     assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "coma"
+
+
+def test_the_spec_of_a_released_rendering_carries_its_layouts_and_image_settings():
+    from coma_hf.evaluation.mmeb_v2 import RELEASED_PROCESSOR_SETTINGS
+    from coma_hf.serving import pooling_spec
+
+    model, processor = build_tiny_coma(num_compression_tokens=2)
+    released = processor.with_settings(**RELEASED_PROCESSOR_SETTINGS)
+    spec = pooling_spec(model.config, released)
+    assert spec["layouts"] == released.layouts and spec["layouts"] != pooling_spec(model.config, processor)["layouts"]
+    assert spec["embedding_layout"] == released.embedding_layout
+    assert spec["image_settings"]["enlarge_images_below"] == released.enlarge_images_below is not None
+    json.dumps(spec)  # written as JSON
