@@ -90,7 +90,7 @@ class Run:
 
     shrink: bool = False
     use_dora: bool = False
-    max_shard_size: str = "2GB"
+    max_shard_size: str | None = None  # the runner resolves None to the package's `coma_hf.saving.MAX_SHARD_SIZE`
     seed: int = 0
 
 
@@ -330,10 +330,23 @@ def phase_build(run: Run, files: Files) -> dict:
     }
 
 
-def stage1_trainer(model, run: Run, files: Files, output_dir: Path):
+def stage1_trainer(model, run: Run, files: Files, output_dir: Path, steps: int = 1):
     """The paper's stage-1 recipe on `model` (LoRA, trainable compression rows, vision frozen) and a
-    `CoMaCompressionTrainer` for one optimizer step on the two samples: returns `(trainer, lora arguments)`."""
-    from transformers import TrainingArguments
+    `CoMaCompressionTrainer` for `steps` optimizer steps on the two samples: returns `(trainer, lora arguments,
+    step timer)`."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    class StepTimer(TrainerCallback):
+        """Seconds of each optimizer step, Trainer's set-up left out."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
 
     from coma_hf.training import CoMaCompressionTrainer, apply_lora
 
@@ -344,7 +357,7 @@ def stage1_trainer(model, run: Run, files: Files, output_dir: Path):
         output_dir=str(output_dir),
         per_device_train_batch_size=STAGE1_BATCH,
         gradient_accumulation_steps=1,
-        max_steps=1,
+        max_steps=steps,
         learning_rate=preset["learning_rate"],
         lr_scheduler_type="constant",  # the preset's cosine with 5 % warm-up gives a single step a learning rate of 0
         bf16=preset["bf16"],
@@ -357,10 +370,15 @@ def stage1_trainer(model, run: Run, files: Files, output_dir: Path):
         dataloader_num_workers=0,
         seed=run.seed,
     )
+    timer = StepTimer()
     trainer = CoMaCompressionTrainer(
-        model=peft_model, args=args, train_dataset=stage1_rows(files), processing_class=model.processor
+        model=peft_model,
+        args=args,
+        train_dataset=stage1_rows(files),
+        processing_class=model.processor,
+        callbacks=[timer],
     )
-    return trainer, lora
+    return trainer, lora, timer
 
 
 def phase_stage1(run: Run, files: Files) -> dict:
@@ -371,10 +389,10 @@ def phase_stage1(run: Run, files: Files) -> dict:
 
     model = CoMaModel.from_pretrained(files.initial, dtype=DTYPE)
     vision_before = weights_fingerprint(model.model.visual)
-    trainer, lora = stage1_trainer(model, run, files, files.work_dir / "stage1_trainer")
+    trainer, lora, timer = stage1_trainer(model, run, files, files.work_dir / "stage1_trainer")
     peft_model = trainer.model
     before = trainable_snapshot(peft_model)
-    step_seconds = timed(trainer.train)
+    train_seconds = timed(trainer.train)
     ids = torch.tensor(model.config.compression_token_ids)
     with torch.no_grad():
         rows = peft_model.get_input_embeddings()(ids).float().contiguous()  # base rows + trained delta
@@ -389,7 +407,8 @@ def phase_stage1(run: Run, files: Files) -> dict:
         "vision_unchanged": weights_fingerprint(model.model.visual) == vision_before,
         "tensors": changed_tensors(before, peft_model),
         "loss": trainer.first_step_loss,
-        "step_seconds": step_seconds,
+        "step_seconds": timer.seconds[0],
+        "train_seconds": train_seconds,  # the step and Trainer's set-up
         "tokens": trainer.state.num_input_tokens_seen,
         "use_dora": lora.use_dora,
         "gradient_checkpointing": trainer.args.gradient_checkpointing,
@@ -499,10 +518,10 @@ def stage2_columns(files: Files) -> tuple[list, list]:
     return anchors[:STAGE2_BATCH], positives
 
 
-def stage2_step(model, run: Run, files: Files) -> dict:
-    """A fresh stage-2 LoRA on `model` (a `SentenceTransformer` over a merged stage-1 checkpoint) and one AdamW step
-    of `CoMaContrastiveLoss` with GradCache. Records the trainable counts, the loss, the seconds of the step, each
-    forward of the CoMa model (rows, with or without a graph) and the trainable tensors the step changed."""
+def stage2_step(model, run: Run, files: Files, steps: int = 1) -> dict:
+    """A fresh stage-2 LoRA on `model` (a `SentenceTransformer` over a merged stage-1 checkpoint) and `steps` AdamW
+    steps of `CoMaContrastiveLoss` with GradCache. Records the trainable counts, the loss and seconds of each step,
+    each forward of the CoMa model (rows, with or without a graph) and the trainable tensors the steps changed."""
     from coma_hf.training import CoMaContrastiveLoss, apply_lora
 
     transformer = model[0]
@@ -519,19 +538,24 @@ def stage2_step(model, run: Run, files: Files) -> dict:
     before = trainable_snapshot(model)
     # no weight decay: a tensor the step changes is one its gradient reached
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.0)
-    started = time.perf_counter()
-    loss = loss_fn([model.preprocess(column) for column in stage2_columns(files)], None)
-    loss.backward()  # GradCache: the cached embedding gradients run back through each mini-batch
-    optimizer.step()
-    seconds = time.perf_counter() - started
+    losses, seconds = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        optimizer.zero_grad()
+        loss = loss_fn([model.preprocess(column) for column in stage2_columns(files)], None)
+        loss.backward()  # GradCache: the cached embedding gradients run back through each mini-batch
+        optimizer.step()
+        seconds.append(time.perf_counter() - started)
+        losses.append(float(loss.detach()))
     hook.remove()
     return {
         **parameter_counts(model),
         "expected_trainable_parameters": expected_trainable(
             coma.config.backbone_config, lora, coma.config.num_compression_tokens
         ),
-        "loss": float(loss.detach()),
-        "step_seconds": seconds,
+        "loss": losses[0],
+        "step_seconds": seconds[0],
+        "steps_seconds": seconds,
         "batch_size": STAGE2_BATCH,
         "mini_batch_size": STAGE2_MINI_BATCH,
         "forward_calls": calls,
@@ -600,15 +624,19 @@ def phase_projection(run: Run, files: Files) -> dict:
     write_rate = probe_bytes / timed(lambda: save_checkpoint(model, folder, max_shard_size=run.max_shard_size))
     read_rate = probe_bytes / timed(lambda: CoMaModel.from_pretrained(folder, dtype=DTYPE))
 
+    # Each probe step runs twice: the first also pays one-off costs (oneDNN builds its bf16 kernels per shape, Trainer
+    # its set-up), which the full run pays once too; only the second scales with the depth.
     features = model.processor.process_for_embedding(reference_inputs(files))
     with torch.no_grad():
-        embed = timed(lambda: model.eval()(**features))
+        embed = [timed(lambda: model.eval()(**features)) for _ in range(2)]
         model.float()
-        embed_fp32 = timed(lambda: model(**features))
+        embed_fp32 = [timed(lambda: model(**features)) for _ in range(2)]
     stage1_batch = CoMaCompressionCollator(model.processor)(stage1_rows(files))
-    trainer, _ = stage1_trainer(CoMaModel.from_pretrained(folder, dtype=DTYPE), run, files, folder / "trainer")
-    stage1 = timed(trainer.train)
-    stage2 = stage2_step(load_sentence_transformer(str(folder), device="cpu", dtype=DTYPE), run, files)["step_seconds"]
+    start = CoMaModel.from_pretrained(folder, dtype=DTYPE)
+    trainer, _, timer = stage1_trainer(start, run, files, folder / "trainer", steps=2)
+    stage1 = [timed(trainer.train) - sum(timer.seconds), *timer.seconds]  # set-up, first step, second step
+    stage2 = stage2_step(load_sentence_transformer(str(folder), device="cpu", dtype=DTYPE), run, files, steps=2)
+    stage2 = stage2["steps_seconds"]
     shutil.rmtree(folder)
 
     anchors = model.processor.process_for_embedding(stage2_columns(files)[0])
@@ -618,16 +646,16 @@ def phase_projection(run: Run, files: Files) -> dict:
         "stage2": depth_ratio(model, full, anchors, language_passes=3, vision_passes=2),
     }
     load = full_bytes / read_rate
-    embedding_phase = load + embed * ratios["embed"]
+    embedding_phase = load + scaled(embed, ratios["embed"])
     seconds = {
         "build": full_parameters / init_rate + full_bytes / write_rate,
-        "stage1": load + stage1 * ratios["stage1"],
+        "stage1": load + stage1[0] + scaled(stage1[1:], ratios["stage1"]),
         "merge": load + full_bytes / write_rate,
         "reference": embedding_phase,
         "automodel": embedding_phase,
         "sentence_transformer": embedding_phase,
-        "fp32": 2 * load + embed_fp32 * ratios["embed"],
-        "stage2": load + stage2 * ratios["stage2"],
+        "fp32": 2 * load + scaled(embed_fp32, ratios["embed"]),
+        "stage2": load + scaled(stage2, ratios["stage2"]),
     }
     return {
         "method": "a probe of one language-model layer and one vision block at the run's width; compute × FLOP ratio",
@@ -637,11 +665,18 @@ def phase_projection(run: Run, files: Files) -> dict:
             "write_bytes_per_s": write_rate,
             "read_bytes_per_s": read_rate,
         },
-        "probe_seconds": {"embed": embed, "embed_fp32": embed_fp32, "stage1_step": stage1, "stage2_step": stage2},
+        # [first, second] call; stage 1: [Trainer's set-up, first step, second step]
+        "probe_seconds": {"embed": embed, "embed_fp32": embed_fp32, "stage1": stage1, "stage2": stage2},
         "depth_ratios": ratios,
         "projected_seconds": seconds,
         "projected_total_seconds": sum(seconds.values()),
     }
+
+
+def scaled(first_and_second: list[float], ratio: float) -> float:
+    """A step of the full depth from two probe runs of it: the first's one-off part, and the second × `ratio`."""
+    first, second = first_and_second
+    return max(first - second, 0.0) + second * ratio
 
 
 def build_meta_backbone(config):
@@ -859,18 +894,27 @@ def summary_line(phase: str, record: dict) -> str:
     )
 
 
+def default_output(run: Run, files: Files) -> Path:
+    """The committed record of a full-size run (`..._dora.json` with DoRA); a shrunk run's stays in its work folder."""
+    if run.shrink:
+        return files.work_dir / "report.json"
+    return DEFAULT_OUTPUT.with_name("real_shape_smoke_dora.json") if run.use_dora else DEFAULT_OUTPUT
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", required=True, help="Checkpoints and phase records; a rerun resumes here.")
     parser.add_argument(
         "--output",
         default=None,
-        help=f"Report JSON (default {DEFAULT_OUTPUT.relative_to(ROOT)}; "
-        "with --shrink, report.json in the work folder).",
+        help=f"Report JSON (default {DEFAULT_OUTPUT.relative_to(ROOT)}, or real_shape_smoke_dora.json with "
+        "--use_dora; with --shrink, report.json in the work folder).",
     )
     parser.add_argument("--shrink", action="store_true", help="The reduced-width variant of the same config.")
     parser.add_argument("--use_dora", action="store_true", help="DoRA, as the authors' released code.")
-    parser.add_argument("--max_shard_size", default="2GB", help="Largest weight file a save writes.")
+    parser.add_argument(
+        "--max_shard_size", default=None, help="Largest weight file a save writes (default: save_checkpoint's, 2GB)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phases", default=",".join(PHASES), help="Comma-separated phases to run, in order.")
     parser.add_argument("--no_projection", action="store_true", help="Skip the projected-time probe.")
@@ -883,14 +927,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_arguments(argv)
     run = Run(shrink=args.shrink, use_dora=args.use_dora, max_shard_size=args.max_shard_size, seed=args.seed)
     files = Files(Path(args.work_dir).resolve())
-    if args.run_phase:
+    if args.run_phase:  # a child: the runner spells every setting out
         run_phase(args.run_phase, run, files)
         return {}
+    if run.max_shard_size is None:
+        from coma_hf.saving import MAX_SHARD_SIZE
+
+        run = dataclasses.replace(run, max_shard_size=MAX_SHARD_SIZE)
     phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; choose from {', '.join(PHASES)}")
-    output = Path(args.output) if args.output else (files.work_dir / "report.json" if run.shrink else DEFAULT_OUTPUT)
+    output = Path(args.output) if args.output else default_output(run, files)
     start_work_dir(run, files, args.restart)
     todo = [phase for phase in phases if recorded(files, phase) is None]
     if todo and not args.no_projection:

@@ -193,3 +193,33 @@ def test_the_recipe_targets_language_model_attention_and_the_compression_rows(be
     forward = benchmark.depth_ratio(model, full, features)
     step = benchmark.depth_ratio(model, full, features, language_passes=3)
     assert 1 < forward < step <= 36
+
+
+def test_save_checkpoint_shards_at_the_package_limit_unless_told(tmp_path, monkeypatch):
+    """Both trainers' merged saves go through `save_checkpoint`: by default it asks for shards of at most 2GB
+    (transformers' own default, 50GB, writes a 3B model as one file); an explicit size wins."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from coma_hf import CoMaModel, save_checkpoint
+    from coma_hf.saving import MAX_SHARD_SIZE
+
+    from utils import tiny_coma
+
+    assert convert_file_size_to_int(MAX_SHARD_SIZE) == 2 * 10**9
+    asked = []
+    original = CoMaModel.save_pretrained
+
+    def save_pretrained(self, folder, *args, **kwargs):
+        asked.append(kwargs.get("max_shard_size"))
+        return original(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(CoMaModel, "save_pretrained", save_pretrained)
+    model, _ = tiny_coma()
+    save_checkpoint(model, tmp_path / "default")
+    save_checkpoint(model, tmp_path / "small", max_shard_size="200KB")
+    assert asked == [MAX_SHARD_SIZE, "200KB"]
+    assert len(list((tmp_path / "default").glob("*.safetensors"))) == 1  # the tiny model fits in one
+    assert len(list((tmp_path / "small").glob("model-*.safetensors"))) > 1
+    reloaded = CoMaModel.from_pretrained(tmp_path / "small")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
