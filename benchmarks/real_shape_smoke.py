@@ -301,6 +301,7 @@ def shard_report(folder: Path, limit: str) -> dict[str, Any]:
 
 # ---- the phases -----------------------------------------------------------------------------------------------------
 def phase_build(run: Run, files: Files) -> dict:
+    """The images, CoMa over the published config in bf16, its parameters and peak memory, saved to `initial/`."""
     from coma_hf import save_checkpoint
 
     write_images(files, run.seed)
@@ -382,6 +383,7 @@ def stage1_trainer(model, run: Run, files: Files, output_dir: Path, steps: int =
 
 
 def phase_stage1(run: Run, files: Files) -> dict:
+    """One stage-1 step from `initial/`: the adapter and the trained compression rows saved, what moved recorded."""
     from safetensors.torch import save_file
 
     from coma_hf import CoMaModel
@@ -418,6 +420,7 @@ def phase_stage1(run: Run, files: Files) -> dict:
 
 
 def phase_merge(run: Run, files: Files) -> dict:
+    """`initial/` + the stage-1 adapter, merged, saved to `stage1/` in shards."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -450,6 +453,7 @@ def phase_merge(run: Run, files: Files) -> dict:
 
 
 def phase_reference(run: Run, files: Files) -> dict:
+    """The merged checkpoint's `[3, hidden]` vectors of an image, a text and both, through coma_hf's `CoMaModel`."""
     from safetensors.torch import save_file
 
     from coma_hf import CoMaModel
@@ -461,6 +465,7 @@ def phase_reference(run: Run, files: Files) -> dict:
 
 
 def phase_automodel(run: Run, files: Files) -> dict:
+    """The same vectors through `AutoModel` and the checkpoint's remote code (coma_hf blocked)."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(files.merged), trust_remote_code=True).eval()  # the checkpoint's dtype
@@ -475,6 +480,7 @@ def phase_automodel(run: Run, files: Files) -> dict:
 
 
 def phase_sentence_transformer(run: Run, files: Files) -> dict:
+    """The same vectors through `SentenceTransformer` and the checkpoint's remote code (coma_hf blocked)."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(files.merged), trust_remote_code=True, device="cpu")
@@ -491,6 +497,7 @@ def phase_sentence_transformer(run: Run, files: Files) -> dict:
 
 
 def phase_fp32(run: Run, files: Files) -> dict:
+    """The same vectors from the checkpoint loaded in float32, and their cosine to the bf16 ones, row by row."""
     from safetensors.torch import load_file
 
     from coma_hf import CoMaConfig, CoMaModel
@@ -566,6 +573,7 @@ def stage2_step(model, run: Run, files: Files, steps: int = 1) -> dict:
 
 
 def phase_stage2(run: Run, files: Files) -> dict:
+    """One GradCache stage-2 step on the merged checkpoint as a `SentenceTransformer`."""
     from coma_hf.sentence_transformer import load_sentence_transformer
 
     return stage2_step(load_sentence_transformer(str(files.merged), device="cpu", dtype=DTYPE), run, files)
@@ -587,6 +595,7 @@ def config_in_dtype(config, dtype: torch.dtype):
 
 
 def compare_to_reference(vectors: torch.Tensor, files: Files) -> dict:
+    """`vectors` `[3, hidden]` against the reference phase's: the largest absolute difference, within tolerance?"""
     from safetensors.torch import load_file
 
     reference = load_file(str(files.reference))["vectors"]
@@ -595,6 +604,7 @@ def compare_to_reference(vectors: torch.Tensor, files: Files) -> dict:
 
 
 def package_importable() -> bool:
+    """Whether `import coma_hf` works in this process (it must not in the phases of `WITHOUT_PACKAGE`)."""
     try:
         import coma_hf  # noqa: F401
     except ImportError:
@@ -680,6 +690,7 @@ def scaled(first_and_second: list[float], ratio: float) -> float:
 
 
 def build_meta_backbone(config):
+    """The stock backbone of `config` (build it under `torch.device("meta")` to count its parameters for free)."""
     from coma_hf.backbones import get_family
 
     return get_family(config.model_type).generation_class._from_config(config, dtype=DTYPE)
@@ -700,10 +711,12 @@ def depth_ratio(model, full_config, batch: dict, language_passes: int = 1, visio
     checkpointing's recomputation, backward) and the frozen vision tower once; stage 2's GradCache runs the language
     model 3 times (a pass without a graph, one with, the backward) and the vision tower twice.
     """
+    from coma_hf.processing_coma import IGNORE_INDEX
+
     text = model.model.language_model
     tokens = int(batch["attention_mask"].sum())
     patches = int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0
-    labels = int((batch["labels"] != -100).sum()) if "labels" in batch else 0
+    labels = int((batch["labels"] != IGNORE_INDEX).sum()) if "labels" in batch else 0
     layer = linear_parameters(text.layers[0]) * tokens * language_passes
     block = linear_parameters(model.model.visual.blocks[0]) * patches * vision_passes
     fixed = linear_parameters(model.model.visual.merger) * patches / 4 + model.lm_head.weight.numel() * labels
