@@ -10,6 +10,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
+# Largest weight file a save writes (transformers' own default, 50GB, writes a 3B model as one 7 GB file, which
+# uploads, downloads and memory-maps badly). A single tensor larger than this still gets a shard of its own.
+MAX_SHARD_SIZE = "2GB"
+
 # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
 CARRIED_FILES = (
     "README.md",

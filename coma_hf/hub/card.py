@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..configuration_coma import is_embedded_backbone
 from ..evaluation.mmeb import markdown_table
+from ..saving import MAX_SHARD_SIZE
 
 PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records beside its checkpoint
 CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
@@ -108,11 +109,16 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, lice
     return path
 
 
-def save_checkpoint(model, folder: str | os.PathLike, **save_kwargs) -> None:
+def save_checkpoint(
+    model, folder: str | os.PathLike, max_shard_size: int | str = MAX_SHARD_SIZE, **save_kwargs
+) -> None:
     """Save a CoMa model as the package does everywhere: `model.save_pretrained(folder, **save_kwargs)` (weights,
     remote code, processor, sentence-transformers files, the run summaries it carries), then its CoMa card
-    (`write_model_card`). A process that is not the main one (`is_main_process=False`) writes nothing."""
-    model.save_pretrained(folder, **save_kwargs)
+    (`write_model_card`). A process that is not the main one (`is_main_process=False`) writes nothing.
+
+    Weights are written in safetensors shards of at most `max_shard_size` (bytes, or a string such as `"2GB"`;
+    default `coma_hf.saving.MAX_SHARD_SIZE`), a tensor larger than that alone in its own shard."""
+    model.save_pretrained(folder, max_shard_size=max_shard_size, **save_kwargs)
     if save_kwargs.get("is_main_process", True):
         write_model_card(folder)
 
