@@ -500,10 +500,9 @@ def phase_fp32(run: Run, files: Files) -> dict:
     """The same vectors from the checkpoint loaded in float32, and their cosine to the bf16 ones, row by row."""
     from safetensors.torch import load_file
 
-    from coma_hf import CoMaConfig, CoMaModel
+    from coma_hf import CoMaModel
 
-    config = config_in_dtype(CoMaConfig.from_pretrained(files.merged), torch.float32)
-    model = CoMaModel.from_pretrained(files.merged, config=config, dtype=torch.float32).eval()
+    model = CoMaModel.from_pretrained(files.merged, dtype=torch.float32).eval()
     inputs = reference_inputs(files)
     vectors = model.encode(inputs, batch_size=len(inputs))
     reference = load_file(str(files.reference))["vectors"]
@@ -577,21 +576,6 @@ def phase_stage2(run: Run, files: Files) -> dict:
     from coma_hf.sentence_transformer import load_sentence_transformer
 
     return stage2_step(load_sentence_transformer(str(files.merged), device="cpu", dtype=DTYPE), run, files)
-
-
-def config_in_dtype(config, dtype: torch.dtype):
-    """`config` with `dtype` on every nested config.
-
-    `from_pretrained(dtype=...)` sets it on the top config and its direct sub-configs only; the backbone config's own
-    text and vision configs keep the dtype they were saved with (bfloat16 in published Qwen configs), and transformers
-    builds their modules in it, so `CoMaModel.from_pretrained(folder, dtype=torch.float32)` alone gives bfloat16.
-    """
-    stack = [config]
-    while stack:
-        current = stack.pop()
-        current.dtype = dtype
-        stack.extend(getattr(current, key) for key in current.sub_configs if getattr(current, key, None) is not None)
-    return config
 
 
 def compare_to_reference(vectors: torch.Tensor, files: Files) -> dict:
