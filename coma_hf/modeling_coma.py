@@ -109,14 +109,8 @@ class CoMaModel(PreTrainedModel):
     main_input_name = BatchKey.INPUT_IDS
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = [
-        "Qwen2VLDecoderLayer",
-        "Qwen2VLVisionBlock",
-        "Qwen2_5_VLDecoderLayer",
-        "Qwen2_5_VLVisionBlock",
-        "Qwen3VLTextDecoderLayer",
-        "Qwen3VLVisionBlock",
-    ]
+    # `_no_split_modules` is set per model in `__init__` (its backbone family's decoder and vision blocks):
+    # accelerate's FSDP wrap policy wraps every class named there and stops on one the model lacks.
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _supports_sdpa = True
     _supports_flash_attn = True  # vision tower only; the language model refuses flash (see masking.py)
@@ -129,6 +123,7 @@ class CoMaModel(PreTrainedModel):
         family = get_family(config.backbone_config.model_type)
         _pass_dtype_to_backbone_parts(config)
         self.model = family.base_model_class(config.backbone_config)
+        self._no_split_modules = list(family.base_model_class._no_split_modules)
         text_config = config.get_text_config()
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         self._processor: CoMaProcessor | None = None

@@ -6,6 +6,11 @@ gradients on a fixed batch, then stage 1 (`examples/pretrain.py`) and stage 2 (`
 with per-device batch halved, the corpus encoder, and both stages under `--recipe released --bf16 false` with no
 per-device flag, so that the scripts split the global batch themselves; the references run here, in one process,
 with the whole batch.
+
+A second launch takes the shipped FSDP config (examples/configs/accelerate_fsdp.yaml, FSDP2) with command-line
+overrides for two CPU processes (tests/distributed/fsdp_on_cpu.py): stage 1 with all weights trained, which must equal
+one process on the same global batch and save a checkpoint that loads everywhere, then stage 2 and a LoRA stage 1,
+which must refuse before training.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,7 +30,16 @@ from safetensors.torch import load_file
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.training import CoMaContrastiveLoss
 
-from utils import TINY_MODEL_ARGS, command_line, load_example, tiny_coma
+from utils import (
+    FAMILIES,
+    REMOTE_CODE_FILES,
+    TINY_MODEL_ARGS,
+    command_line,
+    load_example,
+    random_image,
+    run_python,
+    tiny_coma,
+)
 
 DISTRIBUTED = Path(__file__).parent / "distributed"
 sys.path.insert(0, str(DISTRIBUTED))
@@ -281,3 +296,202 @@ def test_encode_corpus_on_two_processes_writes_the_shards_of_one_process(two_pro
         torch.testing.assert_close(vectors2, vectors, rtol=1e-5, atol=1e-6)
     manifest = json.loads((root / "corpus-two" / "manifest.json").read_text())
     assert manifest["rows"] == manifest["embedded"] == 10
+
+
+# ---- FSDP2: the shipped config on two CPU processes -----------------------------------------------------------------
+FSDP_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "accelerate_fsdp.yaml"
+# SGD with momentum: linear in the gradients (equal gradients, equal weights), and it keeps a tensor per parameter,
+# without which resuming fails in torch 2.13 (`set_optimizer_state_dict` of a full state dict finds its device from
+# the optimizer's own tensors: "AssertionError: Expected device to be set"; see README, "Many GPUs").
+FSDP_STAGE1 = STAGE1 + ["--use_lora", "false", "--optim_args", "momentum=0.9"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_processes(tmp_path_factory):
+    """One `accelerate launch --config_file accelerate_fsdp.yaml --num_processes 2 --mixed_precision no` on CPU
+    (`ACCELERATE_USE_CPU`; `--cpu` would drop FSDP and launch one process): stage 1 with per-device batch 2 and a
+    checkpoint at step 2, stage 1 again resumed from that checkpoint, then stage 2 and a LoRA stage 1, which must stop.
+    Returns (folder, launch output, per-segment record of rank 0)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": os.pathsep.join([str(DISTRIBUTED), str(Path(__file__).parent), *sys.path]),
+    }
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    command = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(FSDP_CONFIG),
+        *"--num_processes 2 --mixed_precision no --main_process_port 29534".split(),
+        str(DISTRIBUTED / "fsdp_on_cpu.py"),
+        str(root / "record"),
+        "--",
+        "pretrain",
+        *FSDP_STAGE1,
+        *command_line(
+            "--per_device_train_batch_size 2 --save_strategy steps --save_steps 2",
+            synthetic_dir=root / "scenes",
+            output_dir=root / "stage1",
+        ),
+        "--",
+        "pretrain",
+        *FSDP_STAGE1,
+        *command_line(
+            "--per_device_train_batch_size 2",
+            synthetic_dir=root / "scenes",
+            output_dir=root / "stage1-resumed",
+            resume_from_checkpoint=root / "stage1" / "checkpoint-2",
+        ),
+        "--",
+        "train_contrastive",
+        *command_line(output_dir=root / "stage2"),
+        "--",
+        "pretrain",
+        *command_line("--use_lora true", output_dir=root / "stage1-lora"),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    records = [json.loads(Path(f"{root / 'record'}.{rank}").read_text()) for rank in range(2)]
+    assert records[0] == records[1]
+    return root, result.stdout + result.stderr, records[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_model_names_only_its_own_blocks_for_fsdp_wrapping(family):
+    """accelerate's FSDP wrap policy (TRANSFORMER_BASED_WRAP) wraps the classes `_no_split_modules` names and stops
+    on any the model lacks: a list of every family's blocks made the shipped FSDP config fail on every backbone."""
+    model, _ = tiny_coma(family)
+    present = {type(module).__name__ for module in model.modules()}
+    assert model._no_split_modules and set(model._no_split_modules) <= present
+    assert {type(layer).__name__ for layer in model.model.language_model.layers} <= set(model._no_split_modules)
+    assert {type(block).__name__ for block in model.model.visual.blocks} <= set(model._no_split_modules)
+
+
+@pytest.mark.slow
+def test_fsdp_stage_one_on_two_processes_matches_one_process_with_the_same_global_batch(fsdp_processes, tmp_path):
+    root, log, record = fsdp_processes
+    trained = record[0]
+    assert trained["script"] == "pretrain" and trained["exit"] is None
+    assert (trained["distributed_type"], trained["fsdp_version"]) == ("FSDP", 2)
+    # the shipped config's policy wrapped the backbone's own decoder and vision blocks
+    assert trained["wrapped_layers"] == ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    assert "Stage 1: per-device batch 2 × accumulation 1 × 2 processes = global batch 4" in log
+    one = load_example("pretrain").main(
+        FSDP_STAGE1
+        + command_line("--per_device_train_batch_size 4", synthetic_dir=root / "scenes", output_dir=tmp_path / "one")
+    )
+    two = json.loads((root / "stage1" / "pretrain_summary.json").read_text())
+    assert two["initial_weights"] == one["initial_weights"]  # the same start
+    assert two["train_loss_last"] < two["train_loss_first"]
+    _assert_same_weights(tmp_path / "one", root / "stage1")
+
+
+# A fresh interpreter in which `import coma_hf` fails: the checkpoint's own remote code, through AutoModel and
+# SentenceTransformer (the vectors of both, then each loader's, in one file).
+WITHOUT_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["coma_hf"] = None
+    from safetensors.torch import save_file
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    folder, first, second, output = sys.argv[1:5]
+    inputs = [{"image": first}, "a circle", {"image": second, "text": "what?"}]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
+    save_file({
+        "auto": model.encode(inputs), "st": st.encode(inputs, convert_to_tensor=True).float().contiguous()
+    }, output)
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_fsdp_checkpoint_loads_everywhere_with_the_same_vectors(fsdp_processes, tmp_path):
+    """Saved from FSDP2's in-place subclass (`FSDPCoMaModel`), the checkpoint still names CoMa's own class and carries
+    the remote code, not torch's FSDP files; AutoModel and SentenceTransformer where coma_hf is not installed, and the
+    package's CoMaModel, give the same vectors."""
+    from coma_hf import CoMaModel
+
+    root, _, _ = fsdp_processes
+    folder = root / "stage1"
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_coma.CoMaModel"
+    assert {path.name for path in folder.glob("*.py")} == REMOTE_CODE_FILES
+    assert (folder / "README.md").is_file() and (folder / "processor_config.json").is_file()
+    images = [tmp_path / "first.png", tmp_path / "second.png"]
+    for seed, (path, size) in enumerate(zip(images, [(56, 56), (56, 84)], strict=True)):
+        random_image(seed, size).save(path)
+    output = tmp_path / "vectors.safetensors"
+    run_python(["-c", WITHOUT_PACKAGE, str(folder), *map(str, images), str(output)], tmp_path / "home", tmp_path)
+    remote = load_file(str(output))
+    inputs = [{"image": str(images[0])}, "a circle", {"image": str(images[1]), "text": "what?"}]
+    vectors = CoMaModel.from_pretrained(folder).eval().encode(inputs)
+    torch.testing.assert_close(remote["auto"], vectors, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(remote["st"], vectors, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_stage_one_resumed_from_its_checkpoint_ends_where_the_uninterrupted_run_ends(fsdp_processes):
+    """Trainer's `checkpoint-N` of a sharded run (model, optimizer and RNG states from accelerate's FSDP2 save) names
+    CoMa's class like the final save, and resuming from it under FSDP gives the uninterrupted run's weights."""
+    root, _, record = fsdp_processes
+    assert record[1]["exit"] is None and record[1]["distributed_type"] == "FSDP"
+    checkpoint = root / "stage1" / "checkpoint-2"
+    assert json.loads((checkpoint / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_coma.CoMaModel"
+    assert {path.name for path in checkpoint.glob("*.py")} == REMOTE_CODE_FILES
+    resumed = json.loads((root / "stage1-resumed" / "pretrain_summary.json").read_text())
+    assert resumed["train_loss_steps"] == [3, 3]  # it trained step 3 only
+    _assert_same_weights(root / "stage1", root / "stage1-resumed")
+
+
+@pytest.mark.slow
+def test_the_fsdp_launch_refuses_stage_two_and_lora_before_training(fsdp_processes):
+    from coma_hf.training.peft import NO_SHARDED_STAGE2
+
+    root, _, record = fsdp_processes
+    stage2, lora = record[2:]
+    assert (stage2["script"], stage2["exit"]) == ("train_contrastive", NO_SHARDED_STAGE2)
+    assert lora["script"] == "pretrain" and lora["exit"].startswith("LoRA runs are merged before saving")
+    assert not (root / "stage2").exists() and not (root / "stage1-lora").exists()
+
+
+def test_a_model_swapped_to_fsdp2s_subclass_saves_as_its_own_class(tmp_path):
+    """What `fully_shard` does to the model's class (swapped in place for `type("FSDP" + name, (FSDPModule, class),
+    ...)`, which lives in the module that made it), undone for the save by `restored_class`: the checkpoint names
+    CoMa's class and carries its files (saved as the subclass it names the subclass and copies the wrong module)."""
+    import copy
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from coma_hf.training.trainers import restored_class, unsharded_class
+
+    model = copy.deepcopy(tiny_coma()[0])
+    own = type(model)
+    model.__class__ = type(f"FSDP{own.__name__}", (FSDPModule, own), {})
+    assert unsharded_class(model) is own
+    with restored_class(model):
+        model.save_pretrained(tmp_path / "saved")
+    assert type(model).__name__ == "FSDPCoMaModel"  # swapped back after the block
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]["AutoModel"] == (
+        "modeling_coma.CoMaModel"
+    )
+    assert {path.name for path in (tmp_path / "saved").glob("*.py")} == REMOTE_CODE_FILES
+
+
+def test_tied_weights_of_a_gathered_state_dict_are_shared_again():
+    import copy
+
+    from coma_hf.training.trainers import share_tied_weights
+
+    model = tiny_coma()[0]
+    tied, source = next(iter(model.all_tied_weights_keys.items()))
+    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # one copy per name
+    assert share_tied_weights(gathered, model)[tied] is gathered[source]
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    gathered = {name: tensor.clone() for name, tensor in untied.state_dict().items()}
+    assert share_tied_weights(gathered, untied)[tied] is not gathered[source]

@@ -11,7 +11,8 @@ sentence-transformers).
 - `collators`: `CoMaCompressionCollator` (stage 1), `CoMaContrastiveCollator` (stage 2);
 - `samplers`: `UniformChunkBatchSampler`, `chunked_batch_sampler` (stage 2's released batching);
 - `trainers`: `CoMaCompressionTrainer`, `CoMaContrastiveTrainer` (both end with `save_merged`), `NonFiniteLossError`,
-  `last_complete_checkpoint`, `describe_batch_sizes`, `pooling_as`;
+  `last_complete_checkpoint`, `describe_batch_sizes`, `pooling_as`; saving under FSDP2 (`unsharded_class`,
+  `restored_class`, `share_tied_weights`);
 - `losses`: stage 1's `LOSS_NORMALIZATIONS` (`per_sample_token_means`, `labelled_rows`), `CoMaContrastiveLoss`
   (stage 2);
 - `distillation`: stage 1's `OBJECTIVES` (ce, kl, ce+kl), `frozen_teacher`, `teacher_inputs`, `align_answer_states`,
@@ -69,6 +70,9 @@ from .trainers import (
     describe_batch_sizes,
     last_complete_checkpoint,
     pooling_as,
+    restored_class,
+    share_tied_weights,
+    unsharded_class,
 )
 
 __all__ = [
@@ -119,4 +123,7 @@ __all__ = [
     "frozen_teacher",
     "teacher_inputs",
     "uses_teacher",
+    "restored_class",
+    "share_tied_weights",
+    "unsharded_class",
 ]

@@ -136,7 +136,9 @@ class _CoMaTrainerMixin:
 
         With sharded parameters (FSDP, ZeRO-3) there are no full weights to merge into: a LoRA is refused, and
         all weights are saved by Trainer, which gathers the shards in the main process (stage 1 only; stage 2 saves
-        through sentence-transformers, which does not gather them, see `check_sharding`)."""
+        through sentence-transformers, which does not gather them, see `check_sharding`). No process then holds a
+        usable model (a sharded one runs only through its `forward`), so every process loads the saved checkpoint
+        back onto its device and returns that."""
         model, processor = self._coma_model_and_processor()
         if shards_parameters(self.args):
             if hasattr(model, "peft_config"):
@@ -145,7 +147,11 @@ class _CoMaTrainerMixin:
                     "with `trainer.save_model()`, or train LoRA recipes with DDP or ZeRO-2."
                 )
             self._save_gathered(output_dir)
-            return model
+            self.accelerator.wait_for_everyone()  # the main process has written the checkpoint
+            saved = unsharded_class(model).from_pretrained(output_dir).to(self.args.device)
+            if processor is not None:
+                saved.processor = processor
+            return saved
         merged = merge_lora(model)
         self._prepare_merged(merged)
         self._use_merged(merged)
@@ -168,6 +174,38 @@ class _CoMaTrainerMixin:
     def _save_gathered(self, output_dir: str) -> None:
         """Save all weights of a run whose parameters are sharded."""
         raise ValueError(NO_SHARDED_STAGE2)
+
+
+def unsharded_class(model: torch.nn.Module) -> type:
+    """The class `model` was built as. FSDP2's `fully_shard` swaps a module's class, in place, for a subclass it
+    creates (`FSDPCoMaModel`, defined in torch's own module); that subclass comes first in the MRO."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(klass for klass in type(model).__mro__ if not issubclass(klass, FSDPModule))
+
+
+@contextlib.contextmanager
+def restored_class(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` as its own class (`unsharded_class`) for the duration of the block, for saving: `save_pretrained` of
+    FSDP2's subclass would record torch's module as the checkpoint's `auto_map` class and copy torch's FSDP files into
+    it instead of the remote code, so that the checkpoint no longer loads. Weights are not touched (Trainer passes
+    the gathered state dict)."""
+    swapped = type(model)
+    model.__class__ = unsharded_class(model)
+    try:
+        yield model
+    finally:
+        model.__class__ = swapped
+
+
+def share_tied_weights(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`state_dict` with each weight that `model` ties to another (`all_tied_weights_keys`, e.g. a tied LM head) made
+    the very tensor of the weight it is tied to. A state dict gathered from shards holds a separate copy per name,
+    which `save_pretrained` would write twice (it drops a tied name only when both share storage)."""
+    for tied, source in getattr(model, "all_tied_weights_keys", {}).items():
+        if tied in state_dict and source in state_dict and model.get_parameter(tied) is model.get_parameter(source):
+            state_dict[tied] = state_dict[source]
+    return state_dict
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -359,6 +397,16 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
         self.save_model(output_dir)  # Trainer gathers the shards in the main process
         if self.args.should_save:
             write_model_card(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """As Trainer's (the final save of a sharded run and every `checkpoint-N`), with the model saved as its own
+        class while FSDP2 has swapped it (see `restored_class`), and a gathered state dict's tied weights shared again
+        (see `share_tied_weights`), so that the checkpoint is the one an unsharded run saves."""
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is not None:
+            state_dict = share_tied_weights(state_dict, model)
+        with restored_class(model):
+            super()._save(output_dir, state_dict)
 
 
 class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):

@@ -1,0 +1,85 @@
+"""Run example scripts under `accelerate launch --config_file examples/configs/accelerate_fsdp.yaml` on CPU processes
+(gloo; see tests/test_accelerate.py):
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file .../accelerate_fsdp.yaml --num_processes 2 \\
+        --mixed_precision no fsdp_on_cpu.py RECORD -- pretrain ARGS -- train_contrastive ARGS ...
+
+accelerate 1.15 takes FSDP only on accelerator devices: its `AcceleratorState` turns `ACCELERATE_USE_FSDP` into
+`DistributedType.FSDP` for MULTI_GPU-like process groups, and a CPU one (MULTI_CPU, gloo) silently trains with DDP
+instead (`accelerate launch --cpu` is worse: one process). FSDP2 itself runs on CPU with gloo, so each segment here
+first sets accelerate's state up as FSDP over the CPU process group (`configure_fsdp_on_cpu`) and the script's
+`TrainingArguments` keep it (`--accelerator_config '{"use_configured_state": true}'`, Trainer's switch for a state
+configured beforehand). Everything else — the config's FSDP settings as the launcher exported them, Trainer,
+accelerate's FSDP2 preparation, gathering and saving — runs unchanged.
+
+Each segment's outcome goes to RECORD (JSON, one entry per segment, written by every process as RECORD.RANK): the
+distributed type and FSDP version accelerate trained with, the layer classes its wrap policy wrapped, or the
+`SystemExit` message of a script that refused to start.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+from utils import load_example
+
+USE_CONFIGURED_STATE = ["--accelerator_config", json.dumps({"use_configured_state": True})]
+
+
+def configure_fsdp_on_cpu() -> Accelerator:
+    """accelerate's state as FSDP (plugin from the launcher's environment) over the CPU process group.
+
+    `AcceleratorState` reads the process group's type from `PartialState` and takes FSDP only for MULTI_GPU-like
+    types; presented as MULTI_GPU once, it builds the FSDP state and writes `DistributedType.FSDP` back into
+    `PartialState`, exactly as it does on GPUs. Device (CPU) and backend (gloo) stay as `PartialState` set them."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # a script's TrainingArguments may have reset it
+    state = PartialState(cpu=True)
+    assert state.distributed_type == DistributedType.MULTI_CPU and state.backend == "gloo", state
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.distributed_type == DistributedType.FSDP and accelerator.device.type == "cpu", accelerator.state
+    return accelerator
+
+
+def wrapped_layers(state: AcceleratorState) -> list[str] | None:
+    """The layer classes accelerate's transformer wrap policy was resolved to (when a model was prepared)."""
+    policy = state.fsdp_plugin.auto_wrap_policy
+    classes = getattr(policy, "keywords", {}).get("transformer_layer_cls")
+    return None if classes is None else sorted(klass.__name__ for klass in classes)
+
+
+def run(script: str, arguments: list[str]) -> dict:
+    """`examples/{script}.py` under FSDP on CPU; what accelerate trained with, or the message it stopped with."""
+    configure_fsdp_on_cpu()
+    try:
+        load_example(script).main(arguments + USE_CONFIGURED_STATE)
+    except SystemExit as stop:
+        return {"script": script, "exit": str(stop)}
+    state = AcceleratorState()
+    return {
+        "script": script,
+        "exit": None,
+        "distributed_type": str(state.distributed_type.value),
+        "fsdp_version": state.fsdp_plugin.fsdp_version,
+        "wrapped_layers": wrapped_layers(state),
+    }
+
+
+def main(record: str, *rest: str) -> None:
+    separators = [index for index, value in enumerate(rest) if value == "--"] + [len(rest)]
+    outcomes = []
+    for begin, end in zip(separators, separators[1:], strict=False):
+        script, *arguments = rest[begin + 1 : end]
+        outcomes.append(run(script, arguments))
+    rank = PartialState().process_index
+    with open(f"{record}.{rank}", "w") as handle:
+        json.dump(outcomes, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
