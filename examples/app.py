@@ -20,6 +20,7 @@ Google fonts), and nothing is downloaded unless `--model_name_or_path` or `--gen
 from __future__ import annotations
 
 import argparse
+import html
 import importlib.util
 import json
 import logging
@@ -357,13 +358,17 @@ def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], 
     """The two-tab `gr.Blocks` page. Bad input raises `gr.Error`, which the page shows as a message."""
     import gradio as gr
 
+    def page_error(error: Exception) -> gr.Error:
+        """The message the page shows (Gradio renders it as HTML: file names are escaped)."""
+        return gr.Error(html.escape(str(error), quote=False), print_exception=False)
+
     def run_search(text: str, image_path: str | None, top_k: float, progress=gr.Progress()):  # noqa: B008
         try:
             image = read_image(image_path, "query image")
             bar = ProgressBar(progress, f"Embedding {search.folder} (once)")
             hits, manifest = search.search(text, image, int(top_k), bar)
         except (DemoError, CoMaInputError) as error:
-            raise gr.Error(str(error), print_exception=False) from error
+            raise page_error(error) from error
         gallery = [
             (str(search.folder / ident), f"{rank}. {ident}  {score:.3f}")
             for rank, (ident, score) in enumerate(hits, 1)
@@ -388,7 +393,7 @@ def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], 
         try:
             image = picked_or_uploaded(upload, pick)
         except (DemoError, CoMaInputError) as error:
-            raise gr.Error(str(error), print_exception=False) from error
+            raise page_error(error) from error
         return image, describe_tokens(*asker.token_counts(image), asker.num_compression_tokens)
 
     def run_ask(upload: str | None, pick: str | None, question: str):
@@ -396,7 +401,7 @@ def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], 
             image = picked_or_uploaded(upload, pick)
             from_states, visible = asker.ask(image, question)
         except (DemoError, CoMaInputError) as error:
-            raise gr.Error(str(error), print_exception=False) from error
+            raise page_error(error) from error
         return describe_tokens(*asker.token_counts(image), asker.num_compression_tokens), from_states, visible
 
     k = asker.num_compression_tokens
@@ -411,14 +416,14 @@ def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], 
             status = gr.Markdown()
             gallery = gr.Gallery(label="Best matches", columns=4, height="auto", elem_id="results")
             table = gr.Dataframe(headers=["rank", "image", "score"], label="Cosine scores", interactive=False)
-            for trigger in (button.click, text.submit):
-                trigger(
-                    run_search,
-                    [text, image, top_k],
-                    [gallery, table, status],
-                    api_name="search",
-                    concurrency_id="model",
-                )
+            gr.on(
+                [button.click, text.submit],
+                run_search,
+                [text, image, top_k],
+                [gallery, table, status],
+                api_name="search",
+                concurrency_id="model",
+            )
         with gr.Tab("Ask the compression"):
             with gr.Row():
                 with gr.Column():
@@ -433,18 +438,29 @@ def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], 
                     ask = gr.Button("Ask", variant="primary", elem_id="ask_button")
                     from_states = gr.Textbox(label=f"From the K = {k} compression states alone", elem_id="from_states")
                     visible = gr.Textbox(label="With the image in view (same weights)", elem_id="visible")
-            upload.upload(lambda: None, None, pick, api_name=False)  # the newest choice wins
-            pick.input(lambda: None, None, upload, api_name=False)
-            for change in (upload.upload, pick.input):
-                change(show_image, [upload, pick], [preview, tokens], api_name=False, concurrency_id="model")
-            for trigger in (ask.click, question.submit):
-                trigger(
-                    run_ask,
-                    [upload, pick, question],
-                    [tokens, from_states, visible],
-                    api_name="ask",
-                    concurrency_id="model",
-                )
+            # the newest choice wins: an upload clears the pick and a pick clears the upload
+            upload.upload(
+                lambda path: (*show_image(path, None), None),
+                upload,
+                [preview, tokens, pick],
+                api_visibility="private",
+                concurrency_id="model",
+            )
+            pick.input(
+                lambda name: (*show_image(None, name), None),
+                pick,
+                [preview, tokens, upload],
+                api_visibility="private",
+                concurrency_id="model",
+            )
+            gr.on(
+                [ask.click, question.submit],
+                run_ask,
+                [upload, pick, question],
+                [tokens, from_states, visible],
+                api_name="ask",
+                concurrency_id="model",
+            )
     return demo
 
 
