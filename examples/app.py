@@ -323,7 +323,7 @@ class CompressionAsker:
 def describe_tokens(total: int, visual: int, num_compression_tokens: int) -> str:
     """The page's line on what the compression keeps."""
     return (
-        f"The input is **{total} tokens** ({visual} visual tokens of the image, the rest instruction and markers). "
+        f"The input is **{total} tokens** ({visual} of them the image's visual tokens, the rest its instruction). "
         f"Stage 1 compresses it into **K = {num_compression_tokens} states**: the first answer is generated from "
         f"those {num_compression_tokens} alone, the second by the same weights reading all {total} tokens."
     )
