@@ -277,12 +277,17 @@ def test_matrix_search_equals_faiss(trained, tmp_path):
         _assert_same_ranking(got, expected)
 
 
-def test_the_stage1_checkpoint_comes_from_the_run_record(trained, tmp_path):
+def test_the_stage1_checkpoint_comes_from_the_run_record(trained, models, tmp_path):
     app = load_example("app")
-    assert app.generator_of(str(trained["stage2"]))[0] == str(trained["stage1"])
-    assert app.generator_of(str(trained["stage1"]))[0] == str(trained["stage1"])  # no stage-2 record: itself
+    stage1, stage2 = str(trained["stage1"]), str(trained["stage2"])
+    assert app.generator_of(stage2)[0] == stage1
+    assert app.generator_of(stage1)[0] == stage1  # no stage-2 record: itself
+    assert app.changed_since_training(stage2, models["stage1"], stage1) is None  # the weights stage 2 started from
     moved = tmp_path / "stage2"
     shutil.copytree(trained["stage2"], moved)
+    record = json.loads((moved / "contrastive_summary.json").read_text())
+    (moved / "contrastive_summary.json").write_text(json.dumps({**record, "start_weights": "0" * 64}))
+    assert "has been retrained since" in app.changed_since_training(str(moved), models["stage1"], stage1)
     (moved / "contrastive_summary.json").write_text('{"started_from": "gone/stage1"}')
     generator, why = app.generator_of(str(moved))
     assert generator == str(moved) and "gone/stage1" in why
