@@ -239,9 +239,9 @@ def test_cache_key_follows_weights_and_listing_and_an_interrupted_encode_resumes
             self.images += [Path(item["image"]).name for item in inputs]
             return model.encode(inputs, **kwargs)
 
-    def search(search_model) -> tuple[list, dict]:
+    def search(search_model, progress=None) -> tuple[list, dict]:
         found = app.FolderSearch(search_model, folder, cache, "matrix", batch_size=2, shard_size=2)
-        return found.search(QUERY, None, 10)
+        return found.search(QUERY, None, 10, progress)
 
     with pytest.raises(Interrupted):
         search(Flaky(limit=2))  # two shards of two scenes written, then killed
@@ -255,7 +255,10 @@ def test_cache_key_follows_weights_and_listing_and_an_interrupted_encode_resumes
 
     assert search(Flaky(limit=0))[0] == hits  # a finished entry is read, not embedded again
     shutil.copy(folder / names[0], folder / "new.png")  # a new file: a new entry
-    assert search(Flaky(limit=100))[1]["embedded"] == NUM_SCENES + 1 and len(list(cache.iterdir())) == 2
+    shown = []  # what Gradio's progress bar is given: (images done, of how many)
+    bar = app.ProgressBar(lambda value, desc, unit: shown.append(value), "embedding")
+    assert search(Flaky(limit=100), bar)[1]["embedded"] == NUM_SCENES + 1 and len(list(cache.iterdir())) == 2
+    assert shown == [(2, 8), (4, 8), (6, 8), (8, 8)]  # batches of two over 8 files (notes.png among them)
     search(models["stage1"])  # other weights: another entry
     assert len(list(cache.iterdir())) == 3
 
