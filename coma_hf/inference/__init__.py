@@ -18,11 +18,14 @@ nor sentence-transformers' multi-process encoding (returns everything in memory)
 * `sources`: the corpus rows (`image_folder_rows`, `jsonl_rows`, `csv_rows`, `dataset_rows`);
 * `shards`: shard names, atomic writes, reading, finished shards, the manifest;
 * `encode`: the encode loop (`encode_corpus`);
-* `index`: the faiss index (`build_faiss_index`, `search_index`).
+* `index`: the faiss index (`build_faiss_index`, `search_index`) and the same search without faiss
+  (`search_embeddings`);
+* `cache`: cache keys for an embedded image folder (`folder_listing`, `corpus_cache_key`).
 """
 
+from .cache import corpus_cache_key, folder_listing
 from .encode import encode_corpus
-from .index import build_faiss_index, search_index
+from .index import build_faiss_index, search_embeddings, search_index
 from .shards import FORMATS, finished_shards, load_embeddings, read_shard, shard_name, write_manifest, write_shard
 from .sources import CorpusRow, csv_rows, dataset_rows, image_folder_rows, jsonl_rows
 
@@ -30,14 +33,17 @@ __all__ = [
     "FORMATS",
     "CorpusRow",
     "build_faiss_index",
+    "corpus_cache_key",
     "csv_rows",
     "dataset_rows",
     "encode_corpus",
     "finished_shards",
+    "folder_listing",
     "image_folder_rows",
     "jsonl_rows",
     "load_embeddings",
     "read_shard",
+    "search_embeddings",
     "search_index",
     "shard_name",
     "write_manifest",

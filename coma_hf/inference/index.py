@@ -1,4 +1,5 @@
-"""An exact faiss index over a finished corpus folder, and searching it (`pip install faiss-cpu`)."""
+"""An exact faiss index over a finished corpus folder, and searching it (`pip install faiss-cpu`); the same search
+without faiss as one matrix product (`search_embeddings`)."""
 
 from __future__ import annotations
 
@@ -45,4 +46,20 @@ def search_index(
     return [
         [(ids[p], float(s)) for p, s in zip(row_positions, row_scores, strict=False) if p >= 0]
         for row_positions, row_scores in zip(positions, scores, strict=False)
+    ]
+
+
+def search_embeddings(
+    ids: list[str], vectors: torch.Tensor, queries: torch.Tensor, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
+    """`search_index` without faiss: for each query vector (`queries` `[q, dim]`), the `top_k` ids of the corpus
+    (`ids`, `vectors` `[n, dim]`, unit-norm) with the highest cosine scores, best first; equal scores keep corpus
+    order."""
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    scores = queries.float() @ vectors.float().T
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
+    return [
+        [(ids[position], float(row_scores[position])) for position in row_order.tolist()]
+        for row_order, row_scores in zip(order, scores, strict=True)
     ]
