@@ -65,17 +65,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..data.sources import resolve_image_path
-from ..inputs import CoMaInputError
+from ..inputs import ENLARGED_IMAGE_SIZE, MMEB_IMAGE_PLACEHOLDER, CoMaInputError, without_image_placeholders
 from .mmeb import EvalItem, MMEBDataset, load_mmeb_datasets, read_manifest
 
 logger = logging.getLogger(__name__)
 
 INSTRUCT_HUB_ID = "ziyjiang/MMEB_Test_Instruct"  # the MMEB-V2 instruct test set their parsers load
-PLACEHOLDER = "<|image_1|>"  # what their parsers remove from instructions
+PLACEHOLDER = MMEB_IMAGE_PLACEHOLDER  # what their parsers remove from instructions (this literal only)
 INSTRUCT_FIELDS = ("qry_inst", "qry_text", "qry_img_path", "tgt_inst", "tgt_text", "tgt_img_path")
 
 # ---- the prompt assembly (processor-config data) --------------------------------------------------------------------
@@ -122,7 +123,7 @@ RELEASED_LAYOUTS: dict[str, dict] = {
 # The plain API of a converted checkpoint: their image-query rule, an input's text in the instruction slot.
 RELEASED_EMBEDDING_LAYOUT = {**IMAGE_PROMPT, "text_as_instruction": True}
 EVAL_MIN_IMAGE_TOKENS, EVAL_MAX_IMAGE_TOKENS = 4, 1280  # `src/arguments.py` defaults (28·28·4, 28·28·1280 pixels)
-TINY_IMAGE_SIDE, TINY_IMAGE_SIZE = 28, 56  # an image with a side under 28 px becomes 56 × 56
+TINY_IMAGE_SIDE, TINY_IMAGE_SIZE = 28, ENLARGED_IMAGE_SIZE  # an image with a side under 28 px becomes 56 × 56
 # What a converted release's processor config records (`CoMaProcessor` settings).
 RELEASED_PROCESSOR_SETTINGS: dict[str, Any] = {
     "embedding_layout": RELEASED_EMBEDDING_LAYOUT,
@@ -197,7 +198,7 @@ class _Row:
 
     def instruction(self, field: str) -> str:
         """The instruction with the image placeholder removed, as every parser does."""
-        return self.text(field).replace(PLACEHOLDER, "")
+        return without_image_placeholders(self.text(field), re.escape(PLACEHOLDER))
 
 
 Parsed = tuple[EvalItem, list[EvalItem], list[str]]  # the query, the candidates (gold first) and their names
