@@ -25,6 +25,7 @@ from coma_hf.evaluation.mmeb_v2 import (
     RELEASED_PROCESSOR_SETTINGS,
     as_instruct_dataset,
     is_instruct_rows,
+    load_evaluation_datasets,
     load_mmeb_v2_datasets,
 )
 from coma_hf.inputs import MMEB_IMAGE_PLACEHOLDER, CoMaInputError
@@ -369,6 +370,18 @@ def test_the_loader_reads_the_instruct_field_layout(folder, datasets, tmp_path):
     finally:
         (folder / "My-Classes.jsonl").unlink()
         (folder / "mmeb_manifest.json").write_text(json.dumps(manifest))
+
+
+def test_evaluation_datasets_are_read_as_the_data_format_says(folder, datasets):
+    """`examples/evaluate.py --data_format`: auto reads instruct rows as `load_mmeb_v2_datasets`, mmeb as they are."""
+    auto = load_evaluation_datasets(folder, names=["WebQA", "OK-VQA"])
+    assert {dataset.name: dataset.rows for dataset in auto} == {
+        name: datasets[name].rows for name in ("WebQA", "OK-VQA")
+    }
+    verbatim = load_evaluation_datasets(folder, names=["WebQA"], data_format="mmeb")[0]
+    assert verbatim.parser is None and is_instruct_rows(verbatim.rows)
+    with pytest.raises(ValueError, match="data_format must be one of"):
+        load_evaluation_datasets(folder, data_format="mmeb_v3")
 
 
 def test_a_bad_instruct_row_is_named_by_dataset_row_and_field(folder, tmp_path):

@@ -322,9 +322,31 @@ def load_mmeb_v2_datasets(
     `PARSER_OF`. Rows are encoded with the checkpoint's named layouts: a checkpoint converted from the release has
     them (`convert_released_checkpoint`).
     """
+    return load_evaluation_datasets(source, names, image_root, split, data_format="mmeb_v2", parsers=parsers)
+
+
+DATA_FORMATS = ("auto", "mmeb", "mmeb_v2")  # how `load_evaluation_datasets` reads rows
+
+
+def load_evaluation_datasets(
+    source: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    image_root: str | None = None,
+    split: str = "test",
+    data_format: str = "auto",
+    parsers: dict[str, str] | None = None,
+) -> list[MMEBDataset]:
+    """Evaluation datasets read as `data_format` says: `"mmeb"`, MMEB's verbatim rows (`load_mmeb_datasets`);
+    `"mmeb_v2"`, instruct rows prepared by their family's rule (`load_mmeb_v2_datasets`); `"auto"`, instruct rows when
+    every dataset's rows are (`is_instruct_rows`), else verbatim ones. `parsers` adds to the folder manifest's."""
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    datasets = load_mmeb_datasets(source, names=names, image_root=image_root, split=split)
+    instruct = all(is_instruct_rows(dataset.rows) for dataset in datasets)
+    if data_format == "mmeb" or (data_format == "auto" and not instruct):
+        return datasets
     manifest_parsers = read_manifest(source).get("parsers", {}) if os.path.isdir(source) else {}
     chosen = {**manifest_parsers, **(parsers or {})}
-    datasets = load_mmeb_datasets(source, names=names, image_root=image_root, split=split)
     return [as_instruct_dataset(dataset, chosen) for dataset in datasets]
 
 
