@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ from PIL import Image, UnidentifiedImageError
 
 # Qwen2/2.5/3-VL image processors refuse images more elongated than this (`smart_resize`); see `fit_aspect_ratio`.
 MAX_ASPECT_RATIO = 200
+# The side a tiny image is resized to (`enlarge_tiny_image`): the release's evaluation makes images under 28 px 56².
+ENLARGED_IMAGE_SIZE = 56
+# MMEB's image placeholder: where a row's image stands in its text (rows of MMEB-train, MMEB-V2 instructions).
+MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 
 
 class CoMaInputError(ValueError):
@@ -57,7 +62,7 @@ def load_image(
     field: str = "image",
     upright: bool = True,
     enlarge_below: int | None = None,
-    enlarged_size: int = 56,
+    enlarged_size: int = ENLARGED_IMAGE_SIZE,
 ) -> Image.Image:
     """Return `image` as a decoded RGB PIL image.
 
@@ -119,7 +124,7 @@ def _upright(image: Image.Image, sample: Any, field: str) -> Image.Image:
         raise CoMaInputError(f"cannot apply the image's EXIF orientation: {error}", sample, field) from error
 
 
-def enlarge_tiny_image(image: Image.Image, below: int | None, size: int = 56) -> Image.Image:
+def enlarge_tiny_image(image: Image.Image, below: int | None, size: int = ENLARGED_IMAGE_SIZE) -> Image.Image:
     """`image` resized to `size` × `size` when `below` is set and its width or height is shorter than `below` pixels,
     else `image` itself. Pillow's default filter for the image's own mode is used (bicubic; nearest for palette and
     1-bit images), so the result equals a plain `image.resize((size, size))` — how the release's evaluation treats
@@ -166,6 +171,13 @@ def fit_aspect_ratio(image: Image.Image, limit: int = MAX_ASPECT_RATIO) -> Image
 # --------------------------------------------------------------------------------------------------------------------
 # Embedding inputs
 # --------------------------------------------------------------------------------------------------------------------
+def without_image_placeholders(text: str, placeholder: str | re.Pattern) -> str:
+    """`text` with every match of `placeholder` (a regular expression) removed, and nothing else changed: how a text
+    whose image has no place of its own loses its placeholders (the release's parsers: `.replace("<|image_1|>", "")`
+    on instructions; `CoMaProcessor`'s prompt-mode layouts, on instruction and text)."""
+    return re.sub(placeholder, "", text)
+
+
 @dataclass(frozen=True)
 class EmbeddingInput:
     """One query or candidate, whichever form it was given in: what the processor renders."""

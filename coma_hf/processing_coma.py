@@ -38,7 +38,16 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .backbones import image_processor_class, pixels_per_token
-from .inputs import CoMaInputError, EmbeddingInput, fit_aspect_ratio, load_image, message_input, split_input
+from .inputs import (
+    ENLARGED_IMAGE_SIZE,
+    CoMaInputError,
+    EmbeddingInput,
+    fit_aspect_ratio,
+    load_image,
+    message_input,
+    split_input,
+    without_image_placeholders,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,21 +123,38 @@ class InputLayout:
     slots are present.
 
     A layout is saved as its template (the defaults below) or as a dict `{"template": …, option: value, …}`
-    (`from_spec`, `spec`). Options:
+    (`from_spec`, `spec`). Every rule of the two modes and the options, in one place (examples: `V` = the vision block,
+    `<cmp>` = the K compression tokens, `\\n` = a newline; `\\n` and spaces in a template are its separators):
 
-    * `mode` — `"parts"` (default; how CoMa checkpoints are trained): separators are tokenized together with the
-      instruction they touch, and the text alone; a text carrying an image placeholder gets the image there
-      (`CoMaProcessor.render_embedding_input`). `"prompt"`: the parts are first joined into one prompt string, as a
-      stock processor is handed one, and each stretch of it between the vision block and the compression tokens is
-      tokenized at once; the instruction, where a prompt starts, counts as present whenever it is given, even empty;
-      instruction and text are taken as they are (no placeholder handling).
-    * `clean_space_newline` (prompt mode) — every " \\n" of the prompt becomes "\\n" (the release's evaluation
-      cleans its image prompts so);
-    * `trailing_newline` (prompt mode) — "\\n" right before the compression tokens, whatever is present, written
-      after the clean-up;
-    * `text_as_instruction` — an input given without an instruction has its text (or, without one, an empty string)
-      in the instruction slot (how the release's evaluation prepares a classification query: the vision block, then
-      the instruction, then the text).
+    ========================  =========================================================================================
+    rule                      what it does, then an example (layout; input → rendered)
+    ========================  =========================================================================================
+    `mode: "parts"`           the default, how CoMa checkpoints are trained. A separator is tokenized with the
+                              instruction it touches, the text alone; an absent or empty part writes nothing, nor do
+                              its separators. A text holding an image placeholder (`image_placeholder`) and given an
+                              image is that text with `V` at the first placeholder, nothing else added; without an
+                              image, the placeholders are removed.
+                              `{image}{instruction}\\n{text}{compression}`; image, "Find it.", "a cat" →
+                              `VFind it.\\na cat<cmp>`; image, "<|image_1|> a cat" → `V a cat<cmp>`;
+                              "a cat" alone → `a cat<cmp>`.
+    `mode: "prompt"`          the parts are joined into one prompt string, as a stock processor is handed one, and
+                              each stretch of it between `V` and `<cmp>` is tokenized at once; the instruction, where
+                              a prompt starts, is present whenever given, even empty; image placeholders are removed
+                              from instruction and text (a prompt has no place for them).
+                              `{image} {instruction} {text}{compression}`; image, "<|image_1|> Find it.", "a cat" →
+                              `V  Find it. a cat<cmp>`; image, instruction "" → `V <cmp>`.
+    `clean_space_newline`     prompt mode: every " \\n" of a complete stretch becomes "\\n" (the release's evaluation
+                              cleans its image prompts so). Instruction "Find \\n", text "a cat" →
+                              `V Find\\n a cat<cmp>`.
+    `trailing_newline`        prompt mode: "\\n" at the end of the prompt text, after the clean-up, whatever is
+                              present (with K = 0 too, where nothing follows it); a text cut for `max_length` is cut
+                              before it. The prompt layout above; image, "Find it.", "a cat" →
+                              `V Find it. a cat\\n<cmp>`; with K = 0 → `V Find it. a cat\\n`.
+    `text_as_instruction`     an input given without an instruction has its text (or, without one, "") in the
+                              instruction slot (the release's classification queries, and the plain API of a converted
+                              checkpoint). The released `embedding_layout` (prompt, both options above and this one);
+                              image, "a cat" → `V a cat\\n<cmp>`; image alone → `V \\n<cmp>`.
+    ========================  =========================================================================================
     """
 
     SLOTS = ("image", "instruction", "text", "compression")
@@ -314,7 +340,7 @@ class CoMaProcessor(ProcessorMixin):
         embedding_layout: str | dict = EMBEDDING_LAYOUT,
         layouts: dict[str, str | dict] | None = None,
         enlarge_images_below: int | None = None,
-        enlarged_image_size: int = 56,
+        enlarged_image_size: int = ENLARGED_IMAGE_SIZE,
         apply_exif_orientation: bool = True,
         **kwargs,
     ):
@@ -523,40 +549,57 @@ class CoMaProcessor(ProcessorMixin):
             segments.append(self._encode(value) if slot == "text" else list(value))
         if words:
             segments.append(self._encode(words))
-        fixed = sum(len(ids) for index, ids in enumerate(segments) if index != text_index)
-        room = self._text_room(fixed, reserve, sample, _blamed_field(values, reserve))
-        cut = 0
-        if text_index is not None:
-            segments[text_index], cut = _truncate_tail([segments[text_index]], room)
-        return [token for ids in segments for token in ids], cut
+        return self._fit_text(segments, text_index, values, sample, reserve)
 
     def _render_prompt(
         self, layout: InputLayout, values: dict[str, Any], sample: Any, reserve: int = 0
     ) -> tuple[list[int], int]:
         """`_render_layout` for a prompt-mode layout: the text between the vision block and the compression tokens is
-        joined into strings (cleaned, then the trailing newline added, as the layout says), each tokenized at once as
-        a stock processor tokenizes a prompt. To fit `max_length`, the stretch holding the text loses its last
-        tokens."""
-        segments: list[list[int] | str] = []  # token ids (vision block, compression tokens) or prompt text
+        joined into stretches of prompt text, each cleaned as the layout says once it is complete, the last one then
+        given the trailing newline (with K = 0 too, where nothing follows it), and each tokenized at once as a stock
+        processor tokenizes a prompt. To fit `max_length`, the stretch holding the text loses its last tokens, before
+        the trailing newline is added (which is then tokenized on its own)."""
+        segments: list[list[int] | str] = []  # token ids (the vision block) or stretches of prompt text
         text_index = None
         for slot, value in layout.pieces(values):
-            if slot in ("image", "compression"):
-                if segments and isinstance(segments[-1], str) and layout.clean_space_newline:
-                    segments[-1] = segments[-1].replace(" \n", "\n")  # a stretch of text is complete: clean it
-                if slot == "compression" and layout.trailing_newline:  # after the clean-up, as the release does
-                    _append_text(segments, "\n")
+            if slot == "compression":  # always the last slot
+                break
+            if slot == "image":
+                _finish_stretch(segments, layout)
                 segments.append(list(value))
                 continue
             _append_text(segments, value)
             if slot == "text":
                 text_index = len(segments) - 1
-        ids = [self._encode(piece) if isinstance(piece, str) else piece for piece in segments]
-        fixed = sum(len(piece) for index, piece in enumerate(ids) if index != text_index)
+        _finish_stretch(segments, layout)
+        newline = "\n" if layout.trailing_newline else ""  # after the clean-up, as the release writes it
+        ends_in_text = bool(segments) and isinstance(segments[-1], str)
+        compression = list(values["compression"])
+        if ends_in_text:
+            segments[-1] += newline
+        elif newline:
+            segments.append(newline)
+        pieces = [self._encode(piece) if isinstance(piece, str) else piece for piece in segments]
+        ids, cut = self._fit_text([*pieces, compression], text_index, values, sample, reserve)
+        if not cut or not newline or not ends_in_text or text_index != len(segments) - 1:
+            return ids, cut
+        # the text's stretch was cut: cut it without the newline, which then follows it as its own tokens
+        pieces[text_index] = self._encode(segments[text_index][: -len(newline)])
+        return self._fit_text([*pieces, self._encode(newline), compression], text_index, values, sample, reserve)
+
+    def _fit_text(
+        self, pieces: list[list[int]], text_index: int | None, values: dict[str, Any], sample: Any, reserve: int
+    ) -> tuple[list[int], int]:
+        """`pieces` joined, the one at `text_index` (the text, or the prompt stretch holding it) cut from its end so
+        that all of them and `reserve` tokens after them fit in `max_length`; returns the ids and the tokens cut. An
+        error naming the sample when the other pieces alone leave too little room."""
+        fixed = sum(len(piece) for index, piece in enumerate(pieces) if index != text_index)
         room = self._text_room(fixed, reserve, sample, _blamed_field(values, reserve))
         cut = 0
         if text_index is not None:
-            ids[text_index], cut = _truncate_tail([ids[text_index]], room)
-        return [token for piece in ids for token in piece], cut
+            pieces = list(pieces)
+            pieces[text_index], cut = _truncate_tail([pieces[text_index]], room)
+        return [token for piece in pieces for token in piece], cut
 
     def _no_room(self, fixed: int, reserve: int) -> str:
         if reserve:
@@ -580,10 +623,15 @@ class CoMaProcessor(ProcessorMixin):
     ) -> RenderedSample:
         """Render one query or candidate in `embedding_layout` (by default `[image]{instruction}\\n{text}<cmp_0>…`)
         or in the named `layout` of the processor's config, or — in a parts-mode layout — when `text` carries an
-        image placeholder, as the text with the image at the placeholder, then `<cmp_0>…`.
+        image placeholder, as the text with the image at the placeholder, then `<cmp_0>…`. A prompt-mode layout drops
+        the placeholders from the instruction and the text (see `InputLayout`).
         """
         chosen = self.layout_named(layout, sample)
         text = text or ""
+        if chosen.mode == "prompt":  # a prompt has no place for a placeholder: dropped, as the release's parsers do
+            text = without_image_placeholders(text, self._placeholder)
+            if instruction is not None:
+                instruction = without_image_placeholders(instruction, self._placeholder)
         if not text.strip() and image is None:
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
         pixel_values = grid = None
@@ -591,7 +639,7 @@ class CoMaProcessor(ProcessorMixin):
         if image is not None:
             vision, pixel_values, grid = self._image_block(image, sample)
         compression = self.compression_token_ids
-        if chosen.mode == "prompt":  # instruction and text as given, as a stock processor's prompt
+        if chosen.mode == "prompt":  # instruction and text joined as given, as a stock processor's prompt
             values = chosen.slot_values(vision, instruction, text, compression)
             ids, cut = self._render_layout(chosen, values, sample)
             return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
@@ -841,6 +889,12 @@ def sample_contents(batch: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]
         for row, image in zip(rows, patches, strict=True):
             pixels[row] = image
     return list(zip(tokens, pixels, strict=True))
+
+
+def _finish_stretch(segments: list, layout: InputLayout) -> None:
+    """Clean the stretch of prompt text that ends `segments`, now complete, as `layout` asks (" \\n" → "\\n")."""
+    if segments and isinstance(segments[-1], str) and layout.clean_space_newline:
+        segments[-1] = segments[-1].replace(" \n", "\n")
 
 
 def _append_text(segments: list, text: str) -> None:

@@ -27,12 +27,34 @@ import torch
 
 from .backbones import get_family
 from .configuration_coma import CoMaConfig
-from .processing_coma import CoMaProcessor
+from .processing_coma import CoMaProcessor, InputLayout
 
 POOLING_FILE = "coma_pooling.json"
 # Keys that send a loader to CoMa's remote code; the stock folder's processor files must not carry them.
 REMOTE_CODE_KEYS = ("auto_map", "processor_class")
 PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json")
+# How a layout of each mode renders (`InputLayout`'s rules, told to a server): the separators and the placeholders.
+SEPARATOR_RULES = {
+    "parts": "a text between two slots is written only when both slots are present (an empty part is absent)",
+    "prompt": "a text between two slots is written only when both slots are present; the instruction is present "
+    "whenever it is given, even empty",
+}
+PLACEHOLDER_RULES = {
+    "parts": "an input with an image whose text contains image_placeholder (an MMEB row) is that text with the "
+    "image block in place of the first placeholder, then the compression tokens: no layout, no instruction; without "
+    "an image, placeholders are removed from the text",
+    "prompt": "placeholders are removed from the instruction and the text; the image block goes in the {image} slot",
+}
+# What each option of a dict layout (`InputLayout.OPTIONS`) means, for `embedding_layout` and the named `layouts`.
+OPTION_RULES = {
+    "mode": "'parts' (default) or 'prompt': the parts joined into one prompt string, each stretch of it between the "
+    "image block and the compression tokens tokenized at once",
+    "clean_space_newline": "prompt mode: every ' \\n' of the prompt text becomes '\\n'",
+    "trailing_newline": "prompt mode: '\\n' ends the prompt text, after the clean-up, whatever is present (also "
+    "with K = 0); a text cut for max_length is cut before it",
+    "text_as_instruction": "an input without an instruction has its text (or '', without one) in the instruction "
+    "slot and no text",
+}
 
 
 def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]:
@@ -40,8 +62,9 @@ def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]
 
     The input is `embedding_layout` with its slots filled (`{image}`: `image_block` with `image_token` repeated once
     per visual token, i.e. `image_grid_thw.prod() // merge_size**2` times, as the stock processor expands it;
-    `{compression}`: the `compression_token_ids`), a separator written only when the slots on both of its sides are
-    present; the user's text is tokenized with special-token strings left as plain text. The embedding is read off
+    `{compression}`: the `compression_token_ids`), rendered by the rules of its mode (`layout_mode`: `separators`,
+    `image_placeholder_rule`; a dict layout's options as `layout_options` says — a converted release's layout is a
+    prompt); the user's text is tokenized with special-token strings left as plain text. The embedding is read off
     the final (post-norm) hidden states of the last `pooled_positions` positions.
     """
     tokenizer = processor.tokenizer
@@ -50,6 +73,7 @@ def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]
         [backbone.vision_start_token_id, backbone.image_token_id, backbone.vision_end_token_id]
     )
     num_tokens = config.num_compression_tokens
+    mode = InputLayout.from_spec(processor.embedding_layout).mode
     return {
         "architecture": get_family(backbone.model_type).generation_class_name,
         "attention": "causal",
@@ -71,13 +95,14 @@ def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]
             "enlarged_image_size": processor.enlarged_image_size,
             "apply_exif_orientation": processor.apply_exif_orientation,
         },
-        "separators": "a text between two slots is written only when both slots are present",
+        # the rules of embedding_layout's mode; a named layout of the other mode follows that mode's rules
+        "layout_mode": mode,
+        "separators": SEPARATOR_RULES[mode],
+        "layout_options": OPTION_RULES,
         "image_block": f"{vision_start}{image_token}{vision_end}",
         "image_token": image_token,
         "image_placeholder": processor.image_placeholder,
-        "image_placeholder_rule": "an input with an image whose text contains image_placeholder (an MMEB row) is that "
-        "text with the image block in place of the first placeholder, then the compression tokens: no layout, no "
-        "instruction; without an image, placeholders are removed from the text",
+        "image_placeholder_rule": PLACEHOLDER_RULES[mode],
         "text_tokenization": "special-token strings inside the user's text stay plain text (split_special_tokens)",
         "query_instruction": processor.query_instruction,
         "document_instruction": processor.document_instruction,

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 
 from coma_hf.data.mini_mmeb import write_mini_mmeb
-from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets, markdown_table, read_manifest
-from coma_hf.evaluation.mmeb_v2 import as_instruct_dataset, is_instruct_rows
+from coma_hf.evaluation.mmeb import MMEBEvaluator, markdown_table
+from coma_hf.evaluation.mmeb_v2 import DATA_FORMATS, load_evaluation_datasets
 
 DEFAULT_SYNTHETIC = "outputs/synthetic"
 
@@ -38,17 +38,6 @@ def load_model(name_or_path: str):
     return AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
 
 
-def read_datasets(data: str, names, image_root, split: str, data_format: str) -> list:
-    """The evaluation datasets; instruct rows (`--data_format mmeb_v2`, or `auto` and every row has `qry_inst`)
-    prepared by their family's rule."""
-    datasets = load_mmeb_datasets(data, names=names, image_root=image_root, split=split)
-    instruct = all(is_instruct_rows(dataset.rows) for dataset in datasets)
-    if data_format == "mmeb_v2" or (data_format == "auto" and instruct):
-        parsers = read_manifest(data).get("parsers", {}) if Path(data).is_dir() else {}
-        return [as_instruct_dataset(dataset, parsers) for dataset in datasets]
-    return datasets
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default="outputs/stage2")
@@ -61,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--data_format",
         default="auto",
-        choices=("auto", "mmeb", "mmeb_v2"),
+        choices=DATA_FORMATS,
         help="mmeb: verbatim rows (qry_text, …); mmeb_v2: instruct rows (qry_inst, …); auto: from the rows",
     )
     args = parser.parse_args(argv)
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not Path(data).exists():
             write_mini_mmeb(DEFAULT_SYNTHETIC, max_train_scenes=0)  # evaluation needs no training pairs
     names = args.datasets.split(",") if args.datasets else None
-    datasets = read_datasets(data, names, args.image_root, args.split, args.data_format)
+    datasets = load_evaluation_datasets(data, names, args.image_root, args.split, args.data_format)
     results = MMEBEvaluator(datasets, batch_size=args.batch_size)(load_model(args.model_name_or_path), args.output_dir)
     print(markdown_table(results))
     print(f"Results written to {args.output_dir}/mmeb_results.json and .md")

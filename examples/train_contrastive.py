@@ -39,6 +39,7 @@ from coma_hf.data.stage2 import cap_per_dataset, load_mmeb_train, parse_dataset_
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.hub import hardware, save_checkpoint, write_run_summary
+from coma_hf.released import processor_for_training, rendering_settings
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.training import (
     BackboneArguments,
@@ -286,6 +287,13 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.pooling is not None:
         transformer.model.config.pooling = model_args.pooling
     training_pooling = transformer.model.config.pooling
+    bounds = (backbone_args.min_image_tokens, backbone_args.max_image_tokens, backbone_args.max_length)
+    if (training_processor := processor_for_training(transformer.processor, *bounds)) is not None:
+        transformer.processor = transformer.model.processor = training_processor  # saved with the output too
+        logger.info(
+            "The start renders as the release's evaluation; training renders with %s",
+            rendering_settings(training_processor),
+        )
     transformer.model = apply_lora(transformer.model, lora_args)
     with training_args.main_process_first(desc="writing or reading the data"):
         train, bad = load_training_pairs(data_args, transformer.processor)
@@ -310,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
     summary["start_weights"] = start_weights
     summary["recipe"] = model_args.recipe
+    summary["rendering"] = rendering_settings(transformer.processor)
     summary["batch"] = batch.as_dict()
     summary["pooling"] = {"training": training_pooling, "evaluation": model_args.eval_pooling or training_pooling}
     summary["train_dataset"] = data_args.dataset or "synthetic mini-MMEB"

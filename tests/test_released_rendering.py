@@ -25,10 +25,12 @@ from coma_hf.evaluation.mmeb_v2 import (
     RELEASED_PROCESSOR_SETTINGS,
     as_instruct_dataset,
     is_instruct_rows,
+    load_evaluation_datasets,
     load_mmeb_v2_datasets,
 )
-from coma_hf.inputs import CoMaInputError
-from coma_hf.processing_coma import InputLayout
+from coma_hf.inputs import MMEB_IMAGE_PLACEHOLDER, CoMaInputError
+from coma_hf.processing_coma import EMBEDDING_LAYOUT, InputLayout
+from coma_hf.released import processor_for_training, rendering_settings
 
 from mmeb_v2_rows import PARSERS, ROWS, TINY_IMAGE, write_instruct_folder
 from utils import random_image, tiny_coma
@@ -197,6 +199,69 @@ def test_an_empty_instruction_is_present_in_a_prompt(processor):
     )
 
 
+def test_prompt_mode_drops_image_placeholders_from_instruction_and_text(processor):
+    """A prompt has no place for a placeholder: `<|image_1|>` is removed as the release's parsers remove it, not kept
+    as literal text (parts mode puts the image there instead)."""
+    image = random_image(13)
+    block = vision(processor, image)
+    item = {"image": image, "text": f"{MMEB_IMAGE_PLACEHOLDER} a cat", "instruction": f"{MMEB_IMAGE_PLACEHOLDER} Find"}
+    assert tokens(processor, item) == expected(processor, block + "  Find  a cat\n")
+    plain = {"image": image, "text": f"{MMEB_IMAGE_PLACEHOLDER} Represent the image"}  # text in the instruction slot
+    assert tokens(processor, plain) == expected(processor, block + "  Represent the image\n")
+    assert tokens(processor, f"a {MMEB_IMAGE_PLACEHOLDER}dog") == expected(processor, "a dog\n")
+
+
+@pytest.mark.parametrize("num_compression_tokens", [0, 2])
+def test_the_clean_up_and_trailing_newline_finish_the_prompt_with_or_without_compression_tokens(
+    processor, num_compression_tokens
+):
+    """The last stretch is cleaned and ends in the newline whether or not compression tokens follow it (K = 0)."""
+    layout = InputLayout(
+        "{instruction} {text}{compression}", mode="prompt", clean_space_newline=True, trailing_newline=True
+    )
+    compression = processor.compression_token_ids[:num_compression_tokens]
+    values = {"instruction": "a cat", "text": "\n sits", "compression": compression}
+    ids, cut = processor._render_layout(layout, values, 0)
+    assert (
+        cut == 0 and ids == processor.tokenizer("a cat\n sits\n", add_special_tokens=False)["input_ids"] + compression
+    )
+
+
+def test_a_cut_prompt_text_keeps_its_trailing_newline(processor):
+    """`max_length` cuts the text's stretch before the trailing newline is added: the newline and the compression
+    tokens end every prompt."""
+    image = random_image(14)
+    text = "a long description of a small red circle left of a blue square"
+    item = {"image": image, "text": text, "instruction": "Find it."}  # the text in its own slot, which gives way
+    full = tokens(processor, item)
+    short = processor.with_settings(max_length=len(full) - 3)
+    ids = tokens(short, item)
+    newline = processor.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(full) - 3
+    assert ids[-len(processor.compression_token_ids) - len(newline) :] == newline + processor.compression_token_ids
+    assert short.render_embedding_input(text, image, "Find it.").truncated_text_tokens == 3
+
+
+def test_a_converted_processor_trains_with_the_default_rendering(processor):
+    """An MMEB-train row rendered for training from a converted release equals the rendering of any CoMa run: the
+    plain layout, image reading and enlargement reset, the recipe's bounds and `max_length`, the named layouts kept."""
+    default = tiny_coma()[1]
+    recipe = (default.min_image_tokens, default.max_image_tokens, default.max_length)
+    training = processor_for_training(processor, *recipe)
+    text = f"{MMEB_IMAGE_PLACEHOLDER} Represent the given image\n"
+    for image in (random_image(15, (20, 24)), random_image(16, (336, 336))):  # enlarged / more tokens in evaluation
+        row = {"image": image, "text": text}
+        assert tokens(training, row) == tokens(default, row)
+        assert tokens(processor, row) != tokens(default, row)  # the evaluation's prompt and image settings
+    assert rendering_settings(training) == rendering_settings(default)
+    assert training.layouts == processor.layouts
+    bounded = processor_for_training(processor, 16, 64, 128)
+    assert (bounded.min_image_tokens, bounded.max_image_tokens, bounded.max_length) == (16, 64, 128)
+    assert bounded.image_processor.size["longest_edge"] == 64 * bounded.pixels_per_token**2
+    assert bounded.embedding_layout == EMBEDDING_LAYOUT and bounded.apply_exif_orientation
+    assert processor_for_training(default) is None  # a CoMa processor trains as it is
+
+
 def test_layout_options_are_checked_and_saved():
     with pytest.raises(ValueError, match="need mode 'prompt'"):
         InputLayout("{text}{compression}", clean_space_newline=True)
@@ -305,6 +370,18 @@ def test_the_loader_reads_the_instruct_field_layout(folder, datasets, tmp_path):
     finally:
         (folder / "My-Classes.jsonl").unlink()
         (folder / "mmeb_manifest.json").write_text(json.dumps(manifest))
+
+
+def test_evaluation_datasets_are_read_as_the_data_format_says(folder, datasets):
+    """`examples/evaluate.py --data_format`: auto reads instruct rows as `load_mmeb_v2_datasets`, mmeb as they are."""
+    auto = load_evaluation_datasets(folder, names=["WebQA", "OK-VQA"])
+    assert {dataset.name: dataset.rows for dataset in auto} == {
+        name: datasets[name].rows for name in ("WebQA", "OK-VQA")
+    }
+    verbatim = load_evaluation_datasets(folder, names=["WebQA"], data_format="mmeb")[0]
+    assert verbatim.parser is None and is_instruct_rows(verbatim.rows)
+    with pytest.raises(ValueError, match="data_format must be one of"):
+        load_evaluation_datasets(folder, data_format="mmeb_v3")
 
 
 def test_a_bad_instruct_row_is_named_by_dataset_row_and_field(folder, tmp_path):

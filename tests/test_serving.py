@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from coma_hf.evaluation.mmeb_v2 import RELEASED_PROCESSOR_SETTINGS
 from coma_hf.serving import POOLING_FILE, REMOTE_CODE_KEYS, export_stock_backbone
 from coma_hf.tiny import build_tiny_coma
 
@@ -37,23 +38,35 @@ SERVER = textwrap.dedent(
 
     def render(spec, image_tokens, text, instruction):
         # the prompt text before the compression tokens, as coma_pooling.json describes it
+        layout = spec["embedding_layout"]
+        options = layout if isinstance(layout, dict) else {"template": layout}
+        prompt_mode = options.get("mode") == "prompt"
+        placeholder = spec["image_placeholder"]
         block = None
         if image_tokens:
             start, end = spec["image_block"].split(spec["image_token"])
             block = start + spec["image_token"] * image_tokens + end
-        if block and text and re.search(spec["image_placeholder"], text):
-            return re.sub(spec["image_placeholder"], lambda match: block, text, count=1)
-        text = re.sub(spec["image_placeholder"], "", text) if text else text
+        if not prompt_mode and block and text and re.search(placeholder, text):
+            return re.sub(placeholder, lambda match: block, text, count=1)
+        text = re.sub(placeholder, "", text) if text else text
+        if prompt_mode:
+            instruction = re.sub(placeholder, "", instruction) if instruction else instruction
+            if options.get("text_as_instruction") and instruction is None:
+                instruction, text = text or "", None
         values = {"image": block, "instruction": instruction, "text": text, "compression": ""}
         present = {name: bool(value) for name, value in values.items()} | {"compression": True}
-        parts = [part for part in re.split(r"(\{\w+\})", spec["embedding_layout"]) if part]
+        if prompt_mode:
+            present["instruction"] = instruction is not None
+        parts = [part for part in re.split(r"(\{\w+\})", options["template"]) if part]
         prompt = ""
         for index, part in enumerate(parts):
             if is_slot(part):
                 prompt += values[part[1:-1]] or ""
             elif present[parts[index - 1][1:-1]] and present[parts[index + 1][1:-1]]:
                 prompt += part
-        return prompt
+        if options.get("clean_space_newline"):  # the image block holds no " \n": the whole prompt at once
+            prompt = prompt.replace(" \n", "\n")
+        return prompt + ("\n" if options.get("trailing_newline") else "")
 
 
     def embed(folder, rows):
@@ -100,7 +113,10 @@ CASES = {
     "qwen2_5_vl-mean": ("qwen2_5_vl", {}),
     "qwen3_vl-mean-dim48": ("qwen3_vl", {"embedding_dim": 48}),
     "qwen2_5_vl-k0": ("qwen2_5_vl", {"num_compression_tokens": 0, "pooling": "last"}),
+    "qwen2_5_vl-released": ("qwen2_5_vl", {"pooling": "last", "attention_rule": "causal"}),
 }
+# Processor settings of a case: a checkpoint converted from the release renders as their evaluation (a prompt layout).
+PROCESSOR_SETTINGS = {"qwen2_5_vl-released": RELEASED_PROCESSOR_SETTINGS}
 INSTRUCTION = "Find the matching image"
 
 
@@ -132,7 +148,8 @@ def exported(tmp_path_factory) -> dict:
     cases = {}
     for name, (family, settings) in CASES.items():
         settings = {"num_compression_tokens": 4, **settings}
-        model, _ = build_tiny_coma(family, **settings)
+        model, processor = build_tiny_coma(family, **settings)
+        model.processor = processor.with_settings(**PROCESSOR_SETTINGS.get(name, {}))
         checkpoint = root / name
         model.save_pretrained(checkpoint)
         expected = model.encode([_as_coma_input(row) for row in rows])
@@ -199,8 +216,8 @@ def test_export_refuses_to_write_into_the_checkpoint(exported):
     assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "coma"
 
 
-def test_the_spec_of_a_released_rendering_carries_its_layouts_and_image_settings():
-    from coma_hf.evaluation.mmeb_v2 import RELEASED_PROCESSOR_SETTINGS
+def test_the_spec_of_a_released_rendering_carries_its_layouts_image_settings_and_rules():
+    from coma_hf.processing_coma import InputLayout
     from coma_hf.serving import pooling_spec
 
     model, processor = build_tiny_coma(num_compression_tokens=2)
@@ -209,4 +226,11 @@ def test_the_spec_of_a_released_rendering_carries_its_layouts_and_image_settings
     assert spec["layouts"] == released.layouts and spec["layouts"] != pooling_spec(model.config, processor)["layouts"]
     assert spec["embedding_layout"] == released.embedding_layout
     assert spec["image_settings"]["enlarge_images_below"] == released.enlarge_images_below is not None
+    # the rules stated are those of the layout's mode: a prompt drops placeholders, an MMEB row's image goes there
+    parts = pooling_spec(model.config, processor)
+    assert (spec["layout_mode"], parts["layout_mode"]) == ("prompt", "parts")
+    assert "removed from the instruction and the text" in spec["image_placeholder_rule"]
+    assert "in place of the first placeholder" in parts["image_placeholder_rule"]
+    assert "even empty" in spec["separators"] and "even empty" not in parts["separators"]
+    assert set(spec["layout_options"]) == set(InputLayout.OPTIONS)
     json.dumps(spec)  # written as JSON

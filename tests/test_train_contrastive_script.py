@@ -139,3 +139,40 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, synthetic):
     assert summary["num_skipped_samples"] == 2 and summary["num_train_pairs"] == 22
     assert [sample["index"] for sample in summary["skipped_samples"]] == [5, 9]
     assert "missing.png" in summary["skipped_samples"][1]["error"]
+
+
+@pytest.mark.slow
+def test_a_start_rendering_as_the_release_evaluation_trains_and_saves_with_the_training_rendering(tmp_path, synthetic):
+    """A converted release's processor renders as their evaluation (prompt layout, eval image bounds, no max_length):
+    stage 2 from it renders as CoMa trains, with the recipe's bounds, logs it, and the output records it."""
+    from coma_hf.evaluation.mmeb_v2 import RELEASED_LAYOUTS, RELEASED_PROCESSOR_SETTINGS
+    from coma_hf.processing_coma import EMBEDDING_LAYOUT, CoMaProcessor
+
+    from utils import tiny_coma
+
+    model, processor = tiny_coma()
+    start = tmp_path / "converted"
+    model.save_pretrained(start)
+    processor.with_settings(**RELEASED_PROCESSOR_SETTINGS).save_pretrained(start)  # as the converter records it
+    output = tmp_path / "stage2"
+    summary = load_example("train_contrastive").main(
+        TOY
+        + command_line(
+            "--eval_datasets Mini-Count --max_steps 1",
+            model_name_or_path=start,
+            synthetic_dir=synthetic,
+            output_dir=output,
+        )
+    )
+    trained_with = {
+        "embedding_layout": EMBEDDING_LAYOUT,
+        "enlarge_images_below": None,
+        "apply_exif_orientation": True,
+        "min_image_tokens": 64,  # the tiny recipe's
+        "max_image_tokens": 64,
+        "max_length": 512,
+    }
+    assert {key: summary["rendering"][key] for key in trained_with} == trained_with
+    saved = CoMaProcessor.from_pretrained(output)
+    assert {key: getattr(saved, key) for key in trained_with} == trained_with
+    assert saved.layouts == RELEASED_LAYOUTS  # kept for inputs that name one

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..inputs import MMEB_IMAGE_PLACEHOLDER
 from .sources import read_jsonl_records
 from .synthetic import COLOURS, NUMBER_WORDS, SHAPES, SceneObject, redraw_scene, write_synthetic_dataset
 
@@ -57,7 +58,7 @@ NUM_RETRIEVAL_CANDIDATES = 16
 NUM_OOD_RETRIEVAL_CANDIDATES = 100
 SPATIAL_ANSWERS = ("above", "below", "left", "right")
 NUM_GROUNDING_DISTRACTOR_SCENES = 2
-IMAGE = "<|image_1|>"
+IMAGE = MMEB_IMAGE_PLACEHOLDER  # where a row's image stands in its query, as in MMEB
 
 
 def _shapes(record: dict) -> list[dict]:

@@ -65,17 +65,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..data.sources import resolve_image_path
-from ..inputs import CoMaInputError
+from ..inputs import ENLARGED_IMAGE_SIZE, MMEB_IMAGE_PLACEHOLDER, CoMaInputError, without_image_placeholders
 from .mmeb import EvalItem, MMEBDataset, load_mmeb_datasets, read_manifest
 
 logger = logging.getLogger(__name__)
 
 INSTRUCT_HUB_ID = "ziyjiang/MMEB_Test_Instruct"  # the MMEB-V2 instruct test set their parsers load
-PLACEHOLDER = "<|image_1|>"  # what their parsers remove from instructions
+PLACEHOLDER = MMEB_IMAGE_PLACEHOLDER  # what their parsers remove from instructions (this literal only)
 INSTRUCT_FIELDS = ("qry_inst", "qry_text", "qry_img_path", "tgt_inst", "tgt_text", "tgt_img_path")
 
 # ---- the prompt assembly (processor-config data) --------------------------------------------------------------------
@@ -122,7 +123,7 @@ RELEASED_LAYOUTS: dict[str, dict] = {
 # The plain API of a converted checkpoint: their image-query rule, an input's text in the instruction slot.
 RELEASED_EMBEDDING_LAYOUT = {**IMAGE_PROMPT, "text_as_instruction": True}
 EVAL_MIN_IMAGE_TOKENS, EVAL_MAX_IMAGE_TOKENS = 4, 1280  # `src/arguments.py` defaults (28·28·4, 28·28·1280 pixels)
-TINY_IMAGE_SIDE, TINY_IMAGE_SIZE = 28, 56  # an image with a side under 28 px becomes 56 × 56
+TINY_IMAGE_SIDE, TINY_IMAGE_SIZE = 28, ENLARGED_IMAGE_SIZE  # an image with a side under 28 px becomes 56 × 56
 # What a converted release's processor config records (`CoMaProcessor` settings).
 RELEASED_PROCESSOR_SETTINGS: dict[str, Any] = {
     "embedding_layout": RELEASED_EMBEDDING_LAYOUT,
@@ -197,7 +198,7 @@ class _Row:
 
     def instruction(self, field: str) -> str:
         """The instruction with the image placeholder removed, as every parser does."""
-        return self.text(field).replace(PLACEHOLDER, "")
+        return without_image_placeholders(self.text(field), re.escape(PLACEHOLDER))
 
 
 Parsed = tuple[EvalItem, list[EvalItem], list[str]]  # the query, the candidates (gold first) and their names
@@ -321,9 +322,31 @@ def load_mmeb_v2_datasets(
     `PARSER_OF`. Rows are encoded with the checkpoint's named layouts: a checkpoint converted from the release has
     them (`convert_released_checkpoint`).
     """
+    return load_evaluation_datasets(source, names, image_root, split, data_format="mmeb_v2", parsers=parsers)
+
+
+DATA_FORMATS = ("auto", "mmeb", "mmeb_v2")  # how `load_evaluation_datasets` reads rows
+
+
+def load_evaluation_datasets(
+    source: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    image_root: str | None = None,
+    split: str = "test",
+    data_format: str = "auto",
+    parsers: dict[str, str] | None = None,
+) -> list[MMEBDataset]:
+    """Evaluation datasets read as `data_format` says: `"mmeb"`, MMEB's verbatim rows (`load_mmeb_datasets`);
+    `"mmeb_v2"`, instruct rows prepared by their family's rule (`load_mmeb_v2_datasets`); `"auto"`, instruct rows when
+    every dataset's rows are (`is_instruct_rows`), else verbatim ones. `parsers` adds to the folder manifest's."""
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    datasets = load_mmeb_datasets(source, names=names, image_root=image_root, split=split)
+    instruct = all(is_instruct_rows(dataset.rows) for dataset in datasets)
+    if data_format == "mmeb" or (data_format == "auto" and not instruct):
+        return datasets
     manifest_parsers = read_manifest(source).get("parsers", {}) if os.path.isdir(source) else {}
     chosen = {**manifest_parsers, **(parsers or {})}
-    datasets = load_mmeb_datasets(source, names=names, image_root=image_root, split=split)
     return [as_instruct_dataset(dataset, chosen) for dataset in datasets]
 
 
