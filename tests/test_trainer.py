@@ -7,10 +7,12 @@ import json
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from coma_hf import CoMaInputError
 from coma_hf.data.stage1 import load_stage1_dataset
@@ -214,6 +216,39 @@ def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_p
     merged.eval()
     expected = merged.encode_text(["a red circle", "two squares"])
     torch.testing.assert_close(torch.load(tmp_path / "vectors.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sharded_runs_final_save_frees_the_trained_model_then_reloads_in_the_runs_precision(
+    scenes, tmp_path, monkeypatch
+):
+    """After a sharded run every process loads the saved checkpoint back (`save_merged`); first the trained model, its
+    optimizer and the KL teacher are freed, with nothing left that holds them, and a bf16 run's float32 checkpoint
+    comes back in bfloat16. Sharding itself is faked: the gathered save of one process is the same save."""
+    from coma_hf.training import trainers
+
+    dataset, root = scenes
+    model, processor = _fresh_model()
+    trainer = CoMaCompressionTrainer(
+        model=model,
+        args=training_args(tmp_path / "run", max_steps=1),
+        train_dataset=dataset,
+        processing_class=processor,
+        image_root=root,
+        objective="kl",
+    )
+    trainer.train()
+    trained = {"model": weakref.ref(model), "optimizer": weakref.ref(trainer.optimizer)}
+    trained["teacher"] = weakref.ref(trainer.teacher)
+    del model
+    monkeypatch.setattr(trainers, "shards_parameters", lambda args: True)
+    trainer.args.bf16 = True  # what a bf16 run records; its sharded (and saved) master weights stay float32
+    saved = trainer.save_merged(str(tmp_path / "saved"))
+    assert {name: ref() for name, ref in trained.items()} == dict.fromkeys(trained)
+    assert trainer.model is None and trainer.optimizer is None and trainer.teacher is None
+    assert {tensor.dtype for tensor in load_file(str(tmp_path / "saved" / "model.safetensors")).values()} == {
+        torch.float32
+    }
+    assert saved.dtype == torch.bfloat16 and saved.processor is processor
 
 
 def test_collator_counts_dropped_turns():

@@ -137,8 +137,9 @@ class _CoMaTrainerMixin:
         With sharded parameters (FSDP, ZeRO-3) there are no full weights to merge into: a LoRA is refused, and
         all weights are saved by Trainer, which gathers the shards in the main process (stage 1 only; stage 2 saves
         through sentence-transformers, which does not gather them, see `check_sharding`). No process then holds a
-        usable model (a sharded one runs only through its `forward`), so every process loads the saved checkpoint
-        back onto its device and returns that."""
+        usable model (a sharded one runs only through its `forward`), so every process frees the trained model and
+        its optimizer state (`_release_training_state`; the trainer cannot train again), then loads the saved
+        checkpoint back onto its device in the run's precision (`reload_dtype`) and returns that."""
         model, processor = self._coma_model_and_processor()
         if shards_parameters(self.args):
             if hasattr(model, "peft_config"):
@@ -148,7 +149,10 @@ class _CoMaTrainerMixin:
                 )
             self._save_gathered(output_dir)
             self.accelerator.wait_for_everyone()  # the main process has written the checkpoint
-            saved = unsharded_class(model).from_pretrained(output_dir).to(self.args.device)
+            model_class = unsharded_class(model)
+            del model  # every process would otherwise hold its shards and a full copy at once
+            self._release_training_state()
+            saved = model_class.from_pretrained(output_dir, dtype=reload_dtype(self.args)).to(self.args.device)
             if processor is not None:
                 saved.processor = processor
             return saved
@@ -160,6 +164,16 @@ class _CoMaTrainerMixin:
         if self.args.should_save:
             save_checkpoint(merged, output_dir)
         return merged
+
+    def _release_training_state(self) -> None:
+        """Drop every reference this trainer, its callbacks and its accelerator hold to the trained model, its
+        optimizer and scheduler, then collect them and empty the device cache (accelerate's `free_memory`). The
+        trainer cannot train or evaluate afterwards."""
+        self.model = self.model_wrapped = self.deepspeed = None
+        self.optimizer = self.lr_scheduler = None
+        handler = self.callback_handler  # Trainer hands these to its callbacks too
+        handler.model = handler.optimizer = handler.lr_scheduler = None
+        self.accelerator.free_memory()
 
     def _coma_model_and_processor(self) -> tuple[Any, Any]:
         """The `CoMaModel` being trained (a `PeftModel` around it with LoRA) and the processor it is saved with."""
@@ -174,6 +188,13 @@ class _CoMaTrainerMixin:
     def _save_gathered(self, output_dir: str) -> None:
         """Save all weights of a run whose parameters are sharded."""
         raise ValueError(NO_SHARDED_STAGE2)
+
+
+def reload_dtype(args) -> torch.dtype | str:
+    """The dtype a checkpoint saved after training is loaded back in: bfloat16 for a bf16 run (whose sharded master
+    weights, and so the saved ones, are float32: twice the memory, for no difference the run's own forward makes),
+    else the saved dtype ("auto")."""
+    return torch.bfloat16 if args.bf16 else "auto"
 
 
 def unsharded_class(model: torch.nn.Module) -> type:
@@ -392,6 +413,11 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
 
     def _coma_model_and_processor(self) -> tuple[Any, Any]:
         return self.accelerator.unwrap_model(self.model), self.processing_class
+
+    def _release_training_state(self) -> None:
+        """As the mixin's, and the KL objectives' frozen teacher (a whole, unsharded model on every process)."""
+        self.teacher = None
+        super()._release_training_state()
 
     def _save_gathered(self, output_dir: str) -> None:
         self.save_model(output_dir)  # Trainer gathers the shards in the main process
