@@ -251,6 +251,32 @@ def test_a_sharded_runs_final_save_frees_the_trained_model_then_reloads_in_the_r
     assert saved.dtype == torch.bfloat16 and saved.processor is processor
 
 
+@pytest.mark.parametrize(
+    ("processes", "tp_size", "n_gpu", "average"),
+    [(1, 1, 1, True), (4, 1, 1, True), (8, 2, 1, True), (8, 4, 0, True), (1, 1, 2, True), (8, 2, 1, False)],
+)
+def test_the_kl_and_per_sample_losses_scale_across_processes_as_the_installed_trainer_does(
+    processes, tp_size, n_gpu, average
+):
+    """`_across_devices_scale` copies a private rule of `Trainer.compute_loss`; the installed Trainer, run on a model
+    whose loss is 1, gives the same factor (tensor-parallel ranks sharing one batch included)."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(average_tokens_across_devices=average, n_gpu=n_gpu),
+        accelerator=SimpleNamespace(num_processes=processes, parallelism_config=None),
+        get_tp_size=lambda: tp_size,
+        label_smoother=None,
+        compute_loss_func=None,
+        model_accepts_loss_kwargs=True,
+    )
+    for count in (None, torch.tensor(10)):
+        expected = Trainer.compute_loss(trainer, lambda **_: {"loss": torch.tensor(1.0)}, {}, num_items_in_batch=count)
+        assert CoMaCompressionTrainer._across_devices_scale(trainer, count) == expected, count
+
+
 def test_collator_counts_dropped_turns():
     model, processor = _fresh_model()
     processor.max_length = 64

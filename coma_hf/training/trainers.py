@@ -332,13 +332,15 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """As Trainer's; with "per_sample_mean" the count that normalises the loss is of the samples with a label
-        token in the optimizer step's micro-batches, summed over processes (Trainer's count is of label tokens)."""
+        token in the optimizer step's micro-batches, summed over processes and divided, as Trainer divides its count of
+        label tokens, by the ranks that share one batch (tensor, context and sequence parallel)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.loss_normalization == "per_sample_mean" and num_items_in_batch is not None:
             count = sum(labelled_rows(batch[BatchKey.LABELS]).sum() for batch in batch_samples).to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
-            num_items_in_batch = count
+            # ranks that share one batch counted it once each: Trainer's divisor for its token count (5.24)
+            num_items_in_batch = count / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
         return batch_samples, num_items_in_batch
 
     def _per_sample_mean_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
@@ -361,9 +363,11 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
 
     def _across_devices_scale(self, num_items_in_batch) -> int:
         """What Trainer multiplies a loss by when it was normalised by a count over all processes (DDP then averages
-        the gradients, which would otherwise divide the sum by the process count once more)."""
+        the gradients, which would otherwise divide the sum by the process count once more); tensor-parallel ranks
+        share one batch, so the processes are counted per tensor-parallel group."""
+        # Trainer's private rule (`Trainer.compute_loss`), as transformers 5.24 writes it.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            return self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
         return 1
 
     def _distillation_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
