@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import FAMILIES, REMOTE_CODE_FILES, hub_cache, random_image, run_python, tiny_coma
+from utils import FAMILIES, REMOTE_CODE_FILES, hub_cache, random_image, run_without_coma, tiny_coma
 
-# Runs in a fresh interpreter in which `import coma_hf` fails, as on a machine without the package.
+# Runs in a fresh interpreter in which `import coma_hf` fails (`run_without_coma`), as on a machine without it.
 CHILD = textwrap.dedent(
     """
     import sys
-    sys.modules["coma_hf"] = None
     import torch
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
@@ -45,7 +44,7 @@ def _reference(model, processor, image_path):
 
 def _run_child(source: str, image_path: Path, output: Path, hf_home: Path) -> dict:
     """What CHILD saved to `output` after loading `source` offline with `hf_home` as its Hugging Face home."""
-    run_python(["-c", CHILD, source, str(image_path), str(output)], hf_home, output.parent)
+    run_without_coma(CHILD, [source, image_path, output], hf_home, output.parent)
     return torch.load(output)
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
-import textwrap
 import weakref
 
 import pytest
@@ -20,7 +17,7 @@ from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
 from coma_hf.training import CoMaCompressionCollator, CoMaCompressionTrainer, LoraArguments, apply_lora
 
-from utils import random_image, training_args
+from utils import random_image, run_without_coma, training_args
 
 
 @pytest.fixture(scope="module")
@@ -196,23 +193,14 @@ def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_p
     assert torch.equal(after[others], embeddings_before[others])  # the rest of the vocabulary untouched
 
     # the merged checkpoint is plain: it loads without coma_hf and embeds like the merged model
-    child = textwrap.dedent(
-        """
-        import sys; sys.modules["coma_hf"] = None
+    child = """
+        import sys
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
         torch.save(model.encode_text(["a red circle", "two squares"]), sys.argv[2])
         """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", child, str(tmp_path / "merged"), str(tmp_path / "vectors.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_coma(child, [tmp_path / "merged", tmp_path / "vectors.pt"], tmp_path / "hf", tmp_path)
     merged.eval()
     expected = merged.encode_text(["a red circle", "two squares"])
     torch.testing.assert_close(torch.load(tmp_path / "vectors.pt"), expected, atol=1e-5, rtol=1e-5)
