@@ -39,7 +39,7 @@ from .processing_coma import (
     CoMaProcessor,
     compression_token_names,
 )
-from .saving import carry_files, save_atomically
+from .saving import MAX_SHARD_SIZE, carry_files, save_atomically
 from .sentence_transformers_files import write_sentence_transformers_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 
@@ -198,7 +198,11 @@ class CoMaModel(PreTrainedModel):
         rename; an existing one (a Trainer output folder with checkpoints, an older save) first loses its
         `config.json`, then receives the new files with `config.json` last — so a save cut short at any point leaves
         either the previous model, or a folder without `config.json` that refuses to load, never a mix.
+
+        Weights go into safetensors shards of at most `max_shard_size`, by default `saving.MAX_SHARD_SIZE` (2GB, not
+        transformers' 50GB) — also for Trainer's `checkpoint-N` saves, which call this method.
         """
+        kwargs.setdefault("max_shard_size", MAX_SHARD_SIZE)
         if kwargs.get("push_to_hub"):
             raise ValueError(
                 "Save, then upload the folder with the package's `push_to_hub(folder, repo_id)`: saving is atomic and "

@@ -28,6 +28,7 @@ import torch
 from .backbones import get_family
 from .configuration_coma import CoMaConfig
 from .processing_coma import CoMaProcessor, InputLayout
+from .saving import MAX_SHARD_SIZE
 
 POOLING_FILE = "coma_pooling.json"
 # Keys that send a loader to CoMa's remote code; the stock folder's processor files must not carry them.
@@ -133,7 +134,7 @@ def export_stock_backbone(
     problems = {key: value for key, value in loading.items() if key in ("missing_keys", "unexpected_keys") and value}
     if problems:
         raise ValueError(f"{checkpoint}'s weights do not fit {stock_class.__name__}: {problems}")
-    stock.save_pretrained(output_dir)
+    stock.save_pretrained(output_dir, max_shard_size=MAX_SHARD_SIZE)
     processor.tokenizer.save_pretrained(output_dir)
     processor.image_processor.save_pretrained(output_dir)
     for name in PROCESSOR_FILES:

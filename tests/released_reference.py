@@ -1,8 +1,9 @@
 """An independent re-implementation of the authors' released evaluation (GitHub `Trustworthy-Information-Access/CoMa`,
 `eval.py` with `--pooling eos --normalize true`) on stock transformers classes, for `tests/test_released_parity.py`.
 
-It runs in its own interpreter where `coma_hf` cannot be imported, reads a checkpoint in the release's format (the
-stock Qwen2.5-VL class loads their older key names) and writes, with `safetensors`:
+It runs in its own interpreter where `coma_hf` cannot be imported (`utils.run_without_coma`: it must not use the
+package it checks), reads a checkpoint in the release's format (the stock Qwen2.5-VL class loads their older key names)
+and writes, with `safetensors`:
 
 * `plain/{name}`: the vector of each plain input (an image, a text, an image and a text) as their classification
   query preparation renders it with the input's text as the instruction;
@@ -16,28 +17,15 @@ final hidden state at the last position, L2-normalised. Usage:
 "mmeb_v2": {"folder", "image_root", "datasets": {name: parser}}}`).
 """
 
-import importlib.abc
 import json
 import os
 import sys
 
-
-class _NoComa(importlib.abc.MetaPathFinder):
-    """Makes `import coma_hf` fail: this reference must not use the package it checks."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "coma_hf" or name.startswith("coma_hf."):
-            raise ImportError(f"{name} is blocked in the reference process")
-        return None
-
-
-sys.meta_path.insert(0, _NoComa())
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
 
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 PLACEHOLDER = "<|image_1|>"

@@ -37,7 +37,7 @@ from utils import (
     command_line,
     load_example,
     random_image,
-    run_python,
+    run_without_coma,
     tiny_coma,
 )
 
@@ -96,6 +96,22 @@ def _corpus_args(root: Path, images: Path, output_dir: Path) -> list[str]:
     return command_line(model=root / "checkpoint", images=images, shard_size=3, output_dir=output_dir)
 
 
+def _launch_on_cpu(options: list[str], script: str, *arguments: object) -> str:
+    """`accelerate launch OPTIONS tests/distributed/SCRIPT ARGUMENTS` on CPU processes (gloo, one thread each, this
+    folder and tests/distributed importable); asserts that it exits 0 and returns its output (stdout, then stderr)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": os.pathsep.join([str(DISTRIBUTED), str(Path(__file__).parent), *sys.path]),
+    }
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    command = [accelerate, "launch", *options, str(DISTRIBUTED / script), *map(str, arguments)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Launch once; returns (folder, synthetic data, tiny checkpoint, launch output)."""
@@ -105,20 +121,12 @@ def two_processes(tmp_path_factory):
     model, _ = tiny_coma()
     model.save_pretrained(root / "checkpoint")
     (root / "out").mkdir()
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": os.pathsep.join([str(DISTRIBUTED), str(Path(__file__).parent), *sys.path]),
-    }
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    command = [
-        accelerate,
-        *(
-            "launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    log = _launch_on_cpu(
+        (
+            "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
             " --main_process_port 29533"
         ).split(),
-        str(DISTRIBUTED / "under_accelerate.py"),
+        "under_accelerate.py",
         str(root / "out"),
         str(root / "checkpoint"),
         "--",
@@ -147,10 +155,8 @@ def two_processes(tmp_path_factory):
         *command_line(
             synthetic_dir=synthetic, model_name_or_path=root / "checkpoint", output_dir=root / "stage2-released-two"
         ),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return root, synthetic, result.stdout + result.stderr
+    )
+    return root, synthetic, log
 
 
 @pytest.mark.slow
@@ -254,6 +260,18 @@ def test_the_released_recipe_on_two_processes_trains_on_the_global_batch_it_stat
     _assert_same_weights(tmp_path / "one", two, start=None if stage == "stage1" else root / "checkpoint")
 
 
+def test_the_launched_helpers_split_their_arguments_into_script_segments():
+    from utils import script_segments
+
+    arguments = ["OUTPUT", "--", "pretrain", "--seed", "3", "--", "encode_corpus", "--", "pretrain", "--x", "--y"]
+    assert script_segments(arguments) == [
+        ("pretrain", ["--seed", "3"]),
+        ("encode_corpus", []),
+        ("pretrain", ["--x", "--y"]),
+    ]
+    assert script_segments(["OUTPUT"]) == []
+
+
 @pytest.mark.parametrize("config", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_accelerate_configs_load_and_name_their_deepspeed_files(config):
     from accelerate.commands.config.config_args import load_config_from_file
@@ -313,20 +331,13 @@ def fsdp_processes(tmp_path_factory):
     checkpoint at step 2, stage 1 again resumed from that checkpoint, then stage 2 and a LoRA stage 1, which must stop.
     Returns (folder, launch output, per-segment record of rank 0)."""
     root = tmp_path_factory.mktemp("fsdp")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": os.pathsep.join([str(DISTRIBUTED), str(Path(__file__).parent), *sys.path]),
-    }
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    command = [
-        accelerate,
-        "launch",
-        "--config_file",
-        str(FSDP_CONFIG),
-        *"--num_processes 2 --mixed_precision no --main_process_port 29534".split(),
-        str(DISTRIBUTED / "fsdp_on_cpu.py"),
+    log = _launch_on_cpu(
+        [
+            "--config_file",
+            str(FSDP_CONFIG),
+            *"--num_processes 2 --mixed_precision no --main_process_port 29534".split(),
+        ],
+        "fsdp_on_cpu.py",
         str(root / "record"),
         "--",
         "pretrain",
@@ -351,12 +362,10 @@ def fsdp_processes(tmp_path_factory):
         "--",
         "pretrain",
         *command_line("--use_lora true", output_dir=root / "stage1-lora"),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    )
     records = [json.loads(Path(f"{root / 'record'}.{rank}").read_text()) for rank in range(2)]
     assert records[0] == records[1]
-    return root, result.stdout + result.stderr, records[0]
+    return root, log, records[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -389,12 +398,11 @@ def test_fsdp_stage_one_on_two_processes_matches_one_process_with_the_same_globa
     _assert_same_weights(tmp_path / "one", root / "stage1")
 
 
-# A fresh interpreter in which `import coma_hf` fails: the checkpoint's own remote code, through AutoModel and
-# SentenceTransformer (the vectors of both, then each loader's, in one file).
+# A fresh interpreter in which `import coma_hf` fails (`run_without_coma`): the checkpoint's own remote code, through
+# AutoModel and SentenceTransformer (the vectors of both, then each loader's, in one file).
 WITHOUT_PACKAGE = textwrap.dedent(
     """
     import sys
-    sys.modules["coma_hf"] = None
     from safetensors.torch import save_file
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
@@ -426,7 +434,7 @@ def test_the_fsdp_checkpoint_loads_everywhere_with_the_same_vectors(fsdp_process
     for seed, (path, size) in enumerate(zip(images, [(56, 56), (56, 84)], strict=True)):
         random_image(seed, size).save(path)
     output = tmp_path / "vectors.safetensors"
-    run_python(["-c", WITHOUT_PACKAGE, str(folder), *map(str, images), str(output)], tmp_path / "home", tmp_path)
+    run_without_coma(WITHOUT_PACKAGE, [folder, *images, output], tmp_path / "home", tmp_path)
     remote = load_file(str(output))
     inputs = [{"image": str(images[0])}, "a circle", {"image": str(images[1]), "text": "what?"}]
     vectors = CoMaModel.from_pretrained(folder).eval().encode(inputs)

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import FAMILIES, REMOTE_CODE_FILES, hub_cache, random_image, run_python, tiny_coma
+from utils import FAMILIES, REMOTE_CODE_FILES, hub_cache, random_image, run_without_coma, tiny_coma
 
-# Runs in a fresh interpreter in which `import coma_hf` fails, as on a machine without the package.
+# Runs in a fresh interpreter in which `import coma_hf` fails (`run_without_coma`), as on a machine without it.
 CHILD = textwrap.dedent(
     """
     import sys
-    sys.modules["coma_hf"] = None
     import torch
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
@@ -45,7 +44,7 @@ def _reference(model, processor, image_path):
 
 def _run_child(source: str, image_path: Path, output: Path, hf_home: Path) -> dict:
     """What CHILD saved to `output` after loading `source` offline with `hf_home` as its Hugging Face home."""
-    run_python(["-c", CHILD, source, str(image_path), str(output)], hf_home, output.parent)
+    run_without_coma(CHILD, [source, image_path, output], hf_home, output.parent)
     return torch.load(output)
 
 
@@ -107,3 +106,27 @@ def test_in_process_reload_gives_identical_outputs(tmp_path):
     batch = processor.process_for_embedding(["text", random_image(0)])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).pooler_output, model(**batch).pooler_output, atol=0, rtol=0)
+
+
+def test_save_pretrained_and_the_stock_export_shard_at_the_package_limit(tmp_path, monkeypatch):
+    """`CoMaModel.save_pretrained` (so also Trainer's `checkpoint-N` and the final save of a sharded run) and the stock
+    export shard at `coma_hf.saving.MAX_SHARD_SIZE`, not transformers' 50GB: with the limit patched where it is read,
+    both write several shards that load back as the model; an explicit `max_shard_size` still wins."""
+    from coma_hf import CoMaModel, modeling_coma, serving
+    from coma_hf.backbones import get_family
+
+    monkeypatch.setattr(modeling_coma, "MAX_SHARD_SIZE", "200KB")
+    monkeypatch.setattr(serving, "MAX_SHARD_SIZE", "200KB")
+    model, _ = tiny_coma()
+    model.save_pretrained(tmp_path / "coma")
+    assert len(list((tmp_path / "coma").glob("model-*.safetensors"))) > 1
+    reloaded = CoMaModel.from_pretrained(tmp_path / "coma").state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded[name], tensor), name
+    model.save_pretrained(tmp_path / "one-file", max_shard_size="50GB")
+    assert [path.name for path in (tmp_path / "one-file").glob("*.safetensors")] == ["model.safetensors"]
+
+    serving.export_stock_backbone(tmp_path / "coma", tmp_path / "stock")
+    assert len(list((tmp_path / "stock").glob("model-*.safetensors"))) > 1
+    stock = get_family("qwen2_5_vl").generation_class.from_pretrained(tmp_path / "stock")
+    assert torch.equal(stock.get_input_embeddings().weight, model.get_input_embeddings().weight)

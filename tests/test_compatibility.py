@@ -15,19 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils import run_python
+from utils import run_without_coma
 
 FIXTURE = Path(__file__).parent / "fixtures" / "coma_v0_stage2"
 TEXT = "a red circle left of a blue square"
 QUESTION = "What colour is the circle?"
 PROCESSOR_FILE = "processor_config.json"
 
-# A fresh interpreter in which `import coma_hf` fails: the checkpoint's own remote code, through AutoModel and
-# SentenceTransformer.
+# A fresh interpreter in which `import coma_hf` fails (`run_without_coma`): the checkpoint's own remote code, through
+# AutoModel and SentenceTransformer.
 CHILD = textwrap.dedent(
     """
     import sys
-    sys.modules["coma_hf"] = None
     import torch
     from safetensors.torch import save_file
     from sentence_transformers import SentenceTransformer
@@ -57,9 +56,7 @@ def _copy(tmp_path) -> Path:
 @pytest.mark.slow
 def test_old_checkpoint_gives_its_vectors_through_its_remote_code(tmp_path):
     folder = _copy(tmp_path)
-    run_python(
-        ["-c", CHILD, str(folder), TEXT, QUESTION, str(tmp_path / "out.safetensors")], tmp_path / "home", tmp_path
-    )
+    run_without_coma(CHILD, [folder, TEXT, QUESTION, tmp_path / "out.safetensors"], tmp_path / "home", tmp_path)
     got, expected = (
         load_file(str(tmp_path / "out.safetensors")),
         load_file(str(FIXTURE / "expected_vectors.safetensors")),

@@ -15,7 +15,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from coma_hf.evaluation.mmeb import MMEBEvaluator, load_mmeb_datasets
 from coma_hf.hub import push_to_hub, save_checkpoint
 
-from utils import REMOTE_CODE_FILES, command_line, hub_cache, load_example, random_image, run_python, tiny_coma
+from utils import REMOTE_CODE_FILES, command_line, hub_cache, load_example, random_image, run_without_coma, tiny_coma
 
 REPO = "org/coma"
 TOKEN = "hf_PlantedTokenThatMustNeverBeWrittenAnywhere123"
@@ -23,7 +23,6 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHILD = textwrap.dedent(
     """
     import sys
-    sys.modules["coma_hf"] = None
     import torch
     from PIL import Image
     from sentence_transformers import SentenceTransformer
@@ -99,7 +98,7 @@ def test_dry_run_folder_loads_by_repo_id_without_coma_hf(upload, tmp_path):
     hub_cache(folder, tmp_path / "home", REPO)
     image_path = tmp_path / "image.png"
     random_image(4).save(image_path)
-    run_python(["-c", CHILD, str(image_path), str(tmp_path / "out.pt")], tmp_path / "home", tmp_path)
+    run_without_coma(CHILD, [image_path, tmp_path / "out.pt"], tmp_path / "home", tmp_path)
     out = torch.load(tmp_path / "out.pt")
     model, _ = tiny_coma()
     from PIL import Image
@@ -141,8 +140,7 @@ def test_card_snippets_run_against_the_uploaded_folder(upload, tmp_path):
     assert len(snippets) == 2 and all(REPO in snippet for snippet in snippets)
     hub_cache(root / "upload", tmp_path / "home", REPO)
     for snippet in snippets:
-        code = 'import sys\nsys.modules["coma_hf"] = None\n' + snippet
-        result = run_python(["-c", code], tmp_path / "home", tmp_path)
+        result = run_without_coma(snippet, [], tmp_path / "home", tmp_path)
         assert "tensor" in result.stdout or "[[" in result.stdout
 
 

@@ -81,6 +81,12 @@ def test_selection_is_deterministic_and_a_larger_cap_extends_a_smaller_one(tmp_p
     assert chosen(5) != chosen(5, seed=1)
     assert chosen(8)[:5] == chosen(5)
     assert sorted(chosen(50)) == sorted(f"images/C/{i}.jpg" for i in range(20))  # a cap above the subset: all of it
+    # over several subsets it holds for the first one and for one that shares no image with those before it (C);
+    # B shares A/1 with A, so its candidates depend on A's cap
+    small, large = (
+        {(r["subset"], r["id"]) for r in select_images(mmeb, ("A", "B", "C"), cap, seed=0)[0]} for cap in (3, 8)
+    )
+    assert {pair for pair in small if pair[0] != "B"} <= large
 
 
 def test_sources_in_every_layout_give_the_same_images(tmp_path):

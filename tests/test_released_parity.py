@@ -22,7 +22,7 @@ from coma_hf.evaluation.mmeb import MMEBEvaluator, as_encoder
 from coma_hf.evaluation.mmeb_v2 import load_mmeb_v2_datasets
 
 from mmeb_v2_rows import PARSERS, TINY_IMAGE, write_instruct_folder
-from utils import load_example, random_image, run_python
+from utils import load_example, random_image, run_without_coma
 
 REFERENCE = Path(__file__).parent / "released_reference.py"
 ATOL = 1e-5
@@ -51,7 +51,7 @@ def parity(tmp_path_factory):
     }
     (root / "spec.json").write_text(json.dumps(spec))
     output = root / "reference.safetensors"
-    run_python([str(REFERENCE), str(source), str(root / "spec.json"), str(output)], root / "hf_home", root)
+    run_without_coma(REFERENCE, [source, root / "spec.json", output], root / "hf_home", root)
     return {"converted": converted, "rows": rows, "plain": plain, "reference": load_file(output)}
 
 

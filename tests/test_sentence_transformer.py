@@ -12,13 +12,13 @@ import torch
 from coma_hf import CoMaInputError
 from coma_hf.sentence_transformer import load_sentence_transformer
 
-from utils import random_image, run_python, tiny_coma
+from utils import random_image, run_without_coma, tiny_coma
 
-# A fresh interpreter in which `import coma_hf` fails: AutoModel and SentenceTransformer from the same folder.
+# A fresh interpreter in which `import coma_hf` fails (`run_without_coma`): AutoModel and SentenceTransformer from the
+# same folder.
 CHILD = textwrap.dedent(
     """
     import sys
-    sys.modules["coma_hf"] = None
     import torch
     from PIL import Image
     from sentence_transformers import SentenceTransformer
@@ -55,7 +55,7 @@ def test_same_vectors_through_automodel_and_sentence_transformer_without_coma_hf
     )
     image_path = tmp_path / "image.png"
     random_image(3).save(image_path)
-    run_python(["-c", CHILD, str(folder), str(image_path), str(tmp_path / "out.pt")], tmp_path / "home", tmp_path)
+    run_without_coma(CHILD, [folder, image_path, tmp_path / "out.pt"], tmp_path / "home", tmp_path)
     out = torch.load(tmp_path / "out.pt")
     for name in ("text", "images", "mixed", "query", "document"):
         torch.testing.assert_close(out[f"st_{name}"], out[f"auto_{name}"], atol=1e-5, rtol=0, msg=name)

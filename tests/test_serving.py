@@ -20,12 +20,11 @@ from coma_hf.evaluation.mmeb_v2 import RELEASED_PROCESSOR_SETTINGS
 from coma_hf.serving import POOLING_FILE, REMOTE_CODE_KEYS, export_stock_backbone
 from coma_hf.tiny import build_tiny_coma
 
-from utils import random_image, run_python
+from utils import random_image, run_without_coma
 
 SERVER = textwrap.dedent(
     r"""
     import json, re, sys
-    sys.modules["coma_hf"] = None
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -167,7 +166,7 @@ def served(exported) -> dict:
     root = exported["root"]
     jobs = {str(case["export"]): exported["rows"] for case in exported["cases"].values()}
     (root / "jobs.json").write_text(json.dumps(jobs))
-    run_python(["-c", SERVER, str(root / "jobs.json"), str(root / "served.pt")], root / "home", root)
+    run_without_coma(SERVER, [root / "jobs.json", root / "served.pt"], root / "home", root)
     vectors = torch.load(root / "served.pt")
     return {name: vectors[str(case["export"])] for name, case in exported["cases"].items()}
 

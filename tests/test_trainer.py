@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
-import textwrap
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from coma_hf import CoMaInputError
 from coma_hf.data.stage1 import load_stage1_dataset
@@ -18,7 +17,7 @@ from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.tiny import build_tiny_coma
 from coma_hf.training import CoMaCompressionCollator, CoMaCompressionTrainer, LoraArguments, apply_lora
 
-from utils import random_image, training_args
+from utils import random_image, run_without_coma, training_args
 
 
 @pytest.fixture(scope="module")
@@ -194,26 +193,76 @@ def test_paper_recipe_trains_lora_and_compression_rows_then_merges(scenes, tmp_p
     assert torch.equal(after[others], embeddings_before[others])  # the rest of the vocabulary untouched
 
     # the merged checkpoint is plain: it loads without coma_hf and embeds like the merged model
-    child = textwrap.dedent(
-        """
-        import sys; sys.modules["coma_hf"] = None
+    child = """
+        import sys
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
         torch.save(model.encode_text(["a red circle", "two squares"]), sys.argv[2])
         """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", child, str(tmp_path / "merged"), str(tmp_path / "vectors.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_coma(child, [tmp_path / "merged", tmp_path / "vectors.pt"], tmp_path / "hf", tmp_path)
     merged.eval()
     expected = merged.encode_text(["a red circle", "two squares"])
     torch.testing.assert_close(torch.load(tmp_path / "vectors.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sharded_runs_final_save_frees_the_trained_model_then_reloads_in_the_runs_precision(
+    scenes, tmp_path, monkeypatch
+):
+    """After a sharded run every process loads the saved checkpoint back (`save_merged`); first the trained model, its
+    optimizer and the KL teacher are freed, with nothing left that holds them, and a bf16 run's float32 checkpoint
+    comes back in bfloat16. Sharding itself is faked: the gathered save of one process is the same save."""
+    from coma_hf.training import trainers
+
+    dataset, root = scenes
+    model, processor = _fresh_model()
+    trainer = CoMaCompressionTrainer(
+        model=model,
+        args=training_args(tmp_path / "run", max_steps=1),
+        train_dataset=dataset,
+        processing_class=processor,
+        image_root=root,
+        objective="kl",
+    )
+    trainer.train()
+    trained = {"model": weakref.ref(model), "optimizer": weakref.ref(trainer.optimizer)}
+    trained["teacher"] = weakref.ref(trainer.teacher)
+    del model
+    monkeypatch.setattr(trainers, "shards_parameters", lambda args: True)
+    trainer.args.bf16 = True  # what a bf16 run records; its sharded (and saved) master weights stay float32
+    saved = trainer.save_merged(str(tmp_path / "saved"))
+    assert {name: ref() for name, ref in trained.items()} == dict.fromkeys(trained)
+    assert trainer.model is None and trainer.optimizer is None and trainer.teacher is None
+    assert {tensor.dtype for tensor in load_file(str(tmp_path / "saved" / "model.safetensors")).values()} == {
+        torch.float32
+    }
+    assert saved.dtype == torch.bfloat16 and saved.processor is processor
+
+
+@pytest.mark.parametrize(
+    ("processes", "tp_size", "n_gpu", "average"),
+    [(1, 1, 1, True), (4, 1, 1, True), (8, 2, 1, True), (8, 4, 0, True), (1, 1, 2, True), (8, 2, 1, False)],
+)
+def test_the_kl_and_per_sample_losses_scale_across_processes_as_the_installed_trainer_does(
+    processes, tp_size, n_gpu, average
+):
+    """`_across_devices_scale` copies a private rule of `Trainer.compute_loss`; the installed Trainer, run on a model
+    whose loss is 1, gives the same factor (tensor-parallel ranks sharing one batch included)."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(average_tokens_across_devices=average, n_gpu=n_gpu),
+        accelerator=SimpleNamespace(num_processes=processes, parallelism_config=None),
+        get_tp_size=lambda: tp_size,
+        label_smoother=None,
+        compute_loss_func=None,
+        model_accepts_loss_kwargs=True,
+    )
+    for count in (None, torch.tensor(10)):
+        expected = Trainer.compute_loss(trainer, lambda **_: {"loss": torch.tensor(1.0)}, {}, num_items_in_batch=count)
+        assert CoMaCompressionTrainer._across_devices_scale(trainer, count) == expected, count
 
 
 def test_collator_counts_dropped_turns():

@@ -1,5 +1,6 @@
 """Test helpers: tiny backbones built offline (seconds, CPU), deterministic images, the example scripts as modules
-and their command lines, quiet TrainingArguments, and offline child interpreters (with a Hub cache to load from)."""
+and their command lines, quiet TrainingArguments, and offline child interpreters (with a Hub cache to load from,
+and without the package)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,14 @@ def load_example(name: str):
     return module
 
 
+def script_segments(arguments: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """`(script, its arguments)` for each `-- SCRIPT ARGS` segment of `arguments` (as the launched helpers in
+    tests/distributed take them), in order; anything before the first `--` is not a segment."""
+    separators = [index for index, value in enumerate(arguments) if value == "--"] + [len(arguments)]
+    segments = [list(arguments[begin + 1 : end]) for begin, end in zip(separators, separators[1:], strict=False)]
+    return [(segment[0], segment[1:]) for segment in segments]
+
+
 def command_line(fixed: str = "", **options: object) -> list[str]:
     """The tokens of `fixed` (split on spaces), then `--name value` for each keyword option, its value as `str`."""
     return fixed.split() + [token for name, value in options.items() for token in (f"--{name}", str(value))]
@@ -117,6 +128,23 @@ def run_python(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedPr
     result = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+# What a child interpreter runs first to stand for a machine without the package: `import coma_hf` (or of any of its
+# modules) then fails, so that only a checkpoint's own remote code can run.
+WITHOUT_COMA_PRELUDE = 'import sys\nsys.modules["coma_hf"] = None\n'
+
+
+def run_without_coma(
+    program: str | Path, args: Sequence[object], home: Path, cwd: Path
+) -> subprocess.CompletedProcess:
+    """`run_python` of `program` with `args` (as `str`, in `sys.argv[1:]`) after `WITHOUT_COMA_PRELUDE`: `program` is
+    Python source (dedented) or a script's `Path`, run as `python SCRIPT` runs it (`runpy`, as `__main__`)."""
+    if isinstance(program, Path):
+        code = f"import runpy\nrunpy.run_path({str(program)!r}, run_name='__main__')\n"
+    else:
+        code = textwrap.dedent(program)
+    return run_python(["-c", WITHOUT_COMA_PRELUDE + code, *map(str, args)], home, cwd)
 
 
 def hub_cache(folder: Path, home: Path, repo_id: str) -> None:

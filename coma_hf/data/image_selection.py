@@ -12,7 +12,10 @@ root: `image_root` when given, else the folder given or the file's folder; a Hub
 Unique means one resolved, normalised path: an image named twice in a subset counts once, and an image already
 chosen for an earlier subset (in the order the subsets are given) is not chosen again. Each subset's remaining
 images are shuffled by a generator seeded with `seed` and the subset's name and the first `per_subset` are kept, so
-the choice is deterministic, and a larger cap keeps a smaller cap's images.
+the choice is deterministic. A larger cap keeps a smaller cap's images within one subset only where that subset's
+candidates are the same under both caps: always for the first subset, and for a later one that shares no image with
+the subsets before it. A shared image taken by an earlier subset under one cap and not the other changes the later
+subset's candidates, hence their shuffled order and which of them are kept.
 """
 
 from __future__ import annotations

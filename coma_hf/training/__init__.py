@@ -12,7 +12,7 @@ sentence-transformers).
 - `samplers`: `UniformChunkBatchSampler`, `chunked_batch_sampler` (stage 2's released batching);
 - `trainers`: `CoMaCompressionTrainer`, `CoMaContrastiveTrainer` (both end with `save_merged`), `NonFiniteLossError`,
   `last_complete_checkpoint`, `describe_batch_sizes`, `pooling_as`; saving under FSDP2 (`unsharded_class`,
-  `restored_class`, `share_tied_weights`);
+  `restored_class`, `share_tied_weights`) and the dtype a sharded run's checkpoint is loaded back in (`reload_dtype`);
 - `losses`: stage 1's `LOSS_NORMALIZATIONS` (`per_sample_token_means`, `labelled_rows`), `CoMaContrastiveLoss`
   (stage 2);
 - `distillation`: stage 1's `OBJECTIVES` (ce, kl, ce+kl), `frozen_teacher`, `teacher_inputs`, `align_answer_states`,
@@ -70,6 +70,7 @@ from .trainers import (
     describe_batch_sizes,
     last_complete_checkpoint,
     pooling_as,
+    reload_dtype,
     restored_class,
     share_tied_weights,
     unsharded_class,
@@ -123,6 +124,7 @@ __all__ = [
     "frozen_teacher",
     "teacher_inputs",
     "uses_teacher",
+    "reload_dtype",
     "restored_class",
     "share_tied_weights",
     "unsharded_class",

@@ -137,8 +137,9 @@ class _CoMaTrainerMixin:
         With sharded parameters (FSDP, ZeRO-3) there are no full weights to merge into: a LoRA is refused, and
         all weights are saved by Trainer, which gathers the shards in the main process (stage 1 only; stage 2 saves
         through sentence-transformers, which does not gather them, see `check_sharding`). No process then holds a
-        usable model (a sharded one runs only through its `forward`), so every process loads the saved checkpoint
-        back onto its device and returns that."""
+        usable model (a sharded one runs only through its `forward`), so every process frees the trained model and
+        its optimizer state (`_release_training_state`; the trainer cannot train again), then loads the saved
+        checkpoint back onto its device in the run's precision (`reload_dtype`) and returns that."""
         model, processor = self._coma_model_and_processor()
         if shards_parameters(self.args):
             if hasattr(model, "peft_config"):
@@ -148,7 +149,10 @@ class _CoMaTrainerMixin:
                 )
             self._save_gathered(output_dir)
             self.accelerator.wait_for_everyone()  # the main process has written the checkpoint
-            saved = unsharded_class(model).from_pretrained(output_dir).to(self.args.device)
+            model_class = unsharded_class(model)
+            del model  # every process would otherwise hold its shards and a full copy at once
+            self._release_training_state()
+            saved = model_class.from_pretrained(output_dir, dtype=reload_dtype(self.args)).to(self.args.device)
             if processor is not None:
                 saved.processor = processor
             return saved
@@ -160,6 +164,16 @@ class _CoMaTrainerMixin:
         if self.args.should_save:
             save_checkpoint(merged, output_dir)
         return merged
+
+    def _release_training_state(self) -> None:
+        """Drop every reference this trainer, its callbacks and its accelerator hold to the trained model, its
+        optimizer and scheduler, then collect them and empty the device cache (accelerate's `free_memory`). The
+        trainer cannot train or evaluate afterwards."""
+        self.model = self.model_wrapped = self.deepspeed = None
+        self.optimizer = self.lr_scheduler = None
+        handler = self.callback_handler  # Trainer hands these to its callbacks too
+        handler.model = handler.optimizer = handler.lr_scheduler = None
+        self.accelerator.free_memory()
 
     def _coma_model_and_processor(self) -> tuple[Any, Any]:
         """The `CoMaModel` being trained (a `PeftModel` around it with LoRA) and the processor it is saved with."""
@@ -174,6 +188,13 @@ class _CoMaTrainerMixin:
     def _save_gathered(self, output_dir: str) -> None:
         """Save all weights of a run whose parameters are sharded."""
         raise ValueError(NO_SHARDED_STAGE2)
+
+
+def reload_dtype(args) -> torch.dtype | str:
+    """The dtype a checkpoint saved after training is loaded back in: bfloat16 for a bf16 run (whose sharded master
+    weights, and so the saved ones, are float32: twice the memory, for no difference the run's own forward makes),
+    else the saved dtype ("auto")."""
+    return torch.bfloat16 if args.bf16 else "auto"
 
 
 def unsharded_class(model: torch.nn.Module) -> type:
@@ -311,13 +332,15 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """As Trainer's; with "per_sample_mean" the count that normalises the loss is of the samples with a label
-        token in the optimizer step's micro-batches, summed over processes (Trainer's count is of label tokens)."""
+        token in the optimizer step's micro-batches, summed over processes and divided, as Trainer divides its count of
+        label tokens, by the ranks that share one batch (tensor, context and sequence parallel)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.loss_normalization == "per_sample_mean" and num_items_in_batch is not None:
             count = sum(labelled_rows(batch[BatchKey.LABELS]).sum() for batch in batch_samples).to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
-            num_items_in_batch = count
+            # ranks that share one batch counted it once each: Trainer's divisor for its token count (5.24)
+            num_items_in_batch = count / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
         return batch_samples, num_items_in_batch
 
     def _per_sample_mean_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
@@ -340,9 +363,11 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
 
     def _across_devices_scale(self, num_items_in_batch) -> int:
         """What Trainer multiplies a loss by when it was normalised by a count over all processes (DDP then averages
-        the gradients, which would otherwise divide the sum by the process count once more)."""
+        the gradients, which would otherwise divide the sum by the process count once more); tensor-parallel ranks
+        share one batch, so the processes are counted per tensor-parallel group."""
+        # Trainer's private rule (`Trainer.compute_loss`), as transformers 5.24 writes it.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            return self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
         return 1
 
     def _distillation_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
@@ -392,6 +417,11 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
 
     def _coma_model_and_processor(self) -> tuple[Any, Any]:
         return self.accelerator.unwrap_model(self.model), self.processing_class
+
+    def _release_training_state(self) -> None:
+        """As the mixin's, and the KL objectives' frozen teacher (a whole, unsharded model on every process)."""
+        self.teacher = None
+        super()._release_training_state()
 
     def _save_gathered(self, output_dir: str) -> None:
         self.save_model(output_dir)  # Trainer gathers the shards in the main process

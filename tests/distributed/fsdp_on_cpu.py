@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
-from utils import load_example
+from utils import load_example, script_segments
 
 USE_CONFIGURED_STATE = ["--accelerator_config", json.dumps({"use_configured_state": True})]
 
@@ -71,11 +71,7 @@ def run(script: str, arguments: list[str]) -> dict:
 
 
 def main(record: str, *rest: str) -> None:
-    separators = [index for index, value in enumerate(rest) if value == "--"] + [len(rest)]
-    outcomes = []
-    for begin, end in zip(separators, separators[1:], strict=False):
-        script, *arguments = rest[begin + 1 : end]
-        outcomes.append(run(script, arguments))
+    outcomes = [run(script, arguments) for script, arguments in script_segments(rest)]
     rank = PartialState().process_index
     with open(f"{record}.{rank}", "w") as handle:
         json.dump(outcomes, handle, indent=1)

@@ -16,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 
 from coma_hf.training import CoMaContrastiveLoss
 
-from utils import load_example
+from utils import load_example, script_segments
 
 
 def batch() -> list[list]:
@@ -50,9 +50,7 @@ def main(output: str, checkpoint: str, *rest: str) -> None:
     state = PartialState(cpu=True)
     assert state.num_processes == 2, f"expected two processes, got {state.num_processes} ({state.distributed_type})"
     gathered_loss_and_gradients(checkpoint, output, state)
-    separators = [index for index, value in enumerate(rest) if value == "--"] + [len(rest)]
-    for begin, end in zip(separators, separators[1:], strict=False):
-        script, *arguments = rest[begin + 1 : end]
+    for script, arguments in script_segments(rest):
         load_example(script).main(arguments)
 
 
