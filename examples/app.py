@@ -210,14 +210,23 @@ class FolderSearch:
     def corpus(self, progress: Any = None) -> tuple[Path, dict]:
         """`(shard folder, manifest)` of the folder as it is now, embedding it first when no finished cache entry
         exists (finished shards of an interrupted encode are kept). `progress`: a tqdm-like object or `None`."""
-        listing = folder_listing(self.folder)
+        try:
+            listing = folder_listing(self.folder)
+        except OSError as error:  # the folder went away or cannot be read while the demo runs
+            raise DemoError(f"Cannot read the image folder {self.folder}: {error.strerror or error}") from error
         if not listing:
             raise DemoError(f"No images in {self.folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
         if self._weights is None:
             from coma_hf.training import weights_fingerprint
 
             self._weights = weights_fingerprint(self.model)
-        settings = {"processor": self.model.processor.to_json_string(), "instruction": self.instruction}
+        settings = {  # besides the weights, everything the vectors depend on
+            "processor": self.model.processor.to_json_string(),
+            "config": self.model.config.to_json_string(),
+            "instruction": self.instruction,
+            "dtype": str(self.model.dtype),
+            "device": str(self.model.device),
+        }
         output = self.cache_root / corpus_cache_key(self._weights, listing, **settings)[:32]
         manifest = read_json_file(output / "manifest.json")
         if manifest is None:
@@ -392,17 +401,19 @@ def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], 
     def show_image(upload: str | None, pick: str | None):
         try:
             image = picked_or_uploaded(upload, pick)
+            counts = asker.token_counts(image)
         except (DemoError, CoMaInputError) as error:
             raise page_error(error) from error
-        return image, describe_tokens(*asker.token_counts(image), asker.num_compression_tokens)
+        return image, describe_tokens(*counts, asker.num_compression_tokens)
 
     def run_ask(upload: str | None, pick: str | None, question: str):
         try:
             image = picked_or_uploaded(upload, pick)
             from_states, visible = asker.ask(image, question)
+            counts = asker.token_counts(image)
         except (DemoError, CoMaInputError) as error:
             raise page_error(error) from error
-        return describe_tokens(*asker.token_counts(image), asker.num_compression_tokens), from_states, visible
+        return describe_tokens(*counts, asker.num_compression_tokens), from_states, visible
 
     k = asker.num_compression_tokens
     with gr.Blocks(title="CoMa demo", analytics_enabled=False) as demo:

@@ -263,23 +263,6 @@ def test_cache_key_follows_weights_and_listing_and_an_interrupted_encode_resumes
     assert len(list(cache.iterdir())) == 3
 
 
-def test_matrix_search_equals_faiss(trained, tmp_path):
-    pytest.importorskip("faiss")
-    from coma_hf.inference import build_faiss_index, encode_corpus, image_folder_rows, write_manifest
-
-    from utils import tiny_coma
-
-    model, _ = tiny_coma()
-    encode_corpus(model, image_folder_rows(trained["scenes"]), tmp_path, shard_size=3, batch_size=2)
-    write_manifest(tmp_path)
-    build_faiss_index(tmp_path)
-    queries = model.encode_query([QUERY, "two squares"])
-    ids, vectors = inference.load_embeddings(tmp_path)
-    matrix = inference.search_embeddings(ids, vectors, queries, top_k=4)
-    for got, expected in zip(matrix, inference.search_index(tmp_path, queries, top_k=4), strict=True):
-        _assert_same_ranking(got, expected)
-
-
 def test_the_stage1_checkpoint_comes_from_the_run_record(trained, models, tmp_path):
     app = load_example("app")
     stage1, stage2 = str(trained["stage1"]), str(trained["stage2"])
