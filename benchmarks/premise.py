@@ -1,37 +1,37 @@
-"""The paper's premise in miniature: from a pre-trained reader, does compression pre-training make a better embedder?
+"""The paper's premise, decided: from a pre-trained reader, does compression pre-training make a better embedder than
+contrastive training alone?
 
-Every arm starts from the shipped reader (`coma_hf.reader`, the embedded tiny Qwen2.5-VL trained as an ordinary VLM)
-with the same seed for the same arm-seed pair, and goes through the same stage-2 script, loss and evaluator:
+Every run starts from the shipped reader (`coma_hf.reader`, the embedded tiny Qwen2.5-VL trained as an ordinary VLM):
 
-- **V** VLM2Vec-style: no compression tokens (K = 0), the last input token's state, contrastive only;
-- **A** contrastive only with the K compression tokens (mean pooling): the paper's "without stage 1";
-- **B** CoMa: stage 1 (bottleneck mask, loss on the answers), then stage 2;
-- **C** the released code's stage-1 rule (causal attention, loss on every token after the compression tokens), then
-  stage 2;
-- **D** the paper's KL ablation: stage 1 through the same bottleneck as B, trained by the forward KL from a frozen
-  copy of the reader that sees the input directly (`--objective kl`) instead of cross-entropy on the answers, then
-  stage 2; on the `kl_seeds` only (one by default).
+- **A** contrastive only: the reader with fresh compression rows (seeded), stage 2 only;
+- **B{n}** CoMa: stage 1 of n steps (bottleneck mask, loss on the answers), then the same stage 2. B600 (= B1 of the
+  protocol) is one epoch of the 20,000 stage-1 scenes at batch 32.
 
-Stage 1 runs once per arm and seed and serves both contrastive-data budgets; stage 2 runs at each budget (the same
-steps, batch and optimizer), and at the larger budget V and A also run compute-matched (stage 1's steps added to
-theirs). B runs at the small budget with K ∈ {1, 8, 32} on seed 0. Test Precision@1 is read once per run on the
-mini-MMEB test split (in-distribution datasets, whose training-split pairs stage 2 trains on, and the
-out-of-distribution ones nothing trains), `eval_queries` queries per dataset. For A, B and C the record also holds the
-zero-shot Precision@1 of the start checkpoint and how far stage 2 moved the representations of fixed dev inputs
-(linear CKA and the mean cosine between the same input's embedding before and after).
+Stage 2 has two named settings. `lora` (the primary, the paper's): a fresh LoRA (r 16, alpha 64, dropout 0.1 on the
+language model's attention) with the compression rows trainable and the vision tower frozen, merged at the end.
+`full` (the first premise run's): every weight trained. Either way every budget runs the same number of steps at the
+same batch, each batch from one dataset; dev is scored every `eval_steps`, and the checkpoint with the best dev IND is
+kept beside the final one. Each seed draws its own contrastive pairs (`--pair_seed`), the same for every arm.
 
-Each run writes one JSON file under `--work_dir`; a killed benchmark resumes where it stopped. `--plan` times a few
-steps of each kind and prints the projected wall time before anything long starts.
+Test is read once per checkpoint, per query (`MMEBEvaluator(per_query=True)`), on the mini-MMEB test split
+(`eval_queries` queries per dataset). Arms are compared by `coma_hf.evaluation.compare` (hierarchical paired bootstrap
+over seeds and queries, Holm over the endpoints, sign test over seeds) under the protocol's decision rules.
 
-    python benchmarks/premise.py --plan --workers 2   # project the wall time
-    python benchmarks/premise.py --workers 2          # the benchmark; writes benchmarks/results/premise.json,
-                                                      # docs/premise.md and .png (two runs at a time, one thread each)
-    python benchmarks/premise.py --quick    # toy sizes, for the test
+The steps, in order (the first three write `benchmarks/results/premise_protocol.json`, committed before any arm runs):
+
+    python benchmarks/premise.py --tune                # stage-2 learning-rate grid for A (seed 0, dev IND)
+    python benchmarks/premise.py --select              # zero-shot dev scores of the starts; the OOD endpoints
+    python benchmarks/premise.py --plan --workers 2    # projected wall time of --experiments
+    python benchmarks/premise.py --workers 2 --experiments primary,data_efficiency,matched,dose
+    python benchmarks/premise.py --quick --workers 2   # toy sizes, for the test
+
+Each run writes one JSON record under `--work_dir/results`; a killed benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
 import os
@@ -39,6 +39,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -46,72 +47,68 @@ from pathlib import Path
 
 import torch
 
-from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.data.mini_mmeb import OOD_ATTRIBUTES, write_mini_mmeb
 from coma_hf.data.synthetic import write_synthetic_dataset
+from coma_hf.evaluation.compare import compare_arms, crossing_interval, endpoint_intervals
 from coma_hf.evaluation.mmeb import IND, OOD, MMEBDataset, MMEBEvaluator, chance_baselines, load_mmeb_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("V", "A", "B", "C", "D")
-ARM_LABELS = {
-    "V": "V VLM2Vec-style (K = 0, last token)",
-    "A": "A contrastive only (K tokens)",
-    "B": "B CoMa (bottleneck, answers)",
-    "C": "C released stage 1 (causal, all after)",
-    "D": "D KL from a frozen full-input teacher (bottleneck)",
+RESULTS = ROOT / "benchmarks" / "results"
+PROTOCOL_FILE = "premise_protocol.json"
+EXPERIMENTS = ("primary", "data_efficiency", "matched", "dose")
+STAGE2_SETTINGS = {
+    "lora": ["--use_lora", "true"],  # r 16, alpha 64, dropout 0.1, compression rows trained (LoraArguments defaults)
+    "full": ["--use_lora", "false"],
 }
-# Stage 1 of each arm that has one: attention rule, tokens the loss reads, objective (`examples/pretrain.py` flags).
-STAGE1_RULES = {
-    "B": ("bottleneck", "answers", "ce"),
-    "C": ("causal", "all_after_compression", "ce"),
-    "D": ("bottleneck", "answers", "kl"),
-}
+BEST_METRIC = "dev_IND_precision@1"  # the evaluator's name is "dev"
 
 
 @dataclass(frozen=True)
 class Budget:
-    """The data and compute every arm shares."""
+    """The data, compute and seeds every arm shares."""
 
-    stage1_steps: int = 300
-    # 200, not the issue's 300: `--plan` on the 2-core machine projected 117 min wall for 300 (stage 2 0.95 s a step
-    # and 76 s a run per worker, two workers), against a target of about 90
+    primary_stage1_steps: int = 600  # B1: one epoch of `num_train_scenes` at `batch_size`
     stage2_steps: int = 200
-    matched_steps: int = 500  # V and A at the larger budget, compute-matched with stage 1 + stage 2
     batch_size: int = 32
-    seeds: tuple[int, ...] = (0, 1, 2)
-    pair_budgets: tuple[int, ...] = (500, 4000)  # in-distribution contrastive pairs
+    eval_steps: int = 50  # dev scored this often during stage 2; the best dev-IND checkpoint is kept
+    primary_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    primary_pairs: int = 500
+    secondary_seeds: tuple[int, ...] = (0, 1, 2)
+    efficiency_pairs: tuple[int, ...] = (250, 500, 2000, 8000)
+    dose_steps: tuple[int, ...] = (150, 300, 1200)  # besides 0 (= A) and the primary's 600
     num_train_scenes: int = 20000  # stage-1 QA scenes
-    pair_scenes: int = 600  # train scenes whose mini-MMEB pairs (7 each) hold the larger budget
+    pair_scenes: int = 1200  # train scenes whose mini-MMEB pairs (7 each) hold the largest budget
     num_dev_scenes: int = 200
-    num_test_scenes: int = 200
+    num_test_scenes: int = 1000
     scene_size: int = 112
-    eval_queries: int = 100  # per test dataset
-    movement_inputs: int = 20  # dev queries per dataset whose embeddings are compared before and after stage 2
+    eval_queries: int = 1000  # per test dataset
     num_compression_tokens: int = 8
-    k_sweep: tuple[int, ...] = (1, 8, 32)
-    arms: tuple[str, ...] = ARMS  # a subset runs a follow-up (e.g. B alone at another stage-1 budget)
-    matched_seeds: tuple[int, ...] | None = None  # seeds of the compute-matched runs (None: every seed)
-    kl_seeds: tuple[int, ...] = (0,)  # seeds of arm D (the KL objective): the issue asks for one
-    # Tuned on dev for arm A (seed 0, 500 pairs, 300 steps of batch 32; IND dev P@1): 1e-4 0.451, 3e-4 0.487,
-    # 1e-3 0.524, 3e-3 0.484. None: the tiny recipe's.
-    stage2_learning_rate: float | None = 1e-3
+    stage2_setting: str = "lora"
+    # down to the paper's scale (5e-5); 1e-2 added because the first five peaked at their top, 3e-3
+    learning_rate_grid: tuple[float, ...] = (5e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    tune_seed: int = 0
+    stage1_eval_samples: int = 100
 
 
 QUICK = Budget(
-    stage1_steps=2,
-    stage2_steps=2,
-    matched_steps=4,
+    primary_stage1_steps=2,
+    stage2_steps=4,
     batch_size=4,
-    seeds=(0, 1),
-    pair_budgets=(8, 16),
+    eval_steps=2,
+    primary_seeds=(0, 1),
+    primary_pairs=8,
+    secondary_seeds=(0, 1),
+    efficiency_pairs=(8, 16),
+    dose_steps=(1,),
     num_train_scenes=16,
     pair_scenes=4,
     num_dev_scenes=6,
     num_test_scenes=6,
     scene_size=56,
-    eval_queries=3,
-    movement_inputs=2,
+    eval_queries=5,
     num_compression_tokens=4,
-    k_sweep=(1, 4),
+    learning_rate_grid=(1e-3, 3e-3),
+    stage1_eval_samples=4,
 )
 QUICK_ARGS = (
     "--min_image_tokens 4 --max_image_tokens 4 --dataloader_num_workers 0 --per_device_eval_batch_size 8"
@@ -120,57 +117,63 @@ QUICK_ARGS = (
 
 @dataclass(frozen=True)
 class Stage1Run:
-    """Stage 1 of arm B or C for one seed and K; its checkpoint serves every stage-2 run of that arm and seed."""
+    """Stage 1 of one seed for `steps` steps; its checkpoint is the start of every B run of that seed and length."""
 
-    arm: str
     seed: int
-    k: int
+    steps: int
 
     @property
     def name(self) -> str:
-        return f"stage1-{self.arm}-seed{self.seed}-K{self.k}"
+        return f"stage1-seed{self.seed}-steps{self.steps}"
 
 
 @dataclass(frozen=True)
 class Stage2Run:
-    """Stage 2 of one arm, seed and K at one contrastive-data budget (`pairs`) for `steps` optimizer steps."""
+    """Stage 2 of arm A (`stage1_steps` 0) or B{stage1_steps}, one seed, `pairs` contrastive pairs, `steps` steps."""
 
-    arm: str
     seed: int
-    k: int
+    stage1_steps: int
     pairs: int
     steps: int
-    variant: str = "main"  # "main", "matched" (compute-matched V/A) or "k-sweep"
+
+    @property
+    def arm(self) -> str:
+        return arm_name(self.stage1_steps)
 
     @property
     def name(self) -> str:
-        return f"stage2-{self.arm}-seed{self.seed}-K{self.k}-pairs{self.pairs}-steps{self.steps}"
+        return f"stage2-{self.arm}-seed{self.seed}-pairs{self.pairs}-steps{self.steps}"
 
     @property
     def stage1(self) -> Stage1Run | None:
-        return Stage1Run(self.arm, self.seed, self.k) if self.arm in STAGE1_RULES else None
+        return Stage1Run(self.seed, self.stage1_steps) if self.stage1_steps else None
+
+    @property
+    def start(self) -> str:
+        """The start checkpoint's name (zero-shot scores are computed once per start)."""
+        return f"start-{self.arm}-seed{self.seed}"
 
 
-def plan(budget: Budget) -> tuple[list[Stage1Run], list[Stage2Run]]:
-    """Every run, in the order they execute: each seed's arms together, so a partial benchmark is comparable."""
-    k = budget.num_compression_tokens
-    small, large = min(budget.pair_budgets), max(budget.pair_budgets)
-    arms = [arm for arm in ARMS if arm in budget.arms]
-    runs = []
-    for seed in budget.seeds:
-        for arm in (arm for arm in arms if arm != "D" or seed in budget.kl_seeds):
-            runs += [
-                Stage2Run(arm, seed, 0 if arm == "V" else k, pairs, budget.stage2_steps)
-                for pairs in dict.fromkeys((small, large))
-            ]
-        matched = [arm for arm in arms if arm in "VA" and seed in (budget.matched_seeds or budget.seeds)]
-        runs += [
-            Stage2Run(arm, seed, 0 if arm == "V" else k, large, budget.matched_steps, "matched") for arm in matched
-        ]
-    if "B" in arms:
-        runs += [
-            Stage2Run("B", 0, other, small, budget.stage2_steps, "k-sweep") for other in budget.k_sweep if other != k
-        ]
+def arm_name(stage1_steps: int) -> str:
+    return f"B{stage1_steps}" if stage1_steps else "A"
+
+
+def plan(budget: Budget, experiments: tuple[str, ...]) -> tuple[list[Stage1Run], list[Stage2Run]]:
+    """Every run of `experiments`, in order (the primary first, each seed's arms together); a run that two
+    experiments share runs once."""
+    b1, steps, pairs = budget.primary_stage1_steps, budget.stage2_steps, budget.primary_pairs
+    runs: list[Stage2Run] = []
+    if "primary" in experiments:
+        runs += [Stage2Run(seed, s1, pairs, steps) for seed in budget.primary_seeds for s1 in (0, b1)]
+    seeds = budget.secondary_seeds
+    if "data_efficiency" in experiments:
+        runs += [Stage2Run(seed, s1, n, steps) for n in budget.efficiency_pairs for seed in seeds for s1 in (0, b1)]
+    if "matched" in experiments:  # A given B1's stage-1 steps as contrastive steps
+        runs += [Stage2Run(seed, 0, pairs, steps + b1) for seed in seeds]
+        runs += [Stage2Run(seed, s1, pairs, steps) for seed in seeds for s1 in (0, b1)]
+    if "dose" in experiments:
+        runs += [Stage2Run(seed, s1, pairs, steps) for s1 in (0, *budget.dose_steps, b1) for seed in seeds]
+    runs = list(dict.fromkeys(runs))
     stage1 = list(dict.fromkeys(run.stage1 for run in runs if run.stage1 is not None))
     return stage1, runs
 
@@ -186,46 +189,109 @@ def _example(name: str):
     return module
 
 
-def stage1_arguments(run: Stage1Run, budget: Budget, synthetic: Path, output: Path, reader: str) -> list[str]:
-    attention_rule, loss_on, objective = STAGE1_RULES[run.arm]
-    paths = ["--model_name_or_path", reader, "--output_dir", str(output), "--synthetic_dir", str(synthetic)]
-    return (
-        paths
-        + (
-            f"--recipe tiny --seed {run.seed} --max_steps {budget.stage1_steps} "
-            f"--per_device_train_batch_size {budget.batch_size} --logging_steps {max(1, budget.stage1_steps // 10)} "
-            f"--num_train_scenes {budget.num_train_scenes} "
-            f"--num_dev_scenes {budget.num_dev_scenes} --num_test_scenes {budget.num_test_scenes} "
-            f"--scene_size {budget.scene_size} --num_compression_tokens {run.k} --attention_rule {attention_rule} "
-            f"--loss_on {loss_on} --objective {objective} --max_eval_samples 100"
-        ).split()
-    )
+@dataclass(frozen=True)
+class Context:
+    """What every run of one benchmark call shares."""
+
+    budget: Budget
+    work: Path
+    reader: str
+    extra: tuple[str, ...] = ()
+    learning_rate: float | None = None
+    image_tokens: int = 64  # the tiny recipe's (QUICK_ARGS: 4), for starts built here rather than by the scripts
+
+    @property
+    def synthetic(self) -> Path:
+        return self.work / "synthetic"
+
+    def record_path(self, name: str) -> Path:
+        return self.work / "results" / f"{name}.json"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.work / "checkpoints" / name
 
 
-def stage2_arguments(run: Stage2Run, budget: Budget, synthetic: Path, output: Path, start: str) -> list[str]:
-    arguments = ["--output_dir", str(output), "--synthetic_dir", str(synthetic)] + (
-        f"--recipe tiny --seed {run.seed} --max_steps {run.steps} --per_device_train_batch_size {budget.batch_size} "
-        f"--logging_steps {max(1, run.steps // 10)} --max_train_scenes {budget.pair_scenes} "
-        f"--max_train_pairs {run.pairs}"
-    ).split()
-    if budget.stage2_learning_rate is not None:
-        arguments += ["--learning_rate", str(budget.stage2_learning_rate)]
-    if run.stage1 is None:  # V and A: the reader with fresh compression rows, as stage 1 starts from
-        return arguments + ["--from_backbone", "--backbone", start, "--num_compression_tokens", str(run.k)]
-    return arguments + ["--model_name_or_path", start]
+def stage1_arguments(run: Stage1Run, context: Context, output: Path) -> list[str]:
+    budget = context.budget
+    return [
+        *("--model_name_or_path", context.reader, "--output_dir", str(output)),
+        *("--synthetic_dir", str(context.synthetic)),
+        *(
+            f"--recipe tiny --seed {run.seed} --max_steps {run.steps} --per_device_train_batch_size "
+            f"{budget.batch_size} --logging_steps {max(1, run.steps // 10)} --num_train_scenes "
+            f"{budget.num_train_scenes} --num_dev_scenes {budget.num_dev_scenes} --num_test_scenes "
+            f"{budget.num_test_scenes} --scene_size {budget.scene_size} --num_compression_tokens "
+            f"{budget.num_compression_tokens} --attention_rule bottleneck --loss_on answers --objective ce "
+            f"--max_eval_samples {budget.stage1_eval_samples} --disable_tqdm true"
+        ).split(),
+        *context.extra,
+    ]
+
+
+def stage2_arguments(
+    run: Stage2Run, context: Context, output: Path, learning_rate: float, keep_best: bool = True
+) -> list[str]:
+    """`examples/train_contrastive.py`'s arguments for `run`; A starts from the reader with fresh compression rows
+    seeded by the run's seed, as stage 1 starts."""
+    budget = context.budget
+    arguments = [
+        *("--output_dir", str(output), "--synthetic_dir", str(context.synthetic)),
+        *(
+            f"--recipe tiny --seed {run.seed} --pair_seed {run.seed} --max_steps {run.steps} "
+            f"--per_device_train_batch_size {budget.batch_size} --logging_steps {max(1, run.steps // 10)} "
+            f"--max_train_scenes {budget.pair_scenes} --max_train_pairs {run.pairs} --learning_rate {learning_rate} "
+            "--disable_tqdm true"
+        ).split(),
+        *STAGE2_SETTINGS[budget.stage2_setting],
+    ]
+    if keep_best:
+        arguments += f"--eval_strategy steps --eval_steps {budget.eval_steps} --keep_best_by {BEST_METRIC}".split()
+    if run.stage1 is None:
+        start = ["--from_backbone", "--backbone", context.reader]
+        start += ["--num_compression_tokens", str(budget.num_compression_tokens)]
+    else:
+        start = ["--model_name_or_path", str(context.checkpoint(run.stage1.name))]
+    return arguments + start + list(context.extra)
 
 
 def _load_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_stage1(run: Stage1Run, budget: Budget, work: Path, synthetic: Path, reader: str, extra: list[str]) -> dict:
-    """Stage 1 of one arm and seed (kept for its stage-2 runs); its record is written once it is done."""
-    record_path = work / "results" / f"{run.name}.json"
-    if (record := _load_json(record_path)) is not None and (work / "checkpoints" / run.name).is_dir():
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(json.dumps(record, indent=1))
+    os.replace(temporary, path)  # a kill never leaves half a record
+
+
+def _git(*arguments: str) -> str:
+    """`git` in this script's tree; empty when git or the repository is missing."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), *arguments], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def provenance() -> dict:
+    """Which code ran: the `coma_hf` that was imported and the commit of the tree this script lives in."""
+    import coma_hf
+
+    package = Path(coma_hf.__file__).resolve()
+    inside = package.is_relative_to(ROOT)
+    return {
+        "coma_hf_file": str(package.relative_to(ROOT)) if inside else "outside the benchmark's tree",
+        "commit": _git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def run_stage1(run: Stage1Run, context: Context) -> dict:
+    """Stage 1 of one seed and length (its checkpoint kept for the stage-2 runs); the record is written at the end."""
+    record_path, output = context.record_path(run.name), context.checkpoint(run.name)
+    if (record := _load_json(record_path)) is not None and output.is_dir():
         return record
-    output = work / "checkpoints" / run.name
-    arguments = stage1_arguments(run, budget, synthetic, output, reader) + extra
+    arguments = stage1_arguments(run, context, output)
     summary = _example("pretrain").main(arguments)
     keys = ("train_loss_first", "train_loss_last", "heldout_answer_accuracy", "majority_baseline_accuracy")
     record = {
@@ -233,331 +299,511 @@ def run_stage1(run: Stage1Run, budget: Budget, work: Path, synthetic: Path, read
         "arguments": arguments,
         **{key: summary.get(key) for key in (*keys, "control_answer_accuracy", "per_type", "initial_weights")},
         "seconds": summary["seconds"],
+        "provenance": provenance(),
     }
     _write_json(record_path, record)
     return record
 
 
-def run_stage2(
-    run: Stage2Run, budget: Budget, work: Path, synthetic: Path, reader: str, extra: list[str], test, movement_inputs
-) -> dict:
-    """Stage 2 of one arm, seed and budget, read once on test; zero-shot and movement figures of its start."""
-    record_path = work / "results" / f"{run.name}.json"
+def run_stage2(run: Stage2Run, context: Context) -> dict:
+    """Stage 2 of one run; test read once per kept checkpoint (final, best dev), per query; zero-shot of its start."""
+    record_path = context.record_path(run.name)
     if (record := _load_json(record_path)) is not None:
         return record
     started = time.time()
-    output = work / "checkpoints" / run.name
-    start = reader if run.stage1 is None else str(work / "checkpoints" / run.stage1.name)
-    arguments = stage2_arguments(run, budget, synthetic, output, start) + extra
+    output = context.checkpoint(run.name)
+    shutil.rmtree(output, ignore_errors=True)  # a run killed halfway starts again
+    arguments = stage2_arguments(run, context, output, context.learning_rate)
     summary = _example("train_contrastive").main(arguments)
-    start_folder = output / "initial" if run.stage1 is None else Path(start)
-    before, zero_shot = _encode_and_score(start_folder, test, movement_inputs)
-    after, scores = _encode_and_score(output, test, movement_inputs)
+    start_folder = output / "initial" if run.stage1 is None else context.checkpoint(run.stage1.name)
+    zero_shot(run.start, start_folder, context)
+    test = test_datasets(context)
+    best = summary["best_dev"]
+    final = evaluate_folder(output, test)
+    best_is_final = best is None or best["step"] == summary["global_steps"]
     record = {
-        "run": asdict(run),
+        "run": {**asdict(run), "arm": run.arm, "name": run.name},
         "arguments": arguments,
         "start_weights": summary["start_weights"],
         "num_train_pairs": summary["num_train_pairs"],
         "stage2_loss": [summary["train_loss_first"], summary["train_loss_last"]],
-        "dev": _scores(summary),
-        "test": _precision(scores),
-        "zero_shot_test": _precision(zero_shot),
-        "movement": {"linear_cka": linear_cka(before, after), "mean_cosine": mean_cosine(before, after)},
+        "dev": _dev_scores(summary),
+        "best_dev": best,
+        "final": final,
+        "best": final if best_is_final else evaluate_folder(Path(best["path"]), test),
         "seconds": round(time.time() - started, 1),
+        "provenance": provenance(),
     }
     _write_json(record_path, record)
     shutil.rmtree(output, ignore_errors=True)  # reproducible from the arguments
     return record
 
 
-def _encode_and_score(folder: Path, test: list[MMEBDataset], movement_inputs: list) -> tuple[torch.Tensor, dict]:
+def zero_shot(start: str, folder: Path, context: Context) -> dict:
+    """Dev and test scores of a start checkpoint, computed once per start (the first run from it writes them)."""
+    path = context.record_path(start)
+    if (record := _load_json(path)) is not None:
+        return record
+    record = {
+        "start": start,
+        "dev": evaluate_folder(folder, load_mmeb_datasets(context.synthetic / "mini_mmeb" / "dev"))["precision"],
+        "test": evaluate_folder(folder, test_datasets(context)),
+    }
+    _write_json(path, record)
+    return record
+
+
+def test_datasets(context: Context) -> list[MMEBDataset]:
+    """The test datasets with their first `eval_queries` rows each (candidates are encoded once per dataset)."""
+    folder = context.synthetic / "mini_mmeb" / "test"
+    return [
+        replace(dataset, rows=dataset.rows[: context.budget.eval_queries]) for dataset in load_mmeb_datasets(folder)
+    ]
+
+
+def evaluate_folder(folder: Path, datasets: list[MMEBDataset]) -> dict:
+    """P@1 summary and per-query gold ranks and top-1 positions (`{dataset: [...]}`, query id = index)."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
-    scores = MMEBEvaluator(test, show_progress_bar=False)(model)
-    vectors = torch.as_tensor(model.encode(movement_inputs, convert_to_tensor=True, show_progress_bar=False)).float()
-    return vectors, scores
+    results = MMEBEvaluator(datasets, show_progress_bar=False, batch_size=64, per_query=True)(model)
+    ranks: dict[str, list[int]] = {}
+    top1: dict[str, list[int]] = {}
+    for query in results["per_query"]:
+        ranks.setdefault(query["dataset"], []).append(query["gold_rank"])
+        top1.setdefault(query["dataset"], []).append(query["top1_position"])
+    return {"precision": _precision(results), "gold_ranks": ranks, "top1_positions": top1, "split": results["split"]}
 
 
-def _precision(scores: dict) -> dict:
+def _precision(results: dict) -> dict:
     return {
-        "overall": scores["overall"]["precision@1"],
-        **{name: values["precision@1"] for name, values in scores["distributions"].items()},
-        "datasets": {name: values["precision@1"] for name, values in scores["datasets"].items()},
+        "overall": results["overall"]["precision@1"],
+        **{name: values["precision@1"] for name, values in results["distributions"].items()},
+        "datasets": {name: values["precision@1"] for name, values in results["datasets"].items()},
     }
 
 
-def _scores(summary: dict) -> dict:
-    return {"overall": summary["eval_precision_at_1"], **summary["eval_per_distribution"]}
-
-
-def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=2))
-    os.replace(temporary, path)  # a kill never leaves half a record
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear centred kernel alignment of two `[inputs, dim]` representations of the same inputs (1 = the same up to
-    rotation and scale)."""
-    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
-    cross = (y.T @ x).norm() ** 2
-    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
-
-
-def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean cosine similarity between each input's two embeddings."""
-    return float(torch.nn.functional.cosine_similarity(x, y, dim=1).mean())
-
-
-def test_subset(folder: Path, queries: int) -> list[MMEBDataset]:
-    """The test datasets with their first `queries` rows each (candidates are encoded once per dataset)."""
-    return [replace(dataset, rows=dataset.rows[:queries]) for dataset in load_mmeb_datasets(folder)]
-
-
-def movement_set(folder: Path, per_dataset: int) -> list:
-    """Fixed dev inputs whose embeddings are compared before and after stage 2: each dev dataset's first queries, in
-    the form `MMEBEvaluator` hands them over (image and MMEB text)."""
-    from PIL import Image
-
-    from coma_hf.data.sources import resolve_image_path
-
-    inputs = []
-    for dataset in load_mmeb_datasets(folder):
-        for row in dataset.rows[:per_dataset]:
-            image = resolve_image_path(row.get("qry_img_path") or None, dataset.image_root)
-            text = row.get("qry_text") or ""
-            if image is None:
-                inputs.append(text)
-            else:
-                with Image.open(image) as picture:
-                    picture = picture.convert("RGB")
-                inputs.append({"image": picture, "text": text} if text else picture)
-    return inputs
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Summaries
-# --------------------------------------------------------------------------------------------------------------------
-METRICS = ("overall", IND, OOD)
-
-
-def _mean_std(values: list[float]) -> dict:
+def _dev_scores(summary: dict) -> dict:
     return {
-        "mean": statistics.mean(values) if values else None,
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
+        "overall": summary["eval_precision_at_1"],
+        **summary["eval_per_distribution"],
+        "datasets": summary["eval_per_dataset"],
     }
 
 
-def aggregate(records: list[dict]) -> dict:
-    """Per arm, variant and budget: mean ± std over seeds of test P@1 (overall, IND, OOD), zero-shot and movement."""
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        run = record["run"]
-        groups.setdefault(f"{run['arm']}|{run['variant']}|{run['pairs']}|K{run['k']}", []).append(record)
-    summary = {}
-    for key, rows in groups.items():
-        summary[key] = {
-            "test": {metric: _mean_std([row["test"][metric] for row in rows]) for metric in METRICS},
-            "zero_shot_test": {
-                metric: _mean_std([row["zero_shot_test"][metric] for row in rows]) for metric in METRICS
-            },
-            "movement": {
-                name: _mean_std([row["movement"][name] for row in rows]) for name in ("linear_cka", "mean_cosine")
-            },
-            "seeds": sorted(row["run"]["seed"] for row in rows),
+def prepare_data(budget: Budget, work: Path) -> Path:
+    synthetic = work / "synthetic"
+    write_synthetic_dataset(
+        synthetic, budget.num_train_scenes, budget.num_dev_scenes, budget.num_test_scenes, image_size=budget.scene_size
+    )
+    write_mini_mmeb(synthetic, max_train_scenes=budget.pair_scenes)
+    return synthetic
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Before the run: the learning rate and the endpoints (the protocol)
+# --------------------------------------------------------------------------------------------------------------------
+def tune(context: Context, workers: int) -> dict:
+    """Dev IND P@1 of arm A (seed `tune_seed`, the primary's pairs and steps, no best-checkpoint copy) at every rate
+    of the grid, and the best rate. A rate's run is reused when its summary exists."""
+    budget = context.budget
+    grid = list(budget.learning_rate_grid)
+    with _pool(workers) as pool:
+        scores = list(pool.map(_tune_one, grid, [context] * len(grid)))
+    by_rate = {str(rate): score for rate, score in zip(grid, scores, strict=True)}
+    chosen = max(grid, key=lambda rate: by_rate[str(rate)])
+    return {"seed": budget.tune_seed, "pairs": budget.primary_pairs, "dev_ind": by_rate, "chosen": chosen}
+
+
+def _tune_one(rate: float, context: Context) -> float:
+    output = context.work / "tune" / f"lr{rate:g}"
+    summary_path = output / "contrastive_summary.json"
+    if (summary := _load_json(summary_path)) is None:
+        run = Stage2Run(context.budget.tune_seed, 0, context.budget.primary_pairs, context.budget.stage2_steps)
+        summary = _example("train_contrastive").main(stage2_arguments(run, context, output, rate, keep_best=False))
+    return summary["eval_per_distribution"][IND]
+
+
+def select_endpoints(context: Context, zero_shot_dev: dict[str, dict], reader_types: dict) -> dict:
+    """The pre-registered endpoint rule, on dev. An OOD set enters the OOD endpoint when (1) the reader's full-input
+    accuracy on each attribute the set hinges on is at least that attribute's majority answer + 0.25, and (2) the
+    zero-shot dev P@1 of A's start (mean over the primary seeds) or of V's start is at least the set's chance level
+    + 10 points. `zero_shot_dev` maps "A" and "V" to `{dataset: P@1}`; `reader_types` is the reader record's
+    `evaluation.per_type`."""
+    dev = load_mmeb_datasets(context.synthetic / "mini_mmeb" / "dev")
+    chance = {name: values["best"] for name, values in chance_baselines(dev)["datasets"].items()}
+    return endpoint_rule(OOD_ATTRIBUTES, reader_types, zero_shot_dev, chance)
+
+
+READER_MARGIN = 0.25  # over the attribute's majority answer
+ZERO_SHOT_MARGIN = 0.10  # over the set's chance level
+
+
+def endpoint_rule(
+    attributes: dict[str, tuple[str, ...]], reader_types: dict, zero_shot_dev: dict[str, dict], chance: dict
+) -> dict:
+    """`endpoint_rule` applied set by set: `{"sets": {name: {...why...}}, "passing": [names]}` (see
+    `select_endpoints`)."""
+    sets = {}
+    for name, needs in attributes.items():
+        margins = {attr: reader_types[attr]["reader"] - reader_types[attr]["majority"] for attr in needs}
+        weakest = min(margins, key=margins.get)
+        best_start = max(zero_shot_dev["A"][name], zero_shot_dev["V"][name])
+        reads = margins[weakest] >= READER_MARGIN
+        moves = best_start >= chance[name] + ZERO_SHOT_MARGIN
+        sets[name] = {
+            "attributes": list(needs),
+            "weakest": weakest,
+            "reader": reader_types[weakest]["reader"],
+            "majority": reader_types[weakest]["majority"],
+            "zero_shot_A": zero_shot_dev["A"][name],
+            "zero_shot_V": zero_shot_dev["V"][name],
+            "chance": chance[name],
+            "passes": reads and moves,
         }
-    return summary
+    return {"sets": sets, "passing": sorted(name for name, values in sets.items() if values["passes"])}
 
 
-def verdicts(records: list[dict], budget: Budget) -> list[dict]:
-    """B − A, B − C, B − V and B − D on IND and OOD at each budget (main variant): the difference of means, whether it
-    exceeds the sum of the two standard deviations (`None` on one seed: no spread to compare with), and the paired
-    per-seed differences."""
-    by_key = {
-        (r["run"]["arm"], r["run"]["pairs"], r["run"]["seed"]): r for r in records if r["run"]["variant"] == "main"
+def start_scores_on_dev(context: Context) -> dict[str, dict]:
+    """Zero-shot dev P@1 per dataset of V's start (the reader, K = 0, last token) and of A's start (the reader with
+    fresh compression rows) for each primary seed, and their mean: `{"V": {...}, "A": {...}, "A-seed{s}": {...}}`."""
+    from coma_hf import CoMaModel
+    from coma_hf.hub import save_checkpoint
+
+    dev = load_mmeb_datasets(context.synthetic / "mini_mmeb" / "dev")
+    budget = context.budget
+    tokens = {"min_image_tokens": context.image_tokens, "max_image_tokens": context.image_tokens}
+    scores = {}
+    for label, k, seed in [("V", 0, 0)] + [
+        (f"A-seed{s}", budget.num_compression_tokens, s) for s in budget.primary_seeds
+    ]:
+        folder = context.work / "starts" / label
+        if not folder.is_dir():
+            model = CoMaModel.from_backbone(context.reader, num_compression_tokens=k, seed=seed, **tokens)
+            save_checkpoint(model, folder)
+        scores[label] = evaluate_folder(folder, dev)["precision"]["datasets"]
+    names = scores["V"]
+    scores["A"] = {name: statistics.mean(scores[f"A-seed{s}"][name] for s in budget.primary_seeds) for name in names}
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# After the run: comparisons, the decision rules, the report
+# --------------------------------------------------------------------------------------------------------------------
+CONFIRM_IND = 0.03  # B1 − A on IND at least this (P@1 as a fraction), with its interval above 0
+REFUTE_IND = 0.02  # the IND interval's upper bound below this refutes
+MIN_POSITIVE_SEEDS = 5  # of 6
+MIN_OOD_SETS = 2  # fewer passing sets: the verdict rests on IND alone
+
+
+def endpoints_of(protocol: dict, datasets: list[str], ind: list[str]) -> dict[str, list[str]]:
+    """The endpoints: the IND mean, the OOD endpoint mean (the sets that passed the rule) and each such set."""
+    passing = protocol["endpoints"]["passing"]
+    endpoints = {IND: ind}
+    if passing:
+        endpoints[OOD] = passing
+        endpoints.update({f"{OOD}:{name}": [name] for name in passing})
+    return endpoints
+
+
+def hits(records: list[dict], checkpoint: str) -> dict[int, dict[str, list[int]]]:
+    """`{seed: {dataset: [0/1 per query]}}` of one arm's records (`checkpoint`: "final" or "best")."""
+    return {
+        record["run"]["seed"]: {
+            name: [int(rank == 1) for rank in ranks] for name, ranks in record[checkpoint]["gold_ranks"].items()
+        }
+        for record in records
     }
-    lines = []
-    for pairs in budget.pair_budgets:
-        for other in ("A", "C", "V", "D"):
-            for metric in (IND, OOD):
-                seeds = [
-                    seed for seed in budget.seeds if ("B", pairs, seed) in by_key and (other, pairs, seed) in by_key
-                ]
-                if not seeds:
-                    continue
-                b = [by_key[("B", pairs, seed)]["test"][metric] for seed in seeds]
-                o = [by_key[(other, pairs, seed)]["test"][metric] for seed in seeds]
-                paired = [x - y for x, y in zip(b, o, strict=True)]
-                spread_b, spread_o = _mean_std(b), _mean_std(o)
-                difference = spread_b["mean"] - spread_o["mean"]
-                lines.append(
-                    {
-                        "comparison": f"B - {other}",
-                        "pairs": pairs,
-                        "metric": metric,
-                        "difference": difference,
-                        "beyond_spread": abs(difference) > spread_b["std"] + spread_o["std"]
-                        if len(seeds) > 1
-                        else None,
-                        "paired": _mean_std(paired),
-                        "paired_all_same_sign": all(value > 0 for value in paired)
-                        or all(value < 0 for value in paired),
-                        "seeds": seeds,
-                    }
-                )
+
+
+def decide(comparison: dict, ood_endpoint: bool) -> dict:
+    """The protocol's decision rules on a B1 − A comparison (Holm-adjusted 95 % intervals)."""
+    ind = comparison[IND]
+    ind_low, ind_high = ind["holm"]["low"], ind["holm"]["high"]
+    positive = ind["sign_test"]["positive"]
+    ood = comparison.get(OOD) if ood_endpoint else None
+    ood_low, ood_high = (ood["holm"]["low"], ood["holm"]["high"]) if ood else (None, None)
+    confirmed = (
+        ind["difference"] >= CONFIRM_IND
+        and ind_low > 0
+        and positive >= MIN_POSITIVE_SEEDS
+        and (ood is None or ood_high >= 0)
+    )
+    refuted = ind_high < REFUTE_IND or (ood is not None and ood_high < 0)
+    rule = "confirmed" if confirmed else "refuted" if refuted else "inconclusive"
+    return {
+        "rule": rule,
+        "ind": {"difference": ind["difference"], "low": ind_low, "high": ind_high, "positive_seeds": positive},
+        "ood": None if ood is None else {"difference": ood["difference"], "low": ood_low, "high": ood_high},
+        "rests_on": "IND and OOD" if ood is not None else "IND alone",
+    }
+
+
+def _records(stage2: list[dict], arm: str, pairs: int, steps: int, seeds) -> list[dict]:
+    return [
+        r
+        for r in stage2
+        if r["run"]["arm"] == arm
+        and r["run"]["pairs"] == pairs
+        and r["run"]["steps"] == steps
+        and r["run"]["seed"] in seeds
+    ]
+
+
+def analyse(stage2: list[dict], budget: Budget, protocol: dict, resamples: int) -> dict:
+    """Every comparison the records allow: the primary (final and best-dev checkpoints), the data-efficiency
+    crossing, compute-matched A and the dose-response, each with bootstrap intervals."""
+    ind = sorted(
+        name for name, value in stage2[0]["final"]["precision"]["datasets"].items() if name not in _ood(stage2)
+    )
+    endpoints = endpoints_of(protocol, [], ind)
+    b1, steps, pairs = arm_name(budget.primary_stage1_steps), budget.stage2_steps, budget.primary_pairs
+    analysis: dict = {"endpoints": endpoints, "ood_sets": sorted(_ood(stage2))}
+    diagnostics = {f"{OOD}:{name}": [name] for name in analysis["ood_sets"] if f"{OOD}:{name}" not in endpoints}
+    seeds = budget.primary_seeds
+    a, b = _records(stage2, "A", pairs, steps, seeds), _records(stage2, b1, pairs, steps, seeds)
+    if a and b:
+        for checkpoint in ("final", "best"):
+            comparison = compare_arms(hits(a, checkpoint), hits(b, checkpoint), endpoints, resamples=resamples)
+            analysis[f"primary_{checkpoint}"] = {
+                "comparison": comparison,
+                "decision": decide(comparison, len(protocol["endpoints"]["passing"]) >= MIN_OOD_SETS),
+                "diagnostics": compare_arms(hits(a, checkpoint), hits(b, checkpoint), diagnostics, resamples=resamples)
+                if diagnostics
+                else {},
+                "seeds": sorted(set(hits(a, checkpoint)) & set(hits(b, checkpoint))),
+            }
+    every = {**endpoints, **diagnostics}
+    secondary = budget.secondary_seeds
+    analysis["arms"] = [
+        {
+            "arm": arm,
+            "pairs": n,
+            "steps": s,
+            "final": endpoint_intervals(hits(group, "final"), every, resamples=resamples),
+            "best": endpoint_intervals(hits(group, "best"), every, resamples=resamples),
+        }
+        for (arm, n, s), group in _groups(stage2).items()
+    ]
+    curve = {n: hits(_records(stage2, "A", n, steps, secondary), "final") for n in budget.efficiency_pairs}
+    target = hits(_records(stage2, b1, pairs, steps, secondary), "final")
+    if all(len(arm) == len(secondary) for arm in curve.values()) and len(target) == len(secondary):
+        analysis["data_efficiency"] = crossing_interval(curve, target, ind, resamples=resamples)
+    matched = hits(_records(stage2, "A", pairs, steps + budget.primary_stage1_steps, secondary), "final")
+    if len(matched) == len(secondary) and len(target) == len(secondary):
+        analysis["matched"] = compare_arms(matched, target, endpoints, resamples=resamples)
+    return analysis
+
+
+def _ood(stage2: list[dict]) -> set[str]:
+    from coma_hf.data.mini_mmeb import OUT_OF_DISTRIBUTION
+
+    return set(OUT_OF_DISTRIBUTION) & set(stage2[0]["final"]["precision"]["datasets"])
+
+
+def _groups(stage2: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for record in sorted(stage2, key=lambda r: (int(r["run"]["stage1_steps"]), r["run"]["pairs"], r["run"]["steps"])):
+        groups.setdefault((record["run"]["arm"], record["run"]["pairs"], record["run"]["steps"]), []).append(record)
+    return groups
+
+
+HEADLINES = {
+    "confirmed": "**Confirmed:** by the protocol's rule, compression pre-training (B1) beats contrastive-only (A)",
+    "refuted": "**Refuted:** by the protocol's rule, compression pre-training (B1) does not beat contrastive-only (A)",
+    "inconclusive": "**Inconclusive:** neither the protocol's confirming nor its refuting rule holds for B1 against A",
+}
+
+
+def headline(analysis: dict) -> str:
+    primary = analysis.get("primary_final")
+    if primary is None:
+        return "**No verdict yet:** the primary comparison has not run."
+    decision = primary["decision"]
+    ind = decision["ind"]
+    text = (
+        f"{HEADLINES[decision['rule']]} (final checkpoints, {len(primary['seeds'])} paired seeds): IND "
+        f"{_points(ind['difference'])} [{_points(ind['low'])}, {_points(ind['high'])}], "
+        f"{ind['positive_seeds']} of {len(primary['seeds'])} seeds positive"
+    )
+    if decision["ood"] is not None:
+        ood = decision["ood"]
+        text += f"; OOD endpoint {_points(ood['difference'])} [{_points(ood['low'])}, {_points(ood['high'])}]"
+    return text + f" (Holm-adjusted 95 % intervals; the verdict rests on {decision['rests_on']})."
+
+
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}"
+
+
+def _interval(values: dict) -> str:
+    return f"{100 * values['mean']:.1f} [{100 * values['low']:.1f}, {100 * values['high']:.1f}]"
+
+
+def _comparison_lines(comparison: dict) -> list[str]:
+    lines = [
+        "| endpoint | B − A (points) | 95 % interval | Holm-adjusted interval | Holm p | seeds positive (sign-test p) "
+        "| per seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for endpoint, values in comparison.items():
+        holm, sign = values["holm"], values["sign_test"]
+        per_seed = ", ".join(_points(value) for value in values["per_seed"].values())
+        lines.append(
+            f"| {endpoint} | {_points(values['difference'])} | [{_points(values['low'])}, {_points(values['high'])}] "
+            f"| [{_points(holm['low'])}, {_points(holm['high'])}] | {holm['p_adjusted']:.3f} | "
+            f"{sign['positive']} of {values['seeds']} ({sign['p_value']:.3f}) | {per_seed} |"
+        )
     return lines
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------------------------
-def _cell(values: dict) -> str:
-    return "n/a" if values["mean"] is None else f"{100 * values['mean']:.1f} ± {100 * values['std']:.1f}"
-
-
 def render_markdown(report: dict) -> str:
-    budget = report["budget"]
-    k = budget["num_compression_tokens"]
+    analysis, budget, protocol = report["analysis"], report["budget"], report["protocol"]
+    endpoints = analysis["endpoints"]
+    primary = analysis.get("primary_final")
     lines = [
-        "# The premise in miniature: CoMa from a pre-trained reader",
+        f"# The premise: {primary['decision']['rule'] if primary else 'no verdict yet'} — does compression "
+        "pre-training make a better embedder than contrastive training alone?",
         "",
         report["headline"],
         "",
-        f"Command: `{report['command']}`; machine: {report['machine']}; wall time {report['seconds'] / 60:.0f} min.",
-        f"Reader: {report['reader']['summary']}.",
-        f"Budget: stage 1 {budget['stage1_steps']} steps, stage 2 {budget['stage2_steps']} steps (V and A "
-        f"compute-matched: {budget['matched_steps']}), batch {budget['batch_size']}, seeds {budget['seeds']}, "
-        f"K = {k}; "
-        f"stage-2 learning rate {budget['stage2_learning_rate'] or 'of the tiny recipe'} for every arm; "
-        f"test: {budget['eval_queries']} queries per dataset; chance/constant baseline "
-        f"{_baseline_cells(report['baseline'])}.",
+        f"Protocol: commit `{report['protocol_commit']}` (`benchmarks/results/{PROTOCOL_FILE}` and the Protocol "
+        f"section below), written before any arm ran. Command: `{report['command']}`; machine: {report['machine']}; "
+        f"wall time {report['seconds'] / 60:.0f} min; code: `{report['provenance']['coma_hf_file']}` at commit "
+        f"`{report['provenance']['commit']}`{' (with uncommitted changes)' if report['provenance']['dirty'] else ''}.",
+        f"Stage 2: setting `{budget['stage2_setting']}`, learning rate {protocol['learning_rate']['chosen']:g}, "
+        f"{budget['stage2_steps']} steps of batch {budget['batch_size']} at every budget; B1 = "
+        f"{budget['primary_stage1_steps']} stage-1 steps of batch {budget['batch_size']}; test "
+        f"{budget['eval_queries']} queries per dataset; experiments run: {', '.join(report['experiments'])}.",
+        f"Endpoints: IND = mean of {len(endpoints[IND])} datasets; OOD = "
+        + (f"mean of {', '.join(endpoints[OOD])}" if OOD in endpoints else "none (fewer than two sets passed)")
+        + ".",
         "",
-        "## Test Precision@1 (%), mean ± std over seeds",
-        "",
-        "| arm | pairs | stage-2 steps | seeds | overall | IND | OOD | zero-shot IND | zero-shot OOD "
-        "| CKA before/after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for key, values in sorted(report["summary"].items(), key=lambda item: _order(item[0])):
-        arm, variant, pairs, k_label = key.split("|")
-        steps = budget["matched_steps"] if variant == "matched" else budget["stage2_steps"]
-        label = ARM_LABELS[arm] + (" (compute-matched)" if variant == "matched" else "")
-        if variant == "k-sweep" or (arm != "V" and k_label != f"K{k}"):
-            label = f"B, {k_label.replace('K', 'K = ')}"
-        test = values["test"]
-        lines.append(
-            f"| {label} | {pairs} | {steps} | {len(values['seeds'])} | {_cell(test['overall'])} | "
-            f"{_cell(test[IND])} | "
-            f"{_cell(test[OOD])} | {_cell(values['zero_shot_test'][IND])} | {_cell(values['zero_shot_test'][OOD])} | "
-            f"{values['movement']['linear_cka']['mean']:.3f} |"
-        )
-    lines += ["", "## Verdicts (test)", ""]
-    for line in report["verdicts"]:
-        paired = line["paired"]
-        lines.append(
-            f"- {line['comparison']}, {line['pairs']} pairs, {line['metric']}: {100 * line['difference']:+.1f} "
-            f"({_spread_word(line['beyond_spread'])}); per seed "
-            f"{100 * paired['mean']:+.1f} ± {100 * paired['std']:.1f} over seeds {line['seeds']}"
-            f"{', same sign on every seed' if line['paired_all_same_sign'] else ''}."
-        )
+    for checkpoint, title in (
+        ("final", "final checkpoints (primary)"),
+        ("best", "best dev-IND checkpoints (secondary)"),
+    ):
+        if (primary := analysis.get(f"primary_{checkpoint}")) is None:
+            continue
+        lines += [f"## B1 − A at {budget['primary_pairs']} pairs, {title}: rule **{primary['decision']['rule']}**", ""]
+        lines += _comparison_lines(primary["comparison"])
+        if primary["diagnostics"]:
+            lines += ["", "Diagnostics (OOD sets that failed the endpoint rule, outside the endpoint mean):", ""]
+            lines += _comparison_lines(primary["diagnostics"])
+        lines.append("")
+    if "data_efficiency" in analysis:
+        crossing = analysis["data_efficiency"]
+        bound = lambda value: "more than the largest budget" if value is None else f"{value:.0f}"  # noqa: E731
+        lines += [
+            "## Data efficiency",
+            "",
+            f"Pairs A needs to match B1 at {budget['primary_pairs']} on IND (log-linear interpolation over "
+            f"{crossing['budgets']}): {bound(crossing['crossing'])}, 95 % interval [{bound(crossing['low'])}, "
+            f"{bound(crossing['high'])}] ({100 * crossing['never_reached_share']:.0f} % of resamples never reach it).",
+            "",
+        ]
+    if "matched" in analysis:
+        lines += ["## B1 − compute-matched A (A given B1's stage-1 steps as contrastive steps)", ""]
+        lines += _comparison_lines(analysis["matched"]) + [""]
+    names = list(analysis["arms"][0]["final"]) if analysis["arms"] else []
+    lines += [
+        "## Test Precision@1 (%) per arm, mean over seeds [95 % bootstrap interval]",
+        "",
+        "| arm | pairs | stage-2 steps | checkpoint | seeds | " + " | ".join(names) + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for row in analysis["arms"]:
+        for checkpoint in ("final", "best"):
+            cells = " | ".join(_interval(row[checkpoint][name]) for name in names)
+            seeds = row[checkpoint][names[0]]["seeds"]
+            lines.append(f"| {row['arm']} | {row['pairs']} | {row['steps']} | {checkpoint} | {seeds} | {cells} |")
+    lines += ["", "## Zero-shot test P@1 (%) of each start, before stage 2", ""]
+    datasets = sorted(next(iter(report["zero_shot"].values()))["test"]["datasets"]) if report["zero_shot"] else []
+    lines += [
+        "| start | IND | OOD | " + " | ".join(datasets) + " |",
+        "| --- | --- | --- | " + "--- | " * len(datasets),
+    ]
+    for start, record in sorted(report["zero_shot"].items()):
+        test = record["test"]
+        cells = " | ".join(f"{100 * test['datasets'][name]:.1f}" for name in datasets)
+        lines.append(f"| {start} | {100 * test[IND]:.1f} | {100 * test[OOD]:.1f} | {cells} |")
     lines += [
         "",
-        "## Stage 1 (answers on held-out dev scenes: through the bottleneck for B and D, the input in view for C)",
+        "## Stage 1 (answers to held-out dev questions through the bottleneck)",
         "",
-        f"The reader's own full-input dev accuracy, same scorer: {_reader_accuracy(report['reader'])}. K states: the "
-        "mean cosine between two compression states of the same dev input and their effective rank (of K), on the "
-        "movement inputs; the reader with fresh compression rows (A's start): "
-        f"{_k_states_cell(report.get('fresh_k_states'))}.",
-        "",
-        "| run | loss first → last | answer accuracy | majority | K states: cosine, effective rank |",
+        "| run | loss first → last | answer accuracy | majority | seconds |",
         "| --- | --- | --- | --- | --- |",
     ]
     for record in report["stage1"]:
-        run = record["run"]
         lines.append(
-            f"| {run['arm']} seed {run['seed']} K = {run['k']} | {record['train_loss_first']:.2f} → "
+            f"| {record['run']['steps']} steps, seed {record['run']['seed']} | {record['train_loss_first']:.2f} → "
             f"{record['train_loss_last']:.2f} | {record['heldout_answer_accuracy']:.3f} | "
-            f"{record['majority_baseline_accuracy']:.3f} | {_k_states_cell(record.get('k_states'))} |"
+            f"{record['majority_baseline_accuracy']:.3f} | {record['seconds']:.0f} |"
         )
-    lines += ["", "![P@1 against contrastive pairs](premise.png)", ""]
-    return "\n".join(lines)
-
-
-def _spread_word(beyond_spread: bool | None) -> str:
-    if beyond_spread is None:
-        return "one seed: no spread to compare with"
-    return f"{'beyond' if beyond_spread else 'within'} the seed spread"
-
-
-def _k_states_cell(values: dict | None) -> str:
-    if not values:
-        return "n/a"
-    cosine = values["mean_pairwise_cosine"]
-    return f"{'n/a' if cosine is None else f'{cosine:.3f}'}, {values['effective_rank']:.2f} of {values['k']}"
-
-
-def _reader_overall(record: dict) -> float | None:
-    """The reader's full-input dev accuracy in its record (`None` for a reader without one)."""
-    return record.get("evaluation", {}).get("overall", {}).get("reader")
-
-
-def _reader_accuracy(reader: dict) -> str:
-    overall = _reader_overall(reader)
-    return "n/a" if overall is None else f"{overall:.3f}"
-
-
-def _baseline_cells(baseline: dict) -> str:
-    return ", ".join(f"{name} {100 * value:.1f}" for name, value in baseline.items())
-
-
-def _order(key: str) -> tuple:
-    arm, variant, pairs, k = key.split("|")
-    return ({"main": 0, "matched": 1, "k-sweep": 2}[variant], ARMS.index(arm), int(pairs), int(k[1:]))
+    return "\n".join(lines) + "\n\n![Data efficiency and dose-response](premise.png)\n"
 
 
 def plot(report: dict, path: Path) -> None:
+    """Left: IND and OOD-endpoint P@1 against contrastive pairs for A and B1; right: against stage-1 steps at the
+    primary budget (the dose-response; 0 = A)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = report["budget"]["num_compression_tokens"]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for axis, metric in zip(axes, (IND, OOD), strict=True):
-        for arm in ARMS:
-            keys = sorted(
-                (
-                    key
-                    for key in report["summary"]
-                    if key.startswith(f"{arm}|main|") and key.endswith(f"K{0 if arm == 'V' else k}")
-                ),
-                key=lambda key: int(key.split("|")[2]),
+    budget, rows = report["budget"], report["analysis"]["arms"]
+    endpoints = [name for name in (IND, OOD) if rows and name in rows[0]["final"]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for endpoint, style in zip(endpoints, ("-", "--"), strict=False):
+        for arm in ("A", arm_name(budget["primary_stage1_steps"])):
+            points = sorted(
+                (row["pairs"], row["final"][endpoint])
+                for row in rows
+                if row["arm"] == arm and row["steps"] == budget["stage2_steps"]
             )
-            if not keys:
-                continue
-            pairs = [int(key.split("|")[2]) for key in keys]
-            means = [100 * report["summary"][key]["test"][metric]["mean"] for key in keys]
-            stds = [100 * report["summary"][key]["test"][metric]["std"] for key in keys]
-            axis.errorbar(pairs, means, yerr=stds, marker="o", capsize=3, label=ARM_LABELS[arm])
-        axis.set_xscale("log")
-        axis.set_xlabel("in-distribution contrastive pairs")
-        axis.set_title(f"{metric} test Precision@1 (%)")
-    axes[0].legend(fontsize=7)
+            if points:
+                _errorbar(left, points, f"{arm} {endpoint}", style)
+        dose = sorted(
+            (int(row["arm"][1:]) if row["arm"] != "A" else 0, row["final"][endpoint])
+            for row in rows
+            if row["pairs"] == budget["primary_pairs"] and row["steps"] == budget["stage2_steps"]
+        )
+        if dose:
+            _errorbar(right, dose, endpoint, style)
+    left.set_xscale("log")
+    left.set_xlabel("in-distribution contrastive pairs")
+    right.set_xlabel(f"stage-1 steps (batch {budget['batch_size']}; 0 = A)")
+    for axis in (left, right):
+        axis.set_ylabel("test Precision@1 (%)")
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _errorbar(axis, points: list[tuple[int, dict]], label: str, style: str) -> None:
+    x = [point for point, _ in points]
+    means = [100 * values["mean"] for _, values in points]
+    below = [100 * (values["mean"] - values["low"]) for _, values in points]
+    above = [100 * (values["high"] - values["mean"]) for _, values in points]
+    axis.errorbar(x, means, yerr=[below, above], marker="o", capsize=3, linestyle=style, label=label)
 
 
 HAND_WRITTEN = "<!-- Hand-written below this line: kept when the benchmark rewrites the file. -->"
 
 
 def write_report(report: dict, json_path: Path, docs: Path) -> None:
-    """The JSON, `premise.md` (generated tables, then the hand-written reading the previous file had, if any) and
-    `premise.png`."""
-    _write_json(json_path, report)
+    """The summary JSON, the per-query results beside it (`*_per_query.json.gz`), `premise.md` (generated, then the
+    hand-written reading the previous file had, if any) and `premise.png`."""
+    per_query = {
+        record["run"]["name"]: {key: record[key] for key in ("final", "best")} for record in report["results"]
+    }
+    per_query["zero_shot"] = report.pop("zero_shot_test")
+    with gzip.open(json_path.with_name(json_path.stem + "_per_query.json.gz"), "wt") as handle:
+        json.dump(per_query, handle)
+    summary = {**report, "results": [_without_per_query(record) for record in report["results"]]}
+    _write_json(json_path, summary)
     docs.mkdir(parents=True, exist_ok=True)
     markdown = docs / "premise.md"
     previous = markdown.read_text() if markdown.is_file() else ""
@@ -566,105 +812,124 @@ def write_report(report: dict, json_path: Path, docs: Path) -> None:
     plot(report, docs / "premise.png")
 
 
-def headline(report_verdicts: list[dict]) -> str:
-    """The first line: whether B beats A and C out of distribution at every budget, beyond the spread."""
-    ood = [line for line in report_verdicts if line["metric"] == OOD and line["comparison"] in ("B - A", "B - C")]
-    wins = [line for line in ood if line["difference"] > 0 and line["beyond_spread"]]
-    if ood and len(wins) == len(ood):
-        return "**B (CoMa) beats A and C out of distribution at every budget, beyond the seed spread.**"
-    return (
-        f"**B (CoMa) does not beat both A and C out of distribution at every budget** ({len(wins)} of {len(ood)} "
-        "comparisons beyond the seed spread in B's favour)."
-    )
+def _without_per_query(record: dict) -> dict:
+    return {
+        **record,
+        **{key: {k: v for k, v in record[key].items() if k in ("precision", "split")} for key in ("final", "best")},
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------------
-PLAN_STEPS = (4, 20)  # the timing runs' lengths: far enough apart that the per-run evaluation does not swamp a step
+PLAN_STEPS = (4, 20)  # the timing runs' lengths: far enough apart that a run's fixed costs do not swamp a step
 
 
-def project(budget: Budget, work: Path, synthetic: Path, reader: str, extra: list[str], test, inputs, workers: int):
-    """Seconds per optimizer step and per run of each kind, from runs of `PLAN_STEPS` steps, and the projected wall
-    time. The timing runs go `workers` at a time, as the benchmark's do, so the figures include their contention."""
+def project(context: Context, experiments: tuple[str, ...], workers: int) -> dict:
+    """Seconds per step and per run of each kind, from runs of `PLAN_STEPS` steps (`workers` at a time, so the
+    figures include their contention), one test evaluation, and the projected wall time of `experiments`."""
     with _pool(workers) as pool:
-        copies = list(
-            pool.map(_time_runs, range(workers), *_same(workers, budget, work, synthetic, reader, extra, test, inputs))
-        )
+        copies = list(pool.map(_time_runs, range(workers), [context] * workers))
     timings = {key: statistics.mean(copy[key] for copy in copies) for key in copies[0]}
     short, long = PLAN_STEPS
     per_step = {
         kind: (timings[(kind, long)] - timings[(kind, short)]) / (long - short) for kind in ("stage1", "stage2")
     }
     overhead = {kind: max(0.0, timings[(kind, short)] - short * per_step[kind]) for kind in ("stage1", "stage2")}
-    stage1_runs, stage2_runs = plan(budget)
-    total = sum(overhead["stage1"] + budget.stage1_steps * per_step["stage1"] for _ in stage1_runs)
+    evaluation = timings["test"]
+    stage1_runs, stage2_runs = plan(context.budget, experiments)
+    budget = context.budget
+    total = sum(overhead["stage1"] + run.steps * per_step["stage1"] for run in stage1_runs)
+    starts = {run.start for run in stage2_runs}
+    dev_evaluations = sum(run.steps // budget.eval_steps for run in stage2_runs)
     total += sum(overhead["stage2"] + run.steps * per_step["stage2"] for run in stage2_runs)
+    # per run: test of the final and (at most) the best checkpoint; per start: zero-shot test and dev
+    total += evaluation * (2 * len(stage2_runs) + len(starts)) + timings["dev"] * (dev_evaluations + len(starts))
     return {
         "per_step": per_step,
         "overhead": overhead,
+        "test_evaluation": evaluation,
+        "dev_evaluation": timings["dev"],
         "runs": len(stage1_runs) + len(stage2_runs),
         "seconds": total,
         "wall_seconds": total / workers,
     }
 
 
-def _time_runs(copy: int, budget: Budget, work: Path, synthetic: Path, reader: str, extra, test, inputs) -> dict:
-    """Seconds of a stage-1 and a stage-2 run of each of `PLAN_STEPS` lengths, in this copy's own folders."""
+def _time_runs(copy: int, context: Context) -> dict:
+    """Seconds of a stage-1 and a stage-2 run (no evaluation during it) of each of `PLAN_STEPS` lengths, and of one
+    test and one dev evaluation, in this copy's own folders."""
     timings = {}
+    plan_work = context.work / f"plan-{copy}"
+    shutil.rmtree(plan_work, ignore_errors=True)
+    local = replace(context, work=plan_work)
+    (plan_work / "synthetic").parent.mkdir(parents=True, exist_ok=True)
+    (plan_work / "synthetic").symlink_to(context.synthetic.resolve())
     for steps in PLAN_STEPS:
-        plan_work = work / f"plan-{copy}-{steps}"
-        shutil.rmtree(plan_work, ignore_errors=True)
         started = time.time()
-        stage1 = Stage1Run("B", 0, budget.num_compression_tokens)
-        run_stage1(stage1, replace(budget, stage1_steps=steps), plan_work, synthetic, reader, extra)
+        run_stage1(Stage1Run(0, steps), local)
         timings[("stage1", steps)] = time.time() - started
         started = time.time()
-        run = Stage2Run("A", 0, budget.num_compression_tokens, max(budget.pair_budgets), steps)
-        run_stage2(run, budget, plan_work, synthetic, reader, extra, test, inputs)
+        run = Stage2Run(0, 0, context.budget.primary_pairs, steps)
+        output = local.checkpoint(f"stage2-{steps}")
+        _example("train_contrastive").main(stage2_arguments(run, local, output, 1e-3, keep_best=False))
         timings[("stage2", steps)] = time.time() - started
-        shutil.rmtree(plan_work, ignore_errors=True)
+    started = time.time()
+    evaluate_folder(output, test_datasets(context))
+    timings["test"] = time.time() - started
+    started = time.time()
+    evaluate_folder(output, load_mmeb_datasets(context.synthetic / "mini_mmeb" / "dev"))
+    timings["dev"] = time.time() - started
+    shutil.rmtree(plan_work, ignore_errors=True)
     return timings
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy sizes, two seeds (for the test)")
-    parser.add_argument(
-        "--plan", action="store_true", help="time a few steps of each kind, print the projection, stop"
-    )
+    step = parser.add_mutually_exclusive_group()
+    step.add_argument("--tune", action="store_true", help="the stage-2 learning-rate grid (writes the protocol)")
+    step.add_argument("--select", action="store_true", help="the endpoint selection on dev (writes the protocol)")
+    step.add_argument("--plan", action="store_true", help="time a few steps of each kind, print the projection")
+    parser.add_argument("--experiments", default="primary", help=f"comma-separated, of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--reader", default=None, help="reader folder (default: the shipped reader)")
     parser.add_argument("--work_dir", default="outputs/premise", help="scenes, checkpoints and per-run records")
+    parser.add_argument("--protocol", default=None, help=f"default: benchmarks/results/{PROTOCOL_FILE}")
     parser.add_argument("--output_json", default=None, help="default: benchmarks/results/premise.json")
     parser.add_argument("--docs_dir", default=None, help="where premise.md and .png go (default: docs)")
-    parser.add_argument("--stage2_learning_rate", type=float, default=None, help="one for every arm (tuned on dev)")
-    parser.add_argument(
-        "--budget",
-        default=None,
-        help="JSON of Budget fields to change, for a follow-up in its own --work_dir (its report stays there), e.g. "
-        '\'{"stage1_steps": 900, '
-        '"arms": ["B"], "seeds": [0], "pair_budgets": [500], "k_sweep": [8]}\'',
-    )
+    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/premise.py", *(argv if argv is not None else sys.argv[1:])])
-    budget, extra = (QUICK, QUICK_ARGS) if args.quick else (Budget(), [])
-    if args.stage2_learning_rate is not None:
-        budget = replace(budget, stage2_learning_rate=args.stage2_learning_rate)
-    if args.budget:
-        overrides = json.loads(args.budget)
-        budget = replace(budget, **{key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()})
-    reader = args.reader or _shipped_reader()
+    budget, extra = (QUICK, tuple(QUICK_ARGS)) if args.quick else (Budget(), ())
+    experiments = tuple(name.strip() for name in args.experiments.split(","))
+    if unknown := set(experiments) - set(EXPERIMENTS):
+        raise SystemExit(f"unknown experiments {sorted(unknown)}; choose from {EXPERIMENTS}")
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
-    synthetic = work / "synthetic"
-    write_synthetic_dataset(
-        synthetic, budget.num_train_scenes, budget.num_dev_scenes, budget.num_test_scenes, image_size=budget.scene_size
-    )
-    write_mini_mmeb(synthetic, max_train_scenes=budget.pair_scenes)
-    test = test_subset(synthetic / "mini_mmeb" / "test", budget.eval_queries)
-    inputs = movement_set(synthetic / "mini_mmeb" / "dev", budget.movement_inputs)
+    protocol_path = Path(args.protocol or (work / PROTOCOL_FILE if args.quick else RESULTS / PROTOCOL_FILE))
+    reader = args.reader or _shipped_reader()
+    prepare_data(budget, work)
+    context = Context(budget, work, reader, extra, image_tokens=4 if args.quick else 64)
+
+    if args.tune or args.select:
+        protocol = _load_json(protocol_path) or {"budget": asdict(budget)}
+        if args.tune:
+            protocol["learning_rate"] = tune(context, args.workers)
+        else:
+            scores = start_scores_on_dev(context)
+            reader_types = _reader_record(reader)["evaluation"]["per_type"]
+            protocol["zero_shot_dev"] = scores
+            protocol["endpoints"] = select_endpoints(context, scores, reader_types)
+        protocol["commands"] = {**protocol.get("commands", {}), "tune" if args.tune else "select": command}
+        _write_json(protocol_path, protocol)
+        print(json.dumps({key: protocol[key] for key in ("learning_rate", "endpoints") if key in protocol}, indent=1))
+        return protocol
+    protocol = _load_json(protocol_path)
+    if protocol is None or "learning_rate" not in protocol or "endpoints" not in protocol:
+        raise SystemExit(f"No protocol at {protocol_path}: run --tune and --select first (then commit it).")
+    context = replace(context, learning_rate=protocol["learning_rate"]["chosen"])
     if args.plan:
-        projection = project(budget, work, synthetic, reader, extra, test, inputs, args.workers)
+        projection = project(context, experiments, args.workers)
         print(
             f"Projected: {projection['runs']} runs, {projection['wall_seconds'] / 60:.0f} min wall with "
             f"{args.workers} worker(s) ({projection['seconds'] / 60:.0f} min of run time): "
@@ -672,92 +937,42 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{kind} {projection['per_step'][kind]:.2f} s/step + {projection['overhead'][kind]:.0f} s a run"
                 for kind in ("stage1", "stage2")
             )
+            + f", test evaluation {projection['test_evaluation']:.0f} s, dev {projection['dev_evaluation']:.0f} s"
         )
         return projection
 
     started = time.time()
-    stage1_runs, stage2_runs = plan(budget)
+    stage1_runs, stage2_runs = plan(budget, experiments)
+    print(f"{len(stage1_runs)} stage-1 and {len(stage2_runs)} stage-2 runs; records under {work / 'results'}")
     with _pool(args.workers) as pool:
-        stage1 = list(
-            pool.map(_run_stage1_logged, stage1_runs, *_same(len(stage1_runs), budget, work, synthetic, reader, extra))
-        )
+        stage1 = list(pool.map(_run_stage1_logged, stage1_runs, [context] * len(stage1_runs)))
         total = len(stage2_runs)
-        list(
-            pool.map(
-                _run_stage2_logged,
-                stage2_runs,
-                [f"{index + 1}/{total}" for index in range(total)],
-                *_same(total, budget, work, synthetic, reader, extra, test, inputs),
-            )
-        )
-    records = [_load_json(work / "results" / f"{run.name}.json") for run in stage2_runs]
-    stage1 = [
-        {**record, "k_states": k_state_similarity(work / "checkpoints" / name, inputs)}
-        for record, name in zip(stage1, [run.name for run in stage1_runs], strict=True)
-    ]
-    fresh = k_state_similarity(reader, inputs, budget.num_compression_tokens)
-    report_verdicts = verdicts(records, budget)
+        positions = [f"{index + 1}/{total}" for index in range(total)]
+        records = list(pool.map(_run_stage2_logged, stage2_runs, positions, [context] * total))
+    zero_shots = {run.start: _load_json(context.record_path(run.start)) for run in stage2_runs}
+    analysis = analyse(records, budget, protocol, args.resamples)
     report = {
-        "headline": headline(report_verdicts),
+        "headline": headline(analysis),
         "budget": asdict(budget),
+        "protocol": protocol,
+        "experiments": list(experiments),
         "command": command,
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
-        "reader": _reader_record(reader),
-        "baseline": _baseline(test),
-        "summary": aggregate(records),
-        "verdicts": report_verdicts,
+        "provenance": provenance(),
+        "protocol_commit": _git("log", "-n", "1", "--format=%H", "--", str(protocol_path.resolve())) or "uncommitted",
+        "reader": _reader_record(reader).get("evaluation", {}).get("overall"),
+        "analysis": analysis,
         "stage1": stage1,
-        "fresh_k_states": fresh,
+        "zero_shot": {start: {"dev": z["dev"], "test": z["test"]["precision"]} for start, z in zero_shots.items()},
+        "zero_shot_test": {start: z["test"] for start, z in zero_shots.items()},
         "results": records,
         "seconds": _add_wall_time(work, time.time() - started),
     }
-    in_work = args.quick or args.budget  # toy sizes and follow-ups never overwrite the committed report
-    json_path = Path(
-        args.output_json or (work / "premise.json" if in_work else ROOT / "benchmarks" / "results" / "premise.json")
-    )
-    write_report(report, json_path, Path(args.docs_dir or (work / "report" if in_work else ROOT / "docs")))
-    print(render_markdown(report))
+    json_path = Path(args.output_json or (work / "premise.json" if args.quick else RESULTS / "premise.json"))
+    write_report(report, json_path, Path(args.docs_dir or (work / "report" if args.quick else ROOT / "docs")))
+    print(report["headline"])
     return report
-
-
-@torch.no_grad()
-def k_state_similarity(folder: str | Path, inputs: list, num_compression_tokens: int | None = None) -> dict:
-    """How alike an input's K compression states are (the paper's reason a large K underperforms): the mean cosine
-    between two different states of the same input, and the states' mean effective rank (exp of the entropy of the
-    normalised singular values; K means all distinct), over `inputs`. `folder` is a CoMa checkpoint, or with
-    `num_compression_tokens` a backbone given fresh compression rows (seed 0), as arm A starts."""
-    from coma_hf import CoMaModel
-
-    if num_compression_tokens is None:
-        model = CoMaModel.from_pretrained(str(folder))
-    else:
-        model = CoMaModel.from_backbone(str(folder), num_compression_tokens=num_compression_tokens, seed=0)
-    model.eval()
-    chunks = [
-        model(**model.processor.process_for_embedding(inputs[start : start + 16])).compression_states.float()
-        for start in range(0, len(inputs), 16)
-    ]
-    cosines, ranks = state_redundancy(torch.cat(chunks))
-    k = model.config.num_compression_tokens
-    return {
-        "k": k,
-        "mean_pairwise_cosine": float(cosines.mean()) if k > 1 else None,
-        "effective_rank": float(ranks.mean()),
-    }
-
-
-def state_redundancy(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per input of `states` `[inputs, K, hidden]`: the mean cosine between two different states (`[inputs]`; K > 1)
-    and the effective rank of the K states (`[inputs]`: exp of the entropy of the normalised singular values)."""
-    k = states.shape[1]
-    unit = torch.nn.functional.normalize(states, dim=-1)
-    similarity = unit @ unit.transpose(1, 2)
-    cosines = similarity[:, ~torch.eye(k, dtype=torch.bool)].view(len(states), -1).mean(dim=1)
-    singular = torch.linalg.svdvals(unit)
-    weights = singular / singular.sum(dim=1, keepdim=True)
-    ranks = torch.exp(-(weights * torch.log(weights.clamp_min(1e-12))).sum(dim=1))
-    return cosines, ranks
 
 
 def _add_wall_time(work: Path, seconds: float) -> float:
@@ -794,20 +1009,16 @@ class _Inline:
         return map(function, *iterables)
 
 
-def _same(count: int, *values) -> list[list]:
-    """Each value repeated `count` times, as `map` takes the arguments that every run shares."""
-    return [[value] * count for value in values]
-
-
-def _run_stage1_logged(run: Stage1Run, *arguments) -> dict:
+def _run_stage1_logged(run: Stage1Run, context: Context) -> dict:
     print(f"\n=== {run.name} ===", flush=True)
-    return run_stage1(run, *arguments)
+    return run_stage1(run, context)
 
 
-def _run_stage2_logged(run: Stage2Run, position: str, *arguments) -> dict:
+def _run_stage2_logged(run: Stage2Run, position: str, context: Context) -> dict:
     print(f"\n=== run {position}: {run.name} ===", flush=True)
-    record = run_stage2(run, *arguments)
-    print(f"=== {run.name}: test IND {record['test'][IND]:.3f} OOD {record['test'][OOD]:.3f} ===", flush=True)
+    record = run_stage2(run, context)
+    final = record["final"]["precision"]
+    print(f"=== {run.name}: test IND {final[IND]:.3f} OOD {final[OOD]:.3f} ===", flush=True)
     return record
 
 
@@ -818,21 +1029,9 @@ def _shipped_reader() -> str:
 
 
 def _reader_record(reader: str) -> dict:
-    """The reader's own record (how it was trained, how well it reads), with a one-line summary for the report."""
     from coma_hf.reader import RECORD_FILE, reader_record
 
-    record = reader_record(reader) if (Path(reader) / RECORD_FILE).is_file() else {}
-    parameters = record.get("model", {}).get("parameters")
-    overall = _reader_overall(record)
-    if parameters is None or overall is None:
-        return {**record, "summary": "a reader without a record"}
-    return {**record, "summary": f"{parameters:,} parameters, full-input dev accuracy {overall:.3f}"}
-
-
-def _baseline(test: list[MMEBDataset]) -> dict:
-    """The chance/constant Precision@1 of the test subset: overall, IND and OOD."""
-    baselines = chance_baselines(test)
-    return {"overall": baselines["overall"]["best"], **{k: v["best"] for k, v in baselines["distributions"].items()}}
+    return reader_record(reader) if (Path(reader) / RECORD_FILE).is_file() else {}
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from coma_hf.training import (
     BatchArguments,
     CoMaContrastiveLoss,
     CoMaContrastiveTrainer,
+    KeepBestCheckpoint,
     LoraArguments,
     apply_lora,
     build_coma,
@@ -58,6 +59,7 @@ from coma_hf.training import (
 logger = logging.getLogger("train_contrastive")
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_STAGE1 = "outputs/stage1"
+BEST_DEV = "best-dev"  # the --keep_best_by checkpoint's folder under --output_dir
 
 
 @dataclass
@@ -85,6 +87,13 @@ class ModelArguments:
         metadata={
             "help": "Pooling of the K states in training (default: the checkpoint's).",
             "choices": POOLING_MODES,
+        },
+    )
+    keep_best_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also keep the checkpoint with the highest value of this dev metric (e.g. dev_IND_precision@1; "
+            "with --eval_strategy steps) in OUTPUT_DIR/best-dev, merged; the final checkpoint stays the output."
         },
     )
     eval_pooling: str | None = field(
@@ -115,6 +124,10 @@ class DataArguments:
     synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where the synthetic scenes live."})
     max_train_scenes: int = field(default=2000, metadata={"help": "Synthetic scenes that make mini-MMEB pairs."})
     max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    pair_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the shuffle that draws --max_train_pairs (one subset per seed, whatever --seed)."},
+    )
     by_dataset: bool = field(default=True, metadata={"help": "Draw each batch from one dataset (the paper)."})
     dataset_chunk_size: int | None = field(
         default=None,
@@ -213,7 +226,7 @@ def load_training_pairs(data_args: DataArguments, processor):
         source, root = data_args.dataset, data_args.image_root
     pairs = load_mmeb_train(source, image_root=root, subsets=subsets, hard_negatives=data_args.hard_negatives)
     if data_args.max_train_pairs is not None and len(pairs) > data_args.max_train_pairs:
-        pairs = pairs.shuffle(seed=0).select(range(data_args.max_train_pairs))
+        pairs = pairs.shuffle(seed=data_args.pair_seed).select(range(data_args.max_train_pairs))
     bad = []
     if data_args.validate_data or data_args.skip_bad_samples:
         bad = validate_pairs(pairs, processor)
@@ -312,11 +325,18 @@ def main(argv: list[str] | None = None) -> dict:
         on_nonfinite_loss=loss_args.on_nonfinite_loss,
         eval_pooling=model_args.eval_pooling,
     )
+    keep_best = None
+    if model_args.keep_best_by:
+        keep_best = KeepBestCheckpoint(
+            trainer, model_args.keep_best_by, str(Path(training_args.output_dir) / BEST_DEV)
+        )
+        trainer.add_callback(keep_best)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     trainer.save_merged(training_args.output_dir)
     summary = summarize(trainer, model, evaluator, start_from, num_pairs, bad, started)
     summary["start_weights"] = start_weights
+    summary["best_dev"] = keep_best.best if keep_best else None
     summary["recipe"] = model_args.recipe
     summary["rendering"] = rendering_settings(transformer.processor)
     summary["batch"] = batch.as_dict()

@@ -8,15 +8,18 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 from coma_hf.data.mini_mmeb import (
     IN_DISTRIBUTION,
     META_TASKS,
+    NUM_COLOUR_SET_CANDIDATES,
     NUM_OOD_RETRIEVAL_CANDIDATES,
     OUT_OF_DISTRIBUTION,
+    SIZE_COUNT_LABELS,
     write_mini_mmeb,
 )
-from coma_hf.data.synthetic import HELD_OUT_COMBINATIONS, SceneObject
+from coma_hf.data.synthetic import COLOURS, HELD_OUT_COMBINATIONS, NUMBER_WORDS
 from coma_hf.evaluation.mmeb import (
     MMEB_META_TASKS,
     MMEB_OUT_OF_DISTRIBUTION,
@@ -182,8 +185,7 @@ def test_mini_mmeb_has_all_four_meta_tasks_in_mmeb_layout(mini):
             "Visual Grounding",
         }
         for dataset in datasets:
-            # a spatial question needs two objects in one row or column of the grid, which not every scene has
-            assert 0 < len(dataset.rows) <= 30 if dataset.name == "Mini-SpatialVQA" else len(dataset.rows) == 30
+            assert len(dataset.rows) == 30  # one row per scene
             for row in dataset.rows:
                 candidates = max(len(row["tgt_text"]), len(row["tgt_img_path"]))
                 assert candidates >= 2 and len(row["tgt_text"]) == len(row["tgt_img_path"])
@@ -211,34 +213,55 @@ def test_the_out_of_distribution_half_is_marked_and_its_golds_are_right(mini):
     datasets = load_mmeb_datasets(output / "test")
     assert {dataset.name for dataset in datasets if dataset.distribution == "OOD"} == set(OUT_OF_DISTRIBUTION)
     assert set(IN_DISTRIBUTION).isdisjoint(OUT_OF_DISTRIBUTION)
-    for row in _rows(output, "test", "Mini-Shape"):
-        record = _record_of(root, "test", row["qry_img_path"])
-        shapes = [obj for obj in record["objects"] if obj["kind"] == "shape"]
-        area = lambda obj: (obj["box"][2] - obj["box"][0]) * (obj["box"][3] - obj["box"][1])  # noqa: E731
-        assert row["tgt_text"][0] == max(shapes, key=area)["shape"] and len(row["tgt_text"]) == 4
-    for row in _rows(output, "test", "Mini-SpatialVQA"):
-        record = _record_of(root, "test", row["qry_img_path"])
-        cells = {SceneObject(**obj).name: divmod(obj["cell"], 3) for obj in record["objects"]}
-        first, second = re.search(r"Is the (.+) above, below, left or right of the (.+)\?", row["qry_text"]).groups()
-        (row_a, column_a), (row_b, column_b) = cells[first], cells[second]
-        expected = {(-1, 0): "above", (1, 0): "below", (0, -1): "left", (0, 1): "right"}
-        sign = lambda value: (value > 0) - (value < 0)  # noqa: E731
-        assert row["tgt_text"][0] == expected[(sign(row_a - row_b), sign(column_a - column_b))]
+    for row in _rows(output, "test", "Mini-ColourSet"):
+        colours = {obj["colour"] for obj in _shapes_of(root, row)}
+        assert set(re.split(r", | and ", row["tgt_text"][0])) == colours
+        assert all(len(re.split(r", | and ", label)) == len(colours) for label in row["tgt_text"])  # as many colours
+        assert (
+            len(set(row["tgt_text"]))
+            == len(row["tgt_text"])
+            == min(NUM_COLOUR_SET_CANDIDATES, 8 if len(colours) == 1 else 99)
+        )
+    for row in _rows(output, "test", "Mini-SizeCount"):
+        shapes = _shapes_of(root, row)
+        large = sum(obj["size"] == "large" for obj in shapes)
+        assert row["tgt_text"][0] == f"{NUMBER_WORDS[large]} large and {NUMBER_WORDS[len(shapes) - large]} small"
+        assert sorted(row["tgt_text"]) == sorted(SIZE_COUNT_LABELS)
     captions = [json.loads(line)["caption"] for line in (root / "test.jsonl").read_text().splitlines()]
-    for name, own_pictures in (("Mini-SameScene", 1), ("Mini-Composed", 2)):
-        for row in _rows(output, "test", name):
-            scene = _scene_ids([row], ["qry_img_path"])
-            candidates = row["tgt_img_path"]
-            assert _scene_ids([{"image": candidates[0]}], ["image"]) == scene  # the gold is the query's scene
-            caption = _record_of(root, "test", row["qry_img_path"])["caption"]
-            others = sum(other != caption for other in captions)  # distractor scenes: every other caption
-            assert len(candidates) == len(set(candidates)) == min(NUM_OOD_RETRIEVAL_CANDIDATES, own_pictures + others)
-            assert all((root / path).exists() for path in candidates)
-    for row in _rows(output, "test", "Mini-Composed"):
-        colour = re.search(r"painted (\w+)\.$", row["qry_text"]).group(1)
-        gold, unchanged = row["tgt_img_path"][:2]
-        assert gold.endswith(f"-{colour}.png") and unchanged.endswith("-again.png")
-        assert _scene_ids([{"image": unchanged}], ["image"]) == _scene_ids([row], ["qry_img_path"])
+    for row in _rows(output, "test", "Mini-SameScene"):
+        scene = _scene_ids([row], ["qry_img_path"])
+        candidates = row["tgt_img_path"]
+        assert _scene_ids([{"image": candidates[0]}], ["image"]) == scene  # the gold is the query's scene
+        caption = _record_of(root, "test", row["qry_img_path"])["caption"]
+        others = sum(other != caption for other in captions)  # distractor scenes: every other caption
+        assert len(candidates) == len(set(candidates)) == min(NUM_OOD_RETRIEVAL_CANDIDATES, 1 + others)
+        assert all((root / path).exists() for path in candidates)
+    for row in _rows(output, "test", "Mini-SameColours"):
+        query_colours = sorted(obj["colour"] for obj in _shapes_of(root, row))
+        gold, *others = row["tgt_img_path"]
+        assert _scene_ids([{"image": gold}], ["image"]) == _scene_ids([row], ["qry_img_path"])
+        assert gold.endswith("-colours.png") and all((root / path).exists() for path in row["tgt_img_path"])
+        for other in others:  # every distractor was made from a scene with another set of colours
+            record = _record_of(root, "test", other)
+            assert sorted({obj["colour"] for obj in record["objects"] if obj["kind"] == "shape"}) != sorted(
+                set(query_colours)
+            )
+
+
+def _shapes_of(root, row) -> list[dict]:
+    record = _record_of(root, "test", row["qry_img_path"])
+    return [obj for obj in record["objects"] if obj["kind"] == "shape"]
+
+
+def test_the_same_colours_picture_draws_the_query_shapes_colours_and_no_other(mini):
+    root, output = mini
+    for row in _rows(output, "test", "Mini-SameColours")[:10]:
+        shapes = _shapes_of(root, row)
+        with Image.open(root / row["tgt_img_path"][0]) as picture:
+            drawn = {
+                colour for colour, rgb in COLOURS.items() if rgb in {pixel for _, pixel in picture.getcolors(1 << 16)}
+            }
+        assert drawn == {obj["colour"] for obj in shapes}  # the shapes' colours, and no digit of another colour
 
 
 def _scene_ids(rows, keys):

@@ -1,18 +1,19 @@
-"""benchmarks/premise.py at toy sizes: the arms share their start, the budgets are what the JSON says, the verdicts
-are the recorded numbers, and a killed benchmark resumes."""
+"""benchmarks/premise.py: the plan of each experiment, the endpoint rule and the decision rules on fixed numbers, and
+at toy sizes on two worker processes the whole protocol (tune, select, run) whose per-query files, comparison and
+verdict line agree with one another, and which resumes without training again."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from coma_hf.configuration_coma import is_embedded_backbone
+from coma_hf.evaluation.compare import compare_arms
 from coma_hf.tiny import build_tiny_backbone, tiny_backbone_config
 
 ROOT = Path(__file__).parents[1]
@@ -29,129 +30,173 @@ def _premise():
     return module
 
 
+READER_TYPES = {  # what a reader record's `evaluation.per_type` holds: accuracy with the input in view, majority
+    "colour": {"reader": 0.73, "majority": 0.09},
+    "size": {"reader": 0.93, "majority": 0.49},
+    "count": {"reader": 0.96, "majority": 0.36},
+    "position": {"reader": 0.39, "majority": 0.12},
+    "shape": {"reader": 0.35, "majority": 0.125},
+}
+
+
 def _toy_reader(folder: Path) -> str:
-    """A stock tiny backbone saved as a reader would be (random weights: the benchmark's plumbing is under test)."""
+    """A stock tiny backbone saved as a reader would be, with a reader record (random weights: the benchmark's
+    plumbing is under test)."""
     config = tiny_backbone_config(hidden_size=32, vision_width=16, vision_depth=1)
     backbone, parts = build_tiny_backbone(config=config)
     backbone.config.embedded_backbone = True  # what recipes read to pick the tiny recipe
     backbone.save_pretrained(folder)
     parts.tokenizer.save_pretrained(folder)
     parts.image_processor.save_pretrained(folder)
+    (folder / "record.json").write_text(json.dumps({"evaluation": {"per_type": READER_TYPES}}))
     assert is_embedded_backbone(json.loads((folder / "config.json").read_text()))
     return str(folder)
 
 
-def test_cka_and_cosine_are_one_for_the_same_representation_and_cka_ignores_rotation():
+def test_each_experiment_plans_its_runs_once_with_the_primary_first():
     premise = _premise()
-    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
-    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
-    assert premise.linear_cka(x, x) == pytest.approx(1.0) and premise.mean_cosine(x, x) == pytest.approx(1.0)
-    assert premise.linear_cka(x, 3 * x @ rotation) == pytest.approx(1.0, abs=1e-5)
-    assert premise.linear_cka(x, torch.randn(50, 8, generator=torch.Generator().manual_seed(2))) < 0.6
+    budget = premise.Budget()
+    stage1, runs = premise.plan(budget, ("primary",))
+    assert [run.steps for run in stage1] == [600] * 6 and len({run.seed for run in stage1}) == 6
+    assert [(run.arm, run.seed) for run in runs] == [(arm, seed) for seed in range(6) for arm in ("A", "B600")]
+    assert {(run.pairs, run.steps) for run in runs} == {(500, 200)}
+    _, everything = premise.plan(budget, premise.EXPERIMENTS)
+    assert everything[: len(runs)] == runs and len(set(everything)) == len(everything)
+    # data efficiency adds three budgets × 2 arms × 3 seeds; compute-matched A 3 runs; dose 3 lengths × 3 seeds
+    assert len(everything) == 12 + 3 * 2 * 3 + 3 + 3 * 3
+    assert {run.steps for run in everything if run.arm == "A" and run.steps != 200} == {800}
+    assert {run.arm for run in everything} == {"A", "B150", "B300", "B600", "B1200"}
 
 
-def test_state_redundancy_is_one_and_rank_one_for_copies_zero_and_rank_k_for_orthogonal_states():
+def test_stage2_arguments_draw_pairs_by_seed_and_keep_the_best_dev_checkpoint(tmp_path):
     premise = _premise()
-    row = torch.randn(1, 1, 6, generator=torch.Generator().manual_seed(0))
-    cosines, ranks = premise.state_redundancy(row.expand(2, 4, 6))
-    assert cosines.tolist() == pytest.approx([1.0, 1.0]) and ranks.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)
-    orthogonal = torch.eye(6)[:4].unsqueeze(0) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1)  # scale ignored
-    cosines, ranks = premise.state_redundancy(orthogonal)
-    assert cosines.tolist() == pytest.approx([0.0]) and ranks.tolist() == pytest.approx([4.0])
+    context = premise.Context(premise.Budget(), tmp_path, "reader", learning_rate=3e-4)
+    a, b = premise.Stage2Run(3, 0, 500, 200), premise.Stage2Run(3, 600, 500, 200)
+    arguments = [" ".join(premise.stage2_arguments(run, context, tmp_path / "out", 3e-4)) for run in (a, b)]
+    for text in arguments:
+        assert "--seed 3 --pair_seed 3" in text and "--max_train_pairs 500" in text and "--use_lora true" in text
+        assert "--eval_steps 50 --keep_best_by dev_IND_precision@1" in text and "--learning_rate 0.0003" in text
+    assert "--from_backbone --backbone reader --num_compression_tokens 8" in arguments[0]
+    assert f"--model_name_or_path {tmp_path / 'checkpoints' / 'stage1-seed3-steps600'}" in arguments[1]
+
+
+def test_endpoint_rule_on_fixed_numbers():
+    premise = _premise()
+    attributes = {"Set-Colour": ("colour",), "Set-Position": ("position",), "Set-Shape": ("colour", "shape")}
+    chance = {"Set-Colour": 0.10, "Set-Position": 0.10, "Set-Shape": 0.10}
+    zero_shot = {  # A's start (mean over seeds) and V's start
+        "A": {"Set-Colour": 0.19, "Set-Position": 0.50, "Set-Shape": 0.90},
+        "V": {"Set-Colour": 0.21, "Set-Position": 0.19, "Set-Shape": 0.90},
+    }
+    result = premise.endpoint_rule(attributes, READER_TYPES, zero_shot, chance)
+    # colour reads (0.73 ≥ 0.09 + 0.25) and V's start clears chance + 10 points (0.21 ≥ 0.20) → in
+    assert result["sets"]["Set-Colour"]["passes"]
+    # position: 0.39 ≥ 0.12 + 0.25 and A's start 0.50 → in
+    assert result["sets"]["Set-Position"]["passes"]
+    # the weakest attribute decides: shape 0.35 < 0.125 + 0.25 → out, however well the starts score
+    assert result["sets"]["Set-Shape"]["weakest"] == "shape" and not result["sets"]["Set-Shape"]["passes"]
+    assert result["passing"] == ["Set-Colour", "Set-Position"]
+    below = premise.endpoint_rule(
+        attributes,
+        READER_TYPES,
+        {"A": {**zero_shot["A"], "Set-Colour": 0.1}, "V": {**zero_shot["V"], "Set-Colour": 0.19}},
+        chance,
+    )
+    assert not below["sets"]["Set-Colour"]["passes"]  # neither start reaches chance + 10 points
+
+
+def _arm(shift: float, seeds: int = 6, queries: int = 400, per_seed: list[float] | None = None) -> dict:
+    """Float per-query scores: a fixed pattern plus a shift (per seed when given)."""
+    pattern = [((index * 37) % 100) / 100 for index in range(queries)]
+    return {
+        seed: {name: [value + (per_seed[seed] if per_seed else shift) for value in pattern] for name in ("I", "O")}
+        for seed in range(seeds)
+    }
+
+
+@pytest.mark.parametrize(
+    ("shift", "ood_shift", "expected"),
+    [(0.05, 0.0, "confirmed"), (0.01, 0.0, "refuted"), (0.05, -0.05, "refuted"), (0.025, 0.0, "inconclusive")],
+)
+def test_decision_rules_on_fixed_numbers(shift, ood_shift, expected):
+    premise = _premise()
+    endpoints = {premise.IND: ["I"], premise.OOD: ["O"]}
+    a = _arm(0.0)
+    b = {seed: {"I": [v + shift for v in run["I"]], "O": [v + ood_shift for v in run["O"]]} for seed, run in a.items()}
+    comparison = compare_arms(a, b, endpoints, resamples=200)
+    assert premise.decide(comparison, ood_endpoint=True)["rule"] == expected
+
+
+def test_confirmation_needs_five_positive_seeds_and_an_ood_endpoint_can_be_left_out():
+    premise = _premise()
+    endpoints = {premise.IND: ["I"], premise.OOD: ["O"]}
+    a = _arm(0.0)
+    b = _arm(0.0, per_seed=[0.1, 0.1, 0.1, 0.1, -0.01, -0.01])  # mean +6.3 points, 4 of 6 seeds positive
+    comparison = compare_arms(a, b, endpoints, resamples=200)
+    decision = premise.decide(comparison, ood_endpoint=True)
+    assert decision["ind"]["positive_seeds"] == 4 and decision["rule"] != "confirmed"
+    worse_ood = {seed: {"I": run["I"], "O": [v - 0.2 for v in run["O"]]} for seed, run in _arm(0.05).items()}
+    comparison = compare_arms(a, worse_ood, endpoints, resamples=200)
+    assert premise.decide(comparison, ood_endpoint=True)["rule"] == "refuted"
+    alone = premise.decide(comparison, ood_endpoint=False)  # fewer than two OOD sets passed: IND alone
+    assert alone["rule"] == "confirmed" and alone["ood"] is None and alone["rests_on"] == "IND alone"
 
 
 @pytest.mark.slow
-def test_quick_premise_shares_starts_keeps_its_budgets_and_reports_the_recorded_numbers(tmp_path):
+def test_quick_protocol_on_two_workers_writes_agreeing_per_query_files_comparison_and_verdict(tmp_path):
     premise = _premise()
     reader = _toy_reader(tmp_path / "reader")
     work, docs, output = tmp_path / "work", tmp_path / "docs", tmp_path / "premise.json"
-    argv = f"--quick --reader {reader} --work_dir {work} --docs_dir {docs} --output_json {output}".split()
-    report = premise.main(argv + ["--workers", "2"])  # every run in one of two worker processes
+    argv = f"--quick --reader {reader} --work_dir {work} --docs_dir {docs} --output_json {output} --workers 2".split()
+    with pytest.raises(SystemExit, match="run --tune and --select first"):
+        premise.main(argv)
+    protocol = premise.main(argv + ["--tune"])
+    assert protocol["learning_rate"]["chosen"] in premise.QUICK.learning_rate_grid
+    protocol = premise.main(argv + ["--select"])
+    assert set(protocol["endpoints"]["sets"]) == set(premise.OOD_ATTRIBUTES)
+    report = premise.main(argv + ["--resamples", "200"])
+
     budget = premise.QUICK
-    results = report["results"]
-    stage1_runs, stage2_runs = premise.plan(budget)
-    assert len(results) == len(stage2_runs) and {record["run"]["arm"] for record in results} == set(premise.ARMS)
-
-    # the same seed and K start from the same weights in every arm: B and C's stage 1 and A's stage 2
-    starts = {}
-    for record in report["stage1"]:
-        starts.setdefault((record["run"]["seed"], record["run"]["k"]), set()).add(record["initial_weights"])
-    for record in results:
-        if record["run"]["arm"] in ("V", "A"):
-            starts.setdefault((record["run"]["seed"], record["run"]["k"]), set()).add(record["start_weights"])
-    assert all(len(fingerprints) == 1 for fingerprints in starts.values())
-    assert len({next(iter(starts[(seed, budget.num_compression_tokens)])) for seed in budget.seeds}) == 2  # per seed
-
-    # the budgets are what the JSON says
+    _, runs = premise.plan(budget, ("primary",))
     saved = json.loads(output.read_text())
-    assert saved["budget"]["pair_budgets"] == list(budget.pair_budgets)
-    for record in results:
-        run = record["run"]
-        assert record["num_train_pairs"] == run["pairs"]
-        assert f"--max_steps {run['steps']}" in " ".join(record["arguments"])
-        assert run["steps"] == (budget.matched_steps if run["variant"] == "matched" else budget.stage2_steps)
-    for record in report["stage1"]:
-        assert f"--max_steps {budget.stage1_steps}" in " ".join(record["arguments"])
-
-    # verdict lines are the recorded per-seed numbers
-    for line in report["verdicts"]:
-        other = line["comparison"].split(" - ")[1]
-        by_seed = {
-            (record["run"]["arm"], record["run"]["seed"]): record["test"][line["metric"]]
-            for record in results
-            if record["run"]["variant"] == "main" and record["run"]["pairs"] == line["pairs"]
-        }
-        b = [by_seed[("B", seed)] for seed in line["seeds"]]
-        o = [by_seed[(other, seed)] for seed in line["seeds"]]
-        assert line["difference"] == pytest.approx(statistics.mean(b) - statistics.mean(o))
-        assert line["paired"]["mean"] == pytest.approx(statistics.mean(x - y for x, y in zip(b, o, strict=True)))
+    assert len(saved["results"]) == len(runs) and saved["headline"] == report["headline"]
+    with gzip.open(tmp_path / "premise_per_query.json.gz", "rt") as handle:
+        per_query = json.load(handle)
+    # per-query ranks agree with each run's P@1, and the same test queries (split hash, counts) in every run
+    for record in saved["results"]:
+        name = record["run"]["name"]
+        assert record["provenance"]["commit"] and record["provenance"]["coma_hf_file"]
+        for checkpoint in ("final", "best"):
+            ranks = per_query[name][checkpoint]["gold_ranks"]
+            positions = per_query[name][checkpoint]["top1_positions"]
+            for dataset, values in ranks.items():
+                assert len(values) == min(budget.eval_queries, len(values)) > 0
+                hits = [rank == 1 for rank in values]
+                assert record[checkpoint]["precision"]["datasets"][dataset] == pytest.approx(sum(hits) / len(hits))
+                assert [position == 0 for position in positions[dataset]] == hits
+        assert record["final"]["split"] == saved["results"][0]["final"]["split"]
+        assert record["num_train_pairs"] == budget.primary_pairs
+    # the comparison is the per-query files' comparison, and the verdict line is its decision
+    arms = {arm: {} for arm in ("A", premise.arm_name(budget.primary_stage1_steps))}
+    for record in saved["results"]:
+        ranks = per_query[record["run"]["name"]]["final"]["gold_ranks"]
+        arms[record["run"]["arm"]][record["run"]["seed"]] = {d: [int(r == 1) for r in v] for d, v in ranks.items()}
+    endpoints = saved["analysis"]["endpoints"]
+    again = compare_arms(arms["A"], arms[premise.arm_name(budget.primary_stage1_steps)], endpoints, resamples=200)
+    primary = saved["analysis"]["primary_final"]
+    for endpoint in endpoints:
+        assert primary["comparison"][endpoint]["difference"] == pytest.approx(again[endpoint]["difference"])
+        assert primary["comparison"][endpoint]["holm"]["low"] == pytest.approx(again[endpoint]["holm"]["low"])
+    rule = primary["decision"]["rule"]
+    assert premise.decide(again, len(endpoints) > 1) == primary["decision"]
     markdown = (docs / "premise.md").read_text()
-    assert report["headline"] in markdown and (docs / "premise.png").is_file()
-    for record in report["stage1"]:  # K-state redundancy of every stage-1 checkpoint, in the table
-        assert (
-            record["k_states"]["k"] == record["run"]["k"]
-            and 1 - 1e-4 <= record["k_states"]["effective_rank"] <= record["run"]["k"] + 1e-4
-        )
-    assert saved["verdicts"] == report["verdicts"]
+    assert markdown.splitlines()[2] == report["headline"] and premise.HEADLINES[rule] in report["headline"]
+    assert markdown.startswith(f"# The premise: {rule} ")  # the first line names the rule that holds
+    assert (docs / "premise.png").is_file()
+
+    # a second call finds every record and trains nothing; the hand-written reading stays
     reading = "\nOur reading, written by hand.\n"
     (docs / "premise.md").write_text(markdown + reading)
-
-    # a second call (in this process) finds every run's record and trains nothing; it keeps the hand-written reading
-    again = premise.main(argv)
-    assert [record["seconds"] for record in again["results"]] == [record["seconds"] for record in results]
-    rewritten = (docs / "premise.md").read_text()
-    assert rewritten.endswith(premise.HAND_WRITTEN + "\n" + reading) and rewritten.count(premise.HAND_WRITTEN) == 1
-
-
-@pytest.mark.slow
-def test_plan_times_both_kinds_of_run_and_projects_every_run_without_leaving_checkpoints(tmp_path):
-    premise = _premise()
-    reader = _toy_reader(tmp_path / "reader")
-    projection = premise.main(f"--quick --plan --reader {reader} --work_dir {tmp_path / 'work'}".split())
-    stage1_runs, stage2_runs = premise.plan(premise.QUICK)
-    assert projection["runs"] == len(stage1_runs) + len(stage2_runs)
-    assert all(projection["overhead"][kind] >= 0 for kind in ("stage1", "stage2"))
-    expected = sum(projection["overhead"]["stage1"] + 2 * projection["per_step"]["stage1"] for _ in stage1_runs)
-    expected += sum(
-        projection["overhead"]["stage2"] + run.steps * projection["per_step"]["stage2"] for run in stage2_runs
-    )
-    assert projection["seconds"] == pytest.approx(expected) and projection["wall_seconds"] == projection["seconds"]
-    assert (
-        not list((tmp_path / "work" / "quick").glob("plan-*"))
-        and not (tmp_path / "work" / "quick" / "results").exists()
-    )
-
-
-def test_a_follow_up_budget_plans_only_its_arms_once_each():
-    premise = _premise()
-    budget = premise.Budget(arms=("B",), seeds=(0,), pair_budgets=(500,), k_sweep=(1, 8), stage1_steps=900)
-    stage1_runs, stage2_runs = premise.plan(budget)
-    assert stage1_runs == [premise.Stage1Run("B", 0, 8), premise.Stage1Run("B", 0, 1)]
-    assert [(run.k, run.pairs, run.variant) for run in stage2_runs] == [(8, 500, "main"), (1, 500, "k-sweep")]
-    everything = premise.plan(premise.Budget())[1]
-    # four arms on three seeds at two budgets, V and A compute-matched, two K-sweep runs, and arm D (KL) on seed 0 only
-    assert len({run.name for run in everything}) == len(everything) == 3 * (4 * 2 + 2) + 2 + 2
-    assert {run.seed for run in everything if run.arm == "D"} == {0}
-    assert premise.plan(premise.Budget(kl_seeds=(0, 1)))[0].count(premise.Stage1Run("D", 1, 8)) == 1
-    fewer_matched = premise.plan(premise.Budget(matched_seeds=(0, 1)))[1]
-    assert [run for run in everything if run.variant != "matched" or run.seed != 2] == fewer_matched
+    again_report = premise.main(argv + ["--resamples", "200"])
+    assert [r["seconds"] for r in again_report["results"]] == [r["seconds"] for r in saved["results"]]
+    assert (docs / "premise.md").read_text().endswith(premise.HAND_WRITTEN + "\n" + reading)

@@ -176,3 +176,44 @@ def test_a_start_rendering_as_the_release_evaluation_trains_and_saves_with_the_t
     saved = CoMaProcessor.from_pretrained(output)
     assert {key: getattr(saved, key) for key in trained_with} == trained_with
     assert saved.layouts == RELEASED_LAYOUTS  # kept for inputs that name one
+
+
+@pytest.mark.slow
+def test_keep_best_by_saves_the_best_dev_checkpoint_and_pair_seed_draws_another_subset(tmp_path, synthetic):
+    script, trainers = load_example("train_contrastive"), []
+
+    class RecordingTrainer(script.CoMaContrastiveTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    script.CoMaContrastiveTrainer = RecordingTrainer
+    output = tmp_path / "stage2"
+    arguments = TINY_MODEL_ARGS + TOY[:-4] + ["--max_steps", "4", "--max_train_pairs", "10"]
+    arguments += "--from_backbone --use_lora true --learning_rate 3e-3 --eval_strategy steps --eval_steps 1".split()
+    saved = script.main(
+        arguments
+        + ["--keep_best_by", "dev_IND_precision@1", "--pair_seed", "1"]
+        + command_line(synthetic_dir=synthetic, output_dir=output)
+    )
+    history = [entry for entry in trainers[0].state.log_history if "eval_dev_IND_precision@1" in entry]
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
+    values = [entry["eval_dev_IND_precision@1"] for entry in history]
+    best = saved["best_dev"]
+    assert best["value"] == max(values) and best["step"] == history[values.index(max(values))]["step"]
+    assert best["path"] == str(output / script.BEST_DEV)
+    # the kept copy is a merged CoMa checkpoint, and scores on dev what the evaluation at its step said
+    dev = load_mmeb_datasets(synthetic / "mini_mmeb" / "dev")
+    from sentence_transformers import SentenceTransformer
+
+    kept = SentenceTransformer(best["path"], trust_remote_code=True, device="cpu")
+    assert not any("lora" in name for name, _ in kept[0].model.named_parameters())
+    assert MMEBEvaluator(dev, show_progress_bar=False)(kept)["distributions"]["IND"]["precision@1"] == pytest.approx(
+        best["value"]
+    )
+
+    pairs = {}
+    for seed in (0, 1):
+        data = script.DataArguments(synthetic_dir=str(synthetic), max_train_pairs=10, pair_seed=seed, by_dataset=False)
+        pairs[seed] = script.load_training_pairs(data, None)[0]["id"]  # the source rows they were drawn from
+    assert len(pairs[0]) == len(pairs[1]) == 10 and pairs[0] != pairs[1]

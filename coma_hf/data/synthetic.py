@@ -120,7 +120,7 @@ def sample_scene(scene_id: str, split: str, rng: random.Random, image_size: int 
     for (colour, shape), cell in zip(pairs, cells, strict=False):
         size = rng.choice(tuple(SIZES))
         scene.objects.append(
-            SceneObject("shape", colour, cell, _box(cell, SIZES[size], image_size, rng), shape=shape, size=size)
+            SceneObject("shape", colour, cell, scene_box(cell, SIZES[size], image_size, rng), shape=shape, size=size)
         )
     if rng.random() < 0.7:
         colour = rng.choice(tuple(COLOURS))
@@ -129,14 +129,14 @@ def sample_scene(scene_id: str, split: str, rng: random.Random, image_size: int 
                 "text",
                 colour,
                 cells[3],
-                _box(cells[3], DIGIT_HALF_EXTENT, image_size, rng),
+                scene_box(cells[3], DIGIT_HALF_EXTENT, image_size, rng),
                 text=str(rng.randint(0, 9)),
             )
         )
     return scene
 
 
-def _box(cell: int, half_extent: float, image_size: int, rng: random.Random) -> tuple[int, int, int, int]:
+def scene_box(cell: int, half_extent: float, image_size: int, rng: random.Random) -> tuple[int, int, int, int]:
     cell_size = image_size / 3
     half = half_extent * cell_size
     slack = cell_size / 2 - half - 1
@@ -179,7 +179,7 @@ def redraw_scene(
     for index, fields in enumerate(record["objects"]):
         obj = SceneObject(**fields)
         half = SIZES[obj.size] if obj.kind == "shape" else DIGIT_HALF_EXTENT
-        obj.box = _box(obj.cell, half, scene.image_size, rng)
+        obj.box = scene_box(obj.cell, half, scene.image_size, rng)
         if recolour is not None and recolour[0] == index:
             obj.colour = recolour[1]
         scene.objects.append(obj)

@@ -15,10 +15,14 @@ everything scores 0.
 
 Anything with CoMa's `encode` API or a `SentenceTransformer` can be scored; each distinct query and candidate of a
 dataset is encoded once.
+
+The results name what was scored (`split`: a sha256 of the split files `load_mmeb_datasets` read and each dataset's
+number of queries) and, on request (`MMEBEvaluator(..., per_query=True)`), each query's gold rank and top-1 candidate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +30,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 
@@ -119,6 +123,39 @@ def gold_ranks(scores: Sequence[torch.Tensor]) -> list[int]:
     return ranks
 
 
+def top1_positions(scores: Sequence[torch.Tensor], ranks: Sequence[int]) -> list[int]:
+    """The position in its row of each row's top-1 candidate, under `gold_ranks`' rule: 0 (the gold) exactly when the
+    gold's rank is 1, else the first of the highest-scoring other candidates (NaN lowest), so a tie never reports 0."""
+    positions = []
+    for row, rank in zip(scores, ranks, strict=True):
+        others = torch.nan_to_num(row[1:].float(), nan=-math.inf)
+        positions.append(0 if rank == 1 else 1 + int(others.argmax()))  # argmax: the first of equal maxima
+    return positions
+
+
+PER_QUERY = "per_query"  # the results' key (and file stem) of the per-query results
+
+
+class QueryResult(TypedDict):
+    """One query's outcome: `query_id` is its row's index in the dataset (its file's row index for a dataset loaded
+    from files, or a prefix subset of one); `gold_rank` as `gold_ranks` counts it; `top1_position` as
+    `top1_positions` picks it."""
+
+    dataset: str
+    query_id: int
+    gold_rank: int
+    top1_position: int
+
+
+def query_results(dataset: str, scores: Sequence[torch.Tensor], ranks: Sequence[int]) -> list[QueryResult]:
+    """Each row's `QueryResult`, from its scores and gold rank."""
+    positions = top1_positions(scores, ranks)
+    return [
+        QueryResult(dataset=dataset, query_id=index, gold_rank=rank, top1_position=position)
+        for index, (rank, position) in enumerate(zip(ranks, positions, strict=True))
+    ]
+
+
 def ranking_metrics(ranks: Sequence[int], recall_at: Sequence[int] = RECALL_AT) -> dict[str, float]:
     """Precision@1, Recall@k and MRR from gold ranks."""
     count = len(ranks)
@@ -185,6 +222,9 @@ class MMEBDataset:
     meta_task: str = "Other"
     distribution: str = IND  # or OOD: a dataset none of whose task type was trained on
     parser: str | None = None  # the release's data parser whose rules prepared `rows`; None: verbatim rows
+    # `files_sha256` of the split files `load_mmeb_datasets` read (it names the files, not `rows`: a subset made with
+    # `dataclasses.replace(dataset, rows=...)` keeps it); None for datasets built in code or read from the Hub
+    split_sha256: str | None = None
 
     def items(self) -> tuple[list[EvalItem], list[list[EvalItem]]]:
         """Each row's query and its candidates (gold first)."""
@@ -211,6 +251,16 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def files_sha256(files: Sequence[Path]) -> str:
+    """sha256 over `files` sorted by name: each file's name, byte length and bytes."""
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda file: file.name):
+        data = file.read_bytes()
+        digest.update(f"{file.name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def load_mmeb_datasets(
     source: str | os.PathLike,
     names: Sequence[str] | None = None,
@@ -220,7 +270,8 @@ def load_mmeb_datasets(
     """Datasets from a folder of `{name}.jsonl` / `{name}.parquet` files, or from a Hub id (one config per name;
     `names` required). A folder may hold `mmeb_manifest.json` with `meta_tasks` (extra dataset names → meta-task),
     `out_of_distribution` (extra dataset names that are OOD) and `image_root` (relative to the folder); image paths
-    start at `image_root`, else at the folder."""
+    start at `image_root`, else at the folder. Datasets read from a folder carry `split_sha256`: `files_sha256` of
+    the files read (the chosen data files and the manifest, not the images)."""
     path = Path(source)
     if path.is_dir():
         manifest = read_manifest(path)
@@ -236,10 +287,16 @@ def load_mmeb_datasets(
         if not chosen:
             raise ValueError(f"{source}: no MMEB-format files (*.jsonl, *.parquet)")
         root = image_root or os.path.normpath(path / manifest.get("image_root", "."))
+        sha256 = files_sha256([*chosen, *(file for file in [path / MANIFEST] if file.exists())])
         # every row is read (a bad JSONL line is an error naming file and line): a skipped row would change the scores
         return [
             MMEBDataset(
-                file.stem, read_records(file), root, meta_task(file.stem, extra), distribution(file.stem, extra_ood)
+                file.stem,
+                read_records(file),
+                root,
+                meta_task(file.stem, extra),
+                distribution(file.stem, extra_ood),
+                split_sha256=sha256,
             )
             for file in chosen
         ]
@@ -330,18 +387,27 @@ class MMEBEvaluator:
         evaluator = MMEBEvaluator(load_mmeb_datasets("outputs/mini_mmeb/test"))
         results = evaluator(model, output_dir="outputs/eval")   # JSON + Markdown written there
         results["overall"]["precision@1"]
+
+    With `per_query=True` the results also hold `"per_query"`: every query's `QueryResult`, datasets in order, written
+    to `per_query.jsonl` (not to the summary's JSON).
     """
 
     datasets: list[MMEBDataset]
     batch_size: int = 16
     show_progress_bar: bool = True
     results: dict = field(default_factory=dict)
+    per_query: bool = False
 
     def __call__(self, model: Any, output_dir: str | os.PathLike | None = None) -> dict:
+        """The summary (`summarize`) with `split` (`split_record`), and `per_query` when asked for; written to
+        `output_dir` (`write_results`) when given."""
         encode = as_encoder(model, self.batch_size, self.show_progress_bar)
-        per_dataset = {}
+        per_dataset, queries = {}, []
         for dataset in self.datasets:
-            ranks = self.rank_dataset(encode, dataset)
+            scores = self.score_dataset(encode, dataset)
+            ranks = gold_ranks(scores)
+            if self.per_query:
+                queries.extend(query_results(dataset.name, scores, ranks))
             per_dataset[dataset.name] = {
                 **ranking_metrics(ranks),
                 "meta_task": dataset.meta_task,
@@ -350,7 +416,9 @@ class MMEBEvaluator:
             logger.info(
                 "%s: P@1 %.3f over %d queries", dataset.name, per_dataset[dataset.name]["precision@1"], len(ranks)
             )
-        self.results = summarize(per_dataset)
+        self.results = {**summarize(per_dataset), "split": split_record(self.datasets)}
+        if self.per_query:
+            self.results[PER_QUERY] = queries
         if output_dir is not None:
             write_results(self.results, output_dir)
         return self.results
@@ -373,6 +441,19 @@ class MMEBEvaluator:
             matrix = torch.stack([candidate_vectors[item] for item in candidates])
             scores.append(matrix @ query_vectors[query])
         return scores
+
+
+def split_record(datasets: Sequence[MMEBDataset]) -> dict:
+    """What was scored: `sha256`, the datasets' `split_sha256` when they share one (None: built in code), else a sha256
+    over each one's name and hash; and each dataset's `num_queries` (the hash names the files, the counts the rows
+    scored, e.g. of a subset)."""
+    hashes = {dataset.split_sha256 for dataset in datasets}
+    if len(hashes) <= 1:
+        sha256 = next(iter(hashes), None)
+    else:  # datasets of several loads
+        named = "".join(f"{dataset.name}\0{dataset.split_sha256}\n" for dataset in datasets)
+        sha256 = hashlib.sha256(named.encode()).hexdigest()
+    return {"sha256": sha256, "num_queries": {dataset.name: len(dataset.rows) for dataset in datasets}}
 
 
 def _encode_unique(
@@ -479,7 +560,13 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(results: dict, output_dir: str | os.PathLike) -> None:
+    """`mmeb_results.json` and `mmeb_results.md` (the summary) in `output_dir`, and `per_query.jsonl` (one
+    `QueryResult` a line) when `results` holds per-query results."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "mmeb_results.json").write_text(json.dumps(results, indent=2))
-    (output_dir / "mmeb_results.md").write_text(markdown_table(results))
+    summary = {key: value for key, value in results.items() if key != PER_QUERY}
+    (output_dir / "mmeb_results.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "mmeb_results.md").write_text(markdown_table(summary))
+    if PER_QUERY in results:
+        lines = (json.dumps(query) + "\n" for query in results[PER_QUERY])
+        (output_dir / f"{PER_QUERY}.jsonl").write_text("".join(lines))

@@ -67,6 +67,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..data.sources import resolve_image_path
@@ -304,7 +305,7 @@ def instruct_dataset(dataset: MMEBDataset, parser: str) -> MMEBDataset:
         for name, candidate in zip(names, candidates, strict=True):
             first_of.setdefault(name, candidate)
         rows.append({"query": query, "candidates": [first_of[name] for name in names]})
-    return MMEBDataset(dataset.name, rows, dataset.image_root, dataset.meta_task, dataset.distribution, parser)
+    return replace(dataset, rows=rows, parser=parser)  # keeps the split hash
 
 
 def load_mmeb_v2_datasets(

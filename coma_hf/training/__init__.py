@@ -66,6 +66,7 @@ from .samplers import RELEASED_CHUNK_SIZE, UniformChunkBatchSampler, chunked_bat
 from .trainers import (
     CoMaCompressionTrainer,
     CoMaContrastiveTrainer,
+    KeepBestCheckpoint,
     NonFiniteLossError,
     describe_batch_sizes,
     last_complete_checkpoint,
@@ -102,6 +103,7 @@ __all__ = [
     "CoMaContrastiveCollator",
     "CoMaContrastiveLoss",
     "CoMaContrastiveTrainer",
+    "KeepBestCheckpoint",
     "LoraArguments",
     "NonFiniteLossError",
     "align_answer_states",

@@ -20,6 +20,7 @@ checkpoint and its card. The collators are in `coma_hf.training.collators`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformerTrainer
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..configuration_coma import POOLING_MODES
 from ..hub import save_checkpoint, write_model_card
@@ -164,6 +165,19 @@ class _CoMaTrainerMixin:
         if self.args.should_save:
             save_checkpoint(merged, output_dir)
         return merged
+
+    def save_merged_copy(self, output_dir: str) -> None:
+        """Save what `save_merged` would, from a copy: training goes on untouched (e.g. to keep the best checkpoint
+        of a run as it trains). Not with sharded parameters, which no process holds in full."""
+        if shards_parameters(self.args):
+            raise ValueError("save_merged_copy needs unsharded weights (DDP, ZeRO-2 or one process)")
+        model, processor = self._coma_model_and_processor()
+        merged = merge_lora(copy.deepcopy(model))
+        self._prepare_merged(merged)
+        if processor is not None:
+            merged.processor = processor
+        if self.args.should_save:
+            save_checkpoint(merged, output_dir)
 
     def _release_training_state(self) -> None:
         """Drop every reference this trainer, its callbacks and its accelerator hold to the trained model, its
@@ -523,3 +537,26 @@ def describe_batch_sizes(args) -> str:
         f"per-device batch {per_device} × accumulation {accumulation} × {processes} processes = global batch "
         f"{per_device * accumulation * processes}"
     )
+
+
+class KeepBestCheckpoint(TrainerCallback):
+    """After each evaluation, save a merged copy of the model (`save_merged_copy`) to `output_dir` when `metric` (an
+    evaluator metric, e.g. `dev_IND_precision@1`; Trainer's `eval_` prefix optional) is higher than at every earlier
+    evaluation. `best` holds `{"metric", "step", "value", "path"}` of the copy kept. Trainer's own
+    `load_best_model_at_end` keeps adapters, not a merged checkpoint, and replaces the final model."""
+
+    def __init__(self, trainer: _CoMaTrainerMixin, metric: str, output_dir: str):
+        self.trainer, self.metric, self.output_dir = trainer, metric, output_dir
+        self.best: dict | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = metrics or {}
+        value = metrics.get(self.metric, metrics.get(f"eval_{self.metric}"))
+        if value is None:
+            raise KeyError(f"KeepBestCheckpoint: no metric {self.metric!r} among {sorted(metrics)}")
+        if self.best is None or value > self.best["value"]:
+            self.trainer.save_merged_copy(self.output_dir)
+            self.best = {"metric": self.metric, "step": state.global_step, "value": value, "path": self.output_dir}
+            logger.info(
+                "Best %s so far: %.4f at step %d, saved to %s", self.metric, value, state.global_step, self.output_dir
+            )
