@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -51,6 +52,7 @@ from coma_hf.data.mini_mmeb import OOD_ATTRIBUTES, write_mini_mmeb
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.compare import compare_arms, crossing_interval, endpoint_intervals
 from coma_hf.evaluation.mmeb import IND, OOD, MMEBDataset, MMEBEvaluator, chance_baselines, load_mmeb_datasets
+from coma_hf.storage import load_record, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -254,17 +256,6 @@ def stage2_arguments(
     return arguments + start + list(context.extra)
 
 
-def _load_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(record, indent=1))
-    os.replace(temporary, path)  # a kill never leaves half a record
-
-
 def _git(*arguments: str) -> str:
     """`git` in this script's tree; empty when git or the repository is missing."""
     try:
@@ -289,7 +280,7 @@ def provenance() -> dict:
 def run_stage1(run: Stage1Run, context: Context) -> dict:
     """Stage 1 of one seed and length (its checkpoint kept for the stage-2 runs); the record is written at the end."""
     record_path, output = context.record_path(run.name), context.checkpoint(run.name)
-    if (record := _load_json(record_path)) is not None and output.is_dir():
+    if (record := load_record(record_path)) is not None and output.is_dir():
         return record
     arguments = stage1_arguments(run, context, output)
     summary = _example("pretrain").main(arguments)
@@ -301,14 +292,14 @@ def run_stage1(run: Stage1Run, context: Context) -> dict:
         "seconds": summary["seconds"],
         "provenance": provenance(),
     }
-    _write_json(record_path, record)
+    write_record(record_path, record)
     return record
 
 
 def run_stage2(run: Stage2Run, context: Context) -> dict:
     """Stage 2 of one run; test read once per kept checkpoint (final, best dev), per query; zero-shot of its start."""
     record_path = context.record_path(run.name)
-    if (record := _load_json(record_path)) is not None:
+    if (record := load_record(record_path)) is not None:
         return record
     started = time.time()
     output = context.checkpoint(run.name)
@@ -334,7 +325,7 @@ def run_stage2(run: Stage2Run, context: Context) -> dict:
         "seconds": round(time.time() - started, 1),
         "provenance": provenance(),
     }
-    _write_json(record_path, record)
+    write_record(record_path, record)
     shutil.rmtree(output, ignore_errors=True)  # reproducible from the arguments
     return record
 
@@ -342,14 +333,14 @@ def run_stage2(run: Stage2Run, context: Context) -> dict:
 def zero_shot(start: str, folder: Path, context: Context) -> dict:
     """Dev and test scores of a start checkpoint, computed once per start (the first run from it writes them)."""
     path = context.record_path(start)
-    if (record := _load_json(path)) is not None:
+    if (record := load_record(path)) is not None:
         return record
     record = {
         "start": start,
         "dev": evaluate_folder(folder, load_mmeb_datasets(context.synthetic / "mini_mmeb" / "dev"))["precision"],
         "test": evaluate_folder(folder, test_datasets(context)),
     }
-    _write_json(path, record)
+    write_record(path, record)
     return record
 
 
@@ -418,7 +409,7 @@ def tune(context: Context, workers: int) -> dict:
 def _tune_one(rate: float, context: Context) -> float:
     output = context.work / "tune" / f"lr{rate:g}"
     summary_path = output / "contrastive_summary.json"
-    if (summary := _load_json(summary_path)) is None:
+    if (summary := load_record(summary_path)) is None:
         run = Stage2Run(context.budget.tune_seed, 0, context.budget.primary_pairs, context.budget.stage2_steps)
         summary = _example("train_contrastive").main(stage2_arguments(run, context, output, rate, keep_best=False))
     return summary["eval_per_distribution"][IND]
@@ -585,9 +576,11 @@ def analyse(stage2: list[dict], budget: Budget, protocol: dict, resamples: int) 
         }
         for (arm, n, s), group in _groups(stage2).items()
     ]
+    # the budgets whose A runs are complete on every secondary seed (a stopped benchmark reports what it has)
     curve = {n: hits(_records(stage2, "A", n, steps, secondary), "final") for n in budget.efficiency_pairs}
+    curve = {n: arm for n, arm in curve.items() if len(arm) == len(secondary)}
     target = hits(_records(stage2, b1, pairs, steps, secondary), "final")
-    if all(len(arm) == len(secondary) for arm in curve.values()) and len(target) == len(secondary):
+    if len(curve) >= 2 and len(target) == len(secondary):
         analysis["data_efficiency"] = crossing_interval(curve, target, ind, resamples=resamples)
     matched = hits(_records(stage2, "A", pairs, steps + budget.primary_stage1_steps, secondary), "final")
     if len(matched) == len(secondary) and len(target) == len(secondary):
@@ -801,15 +794,24 @@ def write_report(report: dict, json_path: Path, docs: Path) -> None:
     }
     per_query["zero_shot"] = report.pop("zero_shot_test")
     with gzip.open(json_path.with_name(json_path.stem + "_per_query.json.gz"), "wt") as handle:
-        json.dump(per_query, handle)
+        handle.write(_portable(json.dumps(per_query)))
     summary = {**report, "results": [_without_per_query(record) for record in report["results"]]}
-    _write_json(json_path, summary)
+    write_record(json_path, json.loads(_portable(json.dumps(summary))))
     docs.mkdir(parents=True, exist_ok=True)
     markdown = docs / "premise.md"
     previous = markdown.read_text() if markdown.is_file() else ""
     tail = previous[previous.index(HAND_WRITTEN) :] if HAND_WRITTEN in previous else HAND_WRITTEN + "\n"
     markdown.write_text(render_markdown(report) + "\n" + tail)
     plot(report, docs / "premise.png")
+
+
+SHIPPED_READER = "coma_hf/resources/reader"
+
+
+def _portable(text: str) -> str:
+    """`text` with the shipped reader's absolute path (in every run's arguments) written as its place in the tree, so
+    that a committed report names no folder of the machine it ran on."""
+    return re.sub(rf'/[^"\s]*/{SHIPPED_READER}', SHIPPED_READER, text)
 
 
 def _without_per_query(record: dict) -> dict:
@@ -912,7 +914,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = Context(budget, work, reader, extra, image_tokens=4 if args.quick else 64)
 
     if args.tune or args.select:
-        protocol = _load_json(protocol_path) or {"budget": asdict(budget)}
+        protocol = load_record(protocol_path) or {"budget": asdict(budget)}
         if args.tune:
             protocol["learning_rate"] = tune(context, args.workers)
         else:
@@ -921,10 +923,10 @@ def main(argv: list[str] | None = None) -> dict:
             protocol["zero_shot_dev"] = scores
             protocol["endpoints"] = select_endpoints(context, scores, reader_types)
         protocol["commands"] = {**protocol.get("commands", {}), "tune" if args.tune else "select": command}
-        _write_json(protocol_path, protocol)
+        write_record(protocol_path, protocol)
         print(json.dumps({key: protocol[key] for key in ("learning_rate", "endpoints") if key in protocol}, indent=1))
         return protocol
-    protocol = _load_json(protocol_path)
+    protocol = load_record(protocol_path)
     if protocol is None or "learning_rate" not in protocol or "endpoints" not in protocol:
         raise SystemExit(f"No protocol at {protocol_path}: run --tune and --select first (then commit it).")
     context = replace(context, learning_rate=protocol["learning_rate"]["chosen"])
@@ -949,7 +951,7 @@ def main(argv: list[str] | None = None) -> dict:
         total = len(stage2_runs)
         positions = [f"{index + 1}/{total}" for index in range(total)]
         records = list(pool.map(_run_stage2_logged, stage2_runs, positions, [context] * total))
-    zero_shots = {run.start: _load_json(context.record_path(run.start)) for run in stage2_runs}
+    zero_shots = {run.start: load_record(context.record_path(run.start)) for run in stage2_runs}
     analysis = analyse(records, budget, protocol, args.resamples)
     report = {
         "headline": headline(analysis),
@@ -978,8 +980,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _add_wall_time(work: Path, seconds: float) -> float:
     """The benchmark's wall time over every call that worked on `work` (a resumed benchmark adds up its calls)."""
     path = work / "wall_seconds.json"
-    total = (_load_json(path) or {"seconds": 0.0})["seconds"] + seconds
-    _write_json(path, {"seconds": round(total, 1)})
+    total = (load_record(path) or {"seconds": 0.0})["seconds"] + seconds
+    write_record(path, {"seconds": round(total, 1)})
     return round(total, 1)
 
 

@@ -20,6 +20,11 @@ read once on test.
 
     python benchmarks/warmup_ablation.py            # ≈ 60 min on 2 CPU cores; writes docs/results.md, .json, .png
     python benchmarks/warmup_ablation.py --quick    # a smoke run of every arm in about a minute
+
+Each run writes one JSON record (atomically) under `--work_dir`'s `quick/records` or `full/records`, and a killed
+benchmark resumes where it stopped: a record is reused when a run with the same arguments wrote it; one that storage
+damaged (cut mid-line) is treated as missing and its run redone, with a warning (`coma_hf.storage.load_record`).
+Delete the records folder to run everything again.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +49,7 @@ import torch
 from coma_hf.data.mini_mmeb import IN_DISTRIBUTION, write_mini_mmeb
 from coma_hf.data.synthetic import write_synthetic_dataset
 from coma_hf.evaluation.mmeb import MMEBEvaluator, chance_baselines, load_mmeb_datasets
+from coma_hf.storage import load_record, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 META_TASKS = ("Classification", "VQA", "Retrieval", "Visual Grounding")
@@ -187,17 +195,45 @@ def stage2_arguments(run: Run, budget: Budget, synthetic: Path, output: Path, st
     return arguments + extra
 
 
-def execute(
-    run: Run, budget: Budget, synthetic: Path, folder: Path, extra1: list[str], extra2: list[str], test
-) -> dict:
-    """Train one configuration; dev scores from the training script, test scores read once here."""
+def planned_arguments(
+    run: Run, budget: Budget, synthetic: Path, folder: Path, extra1: list[str], extra2: list[str]
+) -> dict[str, list[str]]:
+    """The command lines of one configuration's training scripts (`stage1_arguments` for B and C, then
+    `stage2_arguments`): what the run executes, and what its record must match to be reused."""
+    arguments, start = {}, None
+    if run.arm in ("B", "C"):
+        arguments["stage1_arguments"] = stage1_arguments(run, budget, synthetic, folder / "stage1", extra1)
+        start = folder / "stage1"
+    arguments["stage2_arguments"] = stage2_arguments(run, budget, synthetic, folder / "stage2", start, extra2)
+    return arguments
+
+
+def recorded_run(path: Path, run: Run, arguments: dict[str, list[str]], execute_run: Callable[[], dict]) -> dict:
+    """The result of one configuration: its record at `path` when a run with the same `arguments` wrote it whole,
+    else `execute_run()`, whose record is then written (atomically). A damaged record (cut mid-line by a full disk or
+    an interrupted copy) is treated as missing: `load_record` warns, naming it, and the run is redone."""
+    record = load_record(path)
+    if record is not None and record.get("run") == asdict(run) and _same_arguments(record, arguments):
+        print(f"=== {run.name} seed {run.seed}: recorded in {path} ===", flush=True)
+        return record
+    record = execute_run()
+    write_record(path, record)
+    return record
+
+
+def _same_arguments(record: dict, arguments: dict[str, list[str]]) -> bool:
+    """Whether `record` was made by these command lines (a record of another budget is not reused)."""
+    return {key: record[key] for key in ("stage1_arguments", "stage2_arguments") if key in record} == arguments
+
+
+def execute(run: Run, arguments: dict[str, list[str]], folder: Path, test) -> dict:
+    """Train one configuration with its `planned_arguments`; dev scores from the training script, test scores read
+    once here."""
     started = time.time()
     result = {"run": asdict(run)}
-    start = None
-    if run.arm in ("B", "C"):
-        arguments = stage1_arguments(run, budget, synthetic, folder / "stage1", extra1)
-        stage1 = _example("pretrain").main(arguments)
-        result["stage1_arguments"] = arguments
+    if "stage1_arguments" in arguments:
+        stage1 = _example("pretrain").main(arguments["stage1_arguments"])
+        result["stage1_arguments"] = arguments["stage1_arguments"]
         result["stage1"] = {
             key: stage1.get(key)
             for key in (
@@ -209,10 +245,8 @@ def execute(
                 "seconds",
             )
         }
-        start = folder / "stage1"
-    arguments = stage2_arguments(run, budget, synthetic, folder / "stage2", start, extra2)
-    stage2 = _example("train_contrastive").main(arguments)
-    result["stage2_arguments"] = arguments
+    stage2 = _example("train_contrastive").main(arguments["stage2_arguments"])
+    result["stage2_arguments"] = arguments["stage2_arguments"]
     result["dev"] = {"overall": stage2["eval_precision_at_1"], **stage2["eval_per_meta_task"]}
     result["stage2_loss"] = [stage2["train_loss_first"], stage2["train_loss_last"]]
     from sentence_transformers import SentenceTransformer
@@ -469,7 +503,9 @@ def main(argv: list[str] | None = None) -> dict:
     for index, run in enumerate(runs):
         print(f"\n=== run {index + 1}/{len(runs)}: {run.name}, seed {run.seed} ===", flush=True)
         folder = work / "runs" / f"{run.name}-{run.seed}".replace(" ", "_")
-        results.append(execute(run, budget, synthetic, folder, extra1, extra2, test))
+        arguments = planned_arguments(run, budget, synthetic, folder, extra1, extra2)
+        record = work / "records" / f"{folder.name}.json"
+        results.append(recorded_run(record, run, arguments, partial(execute, run, arguments, folder, test)))
         print(
             f"=== {run.name} seed {run.seed}: dev {results[-1]['dev']['overall']:.3f} test "
             f"{results[-1]['test']['overall']:.3f} ({results[-1]['seconds']} s) ===",

@@ -7,7 +7,9 @@
 * Search (CKPT): a text query, an image query, or both; the top-k images of DIR as a gallery with cosine scores. The
   folder is embedded on first use (a progress bar) into `encode_corpus` shards cached under `--cache_dir`, keyed on the
   checkpoint's weights, its processor settings and the folder's listing (retraining or a new file gives a new key; an
-  interrupted encode resumes from its finished shards); a faiss index when faiss is installed, else a matrix product.
+  interrupted encode resumes from its finished shards; a cached shard, manifest or index that storage damaged is
+  found when the entry is first used and redone, with a warning); a faiss index when faiss is installed, else a matrix
+  product.
 * Ask the compression (STAGE1: by default the stage-1 checkpoint CKPT was trained from, when its run record names
   one, else CKPT): upload an image or pick one from DIR; the page shows how many tokens the input is and that K remain,
   and answers each question twice — by `generate_from_compression` from the K compression states alone, and by the
@@ -44,6 +46,7 @@ from coma_hf.inference import (
     load_embeddings,
     search_embeddings,
     search_index,
+    verified_manifest,
     write_manifest,
 )
 from coma_hf.inputs import CoMaInputError, load_image
@@ -201,6 +204,7 @@ class FolderSearch:
         self.model, self.folder, self.cache_root = model, Path(folder), Path(cache_root)
         self.index, self.batch_size, self.shard_size = index, batch_size, shard_size
         self._weights: str | None = None  # the model's fingerprint, computed on first use
+        self._checked: tuple[Path, dict] | None = None  # the last cache entry found whole, and its manifest
         self._matrix: tuple[Path, list[str], torch.Tensor] | None = None  # the last corpus read for matrix search
 
     @property
@@ -208,8 +212,9 @@ class FolderSearch:
         return self.model.processor.document_instruction
 
     def corpus(self, progress: Any = None) -> tuple[Path, dict]:
-        """`(shard folder, manifest)` of the folder as it is now, embedding it first when no finished cache entry
-        exists (finished shards of an interrupted encode are kept). `progress`: a tqdm-like object or `None`."""
+        """`(shard folder, manifest)` of the folder as it is now, embedding it first when no whole cache entry
+        exists (finished shards of an interrupted encode are kept; damaged ones are redone, and a new index built).
+        `progress`: a tqdm-like object or `None`."""
         try:
             listing = folder_listing(self.folder)
         except OSError as error:  # the folder went away or cannot be read while the demo runs
@@ -228,8 +233,9 @@ class FolderSearch:
             "device": str(self.model.device),
         }
         output = self.cache_root / corpus_cache_key(self._weights, listing, **settings)[:32]
-        manifest = read_json_file(output / "manifest.json")
+        manifest = self._whole_manifest(output)
         if manifest is None:
+            self._matrix = None
             if progress is not None:
                 progress.total = len(listing)
             with torch.inference_mode():
@@ -243,12 +249,22 @@ class FolderSearch:
                     progress=progress,
                 )
             manifest = write_manifest(output, folder=str(self.folder), instruction=self.instruction)
+            if self.index == "faiss" and manifest["embedded"]:
+                build_faiss_index(output)  # anew: an index left from before may predate a redone shard
+            self._checked = (output, manifest)
         if not manifest["embedded"]:
             reasons = "; ".join(f"{row['id']}: {row['error']}" for row in manifest["skipped_rows"][:3])
             raise DemoError(f"None of the {manifest['rows']} image files in {self.folder} could be read ({reasons})")
-        if self.index == "faiss" and not (output / "index.faiss").is_file():
-            build_faiss_index(output)
         return output, manifest
+
+    def _whole_manifest(self, output: Path) -> dict | None:
+        """The manifest of the cache entry `output` when it and its shards are whole (`verified_manifest`), else
+        `None`. Checked once per entry: hashing every shard on each search would cost more than the search, and an
+        index found damaged is rebuilt when a search reads it (`search_index`)."""
+        if self._checked is None or self._checked[0] != output:
+            manifest = verified_manifest(output)
+            self._checked = (output, manifest) if manifest is not None else None
+        return self._checked[1] if self._checked is not None else None
 
     def search(self, text: str | None, image: Any, top_k: int, progress: Any = None) -> tuple[list, dict]:
         """`([(id, cosine score)] best first, manifest)` for a query of `text`, `image` (decoded) or both."""

@@ -6,8 +6,10 @@
     python examples/encode_corpus.py --model org/coma --dataset org/images --split train --streaming --output_dir out
     accelerate launch --num_processes 4 examples/encode_corpus.py ...   # shards spread over processes / GPUs
 
-Run the same command again to resume: finished shards are skipped, with any number of processes. `--faiss_index`
-then builds an exact cosine index (`pip install faiss-cpu`); `examples/search_corpus.py` queries it.
+Run the same command again to resume: finished shards are skipped, with any number of processes, once checked whole
+(against the manifest's size and SHA-256, else by opening them); a shard that storage damaged is redone, and the log
+names it. `--faiss_index` then builds an exact cosine index (`pip install faiss-cpu`); `examples/search_corpus.py`
+queries it (rebuilding a damaged index from the shards).
 """
 
 from __future__ import annotations

@@ -200,3 +200,28 @@ def test_quick_protocol_on_two_workers_writes_agreeing_per_query_files_compariso
     again_report = premise.main(argv + ["--resamples", "200"])
     assert [r["seconds"] for r in again_report["results"]] == [r["seconds"] for r in saved["results"]]
     assert (docs / "premise.md").read_text().endswith(premise.HAND_WRITTEN + "\n" + reading)
+
+
+def test_a_run_record_cut_mid_line_is_redone_with_a_warning(tmp_path, monkeypatch, caplog):
+    premise = _premise()
+    calls = []
+
+    class FakePretrain:  # stage 1 stands in: what matters is whether it runs again
+        @staticmethod
+        def main(arguments):
+            calls.append(arguments)
+            summary = {"train_loss_first": 1.0, "train_loss_last": 0.5, "heldout_answer_accuracy": 0.6}
+            return {**summary, "majority_baseline_accuracy": 0.25, "seconds": 1.0}
+
+    monkeypatch.setattr(premise, "_example", lambda name: FakePretrain)
+    context = premise.Context(premise.QUICK, tmp_path, "reader")
+    run = premise.Stage1Run(0, 2)
+    first = premise.run_stage1(run, context)
+    context.checkpoint(run.name).mkdir(parents=True)
+    path = context.record_path(run.name)
+    assert premise.run_stage1(run, context) == first and len(calls) == 1  # a whole record is trusted
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])  # storage cut it mid-line
+    with caplog.at_level("WARNING"):
+        again = premise.run_stage1(run, context)
+    assert len(calls) == 2 and again["run"] == first["run"] and json.loads(path.read_text()) == again
+    assert any("damaged" in message and run.name in message for message in caplog.messages)

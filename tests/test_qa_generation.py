@@ -26,7 +26,7 @@ from coma_hf.data.qa_generation import (
     generate_qa,
     iter_images,
     parse_question_list,
-    repair_cut_last_line,
+    repair_damaged_lines,
     reply_length,
     task_prompt,
 )
@@ -410,7 +410,7 @@ def test_images_listed_in_jsonl_resolve_against_its_folder(tmp_path):
 def test_a_resumed_file_ends_on_a_complete_line(tmp_path, written, repaired):
     output = tmp_path / "qa.jsonl"
     output.write_text(written)
-    repair_cut_last_line(output)
+    repair_damaged_lines(output)
     assert output.read_text() == repaired
 
 

@@ -31,7 +31,8 @@ without an end-of-sequence token is kept and counted (`question_lists_at_limit`,
 
 Batched across images, with a progress bar showing throughput; records are appended to a JSONL file as each batch
 finishes, and images whose id is already in the file are skipped, so an interrupted run resumes where it stopped (a
-last line the interruption cut is dropped first, so no record merges into it). The run's counts
+last line the interruption cut, and any line that damaged storage garbled, is dropped first with a warning, so its
+image is redone and no record merges into a fragment). The run's counts
 (`GenerationCounts`) come back and end the log.
 """
 
@@ -53,6 +54,7 @@ import torch
 from transformers.utils.logging import tqdm
 
 from ..inputs import CoMaInputError, fit_aspect_ratio, load_image
+from ..storage import write_atomically
 from .sources import image_files, image_root_of, read_jsonl_lines, resolve_image_path
 
 logger = logging.getLogger(__name__)
@@ -130,44 +132,46 @@ def _record_id(line: str | bytes) -> str | None:
         return None
 
 
-def repair_cut_last_line(output_path: str | os.PathLike) -> None:
-    """End `output_path` on a complete line, so a resumed run's first record does not merge into a fragment.
+def repair_damaged_lines(output_path: str | os.PathLike) -> None:
+    """Leave only whole records in `output_path`, each on its own line, so a resumed run redoes exactly the images
+    whose record was lost and its first record does not merge into a fragment.
 
-    A kill mid-write leaves a last line without its newline: a fragment is cut off (its image is redone), a
-    complete record that only lost its newline gets it back (it is already counted as done).
+    A kill mid-write cuts the last line; storage (a full disk, an interrupted copy, a bad sector) can garble any line.
+    A record that only lost its final newline gets it back (it is done); every other line that is not a record (not
+    UTF-8 JSON, not an object with an id) is dropped with a warning naming it, and its image is redone. The file is
+    rewritten (atomically) only when a line must go; a whole file is only read.
     """
     path = Path(output_path)
     if not path.exists():
         return
-    with path.open("rb+") as handle:
-        end = handle.seek(0, os.SEEK_END)
-        if end == 0 or _byte_at(handle, end - 1) == b"\n":
-            return
-        start = _last_line_start(handle, end)
-        handle.seek(start)
-        if _record_id(handle.read()) is not None:
+    damaged, ends_whole = _damaged_lines(path)
+    for number, what in damaged:
+        logger.warning("Dropping line %d of %s (%s); its image is redone", number, path, what)
+    if damaged:
+        write_atomically(path, lambda temporary: _copy_records(path, temporary))
+    elif not ends_whole:
+        with path.open("ab") as handle:
             handle.write(b"\n")
-        else:
-            logger.warning("Dropping the cut last line of %s (an interrupted run); its image is redone", path)
-            handle.truncate(start)
 
 
-def _byte_at(handle, offset: int) -> bytes:
-    handle.seek(offset)
-    return handle.read(1)
+def _damaged_lines(path: Path) -> tuple[list[tuple[int, str]], bool]:
+    """`([(line number, what is wrong)], whether the file ends with a newline)`; blank lines are not damage."""
+    damaged, last = [], b"\n"
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            last = raw
+            if raw.strip() and _record_id(raw) is None:
+                cut = not raw.endswith(b"\n")
+                damaged.append((number, "cut short" if cut else "not a JSON record"))
+    return damaged, last.endswith(b"\n")
 
 
-def _last_line_start(handle, end: int, chunk: int = 1 << 16) -> int:
-    """Offset just after the last newline before `end` (0 if none), reading backwards so a large file is not read."""
-    position = end
-    while position > 0:
-        size = min(chunk, position)
-        position -= size
-        handle.seek(position)
-        newline = handle.read(size).rfind(b"\n")
-        if newline >= 0:
-            return position + newline + 1
-    return 0
+def _copy_records(source: Path, target: Path) -> None:
+    """Copy the record lines of `source` to `target`, each ending with a newline."""
+    with source.open("rb") as lines, target.open("wb") as copy:
+        for raw in lines:
+            if _record_id(raw) is not None:
+                copy.write(raw if raw.endswith(b"\n") else raw + b"\n")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -445,7 +449,7 @@ def generate_qa(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    repair_cut_last_line(output_path)
+    repair_damaged_lines(output_path)
     done = finished_ids(output_path)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..configuration_coma import is_embedded_backbone
 from ..evaluation.mmeb import markdown_table
 from ..saving import MAX_SHARD_SIZE
+from ..storage import load_record
 
 PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records beside its checkpoint
 CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
@@ -133,12 +134,9 @@ def hardware() -> str:
 
 
 def read_json_file(path: Path) -> dict | None:
-    """The JSON object in `path`, or `None` when there is no such file or it does not hold a readable object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    """The JSON object in `path`, or `None` when there is no such file or it does not hold a readable object (with a
+    warning naming it: `coma_hf.storage.load_record`, the one reader of such records)."""
+    return load_record(path)
 
 
 def _hub_datasets(summaries: dict) -> list[str] | None:

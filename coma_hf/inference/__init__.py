@@ -8,25 +8,39 @@ process that wrote them, so a resumed run — with any number of processes — s
 files equal an uninterrupted run's (batches never cross a shard boundary). Shards go to processes round-robin.
 
 Memory stays flat as the corpus grows: a process holds one batch of decoded images and one shard's vectors at a time.
-A shard is written under a temporary name and renamed, so a killed run leaves only whole shards. Rows that cannot be
-embedded (missing or corrupt image, empty text, a line that is not JSON) are skipped and listed in their shard with
-the reason; their ids are not in the embeddings.
+A shard is written under a temporary name and renamed, so a killed run leaves only whole shards; storage can still
+damage one later (a full disk, an interrupted copy, a bad sector), so a resumed run checks each finished shard before
+it skips it — against the manifest's size and SHA-256, else by opening it and counting its rows — and redoes a damaged
+one, with a warning naming it (`shards.shard_damage`; the checks themselves are `coma_hf.storage`'s). Rows that
+cannot be embedded (missing or corrupt image, empty text, a line that is not JSON) are skipped and listed in their
+shard with the reason; their ids are not in the embeddings.
 
 Written by hand because neither `datasets.map` (keeps results with the dataset, no resume across process counts)
 nor sentence-transformers' multi-process encoding (returns everything in memory) shards output by corpus range.
 
 * `sources`: the corpus rows (`image_folder_rows`, `jsonl_rows`, `csv_rows`, `dataset_rows`);
-* `shards`: shard names, atomic writes, reading, finished shards, the manifest;
+* `shards`: shard names, atomic writes, reading, finished shards, the manifest, the damage checks (`shard_damage`,
+  `verified_manifest`);
 * `encode`: the encode loop (`encode_corpus`);
-* `index`: the faiss index (`build_faiss_index`, `search_index`) and the same search without faiss
-  (`search_embeddings`);
+* `index`: the faiss index (`build_faiss_index`, `load_faiss_index` — which rebuilds a damaged one —, `search_index`)
+  and the same search without faiss (`search_embeddings`);
 * `cache`: cache keys for an embedded image folder (`folder_listing`, `corpus_cache_key`).
 """
 
 from .cache import corpus_cache_key, folder_listing
 from .encode import encode_corpus
-from .index import build_faiss_index, search_embeddings, search_index
-from .shards import FORMATS, finished_shards, load_embeddings, read_shard, shard_name, write_manifest, write_shard
+from .index import build_faiss_index, load_faiss_index, search_embeddings, search_index
+from .shards import (
+    FORMATS,
+    finished_shards,
+    load_embeddings,
+    read_shard,
+    shard_damage,
+    shard_name,
+    verified_manifest,
+    write_manifest,
+    write_shard,
+)
 from .sources import CorpusRow, csv_rows, dataset_rows, image_folder_rows, jsonl_rows
 
 __all__ = [
@@ -42,10 +56,13 @@ __all__ = [
     "image_folder_rows",
     "jsonl_rows",
     "load_embeddings",
+    "load_faiss_index",
     "read_shard",
     "search_embeddings",
     "search_index",
+    "shard_damage",
     "shard_name",
+    "verified_manifest",
     "write_manifest",
     "write_shard",
 ]

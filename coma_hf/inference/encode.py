@@ -1,5 +1,5 @@
 """The encode loop: a corpus's rows, cut into shards of consecutive rows, embedded batch by batch and written shard
-by shard; finished shards are skipped (resume) and shards go to processes round-robin."""
+by shard; finished shards are skipped (resume) once checked whole, and shards go to processes round-robin."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ import torch
 
 from ..data.sources import BadRow
 from ..inputs import CoMaInputError
-from .shards import FORMATS, finished_spans, remove_shorter_shards, shard_name, skipped_entry, write_shard
+from .shards import (
+    FORMATS,
+    finished_spans,
+    manifest_entries,
+    remove_shorter_shards,
+    shard_damage,
+    shard_name,
+    skipped_entry,
+    write_shard,
+)
 from .sources import CorpusRow
 
 logger = logging.getLogger(__name__)
@@ -34,8 +43,10 @@ def encode_corpus(
 ) -> dict:
     """Embed `rows` with `model.encode` into shard files in `output_dir`; returns counts for this process.
 
-    Shard k goes to process `k % num_processes`; finished shards are skipped (resume). `progress`, if given, is a
-    tqdm-like object updated with every row this process reads.
+    Shard k goes to process `k % num_processes`; finished shards are skipped (resume) once checked whole
+    (`shard_damage`: against the manifest's size and SHA-256, else by opening them) — a damaged one is redone, with a
+    warning naming it and what is wrong. `progress`, if given, is a tqdm-like object updated with every row this
+    process reads.
     """
     if file_format not in FORMATS:
         raise ValueError(f"file_format must be one of {FORMATS}, got {file_format!r}")
@@ -43,16 +54,19 @@ def encode_corpus(
         raise ValueError("shard_size and batch_size must be positive")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    finished = finished_spans(output, shard_size)
-    counts = {"rows": 0, "embedded": 0, "skipped": 0, "shards_written": 0, "shards_already_done": 0}
+    finished, recorded = finished_spans(output, shard_size), manifest_entries(output)
+    counts = dict.fromkeys(
+        ("rows", "embedded", "skipped", "shards_written", "shards_already_done", "damaged_shards_redone"), 0
+    )
     stream = iter(rows)
     for shard in itertools.count():
         start = shard * shard_size
         block = itertools.islice(stream, shard_size)
-        if shard % num_processes != process_index or start in finished:
+        mine = shard % num_processes == process_index
+        if not mine or (start in finished and _whole(finished[start], recorded, counts)):
             size = sum(1 for _ in block)  # read past it without keeping its rows
             counts["rows"] += size
-            if size and shard % num_processes == process_index:
+            if size and mine:
                 counts["shards_already_done"] += 1
                 _advance(progress, size)
             if size < shard_size:
@@ -80,6 +94,16 @@ def encode_corpus(
         if size < shard_size:
             break
     return counts
+
+
+def _whole(path: Path, recorded: dict[str, dict], counts: dict) -> bool:
+    """Whether a finished shard can be skipped; a damaged one is counted and named in a warning, and is redone."""
+    damage = shard_damage(path, recorded.get(path.name))
+    if damage is None:
+        return True
+    logger.warning("Redoing the damaged shard %s: %s", path, damage)
+    counts["damaged_shards_redone"] += 1
+    return False
 
 
 def _embed_block(model, block: Iterator[CorpusRow], batch_size: int, instruction, progress):

@@ -1,20 +1,32 @@
 """An exact faiss index over a finished corpus folder, and searching it (`pip install faiss-cpu`); the same search
-without faiss as one matrix product (`search_embeddings`)."""
+without faiss as one matrix product (`search_embeddings`).
+
+The index is derived data: `load_faiss_index` builds it when it is missing and rebuilds it from the shards, with a
+warning naming the file and what is wrong, when it is damaged (zero-length, unreadable, or not matching its id list).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..storage import DamagedFileError, write_atomically
 from .shards import finished_shards, read_shard
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+INDEX_IDS_FILE = "index_ids.json"  # row i of the index is this list's id i
 
 
 def build_faiss_index(output_dir: str | os.PathLike) -> Path:
     """An exact inner-product faiss index (cosine: the vectors are unit-norm) over every shard, added shard by shard;
-    written as `index.faiss` with `index_ids.json` (row i of the index is id i). Needs `pip install faiss-cpu`."""
+    written (atomically) as `index.faiss` with `index_ids.json`. Needs `pip install faiss-cpu`."""
     import faiss
 
     output = Path(output_dir)
@@ -28,20 +40,55 @@ def build_faiss_index(output_dir: str | os.PathLike) -> Path:
         ids += shard_ids
     if index is None:
         raise ValueError(f"no embeddings in {output_dir}")
-    faiss.write_index(index, str(output / "index.faiss"))
-    (output / "index_ids.json").write_text(json.dumps(ids))
-    return output / "index.faiss"
+    text = json.dumps(ids)
+    write_atomically(output / INDEX_IDS_FILE, lambda temporary: temporary.write_text(text))
+    write_atomically(output / INDEX_FILE, lambda temporary: faiss.write_index(index, str(temporary)))
+    return output / INDEX_FILE
+
+
+def load_faiss_index(output_dir: str | os.PathLike) -> tuple[Any, list[str]]:
+    """`(faiss index, ids)` of a corpus folder: built first when missing, rebuilt from the shards with a warning when
+    damaged (a file cut to nothing or unreadable must not be trusted, nor end a search with faiss's own error)."""
+    output = Path(output_dir)
+    if not (output / INDEX_FILE).exists():
+        build_faiss_index(output)
+    loaded, damage = _read_index(output)
+    if damage is None:
+        return loaded
+    logger.warning("Rebuilding the damaged index %s from the shards: %s", damage[0], damage[1])
+    build_faiss_index(output)
+    loaded, damage = _read_index(output)
+    if damage is not None:
+        raise DamagedFileError(*damage)
+    return loaded
+
+
+def _read_index(output: Path) -> tuple[tuple[Any, list[str]] | None, tuple[Path, str] | None]:
+    """`((index, ids), None)`, or `(None, (file, what is wrong))` for a damaged index or id list."""
+    import faiss
+
+    path, ids_path = output / INDEX_FILE, output / INDEX_IDS_FILE
+    if path.stat().st_size == 0:
+        return None, (path, "zero-length")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as error:
+        return None, (path, f"faiss cannot read it ({str(error).strip().splitlines()[-1]})")
+    try:
+        ids = json.loads(ids_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return None, (ids_path, f"cannot be read as JSON ({error})")
+    if not isinstance(ids, list) or len(ids) != index.ntotal:
+        return None, (ids_path, f"does not list the index's {index.ntotal} ids")
+    return (index, ids), None
 
 
 def search_index(
     output_dir: str | os.PathLike, queries: torch.Tensor, top_k: int = 5
 ) -> list[list[tuple[str, float]]]:
-    """For each query vector, the `top_k` nearest corpus ids with their cosine scores."""
-    import faiss
-
-    output = Path(output_dir)
-    index = faiss.read_index(str(output / "index.faiss"))
-    ids = json.loads((output / "index_ids.json").read_text())
+    """For each query vector, the `top_k` nearest corpus ids with their cosine scores (`load_faiss_index`: a missing
+    or damaged index is built from the shards first)."""
+    index, ids = load_faiss_index(output_dir)
     scores, positions = index.search(queries.float().numpy(), min(top_k, index.ntotal))
     return [
         [(ids[p], float(s)) for p, s in zip(row_positions, row_scores, strict=False) if p >= 0]

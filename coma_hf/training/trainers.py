@@ -36,6 +36,7 @@ from transformers import Trainer, TrainerCallback
 from ..configuration_coma import POOLING_MODES
 from ..hub import save_checkpoint, write_model_card
 from ..processing_coma import IGNORE_INDEX, BatchKey
+from ..storage import safetensors_damage
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .distillation import answer_kl_sum, check_objective, frozen_teacher, uses_teacher
 from .losses import check_loss_normalization, labelled_rows, per_sample_token_means
@@ -244,10 +245,12 @@ def share_tied_weights(state_dict: dict[str, torch.Tensor], model: torch.nn.Modu
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` folder in `output_dir` that was written to the end, or None.
+    """The newest `checkpoint-N` folder in `output_dir` that was written to the end and is still whole, or None.
 
     Trainer writes `trainer_state.json` last (after weights, optimizer, scheduler and RNG states), so a checkpoint
-    without a readable one was cut short by a kill and is skipped with a warning.
+    without a readable one was cut short by a kill; one whose safetensors files storage damaged since (a full disk, an
+    interrupted copy: `coma_hf.storage.safetensors_damage`, from the headers alone) would crash the resume. Either is
+    skipped with a warning, and the one before it is used.
     """
     folder = Path(output_dir)
     if not folder.is_dir():
@@ -256,9 +259,20 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     for path in sorted(candidates, key=lambda path: int(path.name.split("-")[1]), reverse=True):
         try:
             json.loads((path / "trainer_state.json").read_text())
-            return str(path)
         except (OSError, ValueError):
             logger.warning("Skipping %s: written only in part (no readable trainer_state.json)", path)
+            continue
+        if (damage := _weights_damage(path)) is None:
+            return str(path)
+        logger.warning("Skipping %s: %s", path, damage)
+    return None
+
+
+def _weights_damage(checkpoint: Path) -> str | None:
+    """Which safetensors file of `checkpoint` is damaged and how (the first found), or None when all are whole."""
+    for weights in sorted(checkpoint.rglob("*.safetensors")):
+        if (damage := safetensors_damage(weights)) is not None:
+            return f"{weights.relative_to(checkpoint).as_posix()} is damaged ({damage})"
     return None
 
 
