@@ -632,7 +632,8 @@ class CoMaProcessor(ProcessorMixin):
             text = without_image_placeholders(text, self._placeholder)
             if instruction is not None:
                 instruction = without_image_placeholders(instruction, self._placeholder)
-        if not text.strip() and image is None:
+        # without an image the placeholders are removed: a text of nothing else is empty
+        if image is None and not self._placeholder.sub("", text).strip():
             raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
         pixel_values = grid = None
         vision: list[int] = []
