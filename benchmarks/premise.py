@@ -34,6 +34,7 @@ import argparse
 import gzip
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -485,6 +486,7 @@ CONFIRM_IND = 0.03  # B1 − A on IND at least this (P@1 as a fraction), with it
 REFUTE_IND = 0.02  # the IND interval's upper bound below this refutes
 MIN_POSITIVE_SEEDS = 5  # of 6
 MIN_OOD_SETS = 2  # fewer passing sets: the verdict rests on IND alone
+TOLERANCE = 1e-9  # so that exactly +3 points counts as +3 despite float rounding
 
 
 def endpoints_of(protocol: dict, datasets: list[str], ind: list[str]) -> dict[str, list[str]]:
@@ -515,7 +517,7 @@ def decide(comparison: dict, ood_endpoint: bool) -> dict:
     ood = comparison.get(OOD) if ood_endpoint else None
     ood_low, ood_high = (ood["holm"]["low"], ood["holm"]["high"]) if ood else (None, None)
     confirmed = (
-        ind["difference"] >= CONFIRM_IND
+        ind["difference"] >= CONFIRM_IND - TOLERANCE
         and ind_low > 0
         and positive >= MIN_POSITIVE_SEEDS
         and (ood is None or ood_high >= 0)
@@ -551,14 +553,16 @@ def analyse(stage2: list[dict], budget: Budget, protocol: dict, resamples: int) 
     b1, steps, pairs = arm_name(budget.primary_stage1_steps), budget.stage2_steps, budget.primary_pairs
     analysis: dict = {"endpoints": endpoints, "ood_sets": sorted(_ood(stage2))}
     diagnostics = {f"{OOD}:{name}": [name] for name in analysis["ood_sets"] if f"{OOD}:{name}" not in endpoints}
+    check_same_queries(stage2)
     seeds = budget.primary_seeds
     a, b = _records(stage2, "A", pairs, steps, seeds), _records(stage2, b1, pairs, steps, seeds)
-    if a and b:
+    if len(a) == len(b) == len(seeds):  # a verdict needs every primary seed of both arms
         for checkpoint in ("final", "best"):
             comparison = compare_arms(hits(a, checkpoint), hits(b, checkpoint), endpoints, resamples=resamples)
             analysis[f"primary_{checkpoint}"] = {
                 "comparison": comparison,
                 "decision": decide(comparison, len(protocol["endpoints"]["passing"]) >= MIN_OOD_SETS),
+                "seed_t_intervals": {name: seed_t_interval(values["per_seed"]) for name, values in comparison.items()},
                 "diagnostics": compare_arms(hits(a, checkpoint), hits(b, checkpoint), diagnostics, resamples=resamples)
                 if diagnostics
                 else {},
@@ -586,6 +590,28 @@ def analyse(stage2: list[dict], budget: Budget, protocol: dict, resamples: int) 
     if len(matched) == len(secondary) and len(target) == len(secondary):
         analysis["matched"] = compare_arms(matched, target, endpoints, resamples=resamples)
     return analysis
+
+
+def check_same_queries(stage2: list[dict]) -> None:
+    """Pairing by query index needs every run scored on the same test files and queries: stop otherwise."""
+    splits = {
+        json.dumps(record[checkpoint]["split"], sort_keys=True)
+        for record in stage2
+        for checkpoint in ("final", "best")
+    }
+    if len(splits) > 1:
+        raise SystemExit(f"The records were scored on {len(splits)} different test splits; they cannot be paired.")
+
+
+def seed_t_interval(per_seed: dict, confidence: float = 0.95) -> dict:
+    """A sensitivity check beside the bootstrap: the t interval of the mean of the per-seed differences (seeds as
+    the only source of noise; with few seeds the percentile bootstrap runs narrow)."""
+    from scipy import stats
+
+    values = list(per_seed.values())
+    mean, error = statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * error
+    return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
 def _ood(stage2: list[dict]) -> set[str]:
@@ -633,19 +659,23 @@ def _interval(values: dict) -> str:
     return f"{100 * values['mean']:.1f} [{100 * values['low']:.1f}, {100 * values['high']:.1f}]"
 
 
-def _comparison_lines(comparison: dict) -> list[str]:
+def _comparison_lines(comparison: dict, t_intervals: dict | None = None) -> list[str]:
+    """One row per endpoint: the difference, its bootstrap and Holm-adjusted intervals, the seeds' sign test, the
+    per-seed differences and (when given) the seeds-only t interval."""
     lines = [
         "| endpoint | B − A (points) | 95 % interval | Holm-adjusted interval | Holm p | seeds positive (sign-test p) "
-        "| per seed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| per seed | t interval over seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for endpoint, values in comparison.items():
         holm, sign = values["holm"], values["sign_test"]
         per_seed = ", ".join(_points(value) for value in values["per_seed"].values())
+        t = (t_intervals or {}).get(endpoint)
         lines.append(
             f"| {endpoint} | {_points(values['difference'])} | [{_points(values['low'])}, {_points(values['high'])}] "
             f"| [{_points(holm['low'])}, {_points(holm['high'])}] | {holm['p_adjusted']:.3f} | "
-            f"{sign['positive']} of {values['seeds']} ({sign['p_value']:.3f}) | {per_seed} |"
+            f"{sign['positive']} of {values['seeds']} ({sign['p_value']:.3f}) | {per_seed} | "
+            + (f"[{_points(t['low'])}, {_points(t['high'])}] |" if t else "n/a |")
         )
     return lines
 
@@ -680,14 +710,20 @@ def render_markdown(report: dict) -> str:
         if (primary := analysis.get(f"primary_{checkpoint}")) is None:
             continue
         lines += [f"## B1 − A at {budget['primary_pairs']} pairs, {title}: rule **{primary['decision']['rule']}**", ""]
-        lines += _comparison_lines(primary["comparison"])
+        lines += _comparison_lines(primary["comparison"], primary["seed_t_intervals"])
         if primary["diagnostics"]:
             lines += ["", "Diagnostics (OOD sets that failed the endpoint rule, outside the endpoint mean):", ""]
             lines += _comparison_lines(primary["diagnostics"])
         lines.append("")
     if "data_efficiency" in analysis:
         crossing = analysis["data_efficiency"]
-        bound = lambda value: "more than the largest budget" if value is None else f"{value:.0f}"  # noqa: E731
+        smallest = crossing["budgets"][0]
+
+        def bound(value: float | None) -> str:  # the curve is not extrapolated beyond its budgets
+            if value is None:
+                return "more than the largest budget"
+            return f"at most {smallest}" if value == smallest else f"{value:.0f}"
+
         lines += [
             "## Data efficiency",
             "",
@@ -900,6 +936,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_json", default=None, help="default: benchmarks/results/premise.json")
     parser.add_argument("--docs_dir", default=None, help="where premise.md and .png go (default: docs)")
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    parser.add_argument("--force", action="store_true", help="let --tune / --select replace the protocol's result")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/premise.py", *(argv if argv is not None else sys.argv[1:])])
@@ -915,6 +952,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.tune or args.select:
         protocol = load_record(protocol_path) or {"budget": asdict(budget)}
+        if ("learning_rate" if args.tune else "endpoints") in protocol and not args.force:
+            raise SystemExit(f"{protocol_path} already holds this step's result (pass --force to redo it).")
         if args.tune:
             protocol["learning_rate"] = tune(context, args.workers)
         else:

@@ -10,6 +10,8 @@ import pytest
 from coma_hf.evaluation.compare import (
     bootstrap_p_value,
     compare_arms,
+    crossing_interval,
+    endpoint_intervals,
     endpoint_score,
     holm_adjusted_intervals,
     interpolate_log_crossing,
@@ -236,3 +238,58 @@ def test_interpolate_log_crossing():
     )  # a dip: the first segment that reaches the target
     with pytest.raises(ValueError):
         interpolate_log_crossing([500, 250], [0.4, 0.6], 0.5)
+
+
+def test_queries_shared_by_every_seed_are_resampled_once_not_once_per_seed():
+    """Seeds and queries are crossed: a per-query advantage that repeats on every seed is one query's worth of
+    evidence, so six identical seeds give the interval of one seed, not one √6 narrower."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, size=1000).astype(float)
+    b = a.copy()
+    b[:100], b[100:150] = 1.0, 0.0  # better on a fixed 10 % of queries, worse on 5 %
+    widths = {}
+    for seeds in (1, 6):
+        arm_a = {seed: {"d": a} for seed in range(seeds)}
+        arm_b = {seed: {"d": b} for seed in range(seeds)}
+        result = paired_bootstrap(arm_a, arm_b, {"E": ["d"]}, resamples=4000, seed=1)["E"]
+        widths[seeds] = result["high"] - result["low"]
+    assert widths[6] == pytest.approx(widths[1], rel=0.1)
+
+
+def test_holm_stops_at_the_first_endpoint_it_does_not_reject():
+    """Two endpoints at p ≈ 0.03 and 0.04 (alpha 0.05): the first is tested at 0.025 and not rejected, so the
+    step-down stops; the second gets the first's level (0.975), not 0.95, and its interval keeps 0."""
+    rng = np.random.default_rng(0)
+
+    def samples_with_p(p: float) -> np.ndarray:  # a share p / 2 of the samples at or below 0
+        below = int(round(p / 2 * 10_000))
+        return np.concatenate([-rng.random(below), 0.01 + rng.random(10_000 - below)])
+
+    results = {"X": {"samples": samples_with_p(0.03)}, "Y": {"samples": samples_with_p(0.04)}}
+    holm = holm_adjusted_intervals(results, confidence=0.95)
+    assert holm["X"]["level"] == pytest.approx(0.975) and holm["Y"]["level"] == pytest.approx(0.975)
+    assert holm["X"]["low"] <= 0 and holm["Y"]["low"] <= 0
+    assert holm["X"]["p_adjusted"] == pytest.approx(0.06) and holm["Y"]["p_adjusted"] == pytest.approx(0.06)
+    results["X"]["samples"] = samples_with_p(0.01)  # now rejected at 0.025: Y is tested at 0.05 and rejected
+    holm = holm_adjusted_intervals(results, confidence=0.95)
+    assert holm["Y"]["level"] == pytest.approx(0.95) and holm["Y"]["low"] > 0 and holm["X"]["low"] > 0
+
+
+def test_one_arms_interval_and_the_crossing_of_a_curve():
+    """`endpoint_intervals` holds the arm's mean inside its interval; `crossing_interval` finds the budget where a
+    curve that rises by 10 points per doubling reaches the target, inside its interval, and marks a target out of
+    reach as never reached."""
+    rng = np.random.default_rng(0)
+
+    def arm(p: float) -> dict:
+        return {seed: {"d": (rng.random(2000) < p).astype(float)} for seed in range(3)}
+
+    single = endpoint_intervals(arm(0.5), {"E": ["d"]}, resamples=1000)["E"]
+    assert single["low"] < single["mean"] < single["high"] and single["seeds"] == 3
+    curve = {250: arm(0.3), 500: arm(0.4), 1000: arm(0.5), 2000: arm(0.6)}
+    crossing = crossing_interval(curve, arm(0.5), ["d"], resamples=1000)
+    assert crossing["low"] < 1000 * 1.2 and crossing["high"] > 1000 / 1.2 and 700 < crossing["crossing"] < 1400
+    assert crossing["never_reached_share"] == 0.0
+    out_of_reach = crossing_interval(curve, arm(0.9), ["d"], resamples=200)
+    assert out_of_reach["crossing"] is None and out_of_reach["never_reached_share"] == 1.0
+    assert out_of_reach["low"] is None and out_of_reach["high"] is None

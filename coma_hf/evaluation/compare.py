@@ -106,6 +106,10 @@ def _resampled_dataset_means(
 
     Entry [r, k, d] is, in resample r, the mean of dataset d's differences over query indices drawn with
     replacement, for the k-th drawn seed. ``differences[d]`` has shape (n_seeds, n_queries_d).
+
+    Seeds and queries are crossed, not nested: every seed is scored on the same test queries, so one draw of query
+    indices per resample and dataset serves every drawn seed (a query that favours one arm on every seed is one
+    query, not one per seed, which would narrow the interval by up to the square root of the seed count).
     """
     n_datasets = len(differences)
     drawn_seeds = rng.integers(0, n_seeds, size=(resamples, n_seeds))  # outer unit: seeds, with replacement
@@ -116,10 +120,10 @@ def _resampled_dataset_means(
         seeds = drawn_seeds[start : start + chunk]
         for d, diff in enumerate(differences):
             n_queries = diff.shape[1]
-            # inner unit: one draw of query indices per drawn seed and dataset, offset into the flattened
-            # (seed, query) array; both arms use it, as it indexes their difference.
-            flat = rng.integers(0, n_queries, size=(*seeds.shape, n_queries))
-            flat += (seeds * n_queries)[:, :, None]
+            # one draw of query indices per resample and dataset, shared by its drawn seeds and by both arms (it
+            # indexes their difference), offset into the flattened (seed, query) array
+            queries = rng.integers(0, n_queries, size=(len(seeds), n_queries))
+            flat = queries[:, None, :] + (seeds * n_queries)[:, :, None]
             means[start : start + chunk, :, d] = np.take(diff.ravel(), flat).mean(axis=-1)
     return means
 
@@ -214,9 +218,11 @@ def holm_adjusted_intervals(results: Mapping[str, Mapping], confidence: float = 
     """Holm–Bonferroni over the endpoints of a `paired_bootstrap` result (each needs its ``"samples"``).
 
     Endpoints are ranked by their bootstrap p-value (`bootstrap_p_value`), ascending; ties keep the endpoints'
-    order. With alpha = 1 − confidence and m endpoints, the endpoint ranked i (from 0) gets its percentile interval
-    at level 1 − alpha / (m − i), never narrower than the unadjusted one, and the adjusted p-value
-    max over j <= i of min(1, (m − j) p_j) (Holm's step-down, which keeps adjusted p-values monotone in rank).
+    order. With alpha = 1 − confidence and m endpoints, Holm's step-down tests the endpoint ranked i (from 0) at
+    alpha / (m − i) and stops at the first that it does not reject: that endpoint and every later one get the level
+    of the stop, 1 − alpha / (m − stop), so an interval excludes 0 only where Holm rejects. Each interval is the
+    percentile interval at its level (never narrower than the unadjusted one); the adjusted p-value is
+    max over j <= i of min(1, (m − j) p_j), monotone in rank.
 
     Returns per endpoint ``{"low", "high", "level", "p_value", "p_adjusted"}``.
     """
@@ -226,9 +232,12 @@ def holm_adjusted_intervals(results: Mapping[str, Mapping], confidence: float = 
     m = len(ranked)
     adjusted = {}
     running = 0.0
+    stop = None  # the rank at which the step-down stopped rejecting
     for i, name in enumerate(ranked):
         running = max(running, min(1.0, (m - i) * p_values[name]))
-        level = 1.0 - alpha / (m - i)
+        if stop is None and p_values[name] >= alpha / (m - i):
+            stop = i
+        level = 1.0 - alpha / (m - (i if stop is None else stop))
         low, high = _percentile_interval(np.asarray(results[name]["samples"]), level)
         adjusted[name] = {"low": low, "high": high, "level": level, "p_value": p_values[name], "p_adjusted": running}
     return {name: adjusted[name] for name in results}  # back in the endpoints' order
