@@ -692,8 +692,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"Protocol: commit `{report['protocol_commit']}` (`benchmarks/results/{PROTOCOL_FILE}` and the Protocol "
         f"section below), written before any arm ran. Command: `{report['command']}`; machine: {report['machine']}; "
-        f"wall time {report['seconds'] / 60:.0f} min; code: `{report['provenance']['coma_hf_file']}` at commit "
-        f"`{report['provenance']['commit']}`{' (with uncommitted changes)' if report['provenance']['dirty'] else ''}.",
+        f"wall time {report['seconds'] / 60:.0f} min. The runs' code: {_run_commits(report['results'])}; the "
+        f"analysis: commit `{report['provenance']['commit']}`"
+        f"{' (with uncommitted changes)' if report['provenance']['dirty'] else ''}.",
         f"Stage 2: setting `{budget['stage2_setting']}`, learning rate {protocol['learning_rate']['chosen']:g}, "
         f"{budget['stage2_steps']} steps of batch {budget['batch_size']} at every budget; B1 = "
         f"{budget['primary_stage1_steps']} stage-1 steps of batch {budget['batch_size']}; test "
@@ -771,6 +772,16 @@ def render_markdown(report: dict) -> str:
             f"{record['majority_baseline_accuracy']:.3f} | {record['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n\n![Data efficiency and dose-response](premise.png)\n"
+
+
+def _run_commits(records: list[dict]) -> str:
+    """The commits (and `coma_hf` files) the runs' records say they ran, e.g. "`coma_hf/__init__.py` at `abc…`"."""
+    seen = {
+        (record["provenance"]["coma_hf_file"], record["provenance"]["commit"], record["provenance"]["dirty"])
+        for record in records
+    }
+    dirty_note = " (with uncommitted changes)"
+    return ", ".join(f"`{file}` at `{commit}`{dirty_note if dirty else ''}" for file, commit, dirty in sorted(seen))
 
 
 def plot(report: dict, path: Path) -> None:
