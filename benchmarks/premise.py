@@ -947,6 +947,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_json", default=None, help="default: benchmarks/results/premise.json")
     parser.add_argument("--docs_dir", default=None, help="where premise.md and .png go (default: docs)")
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    parser.add_argument("--report_only", action="store_true", help="report the finished runs; train nothing")
     parser.add_argument("--force", action="store_true", help="let --tune / --select replace the protocol's result")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args(argv)
@@ -995,6 +996,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.time()
     stage1_runs, stage2_runs = plan(budget, experiments)
+    if args.report_only:  # what a stopped benchmark finished, and nothing more
+        stage2_runs = [run for run in stage2_runs if context.record_path(run.name).is_file()]
+        needed = {run.stage1 for run in stage2_runs}
+        stage1_runs = [run for run in stage1_runs if run in needed]
     print(f"{len(stage1_runs)} stage-1 and {len(stage2_runs)} stage-2 runs; records under {work / 'results'}")
     with _pool(args.workers) as pool:
         stage1 = list(pool.map(_run_stage1_logged, stage1_runs, [context] * len(stage1_runs)))
