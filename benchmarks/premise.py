@@ -489,7 +489,7 @@ MIN_OOD_SETS = 2  # fewer passing sets: the verdict rests on IND alone
 TOLERANCE = 1e-9  # so that exactly +3 points counts as +3 despite float rounding
 
 
-def endpoints_of(protocol: dict, datasets: list[str], ind: list[str]) -> dict[str, list[str]]:
+def endpoints_of(protocol: dict, ind: list[str]) -> dict[str, list[str]]:
     """The endpoints: the IND mean, the OOD endpoint mean (the sets that passed the rule) and each such set."""
     passing = protocol["endpoints"]["passing"]
     endpoints = {IND: ind}
@@ -549,7 +549,7 @@ def analyse(stage2: list[dict], budget: Budget, protocol: dict, resamples: int) 
     ind = sorted(
         name for name, value in stage2[0]["final"]["precision"]["datasets"].items() if name not in _ood(stage2)
     )
-    endpoints = endpoints_of(protocol, [], ind)
+    endpoints = endpoints_of(protocol, ind)
     b1, steps, pairs = arm_name(budget.primary_stage1_steps), budget.stage2_steps, budget.primary_pairs
     analysis: dict = {"endpoints": endpoints, "ood_sets": sorted(_ood(stage2))}
     diagnostics = {f"{OOD}:{name}": [name] for name in analysis["ood_sets"] if f"{OOD}:{name}" not in endpoints}

@@ -146,8 +146,9 @@ def paired_bootstrap(
     """Hierarchical paired bootstrap of the difference b − a of each endpoint.
 
     ``arm_a`` and ``arm_b`` are ``{seed: {dataset: hits}}``; only the seeds common to both are used. Each resample
-    draws seeds with replacement, then for each drawn seed and dataset query indices with replacement (the same
-    indices for both arms, and the same draw for every endpoint, so endpoints are computed on the same resample);
+    draws seeds with replacement, then for each dataset query indices with replacement, one draw shared by every drawn
+    seed (the seeds were scored on the same queries), by both arms and by every endpoint (see
+    `_resampled_dataset_means`);
     its statistic is the mean over drawn seeds of (endpoint score of b − endpoint score of a).
 
     Returns, per endpoint, ``{"difference": observed mean over seeds of the per-seed differences, "low", "high":
