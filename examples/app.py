@@ -4,6 +4,7 @@
     python examples/app.py          # the default runs' checkpoints and the synthetic test scenes
     python examples/app.py --model_name_or_path CKPT --images DIR [--generator_name_or_path STAGE1] [--port 7860]
 
+* `--concurrency N` (default 1): requests the model serves at once; the rest wait in Gradio's queue.
 * Search (CKPT): a text query, an image query, or both; the top-k images of DIR as a gallery with cosine scores. The
   folder is embedded on first use (a progress bar) into `encode_corpus` shards cached under `--cache_dir`, keyed on the
   checkpoint's weights, its processor settings and the folder's listing (retraining or a new file gives a new key; an
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--index", choices=INDEXES, default="auto", help="faiss, a plain matrix product, or faiss when installed."
     )
     parser.add_argument("--batch_size", type=int, default=32, help="Images embedded at once.")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="Requests the model serves at once; more wait in Gradio's queue (above 1 pays on a GPU, not on a CPU).",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -206,6 +214,7 @@ class FolderSearch:
         self._weights: str | None = None  # the model's fingerprint, computed on first use
         self._checked: tuple[Path, dict] | None = None  # the last cache entry found whole, and its manifest
         self._matrix: tuple[Path, list[str], torch.Tensor] | None = None  # the last corpus read for matrix search
+        self._lock = threading.Lock()  # concurrent first searches: one embeds the folder, the others wait for it
 
     @property
     def instruction(self) -> str | None:
@@ -221,41 +230,53 @@ class FolderSearch:
             raise DemoError(f"Cannot read the image folder {self.folder}: {error.strerror or error}") from error
         if not listing:
             raise DemoError(f"No images in {self.folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+        with self._lock:
+            output = self.cache_root / corpus_cache_key(self._fingerprint(), listing, **self._settings())[:32]
+            manifest = self._whole_manifest(output) or self._embed(listing, output, progress)
+        if not manifest["embedded"]:
+            reasons = "; ".join(f"{row['id']}: {row['error']}" for row in manifest["skipped_rows"][:3])
+            raise DemoError(f"None of the {manifest['rows']} image files in {self.folder} could be read ({reasons})")
+        return output, manifest
+
+    def _fingerprint(self) -> str:
+        """The model's weights fingerprint, computed on first use."""
         if self._weights is None:
             from coma_hf.training import weights_fingerprint
 
             self._weights = weights_fingerprint(self.model)
-        settings = {  # besides the weights, everything the vectors depend on
+        return self._weights
+
+    def _settings(self) -> dict:
+        """Besides the weights, everything the vectors depend on."""
+        return {
             "processor": self.model.processor.to_json_string(),
             "config": self.model.config.to_json_string(),
             "instruction": self.instruction,
             "dtype": str(self.model.dtype),
             "device": str(self.model.device),
         }
-        output = self.cache_root / corpus_cache_key(self._weights, listing, **settings)[:32]
-        manifest = self._whole_manifest(output)
-        if manifest is None:
-            self._matrix = None
-            if progress is not None:
-                progress.total = len(listing)
-            with torch.inference_mode():
-                encode_corpus(
-                    self.model,
-                    image_folder_rows(self.folder),
-                    output,
-                    shard_size=self.shard_size,
-                    batch_size=self.batch_size,
-                    instruction=self.instruction,
-                    progress=progress,
-                )
-            manifest = write_manifest(output, folder=str(self.folder), instruction=self.instruction)
-            if self.index == "faiss" and manifest["embedded"]:
-                build_faiss_index(output)  # anew: an index left from before may predate a redone shard
-            self._checked = (output, manifest)
-        if not manifest["embedded"]:
-            reasons = "; ".join(f"{row['id']}: {row['error']}" for row in manifest["skipped_rows"][:3])
-            raise DemoError(f"None of the {manifest['rows']} image files in {self.folder} could be read ({reasons})")
-        return output, manifest
+
+    def _embed(self, listing: list, output: Path, progress: Any) -> dict:
+        """Embed the folder into the cache entry `output` (resuming its finished shards); its manifest."""
+        logger.info("Embedding %d files of %s into %s", len(listing), self.folder, output)
+        self._matrix = None
+        if progress is not None:
+            progress.total = len(listing)
+        with torch.inference_mode():
+            encode_corpus(
+                self.model,
+                image_folder_rows(self.folder),
+                output,
+                shard_size=self.shard_size,
+                batch_size=self.batch_size,
+                instruction=self.instruction,
+                progress=progress,
+            )
+        manifest = write_manifest(output, folder=str(self.folder), instruction=self.instruction)
+        if self.index == "faiss" and manifest["embedded"]:
+            build_faiss_index(output)  # anew: an index left from before may predate a redone shard
+        self._checked = (output, manifest)
+        return manifest
 
     def _whole_manifest(self, output: Path) -> dict | None:
         """The manifest of the cache entry `output` when it and its shards are whole (`verified_manifest`), else
@@ -279,9 +300,10 @@ class FolderSearch:
         vectors = self.model.encode_query([query])
         if self.index == "faiss":
             return search_index(output, vectors, top_k)[0], manifest
-        if self._matrix is None or self._matrix[0] != output:
-            self._matrix = (output, *load_embeddings(output))
-        return search_embeddings(self._matrix[1], self._matrix[2], vectors, top_k)[0], manifest
+        matrix = self._matrix  # read once: a concurrent first search may be replacing it
+        if matrix is None or matrix[0] != output:
+            matrix = self._matrix = (output, *load_embeddings(output))
+        return search_embeddings(matrix[1], matrix[2], vectors, top_k)[0], manifest
 
 
 def faiss_installed() -> bool:
@@ -529,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     search = FolderSearch(model, folder, args.cache_dir, index, args.batch_size)
     demo = build_demo(search, CompressionAsker(generator), notes, [entry[0] for entry in listing[:PICK_LIMIT]])
     logger.info("%s", json.dumps({"search": args.model_name_or_path, "ask": generator_path, "folder": str(folder)}))
-    demo.queue(default_concurrency_limit=1).launch(
+    demo.queue(default_concurrency_limit=args.concurrency).launch(
         server_name=args.host,
         server_port=args.port,
         allowed_paths=[str(folder.resolve())],  # the gallery shows the folder's files

@@ -319,3 +319,72 @@ def test_the_page_in_headless_chromium(apps, trained, tmp_path):
     assert (tmp_path / "demo_search.png").stat().st_size > 10_000 and (tmp_path / "demo_ask.png").is_file()
     assert any(url.startswith(apps["main"].url) for url in seen["urls"])
     assert outside_requests(seen["urls"]) == []  # fonts, scripts, analytics: nothing left the machine
+
+
+def _demo_load():
+    """benchmarks/demo_load.py, whose load the test runs for correctness (the benchmark reports its speed)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "benchmarks" / "demo_load.py"
+    spec = importlib.util.spec_from_file_location("demo_load", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sixteen_concurrent_clients_get_what_each_request_gets_alone(trained):
+    load = _demo_load()
+    root = trained["root"]
+    arguments = ["--model_name_or_path", str(trained["stage2"]), "--images", str(trained["scenes"])]
+    log = root / "concurrent.log"
+    app = RunningApp(arguments + ["--cache_dir", str(root / "cache-concurrent"), "--concurrency", "4"], root, log)
+    try:
+        images = sorted(path for path in trained["scenes"].glob("*.png") if path.name != "notes.png")
+        plan = load.request_plan(load.request_pool(images), clients=16, per_client=8)
+        assert {request.api for client in plan for request in client} == {"/search", "/ask"}
+        result = load.check_load(app.wait().url, plan)
+    finally:
+        app.stop()
+    assert result["requests"] == 128 and result["distinct_requests"] > 10
+    assert result["errors"] == [] and result["mismatches"] == []
+    assert result["healthy_after"]
+    assert load.embed_count(log) == 1  # sixteen first searches at once: one embedded the folder, the others waited
+    assert "Traceback" not in log.read_text()
+
+
+def test_concurrent_first_searches_embed_the_folder_once(trained, models, tmp_path):
+    import threading
+
+    app = load_example("app")
+    model, calls = models["stage2"], []
+
+    class Slow:
+        """The model, but each encode call is recorded and takes a while (first searches overlap)."""
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def encode(self, inputs, **kwargs):
+            calls.append(len(inputs))
+            threading.Event().wait(0.2)
+            return model.encode(inputs, **kwargs)
+
+    search = app.FolderSearch(Slow(), trained["scenes"], tmp_path / "cache", "matrix", batch_size=64)
+    results, start = [], threading.Barrier(8)
+
+    def first_search() -> None:
+        start.wait()
+        results.append(search.search(QUERY, None, 10)[0])
+
+    threads = [threading.Thread(target=first_search) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and all(result == results[0] for result in results)
+    concurrent, calls[:] = list(calls), []
+    app.FolderSearch(Slow(), trained["scenes"], tmp_path / "alone", "matrix", batch_size=64).search(QUERY, None, 10)
+    assert concurrent == calls and calls  # the encode calls of one search alone: the folder was embedded once
+    _assert_same_ranking(results[0], _direct_ranking(model, trained["scenes"], {"text": QUERY}))
