@@ -12,6 +12,7 @@ from .backbones import get_family
 POOLING_MODES = ("mean", "last")
 ATTENTION_RULES = ("bottleneck", "causal")
 VISION_ATTENTION_MODES = ("auto", "stock")
+TRAINING_STAGES = (1, 2)  # compression pre-training, contrastive matching
 DEFAULT_CONTRASTIVE_TEMPERATURE = 0.03  # the paper's
 # The config key that marks the package's embedded backbone: on a CoMa config, and on a stock backbone config that
 # the package trained itself (the shipped reader), which a CoMa config built over it inherits.
@@ -61,6 +62,10 @@ class CoMaConfig(PretrainedConfig):
             Whether the backbone is the package's embedded one (its `tiny` module, or the shipped reader), set by its
             builder. Scripts pick the recipe a run starts with from it (`tiny` for the embedded backbone, `paper` for a
             real one). `None` takes the backbone config's own marker (`EMBEDDED_BACKBONE_MARKER`), else `False`.
+        training_stage (`int`, *optional*):
+            The stage that last trained these weights, set by the stage's trainer: `1` (compression pre-training:
+            the weights answer questions from the K compression states) or `2` (contrastive matching: they were never
+            trained to answer, and `generate_from_compression` warns). `None`: untrained, or saved before this field.
     """
 
     model_type = "coma"
@@ -79,6 +84,7 @@ class CoMaConfig(PretrainedConfig):
         vision_attention: str = "auto",
         backbone_name_or_path: str | None = None,
         embedded_backbone: bool | None = None,
+        training_stage: int | None = None,
         **kwargs,
     ):
         self.backbone_config = _as_backbone_config(backbone_config)
@@ -95,6 +101,9 @@ class CoMaConfig(PretrainedConfig):
         if embedded_backbone is None:
             embedded_backbone = bool(getattr(self.backbone_config, EMBEDDED_BACKBONE_MARKER, False))
         self.embedded_backbone = embedded_backbone
+        if training_stage is not None and training_stage not in TRAINING_STAGES:
+            raise ValueError(f"training_stage must be one of {TRAINING_STAGES} or None, got {training_stage!r}")
+        self.training_stage = training_stage
         if self.compression_token_ids is not None and len(self.compression_token_ids) != num_compression_tokens:
             raise ValueError(
                 f"compression_token_ids has {len(self.compression_token_ids)} ids but num_compression_tokens is "

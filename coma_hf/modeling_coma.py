@@ -44,6 +44,11 @@ from .sentence_transformers_files import write_sentence_transformers_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 
 logger = hf_logging.get_logger(__name__)
+NOT_TRAINED_TO_ANSWER = (
+    "This checkpoint was last trained by contrastive matching (stage 2, config.training_stage = 2): it was never "
+    "trained to answer from its compression states, so its answers show what stage 2 left of stage 1, not what stage "
+    "1 taught. Ask the stage-1 checkpoint it was trained from."
+)
 
 
 @dataclass
@@ -395,6 +400,8 @@ class CoMaModel(PreTrainedModel):
         Hand-written rather than `generate`: the cache holds only the K compression positions, at the input's rope
         offset, which `GenerationMixin` cannot express.
         """
+        if self.config.training_stage == 2:
+            logger.warning_once(NOT_TRAINED_TO_ANSWER)
         processor = processor or self.processor
         batch = compression.compression_states.shape[0]
         if len(questions) != batch:

@@ -51,8 +51,9 @@ RELEASED_RECIPE = "released"
 RELEASED_TOKEN_FORMAT = "<|ctoken_pad_{index}|>"  # their compression tokens
 RELEASED_TOKEN = re.compile(r"^<\|ctoken_pad_(\d+)\|>$")
 # What their evaluation did, recorded in the converted config: `--pooling eos` (the last compression token's state);
-# plain causal attention (their bottleneck mask is never switched on by a published script).
-RELEASED_CONFIG = {"pooling": "last", "attention_rule": "causal"}
+# plain causal attention (their bottleneck mask is never switched on by a published script). Their checkpoints are
+# stage-2 (contrastive) models.
+RELEASED_CONFIG = {"pooling": "last", "attention_rule": "causal", "training_stage": 2}
 # The older key layout of their vendored class (transformers < 4.52) → the stock class's current one, for adapter
 # weights (the stock loader renames full weights itself, the same way). Current names are left as they are.
 LEGACY_KEY_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."))

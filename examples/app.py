@@ -36,9 +36,10 @@ from typing import Any
 
 import torch
 
+from coma_hf import cli
 from coma_hf.data.sources import IMAGE_EXTENSIONS, read_jsonl_records
 from coma_hf.evaluation.compression import MAX_ANSWER_TOKENS
-from coma_hf.hub.card import CONTRASTIVE_SUMMARY, HUB_ID, PRETRAIN_SUMMARY, read_json_file
+from coma_hf.hub.card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, read_json_file
 from coma_hf.inference import (
     build_faiss_index,
     corpus_cache_key,
@@ -66,6 +67,7 @@ DEFAULT_RUNS = "python examples/pretrain.py && python examples/train_contrastive
 SHARD_SIZE = 256  # rows per cached shard: how much an interrupted encode can lose
 PICK_LIMIT = 1000  # folder images offered in the ask tab's list (upload any other)
 INDEXES = ("auto", "faiss", "matrix")
+MAX_CONCURRENCY = 64  # Gradio's worker threads: more requests at once only queue inside the model
 
 
 class DemoError(ValueError):
@@ -102,28 +104,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Requests the model serves at once; more wait in Gradio's queue (above 1 pays on a GPU, not on a CPU).",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    cli.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    cli.batch_size(args.batch_size, "--batch_size")
+    cli.count(args.concurrency, "--concurrency", maximum=MAX_CONCURRENCY, what="number of requests")
+    return args
 
 
-def check_checkpoint(path: str, option: str) -> None:
-    """Stop with a clear message when `path` is neither a folder nor a Hub id; a missing default says how to make
-    it."""
-    if Path(path).is_dir():
-        return
-    if path == DEFAULT_MODEL:
+def check_checkpoint(path: str, option: str) -> dict | None:
+    """The config of the CoMa checkpoint `path` (`None`: a Hub id only the Hub knows); stops with one line when it is
+    none (`coma_hf.cli.coma_checkpoint`), and a missing default says how to make it."""
+    if path == DEFAULT_MODEL and not Path(path).is_dir():
         raise SystemExit(
             f"No checkpoint at {path}: make the default runs with `{DEFAULT_RUNS}`, or name one with {option}"
         )
-    if not HUB_ID.match(path):
-        raise SystemExit(f"{option} {path}: no such checkpoint folder (nor a Hub id)")
+    return cli.coma_checkpoint(path, option)
 
 
 def image_folder(images: str | None) -> Path:
     """The folder to search: `images`, or the synthetic test scenes linked into `DEFAULT_SCENES`."""
     if images is not None:
-        if not Path(images).is_dir():
-            raise SystemExit(f"--images {images}: no such folder")
-        return Path(images)
+        return cli.existing_folder(images, "--images", "folder of images")
     scenes = Path(DEFAULT_SYNTHETIC) / "test.jsonl"
     if not scenes.is_file():
         raise SystemExit(
@@ -524,17 +525,25 @@ def theme():
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry and no version check
-    if importlib.util.find_spec("gradio") is None:
-        raise SystemExit('The demo needs Gradio: pip install -e ".[demo]"')
-    check_checkpoint(args.model_name_or_path, "--model_name_or_path")
+    cli.configure_logging(args.debug)
+    config = check_checkpoint(args.model_name_or_path, "--model_name_or_path")
     folder = image_folder(args.images)
     if args.generator_name_or_path:
         generator_path, why = args.generator_name_or_path, "named with --generator_name_or_path"
-        check_checkpoint(generator_path, "--generator_name_or_path")
+        generator_config = check_checkpoint(generator_path, "--generator_name_or_path")
     else:
         generator_path, why = generator_of(args.model_name_or_path)
+        generator_config = (
+            config
+            if generator_path == args.model_name_or_path
+            else cli.checkpoint_config(generator_path, "--generator_name_or_path")
+        )
+    never_trained = cli.answering_warning(generator_path, generator_config)
+    if never_trained:
+        logger.warning("The ask tab: %s (--generator_name_or_path).", never_trained)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry and no version check
+    if importlib.util.find_spec("gradio") is None:
+        raise SystemExit('The demo needs Gradio: pip install -e ".[demo]"')
     index = args.index if args.index != "auto" else ("faiss" if faiss_installed() else "matrix")
     if index == "faiss" and not faiss_installed():
         raise SystemExit("--index faiss needs faiss: pip install faiss-cpu")
@@ -542,11 +551,13 @@ def main(argv: list[str] | None = None) -> None:
     model = load_coma(args.model_name_or_path, args.device)
     generator = model if generator_path == args.model_name_or_path else load_coma(generator_path, args.device)
     notes = [f"Search: `{args.model_name_or_path}` over `{folder}`.", f"Ask: `{generator_path}` ({why})."]
+    notes += [f"**Warning:** {never_trained}."] if never_trained else []
     if generator is not model:
         warning = changed_since_training(args.model_name_or_path, generator, generator_path)
         notes += [f"**Note:** {warning}"] if warning else []
     listing = folder_listing(folder)
     if not listing:
+        logger.warning("--images %s holds no images yet: add some, or pass a folder of images", folder)
         notes.append(f"**{folder} holds no images yet:** add some, then search (the folder is read on every search).")
     search = FolderSearch(model, folder, args.cache_dir, index, args.batch_size)
     demo = build_demo(search, CompressionAsker(generator), notes, [entry[0] for entry in listing[:PICK_LIMIT]])
@@ -563,4 +574,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

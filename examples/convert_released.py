@@ -16,8 +16,23 @@ The converted checkpoint encodes as their evaluation did (its processor records 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from coma_hf import cli
 from coma_hf.released import convert_released_checkpoint
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    source = cli.local_or_hub(args.source, "--source", "a released merged model or adapter folder")
+    if source is not None and not any((source / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise cli.UsageError(
+            "--source", args.source, "holds neither config.json nor adapter_config.json", "pass their model's folder"
+        )
+    if args.base_model is not None:
+        cli.local_or_hub(args.base_model, "--base_model", "the adapter's base model")
+    cli.count(args.num_compression_tokens, "--num_compression_tokens", what="number of tokens")
+    if Path(args.output_dir).is_file():
+        raise cli.UsageError("--output_dir", args.output_dir, "is a file", "pass a folder to write the checkpoint to")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -29,7 +44,9 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--base_model", default=None, help="an adapter's base (default: from adapter_config.json)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_arguments(args)
     model = convert_released_checkpoint(
         args.source,
         args.output_dir,
@@ -45,4 +62,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

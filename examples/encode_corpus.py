@@ -18,8 +18,9 @@ import argparse
 import itertools
 import logging
 import sys
+from pathlib import Path
 
-from coma_hf import inference
+from coma_hf import cli, inference
 from coma_hf.data.sources import open_dataset
 
 logger = logging.getLogger("encode_corpus")
@@ -53,7 +54,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--faiss_index", action="store_true", help="Build index.faiss over all shards at the end.")
     parser.add_argument("--dtype", default="float32", help="Model dtype (bfloat16 on GPUs).")
-    return parser.parse_args(argv)
+    cli.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    check_arguments(args)
+    return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    cli.coma_checkpoint(args.model, "--model")
+    if args.images is not None:
+        cli.image_folder(args.images, "--images")
+    for flag, value in (("--jsonl", args.jsonl), ("--csv", args.csv)):
+        if value is not None:
+            cli.existing_file(value, flag, f"{flag[2:].upper()} file")
+    if args.image_root is not None:
+        cli.existing_folder(args.image_root, "--image_root")
+    if Path(args.output_dir).is_file():
+        raise cli.UsageError("--output_dir", args.output_dir, "is a file", "pass a folder for the shards")
+    cli.batch_size(args.batch_size, "--batch_size")
+    cli.count(args.shard_size, "--shard_size", what="number of rows")
+    cli.count(args.max_rows, "--max_rows", what="number of rows")
 
 
 def corpus_rows(args: argparse.Namespace):
@@ -77,7 +97,7 @@ def load_dataset(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cli.configure_logging(args.debug)
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -123,4 +143,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,9 +16,9 @@ writes `mmeb_results.json` and `mmeb_results.md` to `--output_dir`.
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
+from coma_hf import cli
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.evaluation.mmeb import MMEBEvaluator, markdown_table
 from coma_hf.evaluation.mmeb_v2 import DATA_FORMATS, load_evaluation_datasets
@@ -38,6 +38,17 @@ def load_model(name_or_path: str):
     return AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    folder = Path(args.model_name_or_path)
+    if not (folder / "modules.json").is_file():  # a SentenceTransformer folder evaluates as it is
+        cli.coma_checkpoint(args.model_name_or_path, "--model_name_or_path")
+    if args.data is not None:
+        cli.local_or_hub(args.data, "--data", "an MMEB-format folder")
+    if args.image_root is not None:
+        cli.existing_folder(args.image_root, "--image_root")
+    cli.batch_size(args.batch_size, "--batch_size")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default="outputs/stage2")
@@ -53,8 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
         choices=DATA_FORMATS,
         help="mmeb: verbatim rows (qry_text, …); mmeb_v2: instruct rows (qry_inst, …); auto: from the rows",
     )
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_arguments(args)
+    cli.configure_logging(args.debug)
 
     data = args.data
     if data is None:
@@ -70,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -15,9 +15,10 @@ output feeds `examples/pretrain.py --dataset`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from pathlib import Path
 
+from coma_hf import cli
 from coma_hf.data.qa_generation import (
     DEFAULT_MAX_ANSWER_TOKENS,
     DEFAULT_MAX_QUESTION_TOKENS,
@@ -53,12 +54,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="e.g. bfloat16")
     parser.add_argument("--device", default=None, help="default: cuda when available")
-    return parser.parse_args(argv)
+    cli.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    check_arguments(args)
+    return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    config = cli.checkpoint_config(args.model_name_or_path, "--model_name_or_path")
+    if config is not None and config.get("model_type") == "coma":
+        raise cli.UsageError(
+            "--model_name_or_path",
+            args.model_name_or_path,
+            "is a CoMa checkpoint, not an instruction-tuned VLM",
+            "pass the teacher, e.g. Qwen/Qwen2.5-VL-7B-Instruct",
+        )
+    if Path(args.images).suffix.lower() == ".jsonl":
+        cli.existing_file(args.images, "--images", "JSONL file")
+    else:
+        cli.image_folder(args.images, "--images")
+    if args.image_root is not None:
+        cli.existing_folder(args.image_root, "--image_root")
+    if Path(args.output).is_dir():
+        raise cli.UsageError("--output", args.output, "is a folder", "pass the JSONL file to write")
+    cli.batch_size(args.batch_size, "--batch_size")
+    cli.count(args.max_question_tokens, "--max_question_tokens", what="number of tokens")
+    cli.count(args.max_answer_tokens, "--max_answer_tokens", what="number of tokens")
 
 
 def main(argv: list[str] | None = None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cli.configure_logging(args.debug)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -82,4 +108,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments, set_seed
 
+from coma_hf import cli
 from coma_hf.data.stage1 import (
     hold_out_by_image,
     load_stage1_dataset,
@@ -203,6 +204,18 @@ def drop_bad_rows(dataset, processor, root, data_args: DataArguments, name: str)
     return dataset.select([index for index in range(len(dataset)) if index not in bad_indices]), bad
 
 
+def check_start(model_args: ModelArguments) -> None:
+    """A backbone named with --model_name_or_path must be one CoMa builds on (stops before the recipe reads it)."""
+    if model_args.model_name_or_path is not None:
+        cli.backbone_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
+
+
+def check_data(data_args: DataArguments) -> None:
+    for flag, value in (("--dataset", data_args.dataset), ("--eval_dataset", data_args.eval_dataset)):
+        if value is not None:
+            cli.local_or_hub(value, flag, "stage-1 data (a JSONL file, a folder or a saved dataset)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     (model_args, backbone_args, data_args, lora_args, _, training_args), why, batch = parse_with_recipe(
@@ -211,11 +224,13 @@ def main(argv: list[str] | None = None) -> dict:
         "stage1",
         CONFIGS,
         lambda model_args: model_args.model_name_or_path,
+        check_start=check_start,
         output_dir="outputs/stage1",
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("Recipe %r: %s", model_args.recipe, why)
     logger.info("Batch: %s", batch.describe())
+    check_data(data_args)
     check_sharding(training_args, lora_args, "stage1")
     if model_args.objective != "ce+kl" and model_args.kl_weight != 1.0:
         raise SystemExit(
@@ -355,4 +370,4 @@ def print_summary(summary: dict, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,9 +17,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from coma_hf import cli
 from coma_hf.hub import prepare_upload, upload_folder_to_hub
+from coma_hf.hub.card import HUB_ID
 
 DEFAULT_EVAL_RESULTS = "outputs/eval/mmeb_results.json"
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    cli.existing_folder(args.model_name_or_path, "--model_name_or_path", "checkpoint folder")
+    cli.coma_checkpoint(args.model_name_or_path, "--model_name_or_path")
+    if not HUB_ID.match(args.repo_id):
+        raise cli.UsageError("--repo_id", args.repo_id, "is not a Hub repository id", "pass owner/name")
+    if args.eval_results is not None:
+        cli.existing_file(args.eval_results, "--eval_results", "MMEB results JSON")
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -33,7 +44,9 @@ def main(argv: list[str] | None = None) -> str | None:
     parser.add_argument("--eval_results", default=None, help=f"MMEB results JSON (default: {DEFAULT_EVAL_RESULTS})")
     parser.add_argument("--dry_run", action="store_true", help="write the folder to --output_dir and list it")
     parser.add_argument("--output_dir", default="outputs/upload", help="where --dry_run writes the folder")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_arguments(args)
     eval_results = args.eval_results or (DEFAULT_EVAL_RESULTS if Path(DEFAULT_EVAL_RESULTS).is_file() else None)
 
     if args.dry_run:
@@ -61,4 +74,4 @@ def main(argv: list[str] | None = None) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from coma_hf import cli
 from coma_hf.inference import search_index
 
 
@@ -19,9 +20,15 @@ def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
     parser.add_argument("--query", action="append", default=[], help="A text query (repeatable).")
     parser.add_argument("--query_image", action="append", default=[], help="An image query (repeatable).")
     parser.add_argument("--top_k", type=int, default=5)
+    cli.add_debug_flag(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.query and not args.query_image:
         parser.error("give at least one --query or --query_image")
+    cli.coma_checkpoint(args.model, "--model")
+    cli.existing_folder(args.index_dir, "--index_dir", "folder of embedded shards")
+    for image in args.query_image:
+        cli.existing_file(image, "--query_image", "image file")
+    cli.count(args.top_k, "--top_k", what="number of results")
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
@@ -35,4 +42,4 @@ def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

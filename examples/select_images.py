@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from coma_hf import cli
 from coma_hf.data.image_selection import PAPER_PER_SUBSET, PAPER_SUBSETS, select_images, write_image_list
 
 logger = logging.getLogger("select_images")
@@ -31,12 +33,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image_root", default=None, help="where relative image paths start (default: the source)")
     parser.add_argument("--output", required=True, help="JSONL of {id, image, subset} to write")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    cli.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    for source in args.mmeb_train:
+        cli.local_or_hub(source, "--mmeb_train", "MMEB-train (a folder or data files)")
+    if args.image_root is not None:
+        cli.existing_folder(args.image_root, "--image_root")
+    if Path(args.output).is_dir():
+        raise cli.UsageError("--output", args.output, "is a folder", "pass the JSONL file to write")
+    cli.count(args.per_subset, "--per_subset", what="number of images")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cli.configure_logging(args.debug)
     records, selections = select_images(
         args.mmeb_train,
         subsets=None if args.all_subsets else args.subsets,
@@ -60,4 +71,4 @@ def main(argv: list[str] | None = None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -33,6 +33,7 @@ from sentence_transformers import SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 from transformers import set_seed
 
+from coma_hf import cli
 from coma_hf.configuration_coma import POOLING_MODES
 from coma_hf.data.mini_mmeb import write_mini_mmeb
 from coma_hf.data.stage2 import cap_per_dataset, load_mmeb_train, parse_dataset_caps, split_by_dataset, validate_pairs
@@ -192,6 +193,24 @@ def recipe_start(model_args: ModelArguments) -> str | None:
     return model_args.model_name_or_path
 
 
+def check_start(model_args: ModelArguments) -> None:
+    """The checkpoint a person named to start from must be one stage 2 can start from (stops before anything reads
+    it); the default stage-1 folder, before it exists, is `initial_checkpoint`'s to explain."""
+    if model_args.from_backbone:
+        if model_args.backbone is not None:
+            cli.backbone_checkpoint(model_args.backbone, "--backbone")
+    elif model_args.model_name_or_path != DEFAULT_STAGE1 or Path(DEFAULT_STAGE1).exists():
+        cli.coma_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
+
+
+def check_data(data_args: DataArguments) -> None:
+    if data_args.dataset is not None:
+        cli.local_or_hub(data_args.dataset, "--dataset", "MMEB-format training pairs (a file or a folder)")
+    for flag, value in (("--image_root", data_args.image_root), ("--eval_data", data_args.eval_data)):
+        if value is not None:
+            cli.existing_folder(value, flag)
+
+
 def initial_checkpoint(
     model_args: ModelArguments, backbone_args: BackboneArguments, output_dir: str, seed: int
 ) -> str:
@@ -283,11 +302,12 @@ def build_loss(model, loss_args: LossArguments):
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     (model_args, backbone_args, data_args, loss_args, lora_args, _, training_args), why, batch = parse_with_recipe(
-        ARGUMENTS, argv, "stage2", CONFIGS, recipe_start, output_dir="outputs/stage2"
+        ARGUMENTS, argv, "stage2", CONFIGS, recipe_start, check_start=check_start, output_dir="outputs/stage2"
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("Recipe %r: %s", model_args.recipe, why)
     logger.info("Batch: %s", batch.describe())
+    check_data(data_args)
     check_sharding(training_args, lora_args, "stage2")
     set_seed(training_args.seed)
     started = time.time()
@@ -393,4 +413,4 @@ def print_summary(summary: dict, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
+from coma_hf import cli
 from coma_hf.data.synthetic import QUESTION_TYPES
 from coma_hf.evaluation.compression import SCORING, majority_baseline
 from coma_hf.hub import hardware
@@ -181,6 +182,7 @@ def save(model, processor, output_dir: str, record: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args, training_args = parse(argv)
+    cli.batch_sizes(args, training_args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_seed(training_args.seed)
     started = time.time()
@@ -250,4 +252,4 @@ def print_record(record: dict, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

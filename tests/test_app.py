@@ -291,6 +291,7 @@ def test_missing_defaults_say_which_command_makes_them(tmp_path):
 
     assert "No checkpoint at outputs/stage2: make the default runs with `python examples/pretrain.py && " in start()
     (tmp_path / "outputs" / "stage2").mkdir(parents=True)
+    (tmp_path / "outputs" / "stage2" / "config.json").write_text('{"model_type": "coma"}')
     assert "No synthetic test scenes at outputs/synthetic: `python examples/pretrain.py` writes them" in start()
 
 
@@ -338,6 +339,7 @@ def test_sixteen_concurrent_clients_get_what_each_request_gets_alone(trained):
     load = _demo_load()
     root = trained["root"]
     arguments = ["--model_name_or_path", str(trained["stage2"]), "--images", str(trained["scenes"])]
+    arguments += ["--generator_name_or_path", str(trained["stage2"])]  # asked to answer, which it was never trained to
     log = root / "concurrent.log"
     app = RunningApp(arguments + ["--cache_dir", str(root / "cache-concurrent"), "--concurrency", "4"], root, log)
     try:
@@ -352,6 +354,7 @@ def test_sixteen_concurrent_clients_get_what_each_request_gets_alone(trained):
     assert result["healthy_after"]
     assert load.embed_count(log) == 1  # sixteen first searches at once: one embedded the folder, the others waited
     assert "Traceback" not in log.read_text()
+    assert f"The ask tab: {trained['stage2']} is a stage-2 (contrastive) checkpoint" in log.read_text()
 
 
 def test_concurrent_first_searches_embed_the_folder_once(trained, models, tmp_path):

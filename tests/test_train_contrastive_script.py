@@ -100,6 +100,7 @@ def test_stage_two_continues_stage_one_and_saves_a_sentence_transformer(tmp_path
     torch.testing.assert_close(st.encode(inputs, convert_to_tensor=True), model.encode(inputs), atol=1e-5, rtol=0)
     # training moved the weights away from stage 1
     start = AutoModel.from_pretrained(stage1, trust_remote_code=True).eval()
+    assert (start.config.training_stage, model.config.training_stage) == (1, 2)  # each stage's trainer records itself
     assert (start.encode(inputs) - model.encode(inputs)).abs().max() > 1e-4
 
 

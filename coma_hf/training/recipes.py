@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..cli import batch_sizes
 from ..configuration_coma import is_embedded_backbone
 from ..hub.card import CONTRASTIVE_SUMMARY, CONVERSION_SUMMARY, PRETRAIN_SUMMARY, read_json_file
 from ..released import RELEASED_RECIPE
@@ -150,23 +151,27 @@ class ParsedRun(NamedTuple):
 
 
 def parse_with_recipe(
-    dataclass_types: tuple, argv: list[str], stage: str, configs: Path, start_of, **defaults
+    dataclass_types: tuple, argv: list[str], stage: str, configs: Path, start_of, check_start=None, **defaults
 ) -> ParsedRun:
     """Parse `argv` into `dataclass_types` over the defaults of the recipe the run calls for.
 
     The first dataclass holds `recipe`; without `--recipe`, `start_of(its parsed values)` names the checkpoint the
     run starts from (`None` for the embedded backbone) and `recipe_of_start` picks from it. A bf16 recipe on a
     machine without a bf16-capable GPU stops here (`check_precision`). `--help` shows the `tiny` defaults unless a
-    recipe is named. With `BatchArguments` and `TrainingArguments` among the dataclasses, the per-device batch and
-    the accumulation follow `plan_batch` (the global batch split over the process count); the arguments are then
-    parsed once more with them as defaults, so that everything `TrainingArguments` derives at construction (a
-    DeepSpeed config's "auto" batch sizes) sees the final numbers. Returns `ParsedRun(arguments, reason, batch)`.
+    recipe is named. `check_start(its parsed values)`, when given, stops a run whose start a person named wrongly
+    (`coma_hf.cli.UsageError`) before anything reads it; every `*batch_size` argument is checked too
+    (`coma_hf.cli.batch_sizes`). With `BatchArguments` and `TrainingArguments` among the dataclasses, the per-device
+    batch and the accumulation follow `plan_batch` (the global batch split over the process count); the arguments
+    are then parsed once more with them as defaults, so that everything `TrainingArguments` derives at construction
+    (a DeepSpeed config's "auto" batch sizes) sees the final numbers. Returns `ParsedRun(arguments, reason, batch)`.
     """
     from transformers import HfArgumentParser
 
     first = HfArgumentParser(dataclass_types[0], add_help=False)  # --help belongs to the full parser below
     early = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
     asks_for_help = any(argument in HELP_FLAGS for argument in argv)
+    if check_start is not None and not asks_for_help:
+        check_start(early)
     if asks_for_help:
         recipe, reason = early.recipe or "tiny", "help"
     else:
@@ -177,6 +182,7 @@ def parse_with_recipe(
     parser = HfArgumentParser(dataclass_types)
     parser.set_defaults(**defaults, **preset)
     parsed = parser.parse_args_into_dataclasses(args=argv)
+    batch_sizes(*parsed)
     batch_args = next((value for value in parsed if isinstance(value, BatchArguments)), None)
     training_args = next((value for value in parsed if hasattr(value, "gradient_accumulation_steps")), None)
     if batch_args is None or training_args is None:

@@ -62,6 +62,7 @@ class _CoMaTrainerMixin:
     `save_merged`."""
 
     stage_name = "training"
+    training_stage: int | None = None  # what `CoMaConfig.training_stage` records once this trainer has trained
 
     def _init_guard(self, on_nonfinite_loss: str) -> None:
         if on_nonfinite_loss not in NONFINITE_LOSS_MODES:
@@ -83,6 +84,8 @@ class _CoMaTrainerMixin:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             logger.info("Resuming from %s", resume_from_checkpoint or "the start (no complete checkpoint yet)")
         self._step_losses, self._first_step_rows = {}, 0
+        if self.model is not None:  # every checkpoint of this run says which stage its weights were last trained by
+            self._coma_model_and_processor()[0].config.training_stage = self.training_stage
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._record_first_and_last_step_loss()
         return output
@@ -296,6 +299,7 @@ class CoMaCompressionTrainer(_CoMaTrainerMixin, Trainer):
     """
 
     stage_name = "Stage 1"
+    training_stage = 1
 
     def __init__(
         self,
@@ -479,6 +483,7 @@ class CoMaContrastiveTrainer(_CoMaTrainerMixin, SentenceTransformerTrainer):
     """
 
     stage_name = "Stage 2"
+    training_stage = 2
 
     def __init__(self, *args, on_nonfinite_loss: str = "stop", eval_pooling: str | None = None, **kwargs):
         self._init_guard(on_nonfinite_loss)
