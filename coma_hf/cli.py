@@ -28,6 +28,8 @@ MAX_BATCH_SIZE = 65_536  # beyond this a batch size is a typo: no accelerator ho
 HUB_ID_PARTS = 2  # "owner/name"
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".safetensors")  # a local file, not a Hub id
 DEBUG_FLAG = "--debug"
+DEFAULT_STAGE2 = "outputs/stage2"  # where examples/train_contrastive.py saves by default
+DEFAULT_RUNS = "python examples/pretrain.py && python examples/train_contrastive.py"  # the runs that make it
 MAKE_A_COMA_CHECKPOINT = (
     "pass a folder written by examples/pretrain.py or examples/train_contrastive.py, or convert the authors' release "
     "with examples/convert_released.py"
@@ -170,6 +172,14 @@ def _cached_hub_config(repo_id: str) -> dict | None:
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
 
 
+def default_checkpoint_missing(value: str, flag: str) -> None:
+    """Stop with the commands that make it when `value` is the default stage-2 checkpoint and it is not there yet."""
+    if value == DEFAULT_STAGE2 and not Path(value).is_dir():
+        raise SystemExit(
+            f"No checkpoint at {value}: make the default runs with `{DEFAULT_RUNS}`, or name one with {flag}"
+        )
+
+
 def coma_checkpoint(value: str, flag: str) -> dict | None:
     """`value` names a CoMa checkpoint (a folder, or a Hub id); its config (`None`: only the Hub knows it)."""
     config = checkpoint_config(value, flag)
@@ -198,14 +208,15 @@ def backbone_checkpoint(value: str, flag: str) -> dict | None:
 
 def answering_warning(value: str | os.PathLike, config: dict | None) -> str | None:
     """A warning when the checkpoint at `value` (its `config`) is a stage-2 one, asked to answer from its
-    compression: it was never trained to. Checkpoints saved before `training_stage` existed are known by their
-    stage-2 run record."""
-    from .hub.card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY
+    compression: it was never trained to. Checkpoints saved before `training_stage` existed are known by their run
+    records: a stage-2 one, or a conversion of the authors' (stage-2) release."""
+    from .hub.card import CONTRASTIVE_SUMMARY, CONVERSION_SUMMARY, PRETRAIN_SUMMARY
 
     stage = (config or {}).get("training_stage")
     folder = Path(value)
     if stage is None and folder.is_dir():
-        stage = 2 if (folder / CONTRASTIVE_SUMMARY).is_file() else 1 if (folder / PRETRAIN_SUMMARY).is_file() else None
+        stage_two = any((folder / name).is_file() for name in (CONTRASTIVE_SUMMARY, CONVERSION_SUMMARY))
+        stage = 2 if stage_two else 1 if (folder / PRETRAIN_SUMMARY).is_file() else None
     if stage != 2:
         return None
     return (

@@ -400,7 +400,7 @@ class CoMaModel(PreTrainedModel):
         Hand-written rather than `generate`: the cache holds only the K compression positions, at the input's rope
         offset, which `GenerationMixin` cannot express.
         """
-        if self.config.training_stage == 2:
+        if getattr(self.config, "training_stage", None) == 2:  # a config class shipped before the field has none
             logger.warning_once(NOT_TRAINED_TO_ANSWER)
         processor = processor or self.processor
         batch = compression.compression_states.shape[0]

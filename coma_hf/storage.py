@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,11 +33,11 @@ class DamagedFileError(ValueError):
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call `write(temporary)` for a temporary file beside `path` (`.{name}.{pid}.tmp`), then rename it to `path`:
-    readers see the old file or the whole new one, never a half-written one. The temporary file is removed if
+    """Call `write(temporary)` for a temporary file beside `path` (`.{name}.{pid}.{thread}.tmp`), then rename it to
+    `path`: readers see the old file or the whole new one, never a half-written one. The temporary file is removed if
     `write` fails; a killed process leaves it behind, under a name no reader takes for the real file."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # threads write apart
     try:
         write(temporary)
         os.replace(temporary, path)

@@ -47,8 +47,9 @@ from coma_hf.inference import (
     folder_listing,
     image_folder_rows,
     load_embeddings,
+    load_faiss_index,
     search_embeddings,
-    search_index,
+    search_loaded_index,
     verified_manifest,
     write_manifest,
 )
@@ -59,11 +60,10 @@ from coma_hf.reader import generate_answers, question_prompts, reader_processor
 logger = logging.getLogger("app")
 
 # The default runs' outputs, as examples/pretrain.py and examples/train_contrastive.py name them by default
-DEFAULT_MODEL = "outputs/stage2"
+DEFAULT_MODEL = cli.DEFAULT_STAGE2
 DEFAULT_SYNTHETIC = "outputs/synthetic"
 DEFAULT_SCENES = "outputs/demo/test_scenes"  # the synthetic test scenes, linked here on first start
 DEFAULT_CACHE = "outputs/demo/cache"
-DEFAULT_RUNS = "python examples/pretrain.py && python examples/train_contrastive.py"
 SHARD_SIZE = 256  # rows per cached shard: how much an interrupted encode can lose
 PICK_LIMIT = 1000  # folder images offered in the ask tab's list (upload any other)
 INDEXES = ("auto", "faiss", "matrix")
@@ -114,10 +114,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_checkpoint(path: str, option: str) -> dict | None:
     """The config of the CoMa checkpoint `path` (`None`: a Hub id only the Hub knows); stops with one line when it is
     none (`coma_hf.cli.coma_checkpoint`), and a missing default says how to make it."""
-    if path == DEFAULT_MODEL and not Path(path).is_dir():
-        raise SystemExit(
-            f"No checkpoint at {path}: make the default runs with `{DEFAULT_RUNS}`, or name one with {option}"
-        )
+    cli.default_checkpoint_missing(path, option)
     return cli.coma_checkpoint(path, option)
 
 
@@ -214,16 +211,19 @@ class FolderSearch:
         self.index, self.batch_size, self.shard_size = index, batch_size, shard_size
         self._weights: str | None = None  # the model's fingerprint, computed on first use
         self._checked: tuple[Path, dict] | None = None  # the last cache entry found whole, and its manifest
-        self._matrix: tuple[Path, list[str], torch.Tensor] | None = None  # the last corpus read for matrix search
-        self._lock = threading.Lock()  # concurrent first searches: one embeds the folder, the others wait for it
+        self._loaded: tuple[Path, Any] | None = (
+            None  # the last entry read for search: faiss (index, ids) or (ids, vectors)
+        )
+        self._lock = threading.Lock()  # concurrent first searches: one embeds and loads the folder, the others wait
 
     @property
     def instruction(self) -> str | None:
         return self.model.processor.document_instruction
 
-    def corpus(self, progress: Any = None) -> tuple[Path, dict]:
-        """`(shard folder, manifest)` of the folder as it is now, embedding it first when no whole cache entry
-        exists (finished shards of an interrupted encode are kept; damaged ones are redone, and a new index built).
+    def corpus(self, progress: Any = None) -> tuple[Path, dict, Any]:
+        """`(shard folder, manifest, what search reads)` of the folder as it is now, embedding it first when no whole
+        cache entry exists (finished shards of an interrupted encode are kept; damaged ones are redone, and a new
+        index built), and loading it once per entry: the faiss index and its ids, or the ids and the vectors.
         `progress`: a tqdm-like object or `None`."""
         try:
             listing = folder_listing(self.folder)
@@ -234,10 +234,13 @@ class FolderSearch:
         with self._lock:
             output = self.cache_root / corpus_cache_key(self._fingerprint(), listing, **self._settings())[:32]
             manifest = self._whole_manifest(output) or self._embed(listing, output, progress)
-        if not manifest["embedded"]:
-            reasons = "; ".join(f"{row['id']}: {row['error']}" for row in manifest["skipped_rows"][:3])
-            raise DemoError(f"None of the {manifest['rows']} image files in {self.folder} could be read ({reasons})")
-        return output, manifest
+            if not manifest["embedded"]:
+                reasons = "; ".join(f"{row['id']}: {row['error']}" for row in manifest["skipped_rows"][:3])
+                raise DemoError(f"None of the {manifest['rows']} files in {self.folder} could be read ({reasons})")
+            if self._loaded is None or self._loaded[0] != output:
+                # a missing or damaged index is (re)built here, by one thread
+                self._loaded = (output, load_faiss_index(output) if self.index == "faiss" else load_embeddings(output))
+            return output, manifest, self._loaded[1]
 
     def _fingerprint(self) -> str:
         """The model's weights fingerprint, computed on first use."""
@@ -260,7 +263,7 @@ class FolderSearch:
     def _embed(self, listing: list, output: Path, progress: Any) -> dict:
         """Embed the folder into the cache entry `output` (resuming its finished shards); its manifest."""
         logger.info("Embedding %d files of %s into %s", len(listing), self.folder, output)
-        self._matrix = None
+        self._loaded = None
         if progress is not None:
             progress.total = len(listing)
         with torch.inference_mode():
@@ -282,7 +285,7 @@ class FolderSearch:
     def _whole_manifest(self, output: Path) -> dict | None:
         """The manifest of the cache entry `output` when it and its shards are whole (`verified_manifest`), else
         `None`. Checked once per entry: hashing every shard on each search would cost more than the search, and an
-        index found damaged is rebuilt when a search reads it (`search_index`)."""
+        index found damaged is rebuilt when the entry is loaded for search (`load_faiss_index`)."""
         if self._checked is None or self._checked[0] != output:
             manifest = verified_manifest(output)
             self._checked = (output, manifest) if manifest is not None else None
@@ -297,14 +300,10 @@ class FolderSearch:
             query["image"] = image
         if not query:
             raise DemoError("Type a text query, add a query image, or both")
-        output, manifest = self.corpus(progress)
+        _, manifest, loaded = self.corpus(progress)
         vectors = self.model.encode_query([query])
-        if self.index == "faiss":
-            return search_index(output, vectors, top_k)[0], manifest
-        matrix = self._matrix  # read once: a concurrent first search may be replacing it
-        if matrix is None or matrix[0] != output:
-            matrix = self._matrix = (output, *load_embeddings(output))
-        return search_embeddings(matrix[1], matrix[2], vectors, top_k)[0], manifest
+        search = search_loaded_index if self.index == "faiss" else search_embeddings
+        return search(*loaded, vectors, top_k)[0], manifest
 
 
 def faiss_installed() -> bool:

@@ -55,9 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--faiss_index", action="store_true", help="Build index.faiss over all shards at the end.")
     parser.add_argument("--dtype", default="float32", help="Model dtype (bfloat16 on GPUs).")
     cli.add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    check_arguments(args)
-    return args
+    return parser.parse_args(argv)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -97,6 +95,7 @@ def load_dataset(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_arguments(args)
     cli.configure_logging(args.debug)
     import torch
     from accelerate import PartialState

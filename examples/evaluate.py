@@ -40,6 +40,7 @@ def load_model(name_or_path: str):
 
 def check_arguments(args: argparse.Namespace) -> None:
     folder = Path(args.model_name_or_path)
+    cli.default_checkpoint_missing(args.model_name_or_path, "--model_name_or_path")
     if not (folder / "modules.json").is_file():  # a SentenceTransformer folder evaluates as it is
         cli.coma_checkpoint(args.model_name_or_path, "--model_name_or_path")
     if args.data is not None:
@@ -51,7 +52,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default="outputs/stage2")
+    parser.add_argument("--model_name_or_path", default=cli.DEFAULT_STAGE2)
     parser.add_argument("--data", default=None, help="MMEB-format folder or Hub id (default: mini-MMEB test split)")
     parser.add_argument("--datasets", default=None, help="comma-separated dataset names (required for a Hub id)")
     parser.add_argument("--image_root", default=None, help="folder that image paths start from")

@@ -55,9 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="e.g. bfloat16")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     cli.add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    check_arguments(args)
-    return args
+    return parser.parse_args(argv)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -69,9 +67,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             "is a CoMa checkpoint, not an instruction-tuned VLM",
             "pass the teacher, e.g. Qwen/Qwen2.5-VL-7B-Instruct",
         )
-    if Path(args.images).suffix.lower() == ".jsonl":
-        cli.existing_file(args.images, "--images", "JSONL file")
-    else:
+    if not Path(args.images).is_file():  # a file is read as JSONL; anything else must be a folder of images
         cli.image_folder(args.images, "--images")
     if args.image_root is not None:
         cli.existing_folder(args.image_root, "--image_root")
@@ -84,6 +80,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_arguments(args)
     cli.configure_logging(args.debug)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

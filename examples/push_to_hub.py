@@ -25,7 +25,6 @@ DEFAULT_EVAL_RESULTS = "outputs/eval/mmeb_results.json"
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    cli.existing_folder(args.model_name_or_path, "--model_name_or_path", "checkpoint folder")
     cli.coma_checkpoint(args.model_name_or_path, "--model_name_or_path")
     if not HUB_ID.match(args.repo_id):
         raise cli.UsageError("--repo_id", args.repo_id, "is not a Hub repository id", "pass owner/name")

@@ -34,7 +34,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="JSONL of {id, image, subset} to write")
     parser.add_argument("--seed", type=int, default=0)
     cli.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
     for source in args.mmeb_train:
         cli.local_or_hub(source, "--mmeb_train", "MMEB-train (a folder or data files)")
     if args.image_root is not None:
@@ -42,11 +45,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if Path(args.output).is_dir():
         raise cli.UsageError("--output", args.output, "is a folder", "pass the JSONL file to write")
     cli.count(args.per_subset, "--per_subset", what="number of images")
-    return args
 
 
 def main(argv: list[str] | None = None) -> list:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_arguments(args)
     cli.configure_logging(args.debug)
     records, selections = select_images(
         args.mmeb_train,

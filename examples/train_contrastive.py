@@ -206,9 +206,10 @@ def check_start(model_args: ModelArguments) -> None:
 def check_data(data_args: DataArguments) -> None:
     if data_args.dataset is not None:
         cli.local_or_hub(data_args.dataset, "--dataset", "MMEB-format training pairs (a file or a folder)")
-    for flag, value in (("--image_root", data_args.image_root), ("--eval_data", data_args.eval_data)):
-        if value is not None:
-            cli.existing_folder(value, flag)
+    if data_args.eval_data is not None:
+        cli.local_or_hub(data_args.eval_data, "--eval_data", "an MMEB-format evaluation folder")
+    if data_args.image_root is not None:
+        cli.existing_folder(data_args.image_root, "--image_root")
 
 
 def initial_checkpoint(

@@ -22,14 +22,15 @@ nor sentence-transformers' multi-process encoding (returns everything in memory)
 * `shards`: shard names, atomic writes, reading, finished shards, the manifest, the damage checks (`shard_damage`,
   `verified_manifest`);
 * `encode`: the encode loop (`encode_corpus`);
-* `index`: the faiss index (`build_faiss_index`, `load_faiss_index` — which rebuilds a damaged one —, `search_index`)
+* `index`: the faiss index (`build_faiss_index`, `load_faiss_index` — which rebuilds a damaged one —,
+  `search_index`, `search_loaded_index`)
   and the same search without faiss (`search_embeddings`);
 * `cache`: cache keys for an embedded image folder (`folder_listing`, `corpus_cache_key`).
 """
 
 from .cache import corpus_cache_key, folder_listing
 from .encode import encode_corpus
-from .index import build_faiss_index, load_faiss_index, search_embeddings, search_index
+from .index import build_faiss_index, load_faiss_index, search_embeddings, search_index, search_loaded_index
 from .shards import (
     FORMATS,
     finished_shards,
@@ -60,6 +61,7 @@ __all__ = [
     "read_shard",
     "search_embeddings",
     "search_index",
+    "search_loaded_index",
     "shard_damage",
     "shard_name",
     "verified_manifest",

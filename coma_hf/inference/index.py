@@ -88,7 +88,12 @@ def search_index(
 ) -> list[list[tuple[str, float]]]:
     """For each query vector, the `top_k` nearest corpus ids with their cosine scores (`load_faiss_index`: a missing
     or damaged index is built from the shards first)."""
-    index, ids = load_faiss_index(output_dir)
+    return search_loaded_index(*load_faiss_index(output_dir), queries, top_k)
+
+
+def search_loaded_index(index: Any, ids: list[str], queries: torch.Tensor, top_k: int = 5) -> list[list[tuple]]:
+    """`search_index` over an index already loaded (`load_faiss_index`): what a server that keeps it in memory
+    calls."""
     scores, positions = index.search(queries.float().numpy(), min(top_k, index.ntotal))
     return [
         [(ids[p], float(s)) for p, s in zip(row_positions, row_scores, strict=False) if p >= 0]
