@@ -5,9 +5,9 @@ a folder outside the source tree, with the source tree's path as the argument:
 
 An editable install reads the model-card template (setup.cfg `data_files`) and the package resources
 (`package_data`) from the checkout, so only an installed wheel shows whether they ship. Exits non-zero if anything
-is missing: coma_hf imported from the checkout, no template under `share/`, no resources (the tiny corpus, the
-shipped reader), no card in a saved checkpoint, or a checkpoint that does not reload through its remote code with the
-same vectors.
+is missing: coma_hf imported from the checkout, no LICENSE, no template under `share/`, no resources (the tiny corpus,
+the shipped reader), no card in a saved checkpoint, or a checkpoint that does not reload through its remote code with
+the same vectors.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def check_installed(source_tree: Path) -> None:
     installed = Path(sys.prefix) / "share" / "coma_hf" / "model_cards" / "coma.md"
     assert installed.is_file(), f"the model-card template is not installed at {installed} (setup.cfg data_files)"
     assert template_path() == installed, f"the card template resolves to {template_path()}, not {installed}"
+    from importlib.metadata import distribution
+
+    licences = [file for file in distribution("coma_hf").files or [] if file.name == "LICENSE"]
+    assert licences and "Apache License" in licences[0].read_text(), "the wheel carries no LICENSE (license_files)"
     corpus = resources.files("coma_hf").joinpath("resources/tiny_corpus.txt")
     assert corpus.is_file(), "coma_hf/resources/tiny_corpus.txt is not installed (setup.cfg package_data)"
     from coma_hf.reader import load_reader, reader_path, reader_record

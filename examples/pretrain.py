@@ -174,7 +174,7 @@ def load_data(data_args: DataArguments, seed: int = 0):
         evaluation, eval_root = load_stage1_dataset(data_args.dataset, "dev", data_args.image_root)
         return train, root, evaluation, eval_root, f"{data_args.dataset} (dev split)"
     train, evaluation = hold_out_by_image(
-        train, data_args.validation_split_percentage, data_args.max_eval_samples, seed
+        train, data_args.validation_split_percentage, data_args.max_eval_samples, seed, image_root=root
     )
     if evaluation is None:
         if data_args.validation_split_percentage > 0:

@@ -312,11 +312,19 @@ def test_by_default_the_synthetic_test_scenes_are_searched(tmp_path, monkeypatch
     assert all((app.image_folder(None) / path.name).samefile(path) for path in tests)
 
 
-def test_the_page_in_headless_chromium(apps, trained, tmp_path):
+def test_the_page_in_headless_chromium(apps, client, trained, tmp_path):
+    from urllib.parse import unquote
+
+    from gradio_client import handle_file
+
     require_browser()
-    seen = save_screenshots(apps["main"].url, QUERY, sorted(trained["scenes"].glob("*.png"))[0], QUESTION, tmp_path)
-    assert len(seen["gallery"]) == NUM_SCENES  # the default 8 results, of 6 readable scenes
-    assert all(answer for answer in seen["answers"])
+    image = sorted(trained["scenes"].glob("*.png"))[0]
+    seen = save_screenshots(apps["main"].url, QUERY, image, QUESTION, tmp_path)
+    # the page shows what the API returns for the same query: the default 8 results (of 6 readable scenes), in order
+    _, ranking, _ = _search(client, QUERY, top_k=8)
+    assert [unquote(source).rsplit("/", 1)[-1] for source in seen["gallery"]] == [name for name, _ in ranking]
+    assert len(ranking) == NUM_SCENES
+    assert seen["answers"] == client.predict(handle_file(str(image)), None, QUESTION, api_name="/ask")[1:]
     assert (tmp_path / "demo_search.png").stat().st_size > 10_000 and (tmp_path / "demo_ask.png").is_file()
     assert any(url.startswith(apps["main"].url) for url in seen["urls"])
     assert outside_requests(seen["urls"]) == []  # fonts, scripts, analytics: nothing left the machine

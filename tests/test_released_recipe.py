@@ -34,7 +34,7 @@ from coma_hf.training import (
     plan_batch,
     pooling_as,
 )
-from coma_hf.training.recipes import parse_with_recipe, recipe_defaults
+from coma_hf.training.presets import parse_with_recipe, recipe_defaults
 
 from utils import load_example, training_args
 
@@ -287,19 +287,28 @@ def test_per_sample_mean_is_for_the_cross_entropy_objective(tmp_path):
     model, processor = _fresh_model()
     with pytest.raises(ValueError, match="is for the 'ce' objective"):
         CoMaCompressionTrainer(
-            model=model, args=training_args(tmp_path), processing_class=processor, objective="kl",
+            model=model,
+            args=training_args(tmp_path),
+            processing_class=processor,
+            objective="kl",
             loss_normalization="per_sample_mean",
-        )  # fmt: skip
+        )
     with pytest.raises(ValueError, match="loss_normalization must be one of"):
-        CoMaCompressionTrainer(model=model, args=training_args(tmp_path), processing_class=processor,
-                               loss_normalization="samples")  # fmt: skip
+        CoMaCompressionTrainer(
+            model=model, args=training_args(tmp_path), processing_class=processor, loss_normalization="samples"
+        )
 
 
 # ---- DoRA with the embedding matrix ---------------------------------------------------------------------------------
 RELEASED_LORA = LoraArguments(
-    use_lora=True, lora_r=2, lora_alpha=8, lora_dropout=0.0, use_dora=True, lora_init="gaussian",
+    use_lora=True,
+    lora_r=2,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    use_dora=True,
+    lora_init="gaussian",
     train_input_embeddings=True,
-)  # fmt: skip
+)
 
 
 def _lora_a(model) -> torch.Tensor:
@@ -382,10 +391,17 @@ def test_a_dataset_smaller_than_a_chunk_is_an_error_naming_it():
 
 def test_dataset_caps_and_hard_negatives_off(tmp_path):
     rows = [
-        {"qry": f"q{i}", "qry_image_path": "", "pos_text": f"p{i}", "pos_image_path": "", "neg_text": f"n{i}",
-         "neg_image_path": "", "dataset": "big" if i < 10 else "small"}
+        {
+            "qry": f"q{i}",
+            "qry_image_path": "",
+            "pos_text": f"p{i}",
+            "pos_image_path": "",
+            "neg_text": f"n{i}",
+            "neg_image_path": "",
+            "dataset": "big" if i < 10 else "small",
+        }
         for i in range(13)
-    ]  # fmt: skip
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     kept = load_mmeb_train(tmp_path / "train.jsonl")
     dropped = load_mmeb_train(tmp_path / "train.jsonl", hard_negatives=False)

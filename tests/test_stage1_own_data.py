@@ -4,6 +4,7 @@ the first and last optimizer step in runs of any length."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,29 @@ def test_hold_out_reads_stored_images_by_their_bytes_and_checks_the_percentage()
     assert len(heldout) == 4 and len(train) == 16
     with pytest.raises(ValueError, match="percentage"):
         hold_out_by_image(dataset, percentage=100, max_rows=100)
+
+
+def test_hold_out_by_image_keeps_rows_sharing_any_image_together_even_at_two_paths(tmp_path):
+    for index in range(6):
+        random_image(index, (28, 28)).save(tmp_path / f"{index}.png")
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "0.png", tmp_path / "copy" / "same-as-0.png")  # one picture at two paths
+    rows = [
+        {"id": "a", "images": ["0.png", "1.png"]},  # a multi-image row: 0 and 1
+        {"id": "b", "images": ["1.png"]},  # shares 1 with a
+        {"id": "c", "images": ["copy/same-as-0.png"]},  # shares 0's bytes with a, at another path
+        {"id": "d", "images": ["2.png", "3.png"]},
+        {"id": "e", "images": ["3.png"]},  # shares 3 with d
+        {"id": "f", "images": ["4.png"]},
+        {"id": "g", "images": ["5.png"]},
+    ]
+    dataset = Dataset.from_list([{**row, "conversation": []} for row in rows])
+    together = [{"a", "b", "c"}, {"d", "e"}, {"f"}, {"g"}]
+    for seed in range(8):
+        train, heldout = hold_out_by_image(dataset, 40, 100, seed=seed, image_root=str(tmp_path))
+        held = set(heldout["id"])
+        assert held and set(train["id"]).isdisjoint(held)
+        assert all(group <= held or group.isdisjoint(held) for group in together), (seed, held)
+    # without the files to read, rows are known by their paths: a and c then come apart for some seed
+    apart = [set(hold_out_by_image(dataset, 40, 100, seed=seed)[1]["id"]) for seed in range(8)]
+    assert any(("a" in held) != ("c" in held) for held in apart)

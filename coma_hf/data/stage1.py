@@ -135,12 +135,15 @@ def _message_text(content: Any) -> str:
     return ""
 
 
-def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
-    """Split `dataset` into (train, held out) so that no image is in both: whole images, drawn in a seeded order,
-    until the held-out part has `percentage` % of the rows (at least one), never more than `max_rows`.
+def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0, image_root: str | None = None):
+    """Split `dataset` into (train, held out) so that no image is in both: whole groups of rows, drawn in a seeded
+    order, until the held-out part has `percentage` % of the rows (at least one), never more than `max_rows`.
 
-    Rows without an image are grouped by their text. Returns `(dataset, None)` when nothing can be held out (a
-    percentage or cap of 0, or a single image behind every row).
+    A group is every row that shares an image with another row of it, transitively: each image of a multi-image row
+    counts, and an image is known by its bytes (a path is read from `image_root`, else the current folder; a file
+    that cannot be read is known by its path), so one picture at two paths stays on one side. Rows without an image
+    are grouped by their text. Returns `(dataset, None)` when nothing can be held out (a percentage or cap of 0, or
+    one group behind every row).
     """
     import math
     import random
@@ -150,9 +153,7 @@ def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
     target = min(math.ceil(len(dataset) * percentage / 100), max_rows)
     if target <= 0 or len(dataset) < 2:
         return dataset, None
-    groups: dict[str, list[int]] = {}
-    for index, key in enumerate(_image_keys(dataset)):
-        groups.setdefault(key, []).append(index)
+    groups = rows_sharing_images(_image_keys(dataset, image_root))
     order = sorted(groups)
     random.Random(seed).shuffle(order)
     held: list[int] = []
@@ -160,7 +161,7 @@ def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
         if len(held) >= target:
             break
         if len(held) + len(groups[key]) > max_rows:
-            continue  # an image with many rows would overshoot the cap; a smaller one may fit
+            continue  # a group with many rows would overshoot the cap; a smaller one may fit
         held += groups[key]
     if not held:
         return dataset, None
@@ -168,9 +169,31 @@ def hold_out_by_image(dataset, percentage: float, max_rows: int, seed: int = 0):
     return dataset.select(kept), dataset.select(sorted(held))
 
 
-def _image_keys(dataset, batch_size: int = 1000) -> list[str]:
-    """One key per row naming its image (a digest of its bytes, else its path), or its text when it has none; read
-    a batch at a time and without decoding images."""
+def rows_sharing_images(keys: list[list[str]]) -> dict[str, list[int]]:
+    """The rows grouped so that rows with a key in common are in one group, transitively (union-find over the keys of
+    each row); each group is named by its smallest key, its rows in order."""
+    parent = list(range(len(keys)))
+
+    def root(row: int) -> int:
+        while parent[row] != row:
+            parent[row] = parent[parent[row]]
+            row = parent[row]
+        return row
+
+    first_row: dict[str, int] = {}
+    for row, row_keys in enumerate(keys):
+        for key in row_keys:
+            other = first_row.setdefault(key, row)
+            parent[root(row)] = root(other)
+    members: dict[int, list[int]] = {}
+    for row in range(len(keys)):
+        members.setdefault(root(row), []).append(row)
+    return {min(key for row in rows for key in keys[row]): rows for rows in members.values()}
+
+
+def _image_keys(dataset, image_root: str | None = None, batch_size: int = 1000) -> list[list[str]]:
+    """The keys of each row: one per image (a digest of its bytes, else its path), or its text when it has none;
+    read a batch at a time and without decoding images."""
     import datasets
 
     columns = dataset.column_names
@@ -183,21 +206,22 @@ def _image_keys(dataset, batch_size: int = 1000) -> list[str]:
             dataset = dataset.cast_column(name, datasets.List(datasets.Image(decode=False)))
     wanted = [column for column in (name, "text") if column in columns]
     if not wanted:  # rows with neither image nor text are bad rows; each its own group
-        return [f"row:{index}" for index in range(len(dataset))]
-    keys = []
+        return [[f"row:{index}"] for index in range(len(dataset))]
+    keys: list[list[str]] = []
     for batch in dataset.select_columns(wanted).iter(batch_size=batch_size):
         images = batch.get(name) or [None] * len(next(iter(batch.values())))
         texts = batch.get("text") or [None] * len(images)
         for image, text in zip(images, texts, strict=False):
-            if name == "images":
-                image = image[0] if image else None
-            keys.append(_image_key(image) or f"text:{text if text is not None else len(keys)}")
+            row_images = (image or []) if name == "images" else [image]
+            row_keys = [key for key in (_image_key(item, image_root) for item in row_images) if key]
+            keys.append(row_keys or [f"text:{text if text is not None else f'row {len(keys)}'}"])
     return keys
 
 
-def _image_key(image) -> str | None:
-    """`image:<sha1 of the bytes>` or `image:<normalised path>`; `None` without an image. Bytes first: files stored
-    in a dataset often share bare names (`image.jpg`)."""
+def _image_key(image, image_root: str | None = None) -> str | None:
+    """`image:<sha1 of the bytes>`, or `path:<normalised path>` for a file that cannot be read; `None` without an
+    image. Bytes first: files stored in a dataset often share bare names (`image.jpg`), and one picture may be stored
+    at two paths."""
     import hashlib
 
     if isinstance(image, dict):
@@ -205,7 +229,11 @@ def _image_key(image) -> str | None:
         if data:
             return f"image:{hashlib.sha1(data).hexdigest()}"
     if isinstance(image, str) and image:
-        return f"image:{os.path.normpath(image)}"
+        path = Path(image_root or ".") / image
+        try:
+            return f"image:{hashlib.sha1(path.read_bytes()).hexdigest()}"
+        except OSError:  # a bad row: the validation names it; here it only needs a group
+            return f"path:{os.path.normpath(image)}"
     if image is not None and hasattr(image, "tobytes"):  # a PIL image
         return f"image:{hashlib.sha1(image.tobytes()).hexdigest()}"
     return None

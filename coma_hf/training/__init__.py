@@ -5,9 +5,11 @@ sentence-transformers).
   `BatchArguments` (the global batch a recipe states);
 - `peft`: `apply_lora`, `merge_lora` (the paper's LoRA, the released DoRA with the embedding matrix, or all weights),
   `input_embeddings_tied`, `shards_parameters`, `check_sharding`;
-- `recipes`: `build_coma` and the presets of `examples/configs/` (`recipe_of_start`, `choose_recipe`,
-  `recipe_defaults`, `parse_with_recipe`, `check_precision`), the global batch's split (`derive_batch_sizes`,
-  `plan_batch`, `BatchPlan`, `explicit_batch_flags`);
+- `building`: `build_coma` (a fresh model: the embedded tiny backbone or a named one), `weights_fingerprint`;
+- `recipes`: which preset of `examples/configs/` a run takes (`RECIPES`, `recipe_of_start`, `choose_recipe`);
+- `presets`: the scripts' parsing over it (`recipe_defaults`, `parse_with_recipe`, `check_precision`);
+- `batching`: the global batch's split over processes (`derive_batch_sizes`, `plan_batch`, `BatchPlan`,
+  `explicit_batch_flags`);
 - `collators`: `CoMaCompressionCollator` (stage 1), `CoMaContrastiveCollator` (stage 2);
 - `samplers`: `UniformChunkBatchSampler`, `chunked_batch_sampler` (stage 2's released batching);
 - `trainers`: `CoMaCompressionTrainer`, `CoMaContrastiveTrainer` (both end with `save_merged`), `NonFiniteLossError`,
@@ -20,6 +22,8 @@ sentence-transformers).
 """
 
 from .arguments import BackboneArguments, BatchArguments, LoraArguments
+from .batching import BatchPlan, derive_batch_sizes, explicit_batch_flags, plan_batch
+from .building import build_coma, weights_fingerprint
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .distillation import (
     OBJECTIVES,
@@ -47,21 +51,8 @@ from .peft import (
     merge_lora,
     shards_parameters,
 )
-from .recipes import (
-    RECIPES,
-    BatchPlan,
-    ParsedRun,
-    build_coma,
-    check_precision,
-    choose_recipe,
-    derive_batch_sizes,
-    explicit_batch_flags,
-    parse_with_recipe,
-    plan_batch,
-    recipe_defaults,
-    recipe_of_start,
-    weights_fingerprint,
-)
+from .presets import ParsedRun, check_precision, parse_with_recipe, recipe_defaults
+from .recipes import RECIPES, choose_recipe, recipe_of_start
 from .samplers import RELEASED_CHUNK_SIZE, UniformChunkBatchSampler, chunked_batch_sampler
 from .trainers import (
     CoMaCompressionTrainer,

@@ -68,7 +68,7 @@ class BackboneArguments:
 @dataclass
 class BatchArguments:
     """The batch a recipe states: rows per optimizer step over all processes. `plan_batch`
-    (`coma_hf.training.recipes`) applies it, with the command line's batch flags, through `derive_batch_sizes`, which
+    (`coma_hf.training.batching`) applies it, with the command line's batch flags, through `derive_batch_sizes`, which
     splits it into `per_device_train_batch_size` × `gradient_accumulation_steps` × the process count."""
 
     global_train_batch_size: int | None = field(
