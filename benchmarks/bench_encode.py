@@ -80,7 +80,7 @@ def vlm2vec_embedding(model, features) -> torch.Tensor:
 
 def encoder(config_name: str, model, processor, batch: list[dict]):
     """A no-argument function that embeds `batch` once, and the number of real tokens it processes."""
-    features = processor.process_for_embedding(batch).to(model.device)
+    features = processor.process_embedding_inputs(batch).to(model.device)
     tokens = int(features["attention_mask"].sum())
     if config_name.startswith("coma"):
         return (lambda: model(**features).pooler_output), tokens

@@ -32,7 +32,7 @@ QUESTIONS = [
 
 def stage1_step(model, processor, batch):
     samples = [{"image": item["image"], "text": item["text"], "conversation": QUESTIONS} for item in batch]
-    features = processor.process_for_compression(samples).to(model.device)
+    features = processor.process_qa_samples(samples).to(model.device)
     tokens = int(features["attention_mask"].sum())
 
     def run():
@@ -43,8 +43,8 @@ def stage1_step(model, processor, batch):
 
 
 def stage2_step(name: str, model, processor, batch, temperature: float = 0.03):
-    queries = processor.process_for_embedding(batch).to(model.device)
-    documents = processor.process_for_embedding(
+    queries = processor.process_embedding_inputs(batch).to(model.device)
+    documents = processor.process_embedding_inputs(
         [f"caption {index}: {item['text']}" for index, item in enumerate(batch)]
     )
     documents = documents.to(model.device)

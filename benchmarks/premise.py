@@ -933,7 +933,7 @@ def _time_runs(copy: int, context: Context) -> dict:
     return timings
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy sizes, two seeds (for the test)")
     step = parser.add_mutually_exclusive_group()
@@ -950,7 +950,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report_only", action="store_true", help="report the finished runs; train nothing")
     parser.add_argument("--force", action="store_true", help="let --tune / --select replace the protocol's result")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_arguments(argv)
     command = shlex.join(["python", "benchmarks/premise.py", *(argv if argv is not None else sys.argv[1:])])
     budget, extra = (QUICK, tuple(QUICK_ARGS)) if args.quick else (Budget(), ())
     experiments = tuple(name.strip() for name in args.experiments.split(","))
@@ -961,55 +965,18 @@ def main(argv: list[str] | None = None) -> dict:
     reader = args.reader or _shipped_reader()
     prepare_data(budget, work)
     context = Context(budget, work, reader, extra, image_tokens=4 if args.quick else 64)
-
     if args.tune or args.select:
-        protocol = load_record(protocol_path) or {"budget": asdict(budget)}
-        if ("learning_rate" if args.tune else "endpoints") in protocol and not args.force:
-            raise SystemExit(f"{protocol_path} already holds this step's result (pass --force to redo it).")
-        if args.tune:
-            protocol["learning_rate"] = tune(context, args.workers)
-        else:
-            scores = start_scores_on_dev(context)
-            reader_types = _reader_record(reader)["evaluation"]["per_type"]
-            protocol["zero_shot_dev"] = scores
-            protocol["endpoints"] = select_endpoints(context, scores, reader_types)
-        protocol["commands"] = {**protocol.get("commands", {}), "tune" if args.tune else "select": command}
-        write_record(protocol_path, protocol)
-        print(json.dumps({key: protocol[key] for key in ("learning_rate", "endpoints") if key in protocol}, indent=1))
-        return protocol
+        return protocol_step(args, context, protocol_path, command)
     protocol = load_record(protocol_path)
     if protocol is None or "learning_rate" not in protocol or "endpoints" not in protocol:
         raise SystemExit(f"No protocol at {protocol_path}: run --tune and --select first (then commit it).")
     context = replace(context, learning_rate=protocol["learning_rate"]["chosen"])
     if args.plan:
-        projection = project(context, experiments, args.workers)
-        print(
-            f"Projected: {projection['runs']} runs, {projection['wall_seconds'] / 60:.0f} min wall with "
-            f"{args.workers} worker(s) ({projection['seconds'] / 60:.0f} min of run time): "
-            + ", ".join(
-                f"{kind} {projection['per_step'][kind]:.2f} s/step + {projection['overhead'][kind]:.0f} s a run"
-                for kind in ("stage1", "stage2")
-            )
-            + f", test evaluation {projection['test_evaluation']:.0f} s, dev {projection['dev_evaluation']:.0f} s"
-        )
-        return projection
-
+        return print_projection(context, experiments, args.workers)
     started = time.time()
-    stage1_runs, stage2_runs = plan(budget, experiments)
-    if args.report_only:  # what a stopped benchmark finished, and nothing more
-        stage2_runs = [run for run in stage2_runs if context.record_path(run.name).is_file()]
-        needed = {run.stage1 for run in stage2_runs}
-        stage1_runs = [run for run in stage1_runs if run in needed]
-    print(f"{len(stage1_runs)} stage-1 and {len(stage2_runs)} stage-2 runs; records under {work / 'results'}")
-    with _pool(args.workers) as pool:
-        stage1 = list(pool.map(_run_stage1_logged, stage1_runs, [context] * len(stage1_runs)))
-        total = len(stage2_runs)
-        positions = [f"{index + 1}/{total}" for index in range(total)]
-        records = list(pool.map(_run_stage2_logged, stage2_runs, positions, [context] * total))
-    zero_shots = {run.start: load_record(context.record_path(run.start)) for run in stage2_runs}
-    analysis = analyse(records, budget, protocol, args.resamples)
+    stage1, records, starts = run_experiments(context, experiments, args.workers, args.report_only)
     report = {
-        "headline": headline(analysis),
+        "headline": "",
         "budget": asdict(budget),
         "protocol": protocol,
         "experiments": list(experiments),
@@ -1019,17 +986,76 @@ def main(argv: list[str] | None = None) -> dict:
         "provenance": provenance(),
         "protocol_commit": _git("log", "-n", "1", "--format=%H", "--", str(protocol_path.resolve())) or "uncommitted",
         "reader": _reader_record(reader).get("evaluation", {}).get("overall"),
-        "analysis": analysis,
+        "analysis": analyse(records, budget, protocol, args.resamples),
         "stage1": stage1,
-        "zero_shot": {start: {"dev": z["dev"], "test": z["test"]["precision"]} for start, z in zero_shots.items()},
-        "zero_shot_test": {start: z["test"] for start, z in zero_shots.items()},
+        **zero_shot_sections(context, starts),
         "results": records,
         "seconds": _add_wall_time(work, time.time() - started),
     }
+    report["headline"] = headline(report["analysis"])
     json_path = Path(args.output_json or (work / "premise.json" if args.quick else RESULTS / "premise.json"))
     write_report(report, json_path, Path(args.docs_dir or (work / "report" if args.quick else ROOT / "docs")))
     print(report["headline"])
     return report
+
+
+def protocol_step(args: argparse.Namespace, context: Context, protocol_path: Path, command: str) -> dict:
+    """`--tune` (the learning-rate grid) or `--select` (the endpoints, on dev) written into the protocol."""
+    protocol = load_record(protocol_path) or {"budget": asdict(context.budget)}
+    if ("learning_rate" if args.tune else "endpoints") in protocol and not args.force:
+        raise SystemExit(f"{protocol_path} already holds this step's result (pass --force to redo it).")
+    if args.tune:
+        protocol["learning_rate"] = tune(context, args.workers)
+    else:
+        scores = start_scores_on_dev(context)
+        reader_types = _reader_record(context.reader)["evaluation"]["per_type"]
+        protocol["zero_shot_dev"] = scores
+        protocol["endpoints"] = select_endpoints(context, scores, reader_types)
+    protocol["commands"] = {**protocol.get("commands", {}), "tune" if args.tune else "select": command}
+    write_record(protocol_path, protocol)
+    print(json.dumps({key: protocol[key] for key in ("learning_rate", "endpoints") if key in protocol}, indent=1))
+    return protocol
+
+
+def print_projection(context: Context, experiments: tuple[str, ...], workers: int) -> dict:
+    """`--plan`: a few steps of each kind timed, the whole benchmark's time projected and printed."""
+    projection = project(context, experiments, workers)
+    print(
+        f"Projected: {projection['runs']} runs, {projection['wall_seconds'] / 60:.0f} min wall with "
+        f"{workers} worker(s) ({projection['seconds'] / 60:.0f} min of run time): "
+        + ", ".join(
+            f"{kind} {projection['per_step'][kind]:.2f} s/step + {projection['overhead'][kind]:.0f} s a run"
+            for kind in ("stage1", "stage2")
+        )
+        + f", test evaluation {projection['test_evaluation']:.0f} s, dev {projection['dev_evaluation']:.0f} s"
+    )
+    return projection
+
+
+def run_experiments(context: Context, experiments: tuple[str, ...], workers: int, report_only: bool):
+    """`(stage-1 records, stage-2 records, the starts stage 2 began from)` of the planned runs (finished ones are read
+    back); with `report_only`, only the runs a stopped benchmark finished."""
+    stage1_runs, stage2_runs = plan(context.budget, experiments)
+    if report_only:  # what a stopped benchmark finished, and nothing more
+        stage2_runs = [run for run in stage2_runs if context.record_path(run.name).is_file()]
+        needed = {run.stage1 for run in stage2_runs}
+        stage1_runs = [run for run in stage1_runs if run in needed]
+    print(f"{len(stage1_runs)} stage-1 and {len(stage2_runs)} stage-2 runs; records under {context.work / 'results'}")
+    with _pool(workers) as pool:
+        stage1 = list(pool.map(_run_stage1_logged, stage1_runs, [context] * len(stage1_runs)))
+        total = len(stage2_runs)
+        positions = [f"{index + 1}/{total}" for index in range(total)]
+        records = list(pool.map(_run_stage2_logged, stage2_runs, positions, [context] * total))
+    return stage1, records, list(dict.fromkeys(run.start for run in stage2_runs))
+
+
+def zero_shot_sections(context: Context, starts: list[str]) -> dict:
+    """The report's zero-shot scores of every start the stage-2 runs began from (dev, and test per query)."""
+    zero_shots = {start: load_record(context.record_path(start)) for start in starts}
+    return {
+        "zero_shot": {start: {"dev": z["dev"], "test": z["test"]["precision"]} for start, z in zero_shots.items()},
+        "zero_shot_test": {start: z["test"] for start, z in zero_shots.items()},
+    }
 
 
 def _add_wall_time(work: Path, seconds: float) -> float:

@@ -350,6 +350,7 @@ def stage1_trainer(model, run: Run, files: Files, output_dir: Path, steps: int =
             self.seconds.append(time.perf_counter() - self.started)
 
     from coma_hf.training import CoMaCompressionTrainer, apply_lora
+    from coma_hf.training.presets import training_argument_name
 
     preset = paper_preset("stage1")
     lora = lora_arguments("stage1", run)
@@ -363,7 +364,7 @@ def stage1_trainer(model, run: Run, files: Files, output_dir: Path, steps: int =
         lr_scheduler_type="constant",  # the preset's cosine with 5 % warm-up gives a single step a learning rate of 0
         bf16=preset["bf16"],
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on the CPU, as `check_precision` allows
-        gradient_checkpointing=preset["gradient_checkpointing"],
+        **{training_argument_name("activation_checkpointing"): preset["activation_checkpointing"]},
         save_strategy="no",
         logging_steps=1,
         report_to=[],
@@ -388,6 +389,7 @@ def phase_stage1(run: Run, files: Files) -> dict:
 
     from coma_hf import CoMaModel
     from coma_hf.training import weights_fingerprint
+    from coma_hf.training.presets import training_argument_name
 
     model = CoMaModel.from_pretrained(files.initial, dtype=DTYPE)
     vision_before = weights_fingerprint(model.model.visual)
@@ -413,7 +415,7 @@ def phase_stage1(run: Run, files: Files) -> dict:
         "train_seconds": train_seconds,  # the step and Trainer's set-up
         "tokens": trainer.state.num_input_tokens_seen,
         "use_dora": lora.use_dora,
-        "gradient_checkpointing": trainer.args.gradient_checkpointing,
+        "activation_checkpointing": getattr(trainer.args, training_argument_name("activation_checkpointing")),
         "bf16_autocast": trainer.args.bf16,
         "parameter_dtypes": sorted({str(p.dtype) for p in peft_model.parameters()}),
     }
@@ -620,7 +622,7 @@ def phase_projection(run: Run, files: Files) -> dict:
 
     # Each probe step runs twice: the first also pays one-off costs (oneDNN builds its bf16 kernels per shape, Trainer
     # its set-up), which the full run pays once too; only the second scales with the depth.
-    features = model.processor.process_for_embedding(reference_inputs(files))
+    features = model.processor.process_embedding_inputs(reference_inputs(files))
     with torch.no_grad():
         embed = [timed(lambda: model.eval()(**features)) for _ in range(2)]
         model.float()
@@ -633,7 +635,7 @@ def phase_projection(run: Run, files: Files) -> dict:
     stage2 = stage2["steps_seconds"]
     shutil.rmtree(folder)
 
-    anchors = model.processor.process_for_embedding(stage2_columns(files)[0])
+    anchors = model.processor.process_embedding_inputs(stage2_columns(files)[0])
     ratios = {
         "embed": depth_ratio(model, full, features),
         "stage1": depth_ratio(model, full, stage1_batch, language_passes=3),

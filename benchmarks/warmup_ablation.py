@@ -448,7 +448,7 @@ def markdown(report: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: toy sizes, two seeds")
     parser.add_argument(
@@ -465,66 +465,90 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stage2_args", default="", help="extra arguments for examples/train_contrastive.py")
     parser.add_argument("--render", default=None, help="re-render the report from this JSON (no training)")
     parser.add_argument("--followups", default=None, help="with --render: folder of follow-up runs to add")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_arguments(argv)
     if args.render:
-        report = json.loads(Path(args.render).read_text())
-        report["verdict"] = verdict(report["summary"])
-        if args.followups:
-            report["followups"] = [
-                {"label": path.parent.name.replace("_", " "), **json.loads(path.read_text())}
-                for path in sorted(Path(args.followups).glob("*/followup.json"))
-            ]
-        write_report(report, Path(args.output_dir or Path(args.render).parent), report["command"])
-        return report
+        return render_again(args)
     command = shlex.join(["python", "benchmarks/warmup_ablation.py", *(argv if argv is not None else sys.argv[1:])])
-    budget, extra = (QUICK, QUICK_MODEL) if args.quick else (Budget(), [])
-    overrides = {key: getattr(args, key) for key in ("stage1_steps", "stage2_steps") if getattr(args, key) is not None}
-    if args.seeds:
-        overrides["seeds"] = tuple(int(seed) for seed in args.seeds.split(","))
-    budget = replace(budget, **overrides)
-    if args.quick:
-        extra = extra + ["--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8"]
-    extra1 = STAGE1_PINNED + extra + args.stage1_args.split()
-    extra2 = STAGE2_PINNED + extra + args.stage2_args.split()
+    budget, extra1, extra2 = run_settings(args)
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
     output = Path(args.output_dir or (work / "report" if args.quick else ROOT / "docs"))
     started = time.time()
-
     synthetic = work / "synthetic"
     write_synthetic_dataset(
         synthetic, budget.num_train_scenes, budget.num_dev_scenes, budget.num_test_scenes, image_size=budget.scene_size
     )
     write_mini_mmeb(synthetic, max_train_scenes=budget.pair_scenes)
     test = load_mmeb_datasets(synthetic / "mini_mmeb" / "test", names=list(IN_DISTRIBUTION))
-    results = []
     runs = plan(budget)
     if args.only:
         runs = [run for run in runs if run.name in args.only.split(",")]
-    for index, run in enumerate(runs):
-        print(f"\n=== run {index + 1}/{len(runs)}: {run.name}, seed {run.seed} ===", flush=True)
-        folder = work / "runs" / f"{run.name}-{run.seed}".replace(" ", "_")
-        arguments = planned_arguments(run, budget, synthetic, folder, extra1, extra2)
-        record = work / "records" / f"{folder.name}.json"
-        results.append(recorded_run(record, run, arguments, partial(execute, run, arguments, folder, test)))
-        print(
-            f"=== {run.name} seed {run.seed}: dev {results[-1]['dev']['overall']:.3f} test "
-            f"{results[-1]['test']['overall']:.3f} ({results[-1]['seconds']} s) ===",
-            flush=True,
-        )
-
+    results = [
+        run_one(run, f"{index + 1}/{len(runs)}", budget, work, synthetic, test, extra1, extra2)
+        for index, run in enumerate(runs)
+    ]
+    seconds = round(time.time() - started, 1)
     if args.only:  # a follow-up: the runs alone, no comparison of arms
-        followup = {
-            "command": command,
-            "budget": asdict(budget),
-            "results": results,
-            "seconds": round(time.time() - started, 1),
-        }
+        followup = {"command": command, "budget": asdict(budget), "results": results, "seconds": seconds}
         output.mkdir(parents=True, exist_ok=True)
         (output / "followup.json").write_text(json.dumps(followup, indent=2))
         return followup
+    report = comparison_report(results, budget, test, command, seconds)
+    write_report(report, output, command)
+    print((output / "results.md").read_text())
+    return report
+
+
+def render_again(args: argparse.Namespace) -> dict:
+    """`--render`: the report rendered again from its JSON, with the follow-ups of `--followups`; no training."""
+    report = json.loads(Path(args.render).read_text())
+    report["verdict"] = verdict(report["summary"])
+    if args.followups:
+        report["followups"] = [
+            {"label": path.parent.name.replace("_", " "), **json.loads(path.read_text())}
+            for path in sorted(Path(args.followups).glob("*/followup.json"))
+        ]
+    write_report(report, Path(args.output_dir or Path(args.render).parent), report["command"])
+    return report
+
+
+def run_settings(args: argparse.Namespace) -> tuple[Budget, list[str], list[str]]:
+    """`(budget, stage-1 extra arguments, stage-2 extra arguments)` of this call."""
+    budget, extra = (QUICK, QUICK_MODEL) if args.quick else (Budget(), [])
+    overrides = {key: getattr(args, key) for key in ("stage1_steps", "stage2_steps") if getattr(args, key) is not None}
+    if args.seeds:
+        overrides["seeds"] = tuple(int(seed) for seed in args.seeds.split(","))
+    if args.quick:
+        extra = extra + ["--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8"]
+    extra1 = STAGE1_PINNED + extra + args.stage1_args.split()
+    extra2 = STAGE2_PINNED + extra + args.stage2_args.split()
+    return replace(budget, **overrides), extra1, extra2
+
+
+def run_one(run, position: str, budget: Budget, work: Path, synthetic: Path, test, extra1, extra2) -> dict:
+    """One planned run, or its record when a finished earlier call wrote it whole."""
+    print(f"\n=== run {position}: {run.name}, seed {run.seed} ===", flush=True)
+    folder = work / "runs" / f"{run.name}-{run.seed}".replace(" ", "_")
+    arguments = planned_arguments(run, budget, synthetic, folder, extra1, extra2)
+    record = work / "records" / f"{folder.name}.json"
+    result = recorded_run(record, run, arguments, partial(execute, run, arguments, folder, test))
+    print(
+        f"=== {run.name} seed {run.seed}: dev {result['dev']['overall']:.3f} test "
+        f"{result['test']['overall']:.3f} ({result['seconds']} s) ===",
+        flush=True,
+    )
+    return result
+
+
+def comparison_report(results: list[dict], budget: Budget, test, command: str, seconds: float) -> dict:
+    """The report of a full call: every run, the ablations, the arms' summary, the chance baseline and the
+    verdict."""
     baseline = chance_baselines(test)
     summary = aggregate(results)
-    report = {
+    return {
         "budget": asdict(budget),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, no GPU"
@@ -538,12 +562,9 @@ def main(argv: list[str] | None = None) -> dict:
             "test_meta_tasks": {task: values["best"] for task, values in baseline["meta_tasks"].items()},
         },
         "verdict": verdict(summary),
-        "seconds": round(time.time() - started, 1),
+        "seconds": seconds,
         "command": command,
     }
-    write_report(report, output, command)
-    print((output / "results.md").read_text())
-    return report
 
 
 if __name__ == "__main__":

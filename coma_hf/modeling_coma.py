@@ -17,30 +17,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
 from .backbones import cache_argument_name, get_family, language_model, output_cache
+from .building_coma import CoMaBuildMixin
 from .configuration_coma import CoMaConfig
+from .constants_coma import IGNORE_INDEX, MODEL_INPUT_NAMES, BatchKey
+from .encoding_coma import CoMaEncodeMixin
 from .inputs import CoMaInputError
 from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
-from .processing_coma import (
-    COMPRESSION_TOKEN_FORMAT,
-    DEFAULT_COMPRESS_INSTRUCTION,
-    DEFAULT_DOCUMENT_INSTRUCTION,
-    DEFAULT_QUERY_INSTRUCTION,
-    IGNORE_INDEX,
-    MODEL_INPUT_NAMES,
-    BackboneProcessorParts,
-    BatchKey,
-    CoMaProcessor,
-    compression_token_names,
-)
-from .saving import MAX_SHARD_SIZE, carry_files, save_atomically
-from .sentence_transformers_files import write_sentence_transformers_files
+from .saving import MAX_SHARD_SIZE, save_atomically, save_model_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 
 logger = hf_logging.get_logger(__name__)
@@ -97,7 +86,7 @@ class CoMaCompression(ModelOutput):
         )
 
 
-class CoMaModel(PreTrainedModel):
+class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
     """A multimodal embedding model: backbone MLLM + K compression tokens (CoMa, arXiv 2511.08480).
 
     * `forward(**batch)` → `CoMaModelOutput`: embeddings (`pooler_output`, `compression_states`); with `labels`,
@@ -131,7 +120,7 @@ class CoMaModel(PreTrainedModel):
         self._no_split_modules = list(family.base_model_class._no_split_modules)
         text_config = config.get_text_config()
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
-        self._processor: CoMaProcessor | None = None
+        self._processor = None  # the `CoMaProcessor`, loaded on first use (`CoMaEncodeMixin.processor`)
         self.post_init()
         self.apply_vision_attention()
 
@@ -154,38 +143,6 @@ class CoMaModel(PreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    @property
-    def processor(self) -> CoMaProcessor:
-        """The checkpoint's own processor, loaded from where the model came from on first use."""
-        if self._processor is None:
-            if not self.name_or_path:
-                raise ValueError("This model has no processor; set `model.processor = CoMaProcessor(...)`.")
-            # the code being trusted is this checkpoint's own, already trusted to load the model
-            self.processor = CoMaProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
-        return self._processor
-
-    @processor.setter
-    def processor(self, processor: CoMaProcessor) -> None:
-        """Attach `processor`, which must render the compression tokens this model was built with (K is stored by
-        both: its ids in `config.compression_token_ids`, its token names in the processor's config).
-
-        A checkpoint saved before the processor owned the token layout (version 0.1.0) holds `query_instruction`,
-        `document_instruction` and `loss_on` in its `config.json`; those values were in effect then, so they replace
-        the processor's (its `compress_instruction` was the processor's already, and stays).
-        """
-        expected = self.config.compression_token_ids
-        if expected is not None and list(processor.compression_token_ids) != list(expected):
-            raise ValueError(
-                f"The processor's compression tokens {processor.compression_tokens} have ids "
-                f"{processor.compression_token_ids}, but this model was built for ids {expected} (K="
-                f"{self.config.num_compression_tokens}): use the processor saved with the model."
-            )
-        legacy = self.config.legacy_processor_settings()
-        legacy.pop("compress_instruction", None)
-        for key, value in legacy.items():
-            setattr(processor, key, value)
-        self._processor = processor
-
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers', reading weights from safetensors only: a folder or repository that offers just a pickled
@@ -197,16 +154,9 @@ class CoMaModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and remote code, the processor (tokenizer, image processor), the
-        sentence-transformers files and the model card beside them.
-
-        Atomic: everything is written to a temporary folder beside `save_directory` first. A new folder is then one
-        rename; an existing one (a Trainer output folder with checkpoints, an older save) first loses its
-        `config.json`, then receives the new files with `config.json` last — so a save cut short at any point leaves
-        either the previous model, or a folder without `config.json` that refuses to load, never a mix.
-
-        Weights go into safetensors shards of at most `max_shard_size`, by default `saving.MAX_SHARD_SIZE` (2GB, not
-        transformers' 50GB) — also for Trainer's `checkpoint-N` saves, which call this method.
-        """
+        sentence-transformers files and the run summaries the model came with, atomically
+        (`saving.save_atomically`), in safetensors shards of at most `saving.MAX_SHARD_SIZE` (2GB) by default — also
+        for Trainer's `checkpoint-N` saves, which call this method."""
         kwargs.setdefault("max_shard_size", MAX_SHARD_SIZE)
         if kwargs.get("push_to_hub"):
             raise ValueError(
@@ -215,26 +165,8 @@ class CoMaModel(PreTrainedModel):
             )
         if not kwargs.get("is_main_process", True):  # a data-parallel rank that writes nothing
             return super().save_pretrained(save_directory, *args, **kwargs)
-        save_atomically(save_directory, lambda staging: self._save_files(staging, *args, **kwargs))
-
-    def _save_files(self, save_directory: str, *args, **kwargs) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
-        carry_files(self.name_or_path, save_directory)
-        if self._processor is None and self.name_or_path:
-            try:
-                self.processor  # noqa: B018 - loads the processor the model came with
-            except (OSError, ValueError) as error:
-                logger.warning(
-                    "Saved without a processor: none could be loaded from %s (%s)", self.name_or_path, error
-                )
-        if self._processor is not None:
-            self._processor.save_pretrained(save_directory)
-            query, document = self._processor.query_instruction, self._processor.document_instruction
-        else:  # the instructions an old config holds, or the defaults
-            legacy = self.config.legacy_processor_settings()
-            query = legacy.get("query_instruction", DEFAULT_QUERY_INSTRUCTION)
-            document = legacy.get("document_instruction", DEFAULT_DOCUMENT_INSTRUCTION)
-        write_sentence_transformers_files(save_directory, query, document)
+        save_weights = super().save_pretrained
+        save_atomically(save_directory, lambda staging: save_model_files(self, staging, save_weights, *args, **kwargs))
 
     # ---- the backbone under the CoMa mask ---------------------------------------------------------------------------
     def _run_backbone(
@@ -390,7 +322,7 @@ class CoMaModel(PreTrainedModel):
         compression: CoMaCompression,
         questions: Sequence[str],
         max_new_tokens: int = 32,
-        processor: CoMaProcessor | None = None,
+        processor: Any = None,
         return_token_ids: bool = False,
     ) -> list[str] | torch.LongTensor:
         """Greedily answer one question per compressed input, seeing the input only through its K compression tokens.
@@ -444,180 +376,6 @@ class CoMaModel(PreTrainedModel):
             return generated
         return [_decode_until(processor, row.tolist(), end_id) for row in generated]
 
-    # ---- encode API -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(
-        self,
-        inputs: Sequence[Any],
-        instruction: str | None = None,
-        batch_size: int = 16,
-        device: str | torch.device | None = None,
-        show_progress_bar: bool | None = None,
-    ) -> torch.Tensor:
-        """Embed a mixed list, keeping its order; returns `[N, embedding_size]` unit-norm float32 on the CPU.
-
-        Each input is a text (`str`), a PIL image, or `{"image": …, "text": …}` (`image` a PIL image or a path).
-        A bare string is always text here: only the dict form makes a string an image.
-        `instruction` goes in the instruction slot of every input that has no `"instruction"` of its own.
-        """
-        inputs = list(inputs)
-        device = torch.device(device) if device is not None else self.device
-        if device != self.device:
-            self.to(device)
-        was_training = self.training
-        self.eval()
-        if show_progress_bar is None:
-            show_progress_bar = len(inputs) > 4 * batch_size
-        chunks = []
-        starts = range(0, len(inputs), batch_size)
-        for start in hf_logging.tqdm(starts, desc="Encoding", disable=not show_progress_bar, unit="batch"):
-            batch = self.processor.process_for_embedding(inputs[start : start + batch_size], instruction, offset=start)
-            chunks.append(self(**batch.to(device)).pooler_output.float().cpu())
-        self.train(was_training)
-        if not chunks:
-            return torch.empty(0, self.config.embedding_size)
-        return torch.cat(chunks)
-
-    def encode_text(self, texts: str | Sequence[str], instruction: str | None = None, **kwargs) -> torch.Tensor:
-        """Embed texts (`[N, embedding_size]`)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise CoMaInputError(f"expected a string, got {type(text).__name__}", index, "text")
-        return self.encode(texts, instruction=instruction, **kwargs)
-
-    def encode_images(self, images: Any, instruction: str | None = None, **kwargs) -> torch.Tensor:
-        """Embed images (`[N, embedding_size]`): PIL images, or strings that are image paths."""
-        if isinstance(images, (str, Image.Image)):
-            images = [images]
-        return self.encode([{"image": image} for image in images], instruction=instruction, **kwargs)
-
-    def encode_query(self, inputs: Sequence[Any], **kwargs) -> torch.Tensor:
-        """`encode` with the processor's query instruction (`processor.query_instruction`)."""
-        return self.encode(inputs, instruction=self.processor.query_instruction, **kwargs)
-
-    def encode_document(self, inputs: Sequence[Any], **kwargs) -> torch.Tensor:
-        """`encode` with the processor's document instruction (`processor.document_instruction`)."""
-        return self.encode(inputs, instruction=self.processor.document_instruction, **kwargs)
-
-    # ---- construction -----------------------------------------------------------------------------------------------
-    @classmethod
-    def from_backbone(
-        cls,
-        model_name_or_path_or_model: str | PreTrainedModel,
-        processor: Any = None,
-        num_compression_tokens: int = 32,
-        min_image_tokens: int | None = None,
-        max_image_tokens: int | None = None,
-        max_length: int | None = None,
-        seed: int = 0,
-        attn_implementation: str = "sdpa",
-        dtype: Any = "auto",
-        loss_on: str = "answers",
-        compress_instruction: str = DEFAULT_COMPRESS_INSTRUCTION,
-        query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
-        document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
-        compression_token_format: str = COMPRESSION_TOKEN_FORMAT,
-        initialize_compression_rows: bool = True,
-        **config_kwargs,
-    ) -> CoMaModel:
-        """A CoMa model around a pretrained MLLM: Hub id, local folder, or a loaded `...ForConditionalGeneration`.
-
-        Adds the K compression tokens `<cmp_0>` … `<cmp_{K-1}>` to the tokenizer, grows the embedding matrix only if
-        the new ids do not fit (published Qwen checkpoints carry spare rows, which are never cut), and initialises
-        the K rows explicitly (see `init_compression_embeddings`). `processor` (a processor with `tokenizer` and
-        `image_processor`) is required when passing a model object; it is loaded from the Hub id or folder otherwise.
-        `loss_on` and the compress/query/document instructions go to the processor (see `CoMaProcessor`), the token
-        limits and `max_length` too; remaining keyword arguments go to `CoMaConfig` (pooling, attention rule, …).
-
-        `compression_token_format` names the K tokens (the processor saves it). `initialize_compression_rows=False`
-        keeps the rows a backbone already trained for tokens its tokenizer already carries (a checkpoint converted
-        from the authors' release): nothing is resized or initialised, and ids outside the embedding matrix are an
-        error.
-        """
-        if isinstance(model_name_or_path_or_model, PreTrainedModel):
-            backbone = model_name_or_path_or_model
-            if processor is None:
-                raise ValueError("Pass the backbone's processor (tokenizer + image processor) with a model object.")
-        else:
-            from transformers import AutoModelForImageTextToText
-
-            source = model_name_or_path_or_model
-            backbone = AutoModelForImageTextToText.from_pretrained(
-                source,
-                attn_implementation=attn_implementation,
-                dtype=dtype,
-                use_safetensors=True,  # never a pickle
-            )
-            processor = processor or BackboneProcessorParts.from_pretrained(source)
-        family = get_family(backbone.config.model_type)
-        check_language_model_attention(backbone.config.get_text_config()._attn_implementation)
-
-        tokenizer = processor.tokenizer
-        real_vocabulary = len(tokenizer)
-        new_tokens = compression_token_names(num_compression_tokens, compression_token_format)
-        tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
-        token_ids = tokenizer.convert_tokens_to_ids(new_tokens)
-
-        if isinstance(model_name_or_path_or_model, str):
-            config_kwargs.setdefault("backbone_name_or_path", model_name_or_path_or_model)
-        config = CoMaConfig(
-            backbone_config=backbone.config,
-            num_compression_tokens=num_compression_tokens,
-            compression_token_ids=token_ids,
-            # the backbone's own choice; without it the config resets every sub-config to transformers' default
-            attn_implementation=backbone.config.get_text_config()._attn_implementation,
-            **config_kwargs,
-        )
-        with torch.device("meta"):  # the backbone's own modules replace these; nothing is allocated twice
-            model = cls(config)
-        model.model, model.lm_head = backbone.model, backbone.lm_head
-        model.apply_vision_attention()  # the backbone's own vision tower
-        model.tie_weights()
-        rows = model.get_input_embeddings().num_embeddings
-        if not initialize_compression_rows:
-            outside = [token for token, index in zip(new_tokens, token_ids, strict=True) if index >= rows]
-            if outside:
-                raise ValueError(
-                    f"The compression tokens {outside} have ids beyond the embedding matrix's {rows} rows: there "
-                    "are no trained rows to keep for them"
-                )
-        elif token_ids and max(token_ids) >= rows:
-            model.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)
-        if token_ids and initialize_compression_rows:  # K = 0: a VLM2Vec-style embedder, nothing to add
-            model.init_compression_embeddings(token_ids, real_vocabulary, seed=seed)
-        model.processor = CoMaProcessor(
-            image_processor=processor.image_processor,
-            tokenizer=tokenizer,
-            chat_template=getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
-            num_compression_tokens=num_compression_tokens,
-            compress_instruction=compress_instruction,
-            query_instruction=query_instruction,
-            document_instruction=document_instruction,
-            loss_on=loss_on,
-            min_image_tokens=min_image_tokens,
-            max_image_tokens=max_image_tokens,
-            max_length=max_length,
-            compression_token_format=compression_token_format,
-        )
-        logger.info("Built a CoMa model on a %s backbone with K=%d", family.model_type, num_compression_tokens)
-        return model
-
-    @torch.no_grad()
-    def init_compression_embeddings(self, token_ids: Sequence[int], reference_rows: int, seed: int = 0) -> None:
-        """Initialise the K compression rows: the mean of the first `reference_rows` (real-token) input embeddings
-        plus Gaussian noise with their standard deviation, so every row has a typical norm and the K rows differ.
-        Untied output rows get the mean output row (they are never prediction targets)."""
-        embeddings = self.get_input_embeddings().weight
-        reference = embeddings[:reference_rows].float()
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(token_ids), embeddings.shape[1], generator=generator) * reference.std()
-        ids = torch.tensor(list(token_ids), device=embeddings.device)
-        embeddings[ids] = (reference.mean(dim=0).cpu() + noise).to(embeddings.device, embeddings.dtype)
-        output = self.get_output_embeddings().weight
-        if output.data_ptr() != embeddings.data_ptr():
-            output[ids] = output[:reference_rows].float().mean(dim=0).to(output.dtype)
-
 
 def _pass_dtype_to_backbone_parts(config: CoMaConfig) -> None:
     """Give the backbone's own sub-configs (text, vision) the dtype on the CoMa config, when one is set.
@@ -647,7 +405,7 @@ def _decoding_allowed(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor
     return allowed | (diagonal[None] & is_padding_query[:, :, None])
 
 
-def _decode_until(processor: CoMaProcessor, token_ids: list[int], end_id: int) -> str:
+def _decode_until(processor: Any, token_ids: list[int], end_id: int) -> str:
     if end_id in token_ids:
         token_ids = token_ids[: token_ids.index(end_id)]
     return processor.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

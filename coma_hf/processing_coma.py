@@ -29,6 +29,7 @@ import copy
 import inspect
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,58 +39,33 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .backbones import image_processor_class, pixels_per_token
+from .constants_coma import (
+    COMPRESSION_LAYOUT,
+    COMPRESSION_TOKEN_FORMAT,
+    DEFAULT_COMPRESS_INSTRUCTION,
+    DEFAULT_DOCUMENT_INSTRUCTION,
+    DEFAULT_QUERY_INSTRUCTION,
+    EMBEDDING_LAYOUT,
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    LOSS_ON_MODES,
+    MODEL_INPUT_NAMES,
+    BatchKey,
+    compression_token_names,
+)
 from .inputs import (
     ENLARGED_IMAGE_SIZE,
     CoMaInputError,
-    EmbeddingInput,
     fit_aspect_ratio,
     load_image,
-    message_input,
     split_input,
-    without_image_placeholders,
 )
+from .layout_coma import InputLayout, RenderedSample
+from .rendering_coma import CoMaRenderingMixin
 
 logger = logging.getLogger(__name__)
 
-# The defaults of what the processor saves in its config (`processor_config.json`).
-IMAGE_PLACEHOLDER = r"<\|image_\d+\|>|<image>"  # MMEB's `<|image_1|>`, LLaVA's `<image>`: where an image goes
-COMPRESSION_TOKEN_FORMAT = "<cmp_{index}>"  # the name of compression token `index`
-DEFAULT_COMPRESS_INSTRUCTION = "Summarize above image and text in a few words."  # the paper's
-DEFAULT_QUERY_INSTRUCTION = "Find the matching image or text."
-DEFAULT_DOCUMENT_INSTRUCTION = "Represent the given image or text."
-# The order and separators of an input's parts (see `InputLayout`): stage 1's input, and a stage-2 query or candidate.
-COMPRESSION_LAYOUT = "{image}{text}\n{instruction}{compression}"
-EMBEDDING_LAYOUT = "{image}{instruction}\n{text}{compression}"
-LOSS_ON_MODES = ("answers", "all_after_compression")  # stage-1 label positions (the paper's, the released code's)
-IGNORE_INDEX = -100
 _NOT_SETTINGS = ("self", "image_processor", "tokenizer", "kwargs")  # `__init__` arguments that are not settings
-
-
-class BatchKey:
-    """The names of a batch's entries: one owner for the processor, the model, the collators, the trainers and the
-    loss. `collate` writes the model inputs (shapes there); the rest are added on the way to training."""
-
-    INPUT_IDS = "input_ids"
-    ATTENTION_MASK = "attention_mask"
-    IMAGE_TOKENS = "mm_token_type_ids"  # 1 at image placeholder tokens
-    PIXEL_VALUES = "pixel_values"
-    IMAGE_GRID = "image_grid_thw"
-    LABELS = "labels"  # stage 1
-    IMAGES_PER_SAMPLE = "num_images_per_sample"  # sentence-transformers' GradCache cuts image rows by it
-    SAMPLE_IDS = "sample_ids"  # the rows' ids, named when the loss is not finite
-    DROPPED_TURNS = "dropped_turns"  # stage-1 QA turns that did not fit, summed by the trainer
-    # A candidate column's optional `[batch]` bool: False where the row has no input of its own there (a hard
-    # negative it lacks, a placeholder keeping the column rectangular); the loss drops those from every denominator.
-    PRESENT = "present"
-
-
-MODEL_INPUT_NAMES = (
-    BatchKey.INPUT_IDS,
-    BatchKey.ATTENTION_MASK,
-    BatchKey.IMAGE_TOKENS,
-    BatchKey.PIXEL_VALUES,
-    BatchKey.IMAGE_GRID,
-)
 
 
 @dataclass
@@ -113,173 +89,7 @@ class BackboneProcessorParts:
         return cls(AutoTokenizer.from_pretrained(source), image_processor)
 
 
-class InputLayout:
-    """The order of an input's parts and the separators between them, parsed from a template such as
-    `"{image}{instruction}\\n{text}{compression}"`, and how the parts become tokens.
-
-    The slots are `{image}` (the vision block), `{instruction}`, `{text}` (the only part truncated to fit
-    `max_length`) and `{compression}` (the K compression tokens, last: the answers or the pooling follow them); each
-    at most once, `{compression}` required. Text between two slots is a separator, written only when both of its
-    slots are present.
-
-    A layout is saved as its template (the defaults below) or as a dict `{"template": …, option: value, …}`
-    (`from_spec`, `spec`). Every rule of the two modes and the options, in one place (examples: `V` = the vision block,
-    `<cmp>` = the K compression tokens, `\\n` = a newline; `\\n` and spaces in a template are its separators):
-
-    ========================  =========================================================================================
-    rule                      what it does, then an example (layout; input → rendered)
-    ========================  =========================================================================================
-    `mode: "parts"`           the default, how CoMa checkpoints are trained. A separator is tokenized with the
-                              instruction it touches, the text alone; an absent or empty part writes nothing, nor do
-                              its separators. A text holding an image placeholder (`image_placeholder`) and given an
-                              image is that text with `V` at the first placeholder, nothing else added; without an
-                              image, the placeholders are removed.
-                              `{image}{instruction}\\n{text}{compression}`; image, "Find it.", "a cat" →
-                              `VFind it.\\na cat<cmp>`; image, "<|image_1|> a cat" → `V a cat<cmp>`;
-                              "a cat" alone → `a cat<cmp>`.
-    `mode: "prompt"`          the parts are joined into one prompt string, as a stock processor is handed one, and
-                              each stretch of it between `V` and `<cmp>` is tokenized at once; the instruction, where
-                              a prompt starts, is present whenever given, even empty; image placeholders are removed
-                              from instruction and text (a prompt has no place for them).
-                              `{image} {instruction} {text}{compression}`; image, "<|image_1|> Find it.", "a cat" →
-                              `V  Find it. a cat<cmp>`; image, instruction "" → `V <cmp>`.
-    `clean_space_newline`     prompt mode: every " \\n" of a complete stretch becomes "\\n" (the release's evaluation
-                              cleans its image prompts so). Instruction "Find \\n", text "a cat" →
-                              `V Find\\n a cat<cmp>`.
-    `trailing_newline`        prompt mode: "\\n" at the end of the prompt text, after the clean-up, whatever is
-                              present (with K = 0 too, where nothing follows it); a text cut for `max_length` is cut
-                              before it. The prompt layout above; image, "Find it.", "a cat" →
-                              `V Find it. a cat\\n<cmp>`; with K = 0 → `V Find it. a cat\\n`.
-    `text_as_instruction`     an input given without an instruction has its text (or, without one, "") in the
-                              instruction slot (the release's classification queries, and the plain API of a converted
-                              checkpoint). The released `embedding_layout` (prompt, both options above and this one);
-                              image, "a cat" → `V a cat\\n<cmp>`; image alone → `V \\n<cmp>`.
-    ========================  =========================================================================================
-    """
-
-    SLOTS = ("image", "instruction", "text", "compression")
-    MODES = ("parts", "prompt")
-    OPTIONS = ("mode", "clean_space_newline", "trailing_newline", "text_as_instruction")
-
-    def __init__(
-        self,
-        template: str,
-        mode: str = "parts",
-        clean_space_newline: bool = False,
-        trailing_newline: bool = False,
-        text_as_instruction: bool = False,
-    ):
-        self.template = template
-        self.parts = [part for part in re.split(r"(\{\w+\})", template) if part]
-        slots = [part[1:-1] for part in self.parts if _is_slot(part)]
-        unknown = sorted(set(slots) - set(self.SLOTS))
-        valid = slots and _is_slot(self.parts[0]) and slots[-1] == "compression" and len(slots) == len(set(slots))
-        if unknown or not valid:
-            raise ValueError(
-                f"invalid input layout {template!r}: start with a slot, use each of {{image}}, {{instruction}}, "
-                f"{{text}} at most once and end with {{compression}}"
-                + (f" (unknown slots {unknown})" if unknown else "")
-            )
-        if mode not in self.MODES:
-            raise ValueError(f"invalid input layout {template!r}: mode must be one of {self.MODES}, got {mode!r}")
-        if mode != "prompt" and (clean_space_newline or trailing_newline):
-            raise ValueError(
-                f"invalid input layout {template!r}: clean_space_newline and trailing_newline need mode "
-                "'prompt' (they act on the joined prompt)"
-            )
-        if text_as_instruction and "instruction" not in slots:
-            raise ValueError(f"invalid input layout {template!r}: text_as_instruction needs an {{instruction}} slot")
-        self.mode = mode
-        self.clean_space_newline = clean_space_newline
-        self.trailing_newline = trailing_newline
-        self.text_as_instruction = text_as_instruction
-
-    @classmethod
-    def from_spec(cls, spec: str | dict | InputLayout) -> InputLayout:
-        """A layout from its saved form: a template string, or `{"template": …, **options}`."""
-        if isinstance(spec, InputLayout):
-            return spec
-        if isinstance(spec, str):
-            return cls(spec)
-        if not isinstance(spec, dict) or "template" not in spec:
-            raise ValueError(f"invalid input layout {spec!r}: expected a template string or a dict with 'template'")
-        unknown = sorted(set(spec) - {"template", *cls.OPTIONS})
-        if unknown:
-            raise ValueError(f"invalid input layout {spec!r}: unknown options {unknown} (known: {cls.OPTIONS})")
-        return cls(**spec)
-
-    @property
-    def spec(self) -> str | dict:
-        """The saved form: the template alone when every option has its default, else a dict."""
-        defaults = inspect.signature(type(self).__init__).parameters
-        options = {name: getattr(self, name) for name in self.OPTIONS if getattr(self, name) != defaults[name].default}
-        return {"template": self.template, **options} if options else self.template
-
-    def slot_values(self, image: Any, instruction: str | None, text: str | None, compression: Any) -> dict[str, Any]:
-        """The value of each slot for an input's parts (`text_as_instruction` applied)."""
-        if self.text_as_instruction and instruction is None:
-            instruction, text = text or "", None
-        return {"image": image, "instruction": instruction, "text": text, "compression": compression}
-
-    def pieces(self, values: dict[str, Any]) -> list[tuple[str, Any]]:
-        """`(slot or "separator", value)` in order, for the slots present (non-empty `values`; in prompt mode an
-        instruction is present whenever it is not `None`) and the separators between two present slots."""
-        pieces: list[tuple[str, Any]] = []
-        for position, part in enumerate(self.parts):
-            if _is_slot(part):
-                if self._present(part[1:-1], values):
-                    pieces.append((part[1:-1], values[part[1:-1]]))
-            elif self._present_on_both_sides(position, values):
-                pieces.append(("separator", part))
-        return pieces
-
-    def _present(self, slot: str, values: dict[str, Any]) -> bool:
-        value = values.get(slot)
-        if slot == "instruction" and self.mode == "prompt":
-            return value is not None  # a prompt starts from its instruction, empty or not
-        return bool(value)
-
-    def _present_on_both_sides(self, position: int, values: dict[str, Any]) -> bool:
-        before, after = self.parts[position - 1 : position], self.parts[position + 1 : position + 2]
-        return bool(
-            before and after and self._present(before[0][1:-1], values) and self._present(after[0][1:-1], values)
-        )
-
-
-def _is_slot(part: str) -> bool:
-    return part.startswith("{") and part.endswith("}")
-
-
-def compression_token_names(count: int, token_format: str = COMPRESSION_TOKEN_FORMAT) -> list[str]:
-    """The names of the `count` compression tokens, in order."""
-    return [token_format.format(index=index) for index in range(count)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class RenderedSample:
-    """One sample as token ids, before padding.
-
-    Attributes:
-        input_ids: the whole sequence.
-        labels: per-token targets (`-100` = no loss), or `None` for embedding inputs.
-        pixel_values: `[num_patches, patch_dim]` of the sample's image, or `None`.
-        image_grid_thw: `[1, 3]` grid of the sample's image, or `None`.
-        dropped_turns: stage-1 QA turns left out because they did not fit in `max_length`.
-        truncated_text_tokens: input-text tokens cut to fit in `max_length`.
-    """
-
-    input_ids: list[int]
-    labels: list[int] | None = None
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    dropped_turns: int = 0
-    truncated_text_tokens: int = 0
-
-
-class CoMaProcessor(ProcessorMixin):
+class CoMaProcessor(CoMaRenderingMixin, ProcessorMixin):
     r"""Renders CoMa inputs (image, text, instruction, conversation) into model inputs; left padding.
 
     Args:
@@ -499,239 +309,6 @@ class CoMaProcessor(ProcessorMixin):
         ids = [self._special["vision_start"]] + [self._special["image"]] * num_tokens + [self._special["vision_end"]]
         return ids, features["pixel_values"], grid
 
-    def _turn(self, question: str, answer: str | None) -> tuple[list[int], list[bool]]:
-        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n{A}<|im_end|>\\n` and a per-token answer
-        flag."""
-        special = self._special
-        prompt = (
-            [special["im_start"]]
-            + self._encode("user\n")
-            + self._encode(question)
-            + [special["im_end"]]
-            + self._encode("\n")
-            + [special["im_start"]]
-            + self._encode("assistant\n")
-        )
-        if answer is None:
-            return prompt, [False] * len(prompt)
-        reply = self._encode(answer) + [special["im_end"]]
-        tail = self._encode("\n")
-        return prompt + reply + tail, [False] * len(prompt) + [True] * len(reply) + [False] * len(tail)
-
-    def _text_room(self, fixed: int, reserve: int, sample: Any, field_name: str) -> int | None:
-        """Tokens left for the text beside `fixed` tokens and `reserve` after them (`None`: no `max_length`); an
-        error naming the sample and `field_name` when even no text leaves too little room."""
-        if self.max_length is None:
-            return None
-        if fixed + reserve > self.max_length:
-            raise CoMaInputError(self._no_room(fixed, reserve), sample, field_name)
-        return self.max_length - fixed - reserve
-
-    def _render_layout(
-        self, layout: InputLayout, values: dict[str, Any], sample: Any, reserve: int = 0
-    ) -> tuple[list[int], int]:
-        """Token ids of `values` in `layout` and the text tokens cut so that they, and `reserve` tokens after them
-        (stage 1's first QA turn), fit in `max_length`. Only the text gives way; if even no text leaves too little
-        room, it is an error naming the sample."""
-        if layout.mode == "prompt":
-            return self._render_prompt(layout, values, sample, reserve)
-        segments: list[list[int]] = []  # token ids per piece; the text's is the one at `text_index`
-        text_index, words = None, ""
-        for slot, value in layout.pieces(values):
-            if slot in ("instruction", "separator"):
-                words += value  # tokenized as one piece, as the instruction and its separators always were
-                continue
-            if words:
-                segments.append(self._encode(words))
-                words = ""
-            if slot == "text":
-                text_index = len(segments)
-            segments.append(self._encode(value) if slot == "text" else list(value))
-        if words:
-            segments.append(self._encode(words))
-        return self._fit_text(segments, text_index, values, sample, reserve)
-
-    def _render_prompt(
-        self, layout: InputLayout, values: dict[str, Any], sample: Any, reserve: int = 0
-    ) -> tuple[list[int], int]:
-        """`_render_layout` for a prompt-mode layout: the text between the vision block and the compression tokens is
-        joined into stretches of prompt text, each cleaned as the layout says once it is complete, the last one then
-        given the trailing newline (with K = 0 too, where nothing follows it), and each tokenized at once as a stock
-        processor tokenizes a prompt. To fit `max_length`, the stretch holding the text loses its last tokens, before
-        the trailing newline is added (which is then tokenized on its own)."""
-        segments: list[list[int] | str] = []  # token ids (the vision block) or stretches of prompt text
-        text_index = None
-        for slot, value in layout.pieces(values):
-            if slot == "compression":  # always the last slot
-                break
-            if slot == "image":
-                _finish_stretch(segments, layout)
-                segments.append(list(value))
-                continue
-            _append_text(segments, value)
-            if slot == "text":
-                text_index = len(segments) - 1
-        _finish_stretch(segments, layout)
-        newline = "\n" if layout.trailing_newline else ""  # after the clean-up, as the release writes it
-        ends_in_text = bool(segments) and isinstance(segments[-1], str)
-        compression = list(values["compression"])
-        if ends_in_text:
-            segments[-1] += newline
-        elif newline:
-            segments.append(newline)
-        pieces = [self._encode(piece) if isinstance(piece, str) else piece for piece in segments]
-        ids, cut = self._fit_text([*pieces, compression], text_index, values, sample, reserve)
-        if not cut or not newline or not ends_in_text or text_index != len(segments) - 1:
-            return ids, cut
-        # the text's stretch was cut: cut it without the newline, which then follows it as its own tokens
-        pieces[text_index] = self._encode(segments[text_index][: -len(newline)])
-        return self._fit_text([*pieces, self._encode(newline), compression], text_index, values, sample, reserve)
-
-    def _fit_text(
-        self, pieces: list[list[int]], text_index: int | None, values: dict[str, Any], sample: Any, reserve: int
-    ) -> tuple[list[int], int]:
-        """`pieces` joined, the one at `text_index` (the text, or the prompt stretch holding it) cut from its end so
-        that all of them and `reserve` tokens after them fit in `max_length`; returns the ids and the tokens cut. An
-        error naming the sample when the other pieces alone leave too little room."""
-        fixed = sum(len(piece) for index, piece in enumerate(pieces) if index != text_index)
-        room = self._text_room(fixed, reserve, sample, _blamed_field(values, reserve))
-        cut = 0
-        if text_index is not None:
-            pieces = list(pieces)
-            pieces[text_index], cut = _truncate_tail([pieces[text_index]], room)
-        return [token for piece in pieces for token in piece], cut
-
-    def _no_room(self, fixed: int, reserve: int) -> str:
-        if reserve:
-            return (
-                f"the first question and answer cannot fit: image, instruction and compression tokens take {fixed} "
-                f"tokens and the first turn {reserve}, more than max_length={self.max_length}"
-            )
-        return (
-            f"the image, instruction and compression tokens take {fixed} tokens, "
-            f"more than max_length={self.max_length}"
-        )
-
-    # ---- stage 2 ----------------------------------------------------------------------------------------------------
-    def render_embedding_input(
-        self,
-        text: str | None = None,
-        image: Any = None,
-        instruction: str | None = None,
-        sample: Any = None,
-        layout: str | None = None,
-    ) -> RenderedSample:
-        """Render one query or candidate in `embedding_layout` (by default `[image]{instruction}\\n{text}<cmp_0>…`)
-        or in the named `layout` of the processor's config, or — in a parts-mode layout — when `text` carries an
-        image placeholder, as the text with the image at the placeholder, then `<cmp_0>…`. A prompt-mode layout drops
-        the placeholders from the instruction and the text (see `InputLayout`).
-        """
-        chosen = self.layout_named(layout, sample)
-        text = text or ""
-        if chosen.mode == "prompt":  # a prompt has no place for a placeholder: dropped, as the release's parsers do
-            text = without_image_placeholders(text, self._placeholder)
-            if instruction is not None:
-                instruction = without_image_placeholders(instruction, self._placeholder)
-        # without an image the placeholders are removed: a text of nothing else is empty
-        if image is None and not self._placeholder.sub("", text).strip():
-            raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
-        pixel_values = grid = None
-        vision: list[int] = []
-        if image is not None:
-            vision, pixel_values, grid = self._image_block(image, sample)
-        compression = self.compression_token_ids
-        if chosen.mode == "prompt":  # instruction and text joined as given, as a stock processor's prompt
-            values = chosen.slot_values(vision, instruction, text, compression)
-            ids, cut = self._render_layout(chosen, values, sample)
-            return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
-
-        match = self._placeholder.search(text)
-        if match and image is not None:  # MMEB rows carry their instruction and the image's place
-            before, after = self._encode(text[: match.start()]), self._encode(text[match.end() :])
-            room = self._text_room(len(vision) + len(compression), 0, sample, "image")
-            before, after, cut = _truncate_tail([before, after], room)
-            ids = before + vision + after + compression
-        else:
-            text = self._placeholder.sub("", text) if match else text
-            values = chosen.slot_values(vision, instruction, text, compression)
-            ids, cut = self._render_layout(chosen, values, sample)
-        return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
-
-    # ---- stage 1 ----------------------------------------------------------------------------------------------------
-    def render_compression_sample(
-        self,
-        image: Any = None,
-        text: str | None = None,
-        conversation: Sequence[dict] = (),
-        sample: Any = None,
-    ) -> RenderedSample:
-        """Render one stage-1 sample; `conversation` is a list of `{"question": …, "answer": …}` turns (≥ 1).
-
-        Labels cover the answers and their `<|im_end|>` (`self.loss_on == "answers"`), or every token after the
-        compression tokens (`"all_after_compression"`).
-        """
-        if not (text or "").strip() and image is None:
-            raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
-        turns = [self._checked_turn(turn, index, sample) for index, turn in enumerate(conversation or ())]
-        if not turns:
-            raise CoMaInputError("the conversation has no question/answer turn", sample, "conversation")
-
-        prefix = self.render_compression_input(image, text, sample=sample, reserve=len(turns[0][0]))
-        ids, answer_flags = list(prefix.input_ids), [False] * len(prefix.input_ids)
-        kept = 0
-        for turn_ids, flags in turns:
-            if self.max_length is not None and len(ids) + len(turn_ids) > self.max_length:
-                break
-            ids += turn_ids
-            answer_flags += flags
-            kept += 1
-        if self.loss_on == "answers":
-            labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, answer_flags, strict=False)]
-        else:
-            labels = [IGNORE_INDEX] * len(prefix.input_ids) + ids[len(prefix.input_ids) :]
-        prefix.input_ids, prefix.labels, prefix.dropped_turns = ids, labels, len(turns) - kept
-        return prefix
-
-    def render_compression_input(
-        self, image: Any = None, text: str | None = None, sample: Any = None, reserve: int = 0
-    ) -> RenderedSample:
-        """The stage-1 input alone, in `compression_layout` (by default `[image]{text}\n{compress_instruction}<cmp…`):
-        what `compress` takes to answer questions as in stage 1. `reserve` keeps that many tokens free after it (the
-        first QA turn): the text is truncated for them, and if even the empty text leaves too little room it is an
-        error."""
-        text = self._placeholder.sub("", text or "").strip()
-        if not text and image is None:
-            raise CoMaInputError("empty text is allowed only together with an image", sample, "text")
-        pixel_values = grid = None
-        vision: list[int] = []
-        if image is not None:
-            vision, pixel_values, grid = self._image_block(image, sample)
-        values = {
-            "image": vision,
-            "instruction": self.compress_instruction,
-            "text": text,
-            "compression": self.compression_token_ids,
-        }
-        ids, cut = self._render_layout(self._compression_layout, values, sample, reserve)
-        return RenderedSample(ids, None, pixel_values, grid, truncated_text_tokens=cut)
-
-    def _checked_turn(self, turn: Any, index: int, sample: Any) -> tuple[list[int], list[bool]]:
-        if isinstance(turn, dict):
-            question, answer = turn.get("question"), turn.get("answer")
-        elif isinstance(turn, (tuple, list)) and len(turn) == 2:
-            question, answer = turn
-        else:
-            raise CoMaInputError(f"turn {index} must be a {{'question', 'answer'}} dict", sample, "conversation")
-        for name, value in (("question", question), ("answer", answer)):
-            if not isinstance(value, str) or not value.strip():
-                raise CoMaInputError(f"turn {index} has an empty or missing {name}", sample, "conversation")
-        return self._turn(question, answer)
-
-    def render_question(self, question: str) -> list[int]:
-        """`<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n`: what follows the compression tokens
-        when asking."""
-        return self._turn(question, None)[0]
-
     # ---- batching ---------------------------------------------------------------------------------------------------
     def collate(self, samples: Sequence[RenderedSample]) -> BatchFeature:
         """Left-pad rendered samples into a batch.
@@ -765,7 +342,7 @@ class CoMaProcessor(ProcessorMixin):
             batch[BatchKey.IMAGE_GRID] = torch.cat([sample.image_grid_thw for sample in images])
         return BatchFeature(batch)
 
-    def process_for_embedding(
+    def process_embedding_inputs(
         self, inputs: Sequence[Any], instruction: str | None = None, offset: int = 0
     ) -> BatchFeature:
         """Render and pad a list of embedding inputs.
@@ -780,15 +357,10 @@ class CoMaProcessor(ProcessorMixin):
         ]
         return self.collate(rendered)
 
-    def _render(self, item: EmbeddingInput, instruction: str | None, sample: Any) -> RenderedSample:
-        """`item` rendered, with `instruction` when it carries none of its own."""
-        own = item.instruction if item.instruction is not None else instruction
-        return self.render_embedding_input(item.text, item.image, own, sample=sample, layout=item.layout)
-
-    def process_for_compression(self, samples: Sequence[dict], offset: int = 0) -> BatchFeature:
+    def process_qa_samples(self, samples: Sequence[dict], offset: int = 0) -> BatchFeature:
         """Render and pad stage-1 samples (`{"image", "text", "conversation"}` dicts); dropped turns are logged."""
         rendered = [
-            self.render_compression_sample(
+            self.render_qa_sample(
                 sample.get("image"), sample.get("text"), sample.get("conversation", ()), sample=offset + index
             )
             for index, sample in enumerate(samples)
@@ -822,47 +394,26 @@ class CoMaProcessor(ProcessorMixin):
         text = text or [None] * count
         if len(images) != len(text):
             raise ValueError(f"got {len(images)} images and {len(text)} texts; pass lists of equal length")
-        return self.process_for_embedding(
+        return self.process_embedding_inputs(
             [{"image": image, "text": item} for image, item in zip(images, text, strict=False)],
             instruction=instruction,
         )
 
-    def apply_chat_template(
-        self,
-        conversation: list[dict] | list[list[dict]],
-        chat_template: str | None = None,
-        tokenize: bool = False,
-        return_dict: bool = False,
-        **kwargs,
-    ) -> BatchFeature | list[str] | str:
-        """Render chat messages as embedding inputs: how sentence-transformers' `Transformer` module feeds CoMa.
+    # ---- the names before 0.2.0, kept for one release ------------------------------------------------------------
+    def process_for_embedding(self, *args, **kwargs) -> BatchFeature:
+        """Deprecated alias of `process_embedding_inputs`; removed in 0.3.0."""
+        _renamed("process_for_embedding", "process_embedding_inputs")
+        return self.process_embedding_inputs(*args, **kwargs)
 
-        One conversation is `[{"role": "system", "content": instruction}, {"role": "user", "content": …}]`, the
-        system message optional; content is a string or a list of `{"type": "text", "text": …}` and
-        `{"type": "image", "image": …}` items (at most one image). The system message goes to CoMa's instruction
-        slot (that is where sentence-transformers puts a prompt such as `prompt_name="query"`), so rendering
-        matches `process_for_embedding` exactly; `chat_template` and sentence-transformers' tokenizer and
-        truncation keywords are ignored (`max_length` is the processor's own).
+    def process_for_compression(self, *args, **kwargs) -> BatchFeature:
+        """Deprecated alias of `process_qa_samples`; removed in 0.3.0."""
+        _renamed("process_for_compression", "process_qa_samples")
+        return self.process_qa_samples(*args, **kwargs)
 
-        Returns the padded `BatchFeature` when `tokenize=True`, else the rendered text of each conversation.
-        """
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
-        inputs = [message_input(messages, index) for index, messages in enumerate(conversations)]
-        try:
-            rendered = [self._render(item, None, sample=index) for index, item in enumerate(inputs)]
-        except CoMaInputError as error:  # sentence-transformers reorders inputs: name it by content, not position
-            position = error.position_in(inputs)
-            if position is None:
-                raise
-            raise CoMaInputError(error.reason, inputs[position].describe(), error.field) from error
-        if not tokenize:
-            texts = [self.tokenizer.decode(sample.input_ids) for sample in rendered]
-            return texts if batched else texts[0]
-        batch = self.collate(rendered)
-        if BatchKey.PIXEL_VALUES in batch:  # sentence-transformers' GradCache cuts image rows per sample by it
-            batch[BatchKey.IMAGES_PER_SAMPLE] = torch.tensor([int(item.image is not None) for item in inputs])
-        return batch
+    def render_compression_sample(self, *args, **kwargs) -> RenderedSample:
+        """Deprecated alias of `render_qa_sample`; removed in 0.3.0."""
+        _renamed("render_compression_sample", "render_qa_sample")
+        return self.render_qa_sample(*args, **kwargs)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -892,20 +443,6 @@ def sample_contents(batch: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]
     return list(zip(tokens, pixels, strict=True))
 
 
-def _finish_stretch(segments: list, layout: InputLayout) -> None:
-    """Clean the stretch of prompt text that ends `segments`, now complete, as `layout` asks (" \\n" → "\\n")."""
-    if segments and isinstance(segments[-1], str) and layout.clean_space_newline:
-        segments[-1] = segments[-1].replace(" \n", "\n")
-
-
-def _append_text(segments: list, text: str) -> None:
-    """Add `text` to the prompt text at the end of `segments`, or start a new stretch after token ids."""
-    if segments and isinstance(segments[-1], str):
-        segments[-1] += text
-    else:
-        segments.append(text)
-
-
 def _as_list(value) -> list:
     if value is None:
         return []
@@ -914,21 +451,21 @@ def _as_list(value) -> list:
     return [value]
 
 
-def _blamed_field(values: dict[str, Any], reserve: int) -> str:
-    """The field named when an input's fixed parts leave no room: the first QA turn, else the image (the largest
-    fixed part), else the instruction."""
-    return "conversation" if reserve else "image" if values.get("image") else "instruction"
+# Processor methods renamed in 0.2.0 → their old names: a checkpoint saved before then loads its processor through its
+# own remote code, which has only the old ones.
+PREVIOUS_NAMES = {
+    "process_embedding_inputs": "process_for_embedding",
+    "process_qa_samples": "process_for_compression",
+    "render_qa_sample": "render_compression_sample",
+}
 
 
-def _truncate_tail(pieces: list[list[int]], budget: int | None) -> tuple[list[int], ...]:
-    """Cut tokens from the end of the last pieces first so their total fits `budget`; returns pieces and the cut."""
-    pieces = [list(piece) for piece in pieces]
-    total = sum(len(piece) for piece in pieces)
-    cut = 0 if budget is None else max(0, total - budget)
-    remaining = cut
-    for piece in reversed(pieces):
-        take = min(remaining, len(piece))
-        if take:
-            del piece[len(piece) - take :]
-        remaining -= take
-    return (*pieces, cut)
+def processor_method(processor: Any, name: str) -> Any:
+    """`processor.<name>`, or its name before 0.2.0 on a processor whose remote code predates the rename."""
+    method = getattr(processor, name, None)
+    return method if method is not None else getattr(processor, PREVIOUS_NAMES[name])
+
+
+def _renamed(old: str, new: str) -> None:
+    message = f"CoMaProcessor.{old} is renamed {new}; the old name goes in 0.3.0"
+    warnings.warn(message, DeprecationWarning, stacklevel=3)

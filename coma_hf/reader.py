@@ -29,9 +29,11 @@ from transformers.utils.logging import tqdm
 
 from .backbones import get_family
 from .configuration_coma import EMBEDDED_BACKBONE_MARKER
+from .constants_coma import DEFAULT_COMPRESS_INSTRUCTION
 from .data.synthetic import every_question, generate_split, render_scene
 from .evaluation.compression import _Scores, generation_length
-from .processing_coma import DEFAULT_COMPRESS_INSTRUCTION, BackboneProcessorParts, CoMaProcessor, RenderedSample
+from .layout_coma import RenderedSample
+from .processing_coma import BackboneProcessorParts, CoMaProcessor
 
 READER_FOLDER = "resources/reader"  # inside the package
 RECORD_FILE = "record.json"
@@ -161,7 +163,7 @@ class ReaderCollator:
 
     def __call__(self, samples: Sequence[dict]) -> BatchFeature:
         rendered = [
-            self.processor.render_compression_sample(
+            self.processor.render_qa_sample(
                 sample.get("image"), sample.get("text"), sample["conversation"], sample=sample.get("id")
             )
             for sample in samples

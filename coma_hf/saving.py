@@ -1,14 +1,22 @@
-"""Checkpoint I/O of `CoMaModel.save_pretrained`: atomic saves, and the files a checkpoint carries along.
+"""Checkpoint I/O of `CoMaModel.save_pretrained`: what a save writes (`save_model_files`), atomically
+(`save_atomically`), and the files a checkpoint carries along from the folder it was loaded from.
 
-Part of the remote code shipped with every checkpoint: imports only the standard library.
+Part of the remote code shipped with every checkpoint: imports only sibling files and the standard library.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import Any
+
+from .constants_coma import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION
+from .sentence_transformers_files import write_sentence_transformers_files
+
+logger = logging.getLogger(__name__)
 
 # Largest weight file a save writes (transformers' own default, 50GB, writes a 3B model as one 7 GB file, which
 # uploads, downloads and memory-maps badly). A single tensor larger than this still gets a shard of its own.
@@ -22,6 +30,27 @@ CARRIED_FILES = (
     "mmeb_results.json",
     "conversion_summary.json",
 )
+
+
+def save_model_files(model: Any, save_directory: str, save_weights: Callable[..., None], *args, **kwargs) -> None:
+    """Everything a `CoMaModel` save writes into `save_directory`: `save_weights(save_directory, *args, **kwargs)`
+    (transformers' own save: weights, config, remote code), the run summaries and card of the folder the model came
+    from, its processor (loaded from there first if it was never used), and the sentence-transformers files."""
+    save_weights(save_directory, *args, **kwargs)
+    carry_files(model.name_or_path, save_directory)
+    if model._processor is None and model.name_or_path:
+        try:
+            model.processor  # noqa: B018 - loads the processor the model came with
+        except (OSError, ValueError) as error:
+            logger.warning("Saved without a processor: none could be loaded from %s (%s)", model.name_or_path, error)
+    if model._processor is not None:
+        model._processor.save_pretrained(save_directory)
+        query, document = model._processor.query_instruction, model._processor.document_instruction
+    else:  # the instructions an old config holds, or the defaults
+        legacy = model.config.legacy_processor_settings()
+        query = legacy.get("query_instruction", DEFAULT_QUERY_INSTRUCTION)
+        document = legacy.get("document_instruction", DEFAULT_DOCUMENT_INSTRUCTION)
+    write_sentence_transformers_files(save_directory, query, document)
 
 
 def save_atomically(save_directory: str | os.PathLike, write: Callable[[str], None]) -> None:

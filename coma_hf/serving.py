@@ -27,7 +27,8 @@ import torch
 
 from .backbones import get_family
 from .configuration_coma import CoMaConfig
-from .processing_coma import CoMaProcessor, InputLayout
+from .layout_coma import InputLayout
+from .processing_coma import CoMaProcessor
 from .saving import MAX_SHARD_SIZE
 
 POOLING_FILE = "coma_pooling.json"

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from coma_hf import cli
+from coma_hf.constants_coma import BatchKey
 from coma_hf.data.sources import IMAGE_EXTENSIONS, read_jsonl_records
 from coma_hf.evaluation.compression import MAX_ANSWER_TOKENS
 from coma_hf.hub.card import CONTRASTIVE_SUMMARY, PRETRAIN_SUMMARY, read_json_file
@@ -54,7 +55,7 @@ from coma_hf.inference import (
     write_manifest,
 )
 from coma_hf.inputs import CoMaInputError, load_image
-from coma_hf.processing_coma import BackboneProcessorParts, BatchKey
+from coma_hf.processing_coma import BackboneProcessorParts
 from coma_hf.reader import generate_answers, question_prompts, reader_processor
 
 logger = logging.getLogger("app")
@@ -401,116 +402,135 @@ class ProgressBar:
         self.progress((self.done, self.total), desc=self.description, unit="images")
 
 
-def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], picks: list[str]):
-    """The two-tab `gr.Blocks` page. Bad input raises `gr.Error`, which the page shows as a message."""
+def page_error(error: Exception):
+    """The `gr.Error` the page shows for bad input (Gradio renders it as HTML: file names are escaped)."""
     import gradio as gr
 
-    def page_error(error: Exception) -> gr.Error:
-        """The message the page shows (Gradio renders it as HTML: file names are escaped)."""
-        return gr.Error(html.escape(str(error), quote=False), print_exception=False)
+    return gr.Error(html.escape(str(error), quote=False), print_exception=False)
 
-    def run_search(text: str, image_path: str | None, top_k: float, progress=gr.Progress()):  # noqa: B008
+
+class PageHandlers:
+    """What the page's events call: searches and asks, bad input raised as `gr.Error` (`page_error`)."""
+
+    def __init__(self, search: FolderSearch, asker: CompressionAsker, picks: list[str]):
+        self.search, self.asker, self.picks = search, asker, picks
+
+    def run_search(self, text: str, image_path: str | None, top_k: float, progress: Any = None):
+        """`(gallery, score table, status line)` of a search."""
         try:
             image = read_image(image_path, "query image")
-            bar = ProgressBar(progress, f"Embedding {search.folder} (once)")
-            hits, manifest = search.search(text, image, int(top_k), bar)
+            bar = ProgressBar(progress, f"Embedding {self.search.folder} (once)") if progress is not None else None
+            hits, manifest = self.search.search(text, image, int(top_k), bar)
         except (DemoError, CoMaInputError) as error:
             raise page_error(error) from error
         gallery = [
-            (str(search.folder / ident), f"{rank}. {ident}  {score:.3f}")
+            (str(self.search.folder / ident), f"{rank}. {ident}  {score:.3f}")
             for rank, (ident, score) in enumerate(hits, 1)
         ]
         table = [[rank, ident, score] for rank, (ident, score) in enumerate(hits, 1)]
         count = manifest["skipped"]
         skipped = f"; {count} unreadable file{'s' if count > 1 else ''} left out" if count else ""
-        status = f"{manifest['embedded']} images of `{search.folder}` searched ({search.index} search{skipped})."
+        status = (
+            f"{manifest['embedded']} images of `{self.search.folder}` searched ({self.search.index} search{skipped})."
+        )
         return gallery, table, status
 
-    def picked_or_uploaded(upload: str | None, pick: str | None):
+    def picked_or_uploaded(self, upload: str | None, pick: str | None):
         image = read_image(upload, "uploaded image")
         if image is None and pick:
-            if pick not in picks:
-                raise DemoError(f"{pick} is not one of the images of {search.folder}")
-            image = read_image(search.folder / pick, "picked image")
+            if pick not in self.picks:
+                raise DemoError(f"{pick} is not one of the images of {self.search.folder}")
+            image = read_image(self.search.folder / pick, "picked image")
         if image is None:
             raise DemoError("Upload an image or pick one from the folder")
         return image
 
-    def show_image(upload: str | None, pick: str | None):
+    def show_image(self, upload: str | None, pick: str | None):
+        """`(image, token line)` of the chosen image."""
         try:
-            image = picked_or_uploaded(upload, pick)
-            counts = asker.token_counts(image)
+            image = self.picked_or_uploaded(upload, pick)
+            counts = self.asker.token_counts(image)
         except (DemoError, CoMaInputError) as error:
             raise page_error(error) from error
-        return image, describe_tokens(*counts, asker.num_compression_tokens)
+        return image, describe_tokens(*counts, self.asker.num_compression_tokens)
 
-    def run_ask(upload: str | None, pick: str | None, question: str):
+    def run_ask(self, upload: str | None, pick: str | None, question: str):
+        """`(token line, answer from the K states, answer with the image in view)`."""
         try:
-            image = picked_or_uploaded(upload, pick)
-            from_states, visible = asker.ask(image, question)
-            counts = asker.token_counts(image)
+            image = self.picked_or_uploaded(upload, pick)
+            from_states, visible = self.asker.ask(image, question)
+            counts = self.asker.token_counts(image)
         except (DemoError, CoMaInputError) as error:
             raise page_error(error) from error
-        return describe_tokens(*counts, asker.num_compression_tokens), from_states, visible
+        return describe_tokens(*counts, self.asker.num_compression_tokens), from_states, visible
 
-    k = asker.num_compression_tokens
+
+def build_demo(search: FolderSearch, asker: CompressionAsker, notes: list[str], picks: list[str]):
+    """The two-tab `gr.Blocks` page. Bad input raises `gr.Error`, which the page shows as a message."""
+    import gradio as gr
+
+    handlers = PageHandlers(search, asker, picks)
     with gr.Blocks(title="CoMa demo", analytics_enabled=False) as demo:
         gr.Markdown("# CoMa: search, and ask the compression\n" + "\n".join(f"* {note}" for note in notes))
         with gr.Tab("Search"):
-            with gr.Row():
-                text = gr.Textbox(label="Text query", placeholder="a red circle", scale=3, elem_id="query")
-                image = gr.File(label="Image query (optional)", file_types=["image"], type="filepath", scale=2)
-            top_k = gr.Slider(1, 50, value=8, step=1, label="Results")
-            button = gr.Button("Search", variant="primary", elem_id="search_button")
-            status = gr.Markdown()
-            gallery = gr.Gallery(label="Best matches", columns=4, height="auto", elem_id="results")
-            table = gr.Dataframe(headers=["rank", "image", "score"], label="Cosine scores", interactive=False)
-            gr.on(
-                [button.click, text.submit],
-                run_search,
-                [text, image, top_k],
-                [gallery, table, status],
-                api_name="search",
-                concurrency_id="model",
-            )
+            search_tab(handlers)
         with gr.Tab("Ask the compression"):
-            with gr.Row():
-                with gr.Column():
-                    upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
-                    pick = gr.Dropdown(choices=picks, value=None, label=f"or pick one of {search.folder}")
-                    preview = gr.Image(label="The image", type="pil", interactive=False, height=240, elem_id="preview")
-                with gr.Column():
-                    tokens = gr.Markdown(elem_id="tokens")
-                    question = gr.Textbox(
-                        label="Question", placeholder="What colour is the circle?", elem_id="question"
-                    )
-                    ask = gr.Button("Ask", variant="primary", elem_id="ask_button")
-                    from_states = gr.Textbox(label=f"From the K = {k} compression states alone", elem_id="from_states")
-                    visible = gr.Textbox(label="With the image in view (same weights)", elem_id="visible")
-            # the newest choice wins: an upload clears the pick and a pick clears the upload
-            upload.upload(
-                lambda path: (*show_image(path, None), None),
-                upload,
-                [preview, tokens, pick],
-                api_visibility="private",
-                concurrency_id="model",
-            )
-            pick.input(
-                lambda name: (*show_image(None, name), None),
-                pick,
-                [preview, tokens, upload],
-                api_visibility="private",
-                concurrency_id="model",
-            )
-            gr.on(
-                [ask.click, question.submit],
-                run_ask,
-                [upload, pick, question],
-                [tokens, from_states, visible],
-                api_name="ask",
-                concurrency_id="model",
-            )
+            ask_tab(handlers, str(search.folder), asker.num_compression_tokens)
     return demo
+
+
+def search_tab(handlers: PageHandlers) -> None:
+    """The search tab's components and events (API name `/search`)."""
+    import gradio as gr
+
+    def run_search(text: str, image_path: str | None, top_k: float, progress=gr.Progress()):  # noqa: B008
+        return handlers.run_search(text, image_path, top_k, progress)
+
+    with gr.Row():
+        text = gr.Textbox(label="Text query", placeholder="a red circle", scale=3, elem_id="query")
+        image = gr.File(label="Image query (optional)", file_types=["image"], type="filepath", scale=2)
+    top_k = gr.Slider(1, 50, value=8, step=1, label="Results")
+    button = gr.Button("Search", variant="primary", elem_id="search_button")
+    status = gr.Markdown()
+    gallery = gr.Gallery(label="Best matches", columns=4, height="auto", elem_id="results")
+    table = gr.Dataframe(headers=["rank", "image", "score"], label="Cosine scores", interactive=False)
+    gr.on(
+        [button.click, text.submit],
+        run_search,
+        [text, image, top_k],
+        [gallery, table, status],
+        api_name="search",
+        concurrency_id="model",
+    )
+
+
+def ask_tab(handlers: PageHandlers, folder: str, k: int) -> None:
+    """The ask tab's components and events (API name `/ask`; choosing an image is private)."""
+    import gradio as gr
+
+    with gr.Row():
+        with gr.Column():
+            upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
+            pick = gr.Dropdown(choices=handlers.picks, value=None, label=f"or pick one of {folder}")
+            preview = gr.Image(label="The image", type="pil", interactive=False, height=240, elem_id="preview")
+        with gr.Column():
+            tokens = gr.Markdown(elem_id="tokens")
+            question = gr.Textbox(label="Question", placeholder="What colour is the circle?", elem_id="question")
+            ask = gr.Button("Ask", variant="primary", elem_id="ask_button")
+            from_states = gr.Textbox(label=f"From the K = {k} compression states alone", elem_id="from_states")
+            visible = gr.Textbox(label="With the image in view (same weights)", elem_id="visible")
+    # the newest choice wins: an upload clears the pick and a pick clears the upload
+    private = dict(api_visibility="private", concurrency_id="model")
+    upload.upload(lambda path: (*handlers.show_image(path, None), None), upload, [preview, tokens, pick], **private)
+    pick.input(lambda name: (*handlers.show_image(None, name), None), pick, [preview, tokens, upload], **private)
+    gr.on(
+        [ask.click, question.submit],
+        handlers.run_ask,
+        [upload, pick, question],
+        [tokens, from_states, visible],
+        api_name="ask",
+        concurrency_id="model",
+    )
 
 
 def theme():

@@ -35,13 +35,13 @@ def _per_token_losses(model, batch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sample_alone_equals_sample_in_padded_batch(family):
     model, processor = tiny_coma(family)
-    batch = processor.process_for_compression(SAMPLES)
+    batch = processor.process_qa_samples(SAMPLES)
     assert len(set(batch["attention_mask"].sum(dim=1).tolist())) == 3  # really different lengths
     with torch.no_grad():
         batched_losses = _per_token_losses(model, batch)
         batched = model(**batch)
         for index, sample in enumerate(SAMPLES):
-            alone_batch = processor.process_for_compression([sample])
+            alone_batch = processor.process_qa_samples([sample])
             alone = model(**alone_batch)
             torch.testing.assert_close(
                 batched_losses[index], _per_token_losses(model, alone_batch)[0], atol=1e-5, rtol=1e-5
@@ -55,10 +55,10 @@ def test_sample_alone_equals_sample_in_padded_batch(family):
 def test_batch_loss_is_token_weighted_mean_of_sample_losses():
     model, processor = tiny_coma()
     with torch.no_grad():
-        batch_loss = model(**processor.process_for_compression(SAMPLES)).loss
+        batch_loss = model(**processor.process_qa_samples(SAMPLES)).loss
         losses, tokens = [], []
         for sample in SAMPLES:
-            single = processor.process_for_compression([sample])
+            single = processor.process_qa_samples([sample])
             losses.append(model(**single).loss)
             tokens.append(int((single["labels"][:, 1:] != -100).sum()))
     expected = sum(loss * count for loss, count in zip(losses, tokens, strict=False)) / sum(tokens)
@@ -68,7 +68,7 @@ def test_batch_loss_is_token_weighted_mean_of_sample_losses():
 def test_loss_is_divided_by_the_global_label_count():
     """With `num_items_in_batch` (Trainer's global count) the loss is the local sum over the global count."""
     model, processor = tiny_coma()
-    batch = processor.process_for_compression(SAMPLES[:2])
+    batch = processor.process_qa_samples(SAMPLES[:2])
     local_count = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
         mean_loss = model(**batch).loss
@@ -80,7 +80,7 @@ def test_loss_is_divided_by_the_global_label_count():
 def test_embedding_alone_equals_embedding_in_batch(family):
     model, processor = tiny_coma(family)
     with torch.no_grad():
-        batched = model(**processor.process_for_embedding(EMBEDDING_INPUTS, instruction="Find it")).pooler_output
+        batched = model(**processor.process_embedding_inputs(EMBEDDING_INPUTS, instruction="Find it")).pooler_output
         for index, item in enumerate(EMBEDDING_INPUTS):
-            alone = model(**processor.process_for_embedding([item], instruction="Find it")).pooler_output
+            alone = model(**processor.process_embedding_inputs([item], instruction="Find it")).pooler_output
             torch.testing.assert_close(batched[index], alone[0], atol=1e-5, rtol=1e-5)

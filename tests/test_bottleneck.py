@@ -17,7 +17,7 @@ CONVERSATION = [
 
 
 def _stage1_batch(processor, image, text="a red circle left of a blue square"):
-    return processor.process_for_compression([{"image": image, "text": text, "conversation": CONVERSATION}])
+    return processor.process_qa_samples([{"image": image, "text": text, "conversation": CONVERSATION}])
 
 
 def _post_compression(model, batch, rule):

@@ -27,7 +27,7 @@ CHILD = textwrap.dedent(
     image = Image.open(image_path)
     inputs = ["a red circle", image, {"image": image, "text": "a caption"}]
     with torch.no_grad():
-        through_processor = model(**processor.process_for_embedding(inputs, instruction="Find it")).pooler_output
+        through_processor = model(**processor.process_embedding_inputs(inputs, instruction="Find it")).pooler_output
     torch.save({"processor": through_processor, "encode": model.encode(inputs, instruction="Find it")}, output)
     """
 )
@@ -39,7 +39,7 @@ def _reference(model, processor, image_path):
     image = Image.open(image_path)
     inputs = ["a red circle", image, {"image": image, "text": "a caption"}]
     with torch.no_grad():
-        return model(**processor.process_for_embedding(inputs, instruction="Find it")).pooler_output
+        return model(**processor.process_embedding_inputs(inputs, instruction="Find it")).pooler_output
 
 
 def _run_child(source: str, image_path: Path, output: Path, hf_home: Path) -> dict:
@@ -103,7 +103,7 @@ def test_in_process_reload_gives_identical_outputs(tmp_path):
     reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
     assert reloaded_processor.compression_token_ids == processor.compression_token_ids
     assert reloaded_processor.max_length == processor.max_length
-    batch = processor.process_for_embedding(["text", random_image(0)])
+    batch = processor.process_embedding_inputs(["text", random_image(0)])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).pooler_output, model(**batch).pooler_output, atol=0, rtol=0)
 

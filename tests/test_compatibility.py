@@ -127,3 +127,55 @@ def test_an_old_config_keeps_its_own_layout_settings(tmp_path):
     again = CoMaModel.from_pretrained(tmp_path / "resaved").eval()
     torch.testing.assert_close(again.encode_query(inputs), old.encode_query(inputs), atol=1e-5, rtol=0)
     assert again.processor.loss_on == "all_after_compression"
+
+
+def test_the_processor_names_before_0_2_0_still_work_and_warn(model_and_processor):
+    _, processor = model_and_processor
+    inputs = [{"image": None, "text": TEXT}]
+    sample = {"image": None, "text": TEXT, "conversation": [{"question": QUESTION, "answer": "red"}]}
+    with pytest.deprecated_call(match="process_embedding_inputs"):
+        old = processor.process_for_embedding(inputs)
+    assert torch.equal(old["input_ids"], processor.process_embedding_inputs(inputs)["input_ids"])
+    with pytest.deprecated_call(match="process_qa_samples"):
+        old = processor.process_for_compression([sample])
+    assert torch.equal(old["labels"], processor.process_qa_samples([sample])["labels"])
+    with pytest.deprecated_call(match="render_qa_sample"):
+        old = processor.render_compression_sample(None, TEXT, sample["conversation"])
+    assert old.input_ids == processor.render_qa_sample(None, TEXT, sample["conversation"]).input_ids
+
+
+def test_callers_fall_back_to_the_old_names_on_a_processor_from_before_the_rename(tmp_path):
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from coma_hf import CoMaProcessor
+    from coma_hf.processing_coma import processor_method
+    from coma_hf.training import CoMaCompressionCollator
+
+    folder = tmp_path / FIXTURE.name  # the fixture's module name, which the deprecation filters exempt
+    shutil.copytree(FIXTURE, folder)
+    old = get_class_from_dynamic_module("processing_coma.CoMaProcessor", str(folder)).from_pretrained(folder)
+    new = CoMaProcessor.from_pretrained(folder)
+    assert not hasattr(old, "process_embedding_inputs") and not hasattr(old, "render_qa_sample")
+    inputs = [{"image": str(folder / "input.png"), "text": TEXT}, TEXT]
+    got = processor_method(old, "process_embedding_inputs")(inputs)
+    assert torch.equal(got["input_ids"], new.process_embedding_inputs(inputs)["input_ids"])
+    row = {"id": "r", "text": TEXT, "conversation": [{"question": QUESTION, "answer": "red"}]}
+    batches = [CoMaCompressionCollator(processor)([row]) for processor in (old, new)]
+    assert torch.equal(batches[0]["labels"], batches[1]["labels"])
+
+
+@pytest.mark.slow
+def test_stage_two_trains_from_a_checkpoint_saved_before_the_rename(tmp_path):
+    from utils import command_line, load_example
+
+    output = tmp_path / "stage2"
+    summary = load_example("train_contrastive").main(
+        command_line(
+            "--recipe tiny --max_steps 2 --per_device_train_batch_size 4 --per_device_eval_batch_size 8"
+            " --dataloader_num_workers 0 --cached false --report_to none --max_train_scenes 4",
+            model_name_or_path=_copy(tmp_path),
+            synthetic_dir=tmp_path / "synthetic",
+            output_dir=output,
+        )
+    )
+    assert summary["global_steps"] == 2 and (output / "model.safetensors").is_file()

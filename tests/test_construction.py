@@ -118,12 +118,12 @@ def test_flash_language_model_is_refused():
     model, processor = build_tiny_coma(num_compression_tokens=2)
     model.config.get_text_config()._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="cannot apply CoMa's compression mask"):
-        model(**processor.process_for_embedding(["text"]))
+        model(**processor.process_embedding_inputs(["text"]))
 
 
 def test_forward_without_compression_tokens_is_an_error_naming_the_sample():
     model, processor = tiny_coma()
-    batch = processor.process_for_embedding(["some text", "more text"])
+    batch = processor.process_embedding_inputs(["some text", "more text"])
     ids = batch["input_ids"].clone()
     ids[1, -model.config.num_compression_tokens :] = ids[1, 0]
     ids[1, 0] = processor.tokenizer.pad_token_id
@@ -138,7 +138,7 @@ def test_without_compression_tokens_the_embedding_is_the_stock_models_last_token
     model = CoMaModel.from_backbone(backbone, processor=parts, num_compression_tokens=0).eval()
     assert model.processor.compression_token_ids == [] and len(model.processor.tokenizer) == vocabulary
     inputs = [{"image": random_image(1), "text": "a red circle"}, "just some text", {"image": random_image(2)}]
-    batch = model.processor.process_for_embedding(inputs)
+    batch = model.processor.process_embedding_inputs(inputs)
     with torch.no_grad():
         stock = reference.model(**batch).last_hidden_state[:, -1]  # left padding: every row's last input token
         vectors = model.encode(inputs)

@@ -284,7 +284,7 @@ def test_converted_vectors_equal_the_stock_class_read_at_the_last_compression_to
         {"image": random_image(2), "text": "What colour is the circle?"},
     ]
     for item in inputs:
-        batch = model.processor.process_for_embedding([item])
+        batch = model.processor.process_embedding_inputs([item])
         with torch.no_grad():
             ours = model(**batch).pooler_output
             theirs = stock.model(

@@ -171,7 +171,7 @@ def test_a_save_cut_short_at_any_move_never_leaves_a_folder_that_loads_half_writ
 
 
 def test_an_interrupted_save_before_the_move_keeps_the_previous_model(tmp_path, monkeypatch):
-    import coma_hf.modeling_coma as modeling
+    import coma_hf.saving as saving
 
     old, _ = build_tiny_coma(num_compression_tokens=4, seed=1, max_image_tokens=4)
     new, _ = build_tiny_coma(num_compression_tokens=4, seed=2, max_image_tokens=4)
@@ -181,7 +181,7 @@ def test_an_interrupted_save_before_the_move_keeps_the_previous_model(tmp_path, 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing the sentence-transformers files")
 
-    monkeypatch.setattr(modeling, "write_sentence_transformers_files", killed)
+    monkeypatch.setattr(saving, "write_sentence_transformers_files", killed)
     with pytest.raises(KeyboardInterrupt):
         _save(new, tmp_path / "model")
     with pytest.raises(KeyboardInterrupt):

@@ -109,7 +109,7 @@ def test_empty_input_gives_empty_tensor():
 
 def test_pooling_and_embedding_dim_settings():
     model, processor = tiny_coma()
-    batch = processor.process_for_embedding(["a red circle", random_image(0)])
+    batch = processor.process_embedding_inputs(["a red circle", random_image(0)])
     with torch.no_grad():
         states = model(**batch).compression_states
     try:

@@ -20,7 +20,7 @@ def _trained_checkpoint(folder):
     model, processor = tiny_coma()
     model = type(model).from_pretrained(_save(model, folder / "initial")).train()
     model.processor = processor
-    batch = processor.process_for_embedding(["a red circle", {"image": random_image(1), "text": "a square"}])
+    batch = processor.process_embedding_inputs(["a red circle", {"image": random_image(1), "text": "a square"}])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):
         embeddings = model(**batch).pooler_output
@@ -82,7 +82,7 @@ def test_automodel_and_sentence_transformer_give_the_same_vectors_and_scores(tmp
     collated = CoMaContrastiveCollator(preprocess_fn=sentence_transformer.preprocess)(
         [{"anchor_text": items[0][0], "anchor_image": image, "positive_text": items[2][0], "positive_image": ""}]
     )
-    rendered = automodel.processor.process_for_embedding([{"text": items[0][0], "image": image}])
+    rendered = automodel.processor.process_embedding_inputs([{"text": items[0][0], "image": image}])
     assert torch.equal(collated["anchor_input_ids"], rendered["input_ids"])
 
     through_auto = as_encoder(automodel, show_progress_bar=False)(items)

@@ -30,7 +30,7 @@ def _spread_model(family: str):
 
 def _greedy_full_sequence(model, processor, item, question, steps):
     """Re-run the whole sequence (input, compression tokens, question, answer so far) under the CoMa mask."""
-    base = processor.process_for_embedding([item])
+    base = processor.process_embedding_inputs([item])
     prompt = torch.tensor([processor.render_question(question)])
     generated = []
     for _ in range(steps):
@@ -46,7 +46,7 @@ def _greedy_full_sequence(model, processor, item, question, steps):
 def test_generate_from_compression_equals_full_sequence_decode(family):
     model, processor = _spread_model(family)
     with torch.no_grad():
-        compression = model.compress(**processor.process_for_embedding(INPUTS))
+        compression = model.compress(**processor.process_embedding_inputs(INPUTS))
         cached = model.generate_from_compression(
             compression, QUESTIONS, max_new_tokens=STEPS, processor=processor, return_token_ids=True
         )
@@ -63,7 +63,7 @@ def test_generate_from_compression_equals_full_sequence_decode(family):
 
 def test_compression_exposes_states_cache_and_offset():
     model, processor = tiny_coma()
-    batch = processor.process_for_embedding(INPUTS)
+    batch = processor.process_embedding_inputs(INPUTS)
     with torch.no_grad():
         compression = model.compress(**batch)
         output = model(**batch)
@@ -82,7 +82,7 @@ def test_compression_exposes_states_cache_and_offset():
 def test_answers_are_strings_that_stop_at_end_of_turn():
     model, processor = _spread_model("qwen2_5_vl")
     with torch.no_grad():
-        compression = model.compress(**processor.process_for_embedding(INPUTS))
+        compression = model.compress(**processor.process_embedding_inputs(INPUTS))
         answers = model.generate_from_compression(compression, QUESTIONS, max_new_tokens=4, processor=processor)
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
     with pytest.raises(ValueError, match="questions"):

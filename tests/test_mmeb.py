@@ -379,7 +379,7 @@ def test_evaluate_script_prints_and_writes_the_table(mini, tmp_path):
 
 def test_sentence_transformer_is_scored_like_a_hand_computation(tmp_path):
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import BertConfig, BertModel
 
     from coma_hf.tiny import build_tokenizer

@@ -65,7 +65,7 @@ def test_half_precision_vectors_agree_with_float32(dtype, float32_vectors):
 
 def test_pooler_output_is_float32_and_unit_norm_in_bfloat16():
     model = copy.deepcopy(_reader_model()).to(torch.bfloat16)
-    batch = model.processor.process_for_embedding(list(TEXTS), instruction=INSTRUCTION)
+    batch = model.processor.process_embedding_inputs(list(TEXTS), instruction=INSTRUCTION)
     with torch.no_grad():
         output = model(**batch)
     assert output.compression_states.dtype == torch.bfloat16  # the backbone ran in bfloat16

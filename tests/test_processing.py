@@ -69,7 +69,7 @@ def test_mmeb_placeholder_takes_the_image_and_no_instruction_is_added():
 def test_stage1_layout_and_labels_on_answers():
     _, processor = tiny_coma()
     turns = [{"question": "What colour?", "answer": "red"}, {"question": "How many?", "answer": "two"}]
-    rendered = processor.render_compression_sample(random_image(0), "a caption", turns)
+    rendered = processor.render_qa_sample(random_image(0), "a caption", turns)
     text = _text(processor, rendered.input_ids)
     k = processor.num_compression_tokens
     compression = "".join(f"<cmp_{index}>" for index in range(k))
@@ -83,7 +83,7 @@ def test_stage1_layout_and_labels_on_answers():
     assert _text(processor, labelled) == "red<|im_end|>two<|im_end|>"
     try:  # the processor's own setting decides where labels go
         processor.loss_on = "all_after_compression"
-        everything = processor.render_compression_sample(random_image(0), "a caption", turns)
+        everything = processor.render_qa_sample(random_image(0), "a caption", turns)
     finally:
         processor.loss_on = "answers"
     after = len(rendered.input_ids) - rendered.input_ids[::-1].index(processor.compression_token_ids[-1])
@@ -114,7 +114,7 @@ def test_truncation_cuts_text_never_compression_tokens_and_drops_turns():
     assert rendered.input_ids[-4:] == short.compression_token_ids
 
     turns = [("What is in the image?", "a fox")] + [("And then what happened next?", "it jumped over")] * 5
-    stage1 = short.render_compression_sample(None, long_text, turns)
+    stage1 = short.render_qa_sample(None, long_text, turns)
     # the text gives way so the first turn fits: text + "\n{compress_instruction}" + 4 compression tokens + turn 1 = 40
     question, answer = turns[0]
     first_turn = 4 + count("user\n") + count(question) + 2 * count("\n") + count("assistant\n") + count(answer)
@@ -133,7 +133,7 @@ def test_first_answer_that_cannot_fit_is_an_error_naming_the_sample():
     _, processor = tiny_coma()
     short = _rebuilt(processor, max_length=30)
     with pytest.raises(CoMaInputError, match=r"sample 7, field 'conversation'.*first question and answer"):
-        short.render_compression_sample(None, "text", [("a question " * 10, "an answer " * 10)], sample=7)
+        short.render_qa_sample(None, "text", [("a question " * 10, "an answer " * 10)], sample=7)
 
 
 def test_image_too_large_for_max_length_is_an_error():
@@ -205,19 +205,19 @@ def test_empty_text_is_allowed_only_with_an_image():
         processor.render_embedding_input("  ", sample=4)
     processor.render_embedding_input("", random_image(0))
     with pytest.raises(CoMaInputError, match="field 'text'"):
-        processor.render_compression_sample(None, "", [("q?", "a")])
+        processor.render_qa_sample(None, "", [("q?", "a")])
     with pytest.raises(CoMaInputError, match="field 'conversation'"):
-        processor.render_compression_sample(random_image(0), "x", [])
+        processor.render_qa_sample(random_image(0), "x", [])
     with pytest.raises(CoMaInputError, match="turn 1 has an empty or missing answer"):
-        processor.render_compression_sample(random_image(0), "x", [("q?", "a"), ("q2?", "")])
+        processor.render_qa_sample(random_image(0), "x", [("q?", "a"), ("q2?", "")])
 
 
 def test_wrong_input_types_and_keys_are_named():
     _, processor = tiny_coma()
     with pytest.raises(CoMaInputError, match="sample 1, field 'input'.*int"):
-        processor.process_for_embedding(["fine", 3])
+        processor.process_embedding_inputs(["fine", 3])
     with pytest.raises(CoMaInputError, match="unknown keys"):
-        processor.process_for_embedding([{"img": random_image(0)}])
+        processor.process_embedding_inputs([{"img": random_image(0)}])
 
 
 def test_collate_pads_left_and_keeps_images_in_order():
@@ -348,7 +348,7 @@ def test_a_processor_for_other_compression_tokens_is_refused():
 
 def test_the_processor_declares_the_inputs_it_makes():
     _, processor = tiny_coma()
-    batch = processor.process_for_embedding([{"image": random_image(1), "text": "a red circle"}, "text only"])
+    batch = processor.process_embedding_inputs([{"image": random_image(1), "text": "a red circle"}, "text only"])
     assert list(batch.keys()) == ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
     assert processor.model_input_names == list(batch.keys())  # what the model and Trainer read
 

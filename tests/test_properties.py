@@ -1,5 +1,5 @@
 """Property-based tests of the public rendering and encoding API (issue 27 §1): `render_embedding_input`,
-`render_compression_sample`, `process_for_embedding`, `process_for_compression` and `encode` / `encode_text` /
+`render_qa_sample`, `process_embedding_inputs`, `process_qa_samples` and `encode` / `encode_text` /
 `encode_images`, on generated inputs — arbitrary Unicode with special-token strings, placeholders and compression-token
 names mixed in, empty and whitespace-only texts, images of 1..1024 px at any aspect ratio in modes RGB, RGBA, L, P,
 CMYK and I;16, any `max_length` from K + 1 up, K in {0, 1, 8, 64}.
@@ -307,7 +307,7 @@ def test_embedding_input_renders_as_documented_or_names_the_field(data):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 1: render_compression_sample
+# Stage 1: render_qa_sample
 # --------------------------------------------------------------------------------------------------------------------
 def _turn_spans(processor: CoMaProcessor, ids: list[int]) -> tuple[list[int], list[list[int]]]:
     """A stage-1 rendering split into its input (up to the first `<|im_start|>`) and its QA turns (two
@@ -334,7 +334,7 @@ def test_compression_sample_renders_and_labels_as_documented_or_names_the_field(
     loss_on = data.draw(st.sampled_from(["answers", "all_after_compression"]), label="loss_on")
 
     def render(max_length):
-        return _processor(k, max_length, loss_on).render_compression_sample(image, text, conversation, sample=SAMPLE)
+        return _processor(k, max_length, loss_on).render_qa_sample(image, text, conversation, sample=SAMPLE)
 
     allowed = set()
     if image is None and not _without_placeholders(base, text).strip():
@@ -396,7 +396,7 @@ def test_compression_sample_renders_and_labels_as_documented_or_names_the_field(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Batches: process_for_embedding / process_for_compression
+# Batches: process_embedding_inputs / process_qa_samples
 # --------------------------------------------------------------------------------------------------------------------
 def _embedding_inputs(processor: CoMaProcessor) -> st.SearchStrategy:
     """The documented input forms: a text, a PIL image, a dict with image / text / instruction."""
@@ -468,11 +468,11 @@ def test_process_for_embedding_pads_the_rendered_inputs_or_names_the_first_bad_o
     if failure is not None:
         index, expected = failure
         with pytest.raises(CoMaInputError) as caught:
-            processor.process_for_embedding(items, instruction, offset=offset)
+            processor.process_embedding_inputs(items, instruction, offset=offset)
         assert (caught.value.sample, caught.value.field) == (offset + index, expected.field)
         return
     rendered = [render(item, index) for index, item in enumerate(items)]
-    _check_batch(processor, processor.process_for_embedding(items, instruction, offset=offset), rendered)
+    _check_batch(processor, processor.process_embedding_inputs(items, instruction, offset=offset), rendered)
 
 
 @settings(max_examples=25)
@@ -500,7 +500,7 @@ def test_process_for_compression_pads_the_rendered_samples_or_names_the_first_ba
     offset = data.draw(st.integers(0, 100), label="offset")
 
     def render(item, index):
-        return processor.render_compression_sample(
+        return processor.render_qa_sample(
             item.get("image"), item.get("text"), item["conversation"], sample=offset + index
         )
 
@@ -509,11 +509,11 @@ def test_process_for_compression_pads_the_rendered_samples_or_names_the_first_ba
     if failure is not None:
         index, expected = failure
         with pytest.raises(CoMaInputError) as caught:
-            processor.process_for_compression(samples, offset=offset)
+            processor.process_qa_samples(samples, offset=offset)
         assert (caught.value.sample, caught.value.field) == (offset + index, expected.field)
         return
     rendered = [render(item, index) for index, item in enumerate(samples)]
-    _check_batch(processor, processor.process_for_compression(samples, offset=offset), rendered)
+    _check_batch(processor, processor.process_qa_samples(samples, offset=offset), rendered)
 
 
 # --------------------------------------------------------------------------------------------------------------------

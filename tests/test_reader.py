@@ -138,7 +138,7 @@ def test_the_reader_trains_on_the_stage1_layout_without_the_compression_tokens()
     reader = reader_processor(coma_processor, 16, 16)  # the same tokenizer and image processor, K = 0
     sample = scene_samples("train", 1)[0]
     batch = ReaderCollator(reader)([sample])
-    stage1 = coma_processor.render_compression_sample(sample["image"], None, sample["conversation"])
+    stage1 = coma_processor.render_qa_sample(sample["image"], None, sample["conversation"])
     compression = set(coma_processor.compression_token_ids)
     keep = [index for index, token in enumerate(stage1.input_ids) if token not in compression]
     assert batch["input_ids"][0].tolist() == [stage1.input_ids[index] for index in keep]

@@ -71,7 +71,7 @@ def test_shrunk_published_config_trains_one_step_and_embeds(name):
     assert model.lm_head.weight.shape[0] == expected["vocab"]
     assert (model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()) == expected["tied"]
 
-    batch = processor.process_for_compression(
+    batch = processor.process_qa_samples(
         [{"image": random_image(0, (64, 64)), "text": "a caption", "conversation": [("What is it?", "noise")]}]
     )
     model.train()
@@ -85,7 +85,7 @@ def test_shrunk_published_config_trains_one_step_and_embeds(name):
 
     model.eval()
     with torch.no_grad():
-        embeddings = model(**processor.process_for_embedding(["text", random_image(1, (64, 64))])).pooler_output
+        embeddings = model(**processor.process_embedding_inputs(["text", random_image(1, (64, 64))])).pooler_output
     assert embeddings.shape == (2, text.hidden_size)
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2))
 

@@ -92,7 +92,7 @@ def test_stage1_trains_dora_and_the_compression_rows_only(shrunk_run):
     # A starts random and B at zero, so one step moves B, DoRA's magnitudes and the rows, not yet A
     assert stage1["tensors"]["changed"] == ["lora_B", "lora_magnitude_vector", "trainable_tokens"]
     assert stage1["tensors"]["unchanged"] == ["lora_A"]
-    assert stage1["bf16_autocast"] and stage1["gradient_checkpointing"] and stage1["use_dora"]
+    assert stage1["bf16_autocast"] and stage1["activation_checkpointing"] and stage1["use_dora"]
     assert torch.isfinite(torch.tensor(stage1["loss"]))
 
     merge = report["phases"]["merge"]
@@ -188,7 +188,7 @@ def test_the_recipe_targets_language_model_attention_and_the_compression_rows(be
     # the projection's depth scaling: a probe of this width against the full 3B depth (36 layers, 32 blocks)
     files = benchmark.Files(tmp_path)
     benchmark.write_images(files, run.seed)
-    features = model.processor.process_for_embedding(benchmark.reference_inputs(files))
+    features = model.processor.process_embedding_inputs(benchmark.reference_inputs(files))
     full = benchmark.published_config(shrink=False)
     forward = benchmark.depth_ratio(model, full, features)
     step = benchmark.depth_ratio(model, full, features, language_passes=3)

@@ -57,7 +57,7 @@ def datasets(folder):
 def tokens(processor, item) -> list[int]:
     """The ids of one input, rendered alone (no padding)."""
     item = item.as_input() if isinstance(item, EvalItem) else item
-    return processor.process_for_embedding([item])["input_ids"][0].tolist()
+    return processor.process_embedding_inputs([item])["input_ids"][0].tolist()
 
 
 def expected(processor, prompt: str) -> list[int]:
@@ -300,7 +300,7 @@ def test_chat_messages_and_dicts_name_a_layout_the_same_way(processor):
     with pytest.raises(CoMaInputError, match="field 'layout'.*several layouts"):
         processor.apply_chat_template(clash, tokenize=True)
     with pytest.raises(CoMaInputError, match="unknown keys \\['layouts'\\]"):
-        processor.process_for_embedding([{"text": "a", "layouts": "image_cls.query"}])
+        processor.process_embedding_inputs([{"text": "a", "layouts": "image_cls.query"}])
 
 
 def test_an_ordinary_processor_has_no_named_layouts_and_says_so():
@@ -308,21 +308,21 @@ def test_an_ordinary_processor_has_no_named_layouts_and_says_so():
     assert processor.layouts == {} and processor._embedding_layout.mode == "parts"
     item = {"text": "tench", "layout": "image_cls.candidate"}
     with pytest.raises(CoMaInputError, match=r"sample 0, field 'layout'.*no layout named 'image_cls.candidate'"):
-        processor.process_for_embedding([item])
+        processor.process_embedding_inputs([item])
 
 
 # ---- images -------------------------------------------------------------------------------------------------------
 def test_images_under_28_pixels_are_enlarged_to_56(processor, datasets):
     tiny = random_image(8, (20, 40))
-    features = processor.process_for_embedding([{"image": tiny}])
+    features = processor.process_embedding_inputs([{"image": tiny}])
     reference = processor.image_processor(images=[tiny.resize((56, 56))], return_tensors="pt")
     assert torch.equal(features["pixel_values"], reference["pixel_values"])
     assert features["image_grid_thw"].tolist() == [[1, 4, 4]]
-    ordinary = tiny_coma()[1].process_for_embedding([{"image": tiny}])  # no enlargement configured
+    ordinary = tiny_coma()[1].process_embedding_inputs([{"image": tiny}])  # no enlargement configured
     assert ordinary["image_grid_thw"].tolist() != [[1, 4, 4]]
     wide_enough = random_image(9, (28, 40))
     untouched = processor.image_processor(images=[wide_enough], return_tensors="pt")["pixel_values"]
-    assert torch.equal(processor.process_for_embedding([{"image": wide_enough}])["pixel_values"], untouched)
+    assert torch.equal(processor.process_embedding_inputs([{"image": wide_enough}])["pixel_values"], untouched)
     assert datasets["ImageNet-1K"].rows[1]["query"].image.endswith(TINY_IMAGE)  # the evaluator's tiny image
 
 
@@ -330,7 +330,7 @@ def test_eval_image_bounds_are_recorded_in_tokens(processor):
     assert (processor.min_image_tokens, processor.max_image_tokens) == (4, EVAL_MAX_IMAGE_TOKENS) == (4, 1280)
     assert processor.image_processor.size == {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 1280}
     large = Image.new("RGB", (1400, 1400))
-    grid = processor.process_for_embedding([{"image": large}])["image_grid_thw"]
+    grid = processor.process_embedding_inputs([{"image": large}])["image_grid_thw"]
     assert int(grid.prod()) // 4 <= 1280 < (1400 // 28) ** 2
 
 
@@ -340,9 +340,9 @@ def test_images_are_read_as_stored_without_exif_orientation(processor, tmp_path)
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     path = tmp_path / "sideways.jpg"
     stored.save(path, exif=exif, quality=95)
-    released = processor.process_for_embedding([{"image": str(path)}])["image_grid_thw"].tolist()
+    released = processor.process_embedding_inputs([{"image": str(path)}])["image_grid_thw"].tolist()
     ordinary = tiny_coma()[1].with_settings(min_image_tokens=4, max_image_tokens=1280)
-    upright = ordinary.process_for_embedding([{"image": str(path)}])["image_grid_thw"].tolist()
+    upright = ordinary.process_embedding_inputs([{"image": str(path)}])["image_grid_thw"].tolist()
     assert released == [[1, 4, 8]] and upright == [[1, 8, 4]]  # 56 × 112 as stored; turned, 112 × 56
 
 
@@ -401,7 +401,7 @@ def test_a_bad_instruct_row_is_named_by_dataset_row_and_field(folder, tmp_path):
 # ---- pooling ------------------------------------------------------------------------------------------------------
 def test_a_converted_checkpoint_pools_the_last_compression_token(converted_model):
     model = converted_model
-    batch = model.processor.process_for_embedding([{"image": random_image(10), "text": "a cat"}, "a dog"])
+    batch = model.processor.process_embedding_inputs([{"image": random_image(10), "text": "a cat"}, "a dog"])
     with torch.no_grad():
         output = model(**batch)
     last = F.normalize(output.compression_states[:, -1], dim=-1)

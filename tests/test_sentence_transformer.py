@@ -138,7 +138,7 @@ def test_multi_vector_encoder_scores_the_k_states_with_maxsim(tmp_path):
 
     def states(items, instruction=None):
         with torch.no_grad():
-            batch = processor.process_for_embedding(items, instruction=instruction)
+            batch = processor.process_embedding_inputs(items, instruction=instruction)
             return torch.nn.functional.normalize(model.compress(**batch).compression_states, dim=-1)
 
     query_states, document_states = states(queries, model.processor.query_instruction), states(documents)

@@ -92,7 +92,7 @@ def test_datasets_image_column(tmp_path):
     loaded, root = load_stage1_dataset(tmp_path / "saved")
     _, processor = tiny_coma()
     record = normalize_stage1_record(loaded[0], 0, root)
-    rendered = processor.render_compression_sample(record["image"], record["text"], record["conversation"])
+    rendered = processor.render_qa_sample(record["image"], record["text"], record["conversation"])
     original = processor.image_processor(images=[random_image(2)], return_tensors="pt")  # PNG: the same pixels back
     torch.testing.assert_close(rendered.pixel_values, original["pixel_values"], rtol=0, atol=0)
     assert rendered.image_grid_thw.tolist() == original["image_grid_thw"].tolist() and rendered.dropped_turns == 0

@@ -108,7 +108,7 @@ def test_training_logs_loss_tokens_per_second_and_evaluates(scenes, tmp_path):
         eval_strategy="steps",
         eval_steps=3,
         per_device_eval_batch_size=4,
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
     )
     trainer = CoMaCompressionTrainer(
         model=model,

@@ -25,7 +25,7 @@ def test_batched_vision_attention_matches_the_stock_path(family):
     model.eval()
     sizes = [(84, 112), (224, 140), (56, 56), (112, 84)]  # several image sizes in one batch, and a text-only row
     inputs = [{"image": random_image(index, size), "text": "a caption"} for index, size in enumerate(sizes)] + ["text"]
-    batch = processor.process_for_embedding(inputs)
+    batch = processor.process_embedding_inputs(inputs)
     visual = model.model.visual
     assert vision_attention_implementation(visual) == BATCHED_VISION_ATTENTION  # the default without flash-attn
     set_vision_attention(visual, "sdpa")

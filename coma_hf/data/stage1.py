@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inputs import CoMaInputError
+from ..processing_coma import processor_method
 from .sources import (
     BadRow,
     check_readable,
@@ -248,7 +249,7 @@ def validate_stage1_dataset(dataset, processor, image_root: str | None = None) -
         row = dataset[index]
         try:
             record = normalize_stage1_record(row, index, image_root)
-            processor.render_compression_sample(
+            processor_method(processor, "render_qa_sample")(
                 record["image"], record["text"], record["conversation"], sample=record["id"]
             )
         except CoMaInputError as error:

@@ -13,11 +13,12 @@ import torch
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from transformers import BatchFeature
 
+from ..constants_coma import BatchKey
 from ..data.sources import ERROR_COLUMN
 from ..data.stage1 import normalize_stage1_record
 from ..data.stage2 import embedding_input, sides
 from ..inputs import CoMaInputError
-from ..processing_coma import BatchKey, CoMaProcessor
+from ..processing_coma import CoMaProcessor, processor_method
 
 
 class CoMaCompressionCollator:
@@ -47,7 +48,7 @@ class CoMaCompressionCollator:
             record = normalize_stage1_record(row, position, self.image_root)
             ids.append(str(record["id"]))
             rendered.append(
-                self.processor.render_compression_sample(
+                processor_method(self.processor, "render_qa_sample")(
                     record["image"],
                     record["text"],
                     record["conversation"][: self.max_turns],

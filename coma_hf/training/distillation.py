@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..processing_coma import IGNORE_INDEX, BatchKey
+from ..constants_coma import IGNORE_INDEX, BatchKey
 
 if TYPE_CHECKING:
     from ..modeling_coma import CoMaModel

@@ -31,7 +31,8 @@ from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim
 from torch import Tensor, nn
 
 from ..configuration_coma import DEFAULT_CONTRASTIVE_TEMPERATURE
-from ..processing_coma import IGNORE_INDEX, BatchKey, sample_contents
+from ..constants_coma import IGNORE_INDEX, BatchKey
+from ..processing_coma import sample_contents
 
 # Stage-1 loss normalisations: over the global batch's label tokens (the default), or the mean over its samples of
 # each sample's mean token loss (the released code).

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,17 @@ from .batching import GLOBAL_BATCH_KEY, PER_DEVICE_KEYS, BatchPlan, explicit_bat
 from .recipes import choose_recipe
 
 HELP_FLAGS = ("-h", "--help")
+# `TrainingArguments` names transformers 5.x renamed: the presets use the current one, an older transformers the old
+RENAMED_TRAINING_ARGUMENTS = {"activation_checkpointing": "gradient_checkpointing"}
+
+
+def training_argument_name(name: str) -> str:
+    """`name` as the installed transformers' `TrainingArguments` calls it (the old name of a renamed one where the
+    new one does not exist yet)."""
+    from transformers import TrainingArguments
+
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return name if name in fields or name not in RENAMED_TRAINING_ARGUMENTS else RENAMED_TRAINING_ARGUMENTS[name]
 
 
 def recipe_defaults(recipe: str, stage: str, configs: Path) -> dict:
@@ -32,7 +44,7 @@ def recipe_defaults(recipe: str, stage: str, configs: Path) -> dict:
             f"{path} states {GLOBAL_BATCH_KEY} and {', '.join(stated)}: a preset states the global batch, and the "
             "per-device batch and accumulation are derived from it (bound the micro-batch with max_micro_batch_size)"
         )
-    return {**preset, "recipe": recipe}
+    return {**{training_argument_name(key): value for key, value in preset.items()}, "recipe": recipe}
 
 
 class ParsedRun(NamedTuple):

@@ -34,8 +34,8 @@ from sentence_transformers import SentenceTransformerTrainer
 from transformers import Trainer, TrainerCallback
 
 from ..configuration_coma import POOLING_MODES
+from ..constants_coma import IGNORE_INDEX, BatchKey
 from ..hub import save_checkpoint, write_model_card
-from ..processing_coma import IGNORE_INDEX, BatchKey
 from ..storage import safetensors_damage
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .distillation import answer_kl_sum, check_objective, frozen_teacher, uses_teacher
