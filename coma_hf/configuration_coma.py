@@ -38,11 +38,13 @@ class CoMaConfig(PretrainedConfig):
         compression_token_ids (`list[int]`, *optional*):
             Vocabulary ids of `<cmp_0>` … `<cmp_{K-1}>`, in order. Set by `CoMaModel.from_backbone`.
         pooling (`str`, defaults to `"mean"`):
-            How the embedding is read off the K final (post-norm) compression states: `"mean"` (the paper) or
-            `"last"` (the released evaluation script).
+            How the embedding is read off the K final (post-norm) compression states: `"mean"` or `"last"`.
+            `"last"`: compatibility with the authors' release (their evaluation); the method's value is `"mean"`.
         attention_rule (`str`, defaults to `"bottleneck"`):
             `"bottleneck"`: tokens after the compression tokens never see the input (CoMa).
-            `"causal"`: plain causal attention everywhere (the control that isolates compression).
+            `"causal"`: plain causal attention everywhere (the control that isolates compression; also
+            compatibility with the authors' release, whose published scripts never switch the bottleneck on). The
+            method's value is `"bottleneck"`.
         contrastive_temperature (`float`, defaults to 0.03):
             Stage-2 InfoNCE temperature (cosine similarity / temperature). Not called `temperature`, which
             transformers reserves for generation.

@@ -64,6 +64,9 @@ class InputLayout:
                               checkpoint). The released `embedding_layout` (prompt, both options above and this one);
                               image, "a cat" → `V a cat\\n<cmp>`; image alone → `V \\n<cmp>`.
     ========================  =========================================================================================
+
+    Prompt mode and its three options are compatibility with the authors' release (their evaluation, which a converted
+    checkpoint's processor config records); the method's values are the defaults: parts mode, every option off.
     """
 
     SLOTS = ("image", "instruction", "text", "compression")

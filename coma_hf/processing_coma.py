@@ -102,8 +102,8 @@ class CoMaProcessor(CoMaRenderingMixin, ProcessorMixin):
         document_instruction (`str`): the instruction of `encode_document` (and the sentence-transformers prompt
             `document`).
         loss_on (`str`, defaults to `"answers"`): stage-1 label positions: `"answers"` (answer tokens and their
-            `<|im_end|>`, the paper) or `"all_after_compression"` (every token after the compression tokens, the
-            released code).
+            `<|im_end|>`) or `"all_after_compression"` (every token after the compression tokens: compatibility with
+            the authors' release). The method's value is `"answers"`.
         min_image_tokens / max_image_tokens (`int`, *optional*): bounds on visual tokens per image, given in tokens
             (one token covers `patch_size * merge_size` pixels per side: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
             The paper uses 256–1024. `None` keeps the image processor's own bounds.
@@ -118,10 +118,12 @@ class CoMaProcessor(CoMaRenderingMixin, ProcessorMixin):
             (`{"layout": name}`): a checkpoint converted from the authors' release carries the rules their evaluation
             renders each MMEB dataset family and side with. An input that names none uses `embedding_layout`.
         enlarge_images_below (`int`, *optional*): an image with a side shorter than this many pixels is resized to
-            `enlarged_image_size` × `enlarged_image_size` first (the release's evaluation: 28 → 56). `None`: never.
+            `enlarged_image_size` × `enlarged_image_size` first. 28 (→ 56): compatibility with the authors'
+            release (their evaluation); the method's value is `None` (never).
         enlarged_image_size (`int`, defaults to 56): see `enlarge_images_below`.
         apply_exif_orientation (`bool`, defaults to `True`): read image files upright (their EXIF orientation
-            applied); the release's evaluation read them as stored.
+            applied). `False`: compatibility with the authors' release (their evaluation read files as stored);
+            the method's value is `True`.
         max_length (`int`, *optional*): longest sequence in tokens. The compression tokens are never cut: input
             text is truncated first; in stage 1, trailing QA turns that do not fit are dropped and counted, and a
             sample whose first answer cannot fit is an error naming the sample.

@@ -53,6 +53,7 @@ from coma_hf.evaluation.compression import (
     majority_baseline,
 )
 from coma_hf.hub import hardware, write_run_summary
+from coma_hf.released import COMPATIBILITY
 from coma_hf.training import (
     LOSS_NORMALIZATIONS,
     OBJECTIVES,
@@ -84,12 +85,16 @@ class ModelArguments:
             "for: tiny for the embedded one, paper for a real one)."
         },
     )
-    loss_on: str = field(default="answers", metadata={"help": "'answers' or 'all_after_compression'."})
+    loss_on: str = field(
+        default="answers",
+        metadata={"help": f"'answers' or 'all_after_compression' ({COMPATIBILITY}); the method's value is 'answers'."},
+    )
     loss_normalization: str = field(
         default="tokens",
         metadata={
             "help": "'tokens' (the summed token loss over the global batch's label tokens) or 'per_sample_mean' "
-            "(each sample's mean token loss, averaged over the global batch's samples: the released code).",
+            f"(each sample's mean token loss, averaged over the global batch's samples: {COMPATIBILITY}); the "
+            "method's value is 'tokens'.",
             "choices": LOSS_NORMALIZATIONS,
         },
     )

@@ -40,7 +40,7 @@ from coma_hf.data.stage2 import cap_per_dataset, load_mmeb_train, parse_dataset_
 from coma_hf.evaluation.mmeb import chance_baselines, load_mmeb_datasets
 from coma_hf.evaluation.sentence_evaluator import MMEBSentenceEvaluator
 from coma_hf.hub import hardware, save_checkpoint, write_run_summary
-from coma_hf.released import processor_for_training, rendering_settings
+from coma_hf.released import COMPATIBILITY, processor_for_training, rendering_settings
 from coma_hf.sentence_transformer import load_sentence_transformer
 from coma_hf.training import (
     BackboneArguments,
@@ -100,8 +100,8 @@ class ModelArguments:
     eval_pooling: str | None = field(
         default=None,
         metadata={
-            "help": "Pooling of the evaluations and of the saved checkpoint (default: the training pooling; the "
-            "released code trains on the mean and evaluates on the last state).",
+            "help": "Pooling of the evaluations and of the saved checkpoint (default: the training pooling). "
+            f"'last' after training on the mean: {COMPATIBILITY}; the method's value is the training pooling.",
             "choices": POOLING_MODES,
         },
     )
@@ -134,19 +134,22 @@ class DataArguments:
         default=None,
         metadata={
             "help": "With --by_dataset: build batches from chunks of this many rows of one dataset, each chunk's "
-            "dataset drawn uniformly (the released code: 64), instead of --multi_dataset_batch_sampler's whole "
-            "batches. Must divide the global batch."
+            "dataset drawn uniformly, instead of --multi_dataset_batch_sampler's whole batches; must divide the "
+            f"global batch. 64: {COMPATIBILITY}; the method's value is unset (whole single-dataset batches)."
         },
     )
     max_pairs_per_dataset: str | None = field(
         default=None,
         metadata={
             "help": "Cap on each dataset's pairs (shuffled with seed 42, then cut): 'N' for every dataset, or "
-            "'name=N,name=N' (the released code caps each MMEB subset)."
+            f"'name=N,name=N'. Caps per MMEB subset: {COMPATIBILITY}; the method's value is unset."
         },
     )
     hard_negatives: bool = field(
-        default=True, metadata={"help": "Train on the data's hard negatives (neg_*); false drops them (released)."}
+        default=True,
+        metadata={
+            "help": f"Train on the data's hard negatives (neg_*). false: {COMPATIBILITY}; the method's is true."
+        },
     )
     validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})

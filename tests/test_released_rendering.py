@@ -19,10 +19,6 @@ from PIL import Image
 
 from coma_hf.evaluation.mmeb import EvalItem, load_mmeb_datasets
 from coma_hf.evaluation.mmeb_v2 import (
-    EVAL_MAX_IMAGE_TOKENS,
-    PARSER_OF,
-    RELEASED_LAYOUTS,
-    RELEASED_PROCESSOR_SETTINGS,
     as_instruct_dataset,
     is_instruct_rows,
     load_evaluation_datasets,
@@ -31,6 +27,7 @@ from coma_hf.evaluation.mmeb_v2 import (
 from coma_hf.inputs import MMEB_IMAGE_PLACEHOLDER, CoMaInputError
 from coma_hf.processing_coma import EMBEDDING_LAYOUT, InputLayout
 from coma_hf.released import processor_for_training, rendering_settings
+from coma_hf.released.evaluation import EVAL_MAX_IMAGE_TOKENS, PARSER_OF, RELEASED_LAYOUTS, RELEASED_PROCESSOR_SETTINGS
 
 from mmeb_v2_rows import PARSERS, ROWS, TINY_IMAGE, write_instruct_folder
 from utils import random_image, tiny_coma

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coma_hf.evaluation.mmeb_v2 import RELEASED_PROCESSOR_SETTINGS
+from coma_hf.released import RELEASED_PROCESSOR_SETTINGS
 from coma_hf.serving import POOLING_FILE, REMOTE_CODE_KEYS, export_stock_backbone
 from coma_hf.tiny import build_tiny_coma
 

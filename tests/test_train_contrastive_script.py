@@ -146,8 +146,8 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, synthetic):
 def test_a_start_rendering_as_the_release_evaluation_trains_and_saves_with_the_training_rendering(tmp_path, synthetic):
     """A converted release's processor renders as their evaluation (prompt layout, eval image bounds, no max_length):
     stage 2 from it renders as CoMa trains, with the recipe's bounds, logs it, and the output records it."""
-    from coma_hf.evaluation.mmeb_v2 import RELEASED_LAYOUTS, RELEASED_PROCESSOR_SETTINGS
     from coma_hf.processing_coma import EMBEDDING_LAYOUT, CoMaProcessor
+    from coma_hf.released import RELEASED_LAYOUTS, RELEASED_PROCESSOR_SETTINGS
 
     from utils import tiny_coma
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..released.recipe import COMPATIBILITY
 from .peft import LANGUAGE_MODEL_ATTENTION, LORA_INITS
 
 TINY_INITS = ("reader", "random")  # the embedded backbone's weights: the shipped pre-trained reader, or random
@@ -19,12 +20,15 @@ class LoraArguments:
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default=LANGUAGE_MODEL_ATTENTION, metadata={"help": "Regex of LoRA targets."})
-    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA), as the released code."})
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": f"DoRA (weight-decomposed LoRA): {COMPATIBILITY}; the method's value is false (LoRA)."},
+    )
     lora_init: str = field(
         default="default",
         metadata={
-            "help": "How LoRA's A matrices start: 'default' (peft's Kaiming-uniform) or 'gaussian' (the released "
-            "code's); B starts at zero either way.",
+            "help": "How LoRA's A matrices start: 'default' (peft's Kaiming-uniform) or 'gaussian'; B starts at "
+            f"zero either way. 'gaussian': {COMPATIBILITY}; the method's value is 'default'.",
             "choices": tuple(LORA_INITS),
         },
     )
@@ -34,8 +38,8 @@ class LoraArguments:
     train_input_embeddings: bool = field(
         default=False,
         metadata={
-            "help": "With LoRA, train the whole input embedding matrix (peft modules_to_save; the released code). A "
-            "tied LM head stays tied to it (peft's ensure_weight_tying). Includes the compression rows."
+            "help": "With LoRA, train the whole input embedding matrix (peft modules_to_save); a tied LM head stays "
+            f"tied to it. {COMPATIBILITY}; the method's value is false (only the compression rows)."
         },
     )
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Without LoRA, keep the vision tower fixed."})

@@ -20,7 +20,7 @@ import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
 from torch.utils.data import BatchSampler, ConcatDataset
 
-RELEASED_CHUNK_SIZE = 64  # the released stage-2 script's `--interleave_batch_size 64`
+from ..released.recipe import RELEASED_CHUNK_SIZE
 
 
 class UniformChunkBatchSampler(MultiDatasetDefaultBatchSampler):

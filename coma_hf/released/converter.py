@@ -16,19 +16,17 @@ the current key layout), merges an adapter, keeps the trained compression-token 
 re-initialised or appended), builds the CoMa model through `CoMaModel.from_backbone` with the release's token names,
 and saves it with `save_checkpoint` (remote code, processor, sentence-transformers files, card). The config records
 what their evaluation did (pooling of the **last** compression token, plain causal attention), the processor config
-how it rendered inputs (`RELEASED_PROCESSOR_SETTINGS`, owned by `coma_hf.evaluation.mmeb_v2`: a layout per MMEB
+how it rendered inputs (`RELEASED_PROCESSOR_SETTINGS`, owned by `coma_hf.released.evaluation`: a layout per MMEB
 dataset family and side, their image-query rule for the plain API, their eval image bounds, tiny images enlarged,
 images read as stored), and `conversion_summary.json` that the weights came from the release (source, recipe
 `released`).
 
-That rendering is for evaluation only. Training from a converted checkpoint (`examples/train_contrastive.py`) renders
-as CoMa trains (`processor_for_training`): the plain layout and the image reading back to `CoMaProcessor`'s defaults,
-the recipe's image bounds and `max_length`; the named layouts stay, for inputs that name one.
+That rendering is for evaluation only: training from a converted checkpoint renders as CoMa trains
+(`coma_hf.released.recipe.processor_for_training`).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -39,15 +37,15 @@ from typing import Any
 
 import torch
 
-from .backbones import get_family
-from .evaluation.mmeb_v2 import RELEASED_PROCESSOR_SETTINGS
-from .hub.card import CONVERSION_SUMMARY, HUB_ID, save_checkpoint, write_run_summary
-from .modeling_coma import CoMaModel
-from .processing_coma import BackboneProcessorParts, CoMaProcessor
+from ..backbones import get_family
+from ..hub.card import CONVERSION_SUMMARY, HUB_ID, save_checkpoint, write_run_summary
+from ..modeling_coma import CoMaModel
+from ..processing_coma import BackboneProcessorParts
+from .evaluation import RELEASED_PROCESSOR_SETTINGS
+from .recipe import RELEASED_RECIPE
 
 logger = logging.getLogger(__name__)
 
-RELEASED_RECIPE = "released"
 RELEASED_TOKEN_FORMAT = "<|ctoken_pad_{index}|>"  # their compression tokens
 RELEASED_TOKEN = re.compile(r"^<\|ctoken_pad_(\d+)\|>$")
 # What their evaluation did, recorded in the converted config: `--pooling eos` (the last compression token's state);
@@ -61,15 +59,6 @@ CURRENT_KEY_PREFIXES = ("model.visual.", "model.language_model.", "lm_head.")
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# The processor settings training takes from `CoMaProcessor`'s defaults rather than from a converted release (which
-# records their evaluation's), and those it takes from the recipe; `rendering_settings` reports all of them.
-TRAINING_DEFAULT_SETTINGS = (
-    "embedding_layout",
-    "enlarge_images_below",
-    "enlarged_image_size",
-    "apply_exif_orientation",
-)
-TRAINING_RECIPE_SETTINGS = ("min_image_tokens", "max_image_tokens", "max_length")
 # What a released checkpoint needs from the Hub: configs, tokenizer files, safetensors weights (never a pickle).
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
 
@@ -238,35 +227,6 @@ def released_compression_tokens(tokenizer: Any, num_rows: int, num_compression_t
             f"{', '.join(outside)}. Check K (num_compression_tokens) and the tokenizer saved with the checkpoint."
         )
     return ReleasedCompressionTokens(count, list(ids), source)
-
-
-def renders_release_evaluation(processor: CoMaProcessor) -> bool:
-    """Whether `processor` renders its plain inputs as the release's evaluation (a converted checkpoint's)."""
-    return processor.embedding_layout == RELEASED_PROCESSOR_SETTINGS["embedding_layout"]
-
-
-def processor_for_training(
-    processor: CoMaProcessor,
-    min_image_tokens: int | None = None,
-    max_image_tokens: int | None = None,
-    max_length: int | None = None,
-) -> CoMaProcessor | None:
-    """The processor to train with when `processor` renders as the release's evaluation (else `None`: train with it as
-    it is): a copy with `TRAINING_DEFAULT_SETTINGS` at `CoMaProcessor`'s defaults (the parts-mode `embedding_layout`,
-    so an MMEB-train row renders as in any CoMa run; no tiny-image enlargement; files read upright) and the recipe's
-    `min_image_tokens` / `max_image_tokens` (`None`: the image processor's current bounds, i.e. the evaluation's) and
-    `max_length`. The named `layouts` are kept: only inputs that name one use them."""
-    if not renders_release_evaluation(processor):
-        return None
-    parameters = inspect.signature(CoMaProcessor.__init__).parameters
-    defaults = {name: parameters[name].default for name in TRAINING_DEFAULT_SETTINGS}
-    recipe = {"min_image_tokens": min_image_tokens, "max_image_tokens": max_image_tokens, "max_length": max_length}
-    return processor.with_settings(**defaults, **recipe)
-
-
-def rendering_settings(processor: CoMaProcessor) -> dict[str, Any]:
-    """The settings `processor_for_training` decides, as `processor` has them (for a run's summary and log)."""
-    return {name: getattr(processor, name) for name in (*TRAINING_DEFAULT_SETTINGS, *TRAINING_RECIPE_SETTINGS)}
 
 
 def _has_tokenizer(folder: Path) -> bool:
