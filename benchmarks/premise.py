@@ -681,10 +681,25 @@ def _comparison_lines(comparison: dict, t_intervals: dict | None = None) -> list
 
 
 def render_markdown(report: dict) -> str:
+    """The report as `docs/premise.md`'s results: the header, the primary comparisons, the secondaries, the arms, the
+    starts' zero-shot scores and stage 1."""
+    sections = (
+        _header_lines(report),
+        _primary_lines(report),
+        _secondary_lines(report),
+        _arm_table(report),
+        _zero_shot_table(report),
+        _stage1_table(report),
+    )
+    body = "\n".join(line for section in sections for line in section)
+    return body + "\n\n![Data efficiency and dose-response](premise.png)\n"
+
+
+def _header_lines(report: dict) -> list[str]:
     analysis, budget, protocol = report["analysis"], report["budget"], report["protocol"]
     endpoints = analysis["endpoints"]
     primary = analysis.get("primary_final")
-    lines = [
+    return [
         f"# The premise: {primary['decision']['rule'] if primary else 'no verdict yet'} — does compression "
         "pre-training make a better embedder than contrastive training alone?",
         "",
@@ -704,6 +719,11 @@ def render_markdown(report: dict) -> str:
         + ".",
         "",
     ]
+
+
+def _primary_lines(report: dict) -> list[str]:
+    analysis, budget = report["analysis"], report["budget"]
+    lines = []
     for checkpoint, title in (
         ("final", "final checkpoints (primary)"),
         ("best", "best dev-IND checkpoints (secondary)"),
@@ -716,6 +736,12 @@ def render_markdown(report: dict) -> str:
             lines += ["", "Diagnostics (OOD sets that failed the endpoint rule, outside the endpoint mean):", ""]
             lines += _comparison_lines(primary["diagnostics"])
         lines.append("")
+    return lines
+
+
+def _secondary_lines(report: dict) -> list[str]:
+    analysis, budget = report["analysis"], report["budget"]
+    lines = []
     if "data_efficiency" in analysis:
         crossing = analysis["data_efficiency"]
         smallest = crossing["budgets"][0]
@@ -736,8 +762,13 @@ def render_markdown(report: dict) -> str:
     if "matched" in analysis:
         lines += ["## B1 − compute-matched A (A given B1's stage-1 steps as contrastive steps)", ""]
         lines += _comparison_lines(analysis["matched"]) + [""]
+    return lines
+
+
+def _arm_table(report: dict) -> list[str]:
+    analysis = report["analysis"]
     names = list(analysis["arms"][0]["final"]) if analysis["arms"] else []
-    lines += [
+    lines = [
         "## Test Precision@1 (%) per arm, mean over seeds [95 % bootstrap interval]",
         "",
         "| arm | pairs | stage-2 steps | checkpoint | seeds | " + " | ".join(names) + " |",
@@ -748,7 +779,11 @@ def render_markdown(report: dict) -> str:
             cells = " | ".join(_interval(row[checkpoint][name]) for name in names)
             seeds = row[checkpoint][names[0]]["seeds"]
             lines.append(f"| {row['arm']} | {row['pairs']} | {row['steps']} | {checkpoint} | {seeds} | {cells} |")
-    lines += ["", "## Zero-shot test P@1 (%) of each start, before stage 2", ""]
+    return lines
+
+
+def _zero_shot_table(report: dict) -> list[str]:
+    lines = ["", "## Zero-shot test P@1 (%) of each start, before stage 2", ""]
     datasets = sorted(next(iter(report["zero_shot"].values()))["test"]["datasets"]) if report["zero_shot"] else []
     lines += [
         "| start | IND | OOD | " + " | ".join(datasets) + " |",
@@ -758,7 +793,11 @@ def render_markdown(report: dict) -> str:
         test = record["test"]
         cells = " | ".join(f"{100 * test['datasets'][name]:.1f}" for name in datasets)
         lines.append(f"| {start} | {100 * test[IND]:.1f} | {100 * test[OOD]:.1f} | {cells} |")
-    lines += [
+    return lines
+
+
+def _stage1_table(report: dict) -> list[str]:
+    lines = [
         "",
         "## Stage 1 (answers to held-out dev questions through the bottleneck)",
         "",
@@ -771,7 +810,7 @@ def render_markdown(report: dict) -> str:
             f"{record['train_loss_last']:.2f} | {record['heldout_answer_accuracy']:.3f} | "
             f"{record['majority_baseline_accuracy']:.3f} | {record['seconds']:.0f} |"
         )
-    return "\n".join(lines) + "\n\n![Data efficiency and dose-response](premise.png)\n"
+    return lines
 
 
 def _run_commits(records: list[dict]) -> str:

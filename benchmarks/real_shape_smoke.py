@@ -599,6 +599,7 @@ def package_importable() -> bool:
 
 
 # ---- the projection -------------------------------------------------------------------------------------------------
+# Kept long: one measured projection after another, in the order the report lists them.
 def phase_projection(run: Run, files: Files) -> dict:
     """Seconds per phase projected from a probe: a model of the run's width with one language-model layer and one
     vision block goes through the same steps (build, save, load, embed, the stage-1 and stage-2 steps), each timed;

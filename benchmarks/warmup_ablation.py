@@ -354,8 +354,21 @@ def _verdict_line(verdict: dict, other: str, meaning: str) -> str:
 
 
 def markdown(report: dict, command: str) -> str:
-    summary, budget = report["summary"], report["budget"]
-    lines = [
+    """The report as `results.md`: the header, the arms, stage 1, the ablations, the follow-ups and the verdict."""
+    sections = (
+        _header(report, command),
+        _arms_table(report),
+        _stage1_table(report),
+        _ablation_table(report),
+        _followup_table(report),
+        _verdict_section(report),
+    )
+    return "\n".join(line for section in sections for line in section)
+
+
+def _header(report: dict, command: str) -> list[str]:
+    budget = report["budget"]
+    return [
         "# Does compression pre-training help? (issue 6)",
         "",
         f"Command: `{command}`  ",
@@ -368,6 +381,11 @@ def markdown(report: dict, command: str) -> str:
         f"{budget['num_train_scenes']} synthetic scenes, contrastive pairs from the first {budget['pair_scenes']}; "
         f"{budget['num_dev_scenes']} dev and {budget['num_test_scenes']} test scenes per mini-MMEB dataset.",
         "",
+    ]
+
+
+def _arms_table(report: dict) -> list[str]:
+    lines = [
         "## A, B, C — Precision@1 (%), mean ± std over seeds",
         "",
         "| arm | split | overall | " + " | ".join(META_TASKS) + " |",
@@ -375,7 +393,7 @@ def markdown(report: dict, command: str) -> str:
     ]
     for arm, label in ARM_LABELS.items():
         for split in ("dev", "test"):
-            row = summary[arm][split]
+            row = report["summary"][arm][split]
             lines.append(
                 f"| {label} | {split} | **{_cell(row['overall'])}** | "
                 + " | ".join(_cell(row[task]) for task in META_TASKS)
@@ -386,7 +404,11 @@ def markdown(report: dict, command: str) -> str:
         + " | ".join(f"{100 * report['baseline']['test_meta_tasks'][task]:.1f}" for task in META_TASKS)
         + " |"
     )
-    lines += [
+    return lines
+
+
+def _stage1_table(report: dict) -> list[str]:
+    lines = [
         "",
         "## Stage 1 of B and C (answers decoded from the K states; dev scenes)",
         "",
@@ -401,7 +423,11 @@ def markdown(report: dict, command: str) -> str:
                 f"{stage1['train_loss_last']:.2f} | {stage1['heldout_answer_accuracy']:.3f} | "
                 f"{stage1['majority_baseline_accuracy']:.3f} | {stage1['control_answer_accuracy']:.3f} |"
             )
-    lines += [
+    return lines
+
+
+def _ablation_table(report: dict) -> list[str]:
+    lines = [
         "",
         "## Ablations of B (seed 0) — Precision@1 (%)",
         "",
@@ -411,28 +437,37 @@ def markdown(report: dict, command: str) -> str:
     reference = _reference(report)
     for result in [reference, *report["ablations"]]:
         name = (
-            f"B (K={budget['num_compression_tokens']}, answers, multi-turn)"
+            f"B (K={report['budget']['num_compression_tokens']}, answers, multi-turn)"
             if result is reference
             else result["run"]["name"]
         )
         lines.append(f"| {name} | {100 * result['dev']['overall']:.1f} | {100 * result['test']['overall']:.1f} |")
-    if report.get("followups"):
-        lines += [
-            "",
-            "## Follow-ups (seed 0, B unless named; each its own command)",
-            "",
-            "| what changed | dev | test | stage-1 answers | command |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for followup in report["followups"]:
-            for result in followup["results"]:
-                answers = result.get("stage1", {}).get("heldout_answer_accuracy")
-                lines.append(
-                    f"| {followup['label']} | {100 * result['dev']['overall']:.1f} | "
-                    f"{100 * result['test']['overall']:.1f} | {'' if answers is None else f'{answers:.3f}'} | "
-                    f"`{followup['command']}` |"
-                )
-    lines += [
+    return lines
+
+
+def _followup_table(report: dict) -> list[str]:
+    if not report.get("followups"):
+        return []
+    lines = [
+        "",
+        "## Follow-ups (seed 0, B unless named; each its own command)",
+        "",
+        "| what changed | dev | test | stage-1 answers | command |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for followup in report["followups"]:
+        for result in followup["results"]:
+            answers = result.get("stage1", {}).get("heldout_answer_accuracy")
+            lines.append(
+                f"| {followup['label']} | {100 * result['dev']['overall']:.1f} | "
+                f"{100 * result['test']['overall']:.1f} | {'' if answers is None else f'{answers:.3f}'} | "
+                f"`{followup['command']}` |"
+            )
+    return lines
+
+
+def _verdict_section(report: dict) -> list[str]:
+    return [
         "",
         "![A, B, C and the ablations](warmup_ablation.png)",
         "",
@@ -445,7 +480,6 @@ def markdown(report: dict, command: str) -> str:
         "(Beyond the spread = the difference of means exceeds the sum of the two standard deviations.)",
         "",
     ]
-    return "\n".join(lines)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

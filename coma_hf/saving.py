@@ -23,13 +23,12 @@ logger = logging.getLogger(__name__)
 MAX_SHARD_SIZE = "2GB"
 
 # Run summaries and card that travel with a checkpoint from the folder it was loaded from.
-CARRIED_FILES = (
-    "README.md",
-    "pretrain_summary.json",
-    "contrastive_summary.json",
-    "mmeb_results.json",
-    "conversion_summary.json",
-)
+PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records beside its checkpoint
+CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
+MMEB_RESULTS = "mmeb_results.json"  # and examples/evaluate.py
+CONVERSION_SUMMARY = "conversion_summary.json"  # and the converter of the authors' release
+SUMMARY_FILES = (PRETRAIN_SUMMARY, CONTRASTIVE_SUMMARY, MMEB_RESULTS, CONVERSION_SUMMARY)
+CARRIED_FILES = ("README.md", *SUMMARY_FILES)
 
 
 def save_model_files(model: Any, save_directory: str, save_weights: Callable[..., None], *args, **kwargs) -> None:

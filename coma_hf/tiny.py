@@ -127,6 +127,7 @@ def build_image_processor(family: str = DEFAULT_FAMILY):
     return ImageProcessor(patch_size=spec.patch_size, merge_size=spec.spatial_merge_size)
 
 
+# Kept long: a table of the tiny configs' values, one keyword per field of each family's config.
 def tiny_backbone_config(
     family: str = DEFAULT_FAMILY,
     tokenizer: PreTrainedTokenizerFast | None = None,

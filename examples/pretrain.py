@@ -59,6 +59,7 @@ from coma_hf.training import (
     OBJECTIVES,
     BackboneArguments,
     BatchArguments,
+    DataSourceArguments,
     LoraArguments,
     apply_lora,
     build_coma,
@@ -115,7 +116,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DataSourceArguments):
+    """Stage 1's data: QA rows (or synthetic scenes), the held-out split and the answer evaluation."""
+
     dataset: str | None = field(
         default=None,
         metadata={
@@ -138,14 +141,10 @@ class DataArguments:
             "evaluation; 0 turns it off."
         },
     )
-    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
-    synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where synthetic scenes are written."})
     num_train_scenes: int = field(default=4000, metadata={"help": "Synthetic training scenes."})
     num_dev_scenes: int = field(default=200, metadata={"help": "Synthetic dev scenes."})
     num_test_scenes: int = field(default=200, metadata={"help": "Synthetic test scenes."})
     scene_size: int = field(default=112, metadata={"help": "Side of the synthetic images in pixels."})
-    validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
-    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
     max_eval_samples: int = field(default=200, metadata={"help": "Held-out samples for the answer evaluation."})
     max_answer_tokens: int = field(
         default=MAX_ANSWER_TOKENS, metadata={"help": "Cap on generated answer tokens (else the longest reference's)."}
@@ -221,6 +220,7 @@ def check_data(data_args: DataArguments) -> None:
             cli.local_or_hub(value, flag, "stage-1 data (a JSONL file, a folder or a saved dataset)")
 
 
+# Kept long: the stage's steps in order (parse, build, data, train, evaluate, save), each one call.
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     (model_args, backbone_args, data_args, lora_args, _, training_args), why, batch = parse_with_recipe(

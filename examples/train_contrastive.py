@@ -47,6 +47,7 @@ from coma_hf.training import (
     BatchArguments,
     CoMaContrastiveLoss,
     CoMaContrastiveTrainer,
+    DataSourceArguments,
     KeepBestCheckpoint,
     LoraArguments,
     apply_lora,
@@ -108,7 +109,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DataSourceArguments):
+    """Stage 2's data: MMEB-format pairs, how batches draw from datasets, and the dev evaluation."""
+
     dataset: str | None = field(
         default=None,
         metadata={
@@ -117,12 +120,10 @@ class DataArguments:
         },
     )
     subsets: str | None = field(default=None, metadata={"help": "Comma-separated subsets (files or Hub configs)."})
-    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
     eval_data: str | None = field(
         default=None, metadata={"help": "MMEB-format evaluation folder (default: the mini-MMEB dev split)."}
     )
     eval_datasets: str | None = field(default=None, metadata={"help": "Comma-separated evaluation datasets."})
-    synthetic_dir: str = field(default="outputs/synthetic", metadata={"help": "Where the synthetic scenes live."})
     max_train_scenes: int = field(default=2000, metadata={"help": "Synthetic scenes that make mini-MMEB pairs."})
     max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     pair_seed: int = field(
@@ -148,11 +149,9 @@ class DataArguments:
     hard_negatives: bool = field(
         default=True,
         metadata={
-            "help": f"Train on the data's hard negatives (neg_*). false: {COMPATIBILITY}; the method's is true."
+            "help": f"Train on the data's hard negatives (neg_*). false: {COMPATIBILITY}; the method's value is true."
         },
     )
-    validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
-    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
 
 
 @dataclass
@@ -303,6 +302,7 @@ def build_loss(model, loss_args: LossArguments):
     return loss
 
 
+# Kept long: the stage's steps in order (parse, start, data, train, evaluate, save), each one call.
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     (model_args, backbone_args, data_args, loss_args, lora_args, _, training_args), why, batch = parse_with_recipe(

@@ -426,6 +426,7 @@ def batch_seed(seed: int, image_ids: Sequence[str]) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------------
+# Kept long: 25 lines of docstring; the loop is one pass over batches with its resume and counts.
 def generate_qa(
     teacher: ChatModel,
     images: Iterable[tuple[str, Any]],

@@ -36,6 +36,7 @@ import torch
 
 from ..data.sources import data_files, open_dataset, read_records, resolve_image_path
 from ..inputs import CoMaInputError, load_image
+from ..saving import MMEB_RESULTS
 
 logger = logging.getLogger(__name__)
 
@@ -565,7 +566,7 @@ def write_results(results: dict, output_dir: str | os.PathLike) -> None:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in results.items() if key != PER_QUERY}
-    (output_dir / "mmeb_results.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / MMEB_RESULTS).write_text(json.dumps(summary, indent=2))
     (output_dir / "mmeb_results.md").write_text(markdown_table(summary))
     if PER_QUERY in results:
         lines = (json.dumps(query) + "\n" for query in results[PER_QUERY])

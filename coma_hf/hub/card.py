@@ -21,13 +21,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..configuration_coma import is_embedded_backbone
 from ..evaluation.mmeb import markdown_table
-from ..saving import MAX_SHARD_SIZE
+from ..saving import (  # noqa: F401 - the summary names are re-exported: callers import them from here too
+    CONTRASTIVE_SUMMARY,
+    CONVERSION_SUMMARY,
+    MAX_SHARD_SIZE,
+    MMEB_RESULTS,
+    PRETRAIN_SUMMARY,
+    SUMMARY_FILES,
+)
 from ..storage import load_record
 
-PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records beside its checkpoint
-CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
-CONVERSION_SUMMARY = "conversion_summary.json"  # and coma_hf.released (a checkpoint converted from the release)
-SUMMARY_FILES = (PRETRAIN_SUMMARY, CONTRASTIVE_SUMMARY, "mmeb_results.json", CONVERSION_SUMMARY)
 PLACEHOLDER_REPO = "path/to/this/model"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 TAGS = ["coma", "multimodal-embedding", "sentence-transformers", "transformers", "feature-extraction", "image-text"]
@@ -53,7 +56,7 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
     backbone = config.get("backbone_config", {})
     base_model = config.get("backbone_name_or_path")
     base_model = base_model if base_model and HUB_ID.match(base_model) else None
-    evaluation = summaries["mmeb_results.json"]
+    evaluation = summaries[MMEB_RESULTS]
     model_name = repo_id.split("/")[-1] if repo_id else "CoMa embedding model"
     conversion = summaries[CONVERSION_SUMMARY]
     if conversion:  # the weights are the authors'; the card names where they came from

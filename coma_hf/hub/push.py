@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .card import SUMMARY_FILES, write_model_card
+from ..saving import MMEB_RESULTS, SUMMARY_FILES
+from .card import write_model_card
 
 # An absolute path (POSIX or Windows) up to its last component; not the "//" of a URL, not a relative path.
 ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/\\])(?:/|[A-Za-z]:\\)(?:[^\s/\\'"]+[/\\])+([^\s/\\'"]*)""")
@@ -85,7 +86,7 @@ def prepare_upload(
     folder = Path(folder)
     model.save_pretrained(folder, **save_kwargs)
     if eval_results:
-        shutil.copyfile(eval_results, folder / "mmeb_results.json")
+        shutil.copyfile(eval_results, folder / MMEB_RESULTS)
     scrub_local_paths(folder)  # the summaries may name files by absolute path
     write_model_card(folder, repo_id=repo_id, license=license)
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())

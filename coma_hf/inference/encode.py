@@ -29,6 +29,7 @@ from .sources import CorpusRow
 logger = logging.getLogger(__name__)
 
 
+# Kept long: 20 lines of docstring; the loop is one pass over the corpus with its shards and resume.
 def encode_corpus(
     model: Any,
     rows: Iterable[CorpusRow],

@@ -233,6 +233,7 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
 
 
+# Kept long: 22 lines of docstring, then the conversion's steps in the order they happen, each one call.
 def convert_released_checkpoint(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,

@@ -2,7 +2,7 @@
 sentence-transformers).
 
 - `arguments`: `LoraArguments` (what a stage trains), `BackboneArguments` (how a fresh model is built),
-  `BatchArguments` (the global batch a recipe states);
+  `BatchArguments` (the global batch a recipe states), `DataSourceArguments` (the data flags both scripts share);
 - `peft`: `apply_lora`, `merge_lora` (the paper's LoRA, the released DoRA with the embedding matrix, or all weights),
   `input_embeddings_tied`, `shards_parameters`, `check_sharding`;
 - `building`: `build_coma` (a fresh model: the embedded tiny backbone or a named one), `weights_fingerprint`;
@@ -19,73 +19,52 @@ sentence-transformers).
   (stage 2);
 - `distillation`: stage 1's `OBJECTIVES` (ce, kl, ce+kl), `frozen_teacher`, `teacher_inputs`, `align_answer_states`,
   `forward_kl` (trl's chunked divergence, imported only when a KL objective runs).
+
+The package exports what the scripts and users call; the helpers are imported from their modules.
 """
 
-from .arguments import BackboneArguments, BatchArguments, LoraArguments
-from .batching import BatchPlan, derive_batch_sizes, explicit_batch_flags, plan_batch
+from .arguments import BackboneArguments, BatchArguments, DataSourceArguments, LoraArguments
+from .batching import derive_batch_sizes, explicit_batch_flags, plan_batch
 from .building import build_coma, weights_fingerprint
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .distillation import (
     OBJECTIVES,
-    align_answer_states,
-    answer_kl_sum,
-    check_objective,
-    forward_kl,
     frozen_teacher,
-    teacher_inputs,
     uses_teacher,
 )
 from .losses import (
     LOSS_NORMALIZATIONS,
     CoMaContrastiveLoss,
-    check_loss_normalization,
-    labelled_rows,
     per_sample_token_means,
 )
 from .peft import (
-    LANGUAGE_MODEL_ATTENTION,
-    LORA_INITS,
     apply_lora,
     check_sharding,
-    input_embeddings_tied,
     merge_lora,
-    shards_parameters,
 )
-from .presets import ParsedRun, check_precision, parse_with_recipe, recipe_defaults
-from .recipes import RECIPES, choose_recipe, recipe_of_start
-from .samplers import RELEASED_CHUNK_SIZE, UniformChunkBatchSampler, chunked_batch_sampler
+from .presets import parse_with_recipe, recipe_defaults
+from .recipes import RECIPES, recipe_of_start
+from .samplers import UniformChunkBatchSampler, chunked_batch_sampler
 from .trainers import (
     CoMaCompressionTrainer,
     CoMaContrastiveTrainer,
     KeepBestCheckpoint,
     NonFiniteLossError,
-    describe_batch_sizes,
     last_complete_checkpoint,
     pooling_as,
-    reload_dtype,
-    restored_class,
-    share_tied_weights,
-    unsharded_class,
 )
 
 __all__ = [
-    "LANGUAGE_MODEL_ATTENTION",
-    "LORA_INITS",
     "LOSS_NORMALIZATIONS",
     "OBJECTIVES",
     "RECIPES",
-    "RELEASED_CHUNK_SIZE",
     "BackboneArguments",
     "BatchArguments",
-    "BatchPlan",
-    "ParsedRun",
+    "DataSourceArguments",
     "UniformChunkBatchSampler",
-    "check_loss_normalization",
     "chunked_batch_sampler",
     "derive_batch_sizes",
     "explicit_batch_flags",
-    "input_embeddings_tied",
-    "labelled_rows",
     "per_sample_token_means",
     "plan_batch",
     "pooling_as",
@@ -97,28 +76,15 @@ __all__ = [
     "KeepBestCheckpoint",
     "LoraArguments",
     "NonFiniteLossError",
-    "align_answer_states",
-    "answer_kl_sum",
     "apply_lora",
     "build_coma",
     "weights_fingerprint",
-    "check_precision",
     "check_sharding",
-    "choose_recipe",
-    "describe_batch_sizes",
     "last_complete_checkpoint",
     "merge_lora",
     "parse_with_recipe",
     "recipe_defaults",
     "recipe_of_start",
-    "shards_parameters",
-    "check_objective",
-    "forward_kl",
     "frozen_teacher",
-    "teacher_inputs",
     "uses_teacher",
-    "reload_dtype",
-    "restored_class",
-    "share_tied_weights",
-    "unsharded_class",
 ]

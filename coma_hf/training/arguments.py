@@ -92,3 +92,16 @@ class BatchArguments:
             "micro-batches do not see each other's rows as negatives)."
         },
     )
+
+
+@dataclass
+class DataSourceArguments:
+    """The data flags both training scripts share (their `DataArguments` extend it): where relative image paths start,
+    where the synthetic scenes are written and read, and what a bad row does."""
+
+    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
+    synthetic_dir: str = field(
+        default="outputs/synthetic", metadata={"help": "Where the synthetic scenes are written and read."}
+    )
+    validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
