@@ -1,5 +1,5 @@
 """The encode API of a CoMa model and the processor it renders with: the one seam where model and processor meet.
-`CoMaModel` composes `CoMaEncodeMixin`; `modeling_coma.py` itself never imports the processor.
+`CoMaModel` composes `CoMaEncodeMixin`; `modeling_coma.py` itself imports no processor module (only these mixins do).
 
 Part of the remote code shipped with every checkpoint: imports only torch, transformers, Pillow, sibling files and
 the standard library.

@@ -33,7 +33,7 @@ from .constants_coma import DEFAULT_COMPRESS_INSTRUCTION
 from .data.synthetic import every_question, generate_split, render_scene
 from .evaluation.compression import _Scores, generation_length
 from .layout_coma import RenderedSample
-from .processing_coma import BackboneProcessorParts, CoMaProcessor
+from .processing_coma import BackboneProcessorParts, CoMaProcessor, processor_method
 
 READER_FOLDER = "resources/reader"  # inside the package
 RECORD_FILE = "record.json"
@@ -163,7 +163,7 @@ class ReaderCollator:
 
     def __call__(self, samples: Sequence[dict]) -> BatchFeature:
         rendered = [
-            self.processor.render_qa_sample(
+            processor_method(self.processor, "render_qa_sample")(
                 sample.get("image"), sample.get("text"), sample["conversation"], sample=sample.get("id")
             )
             for sample in samples

@@ -194,7 +194,7 @@ class CoMaRenderingMixin:
         system message optional; content is a string or a list of `{"type": "text", "text": …}` and
         `{"type": "image", "image": …}` items (at most one image). The system message goes to CoMa's instruction
         slot (that is where sentence-transformers puts a prompt such as `prompt_name="query"`), so rendering
-        matches `process_for_embedding` exactly; `chat_template` and sentence-transformers' tokenizer and
+        matches `process_embedding_inputs` exactly; `chat_template` and sentence-transformers' tokenizer and
         truncation keywords are ignored (`max_length` is the processor's own).
 
         Returns the padded `BatchFeature` when `tokenize=True`, else the rendered text of each conversation.

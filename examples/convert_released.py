@@ -9,7 +9,7 @@
 them needs `--num_compression_tokens` (their code took K from an environment variable, 32 by default).
 
 The converted checkpoint encodes as their evaluation did (its processor records their rendering rules, see
-`coma_hf/evaluation/mmeb_v2.py`); score it on the MMEB-V2 instruct rows their scripts read with
+`coma_hf/released/evaluation.py`); score it on the MMEB-V2 instruct rows their scripts read with
 `python examples/evaluate.py --model_name_or_path OUT --data ziyjiang/MMEB_Test_Instruct --datasets … --image_root …`.
 """
 

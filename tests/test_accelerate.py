@@ -320,7 +320,7 @@ def test_encode_corpus_on_two_processes_writes_the_shards_of_one_process(two_pro
 FSDP_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "accelerate_fsdp.yaml"
 # SGD with momentum: linear in the gradients (equal gradients, equal weights), and it keeps a tensor per parameter,
 # without which resuming fails in torch 2.13 (`set_optimizer_state_dict` of a full state dict finds its device from
-# the optimizer's own tensors: "AssertionError: Expected device to be set"; see README, "Many GPUs").
+# the optimizer's own tensors: "AssertionError: Expected device to be set"; see docs/distributed.md).
 FSDP_STAGE1 = STAGE1 + ["--use_lora", "false", "--optim_args", "momentum=0.9"]
 
 

@@ -179,3 +179,16 @@ def test_stage_two_trains_from_a_checkpoint_saved_before_the_rename(tmp_path):
         )
     )
     assert summary["global_steps"] == 2 and (output / "model.safetensors").is_file()
+
+
+def test_names_that_moved_in_0_2_0_still_import_from_their_old_place_with_a_warning():
+    from coma_hf.evaluation import mmeb_v2
+    from coma_hf.released import evaluation
+    from coma_hf.training import building, recipes
+
+    with pytest.deprecated_call(match="moved to coma_hf.released.evaluation"):
+        assert mmeb_v2.RELEASED_PROCESSOR_SETTINGS is evaluation.RELEASED_PROCESSOR_SETTINGS
+    with pytest.deprecated_call(match="moved to coma_hf.training.building"):
+        assert recipes.build_coma is building.build_coma
+    with pytest.raises(AttributeError):
+        _ = recipes.no_such_name

@@ -180,11 +180,12 @@ def load_mmeb_v2_datasets(
     split: str = "test",
     parsers: dict[str, str] | None = None,
 ) -> list[MMEBDataset]:
-    """MMEB-V2 instruct test datasets, each side prepared by its family's rule (see the module docstring).
+    """MMEB-V2 instruct test datasets, each side prepared by its family's rule (see `coma_hf.released.evaluation`).
 
-    `source` is a folder of `{name}.jsonl` / `{name}.parquet` files in the instruct field layout (`INSTRUCT_FIELDS`;
-    its `mmeb_manifest.json` may add `parsers`, `image_root`, `meta_tasks`, `out_of_distribution`) or a Hub id such as
-    `ziyjiang/MMEB_Test_Instruct` with `names` (one config each). `parsers` maps dataset names to parsers beyond
+    `source` is a folder of `{name}.jsonl` / `{name}.parquet` files in the instruct field layout
+    (`coma_hf.released.evaluation.INSTRUCT_FIELDS`; its `mmeb_manifest.json` may add `parsers`, `image_root`,
+    `meta_tasks`, `out_of_distribution`) or a Hub id such as `ziyjiang/MMEB_Test_Instruct` with `names` (one config
+    each). `parsers` maps dataset names to parsers beyond
     `PARSER_OF`. Rows are encoded with the checkpoint's named layouts: a checkpoint converted from the release has
     them (`convert_released_checkpoint`).
     """
@@ -228,3 +229,30 @@ def as_instruct_dataset(dataset: MMEBDataset, parsers: dict[str, str] | None = N
             "qry_inst",
         )
     return instruct_dataset(dataset, parser_of(dataset.name, parsers))
+
+
+# Names that moved in 0.2.0 → their new module; importing them from here still works, with a warning, until 0.3.0.
+_MOVED = {
+    "RELEASED_LAYOUTS": "coma_hf.released.evaluation",
+    "RELEASED_PROCESSOR_SETTINGS": "coma_hf.released.evaluation",
+    "RELEASED_EMBEDDING_LAYOUT": "coma_hf.released.evaluation",
+    "IMAGE_PROMPT": "coma_hf.released.evaluation",
+    "IMAGE_PROMPT_NO_NEWLINE": "coma_hf.released.evaluation",
+    "TEXT_PROMPT": "coma_hf.released.evaluation",
+    "TEXT_AS_IS": "coma_hf.released.evaluation",
+    "EVAL_MIN_IMAGE_TOKENS": "coma_hf.released.evaluation",
+    "EVAL_MAX_IMAGE_TOKENS": "coma_hf.released.evaluation",
+    "TINY_IMAGE_SIDE": "coma_hf.released.evaluation",
+    "TINY_IMAGE_SIZE": "coma_hf.released.evaluation",
+    "INSTRUCT_FIELDS": "coma_hf.released.evaluation",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}; the old place goes in 0.3.0", DeprecationWarning, 2)
+    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -258,7 +258,7 @@ def convert_released_checkpoint(
     The tokenizer and image processor come from `source`, or for an adapter without them from the base. The
     compression-token rows and ids are the trained ones (`released_compression_tokens`); the config records
     `RELEASED_CONFIG` (their evaluation's pooling and attention), the processor `RELEASED_PROCESSOR_SETTINGS` (their
-    evaluation's rendering, see `coma_hf.evaluation.mmeb_v2`).
+    evaluation's rendering, see `coma_hf.released.evaluation`).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     folder = local_folder(source)

@@ -67,3 +67,31 @@ def choose_recipe(explicit: str | None, start_of, model_args) -> tuple[str, str]
     if explicit is not None:
         return explicit, "named with --recipe"
     return recipe_of_start(start_of(model_args))
+
+
+# Names that moved in 0.2.0 → their new module; importing them from here still works, with a warning, until 0.3.0.
+_MOVED = {
+    "build_coma": "coma_hf.training.building",
+    "weights_fingerprint": "coma_hf.training.building",
+    "parse_with_recipe": "coma_hf.training.presets",
+    "recipe_defaults": "coma_hf.training.presets",
+    "ParsedRun": "coma_hf.training.presets",
+    "check_precision": "coma_hf.training.presets",
+    "HELP_FLAGS": "coma_hf.training.presets",
+    "BatchPlan": "coma_hf.training.batching",
+    "plan_batch": "coma_hf.training.batching",
+    "derive_batch_sizes": "coma_hf.training.batching",
+    "explicit_batch_flags": "coma_hf.training.batching",
+    "GLOBAL_BATCH_KEY": "coma_hf.training.batching",
+    "PER_DEVICE_KEYS": "coma_hf.training.batching",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}; the old place goes in 0.3.0", DeprecationWarning, 2)
+    return getattr(importlib.import_module(_MOVED[name]), name)
