@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from ..data.sources import resolve_image_path
 from ..inputs import CoMaInputError, without_image_placeholders
+from ..moved import moved_names
 from ..released.evaluation import (
     CANDIDATE,
     CANDIDATE_WITHOUT_TEXT,
@@ -231,7 +232,7 @@ def as_instruct_dataset(dataset: MMEBDataset, parsers: dict[str, str] | None = N
     return instruct_dataset(dataset, parser_of(dataset.name, parsers))
 
 
-# Names that moved in 0.2.0 → their new module; importing them from here still works, with a warning, until 0.3.0.
+# Names that moved in 0.2.0 → their new module: importing them from here still works, with a warning (`coma_hf.moved`).
 _MOVED = {
     "RELEASED_LAYOUTS": "coma_hf.released.evaluation",
     "RELEASED_PROCESSOR_SETTINGS": "coma_hf.released.evaluation",
@@ -248,11 +249,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    import warnings
-
-    warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}; the old place goes in 0.3.0", DeprecationWarning, 2)
-    return getattr(importlib.import_module(_MOVED[name]), name)
+__getattr__ = moved_names(__name__, _MOVED)

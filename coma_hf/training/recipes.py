@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..configuration_coma import is_embedded_backbone
 from ..hub.card import CONTRASTIVE_SUMMARY, CONVERSION_SUMMARY, PRETRAIN_SUMMARY, read_json_file
-from ..released import RELEASED_RECIPE
+from ..moved import moved_names
+from ..released.recipe import RELEASED_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def choose_recipe(explicit: str | None, start_of, model_args) -> tuple[str, str]
     return recipe_of_start(start_of(model_args))
 
 
-# Names that moved in 0.2.0 → their new module; importing them from here still works, with a warning, until 0.3.0.
+# Names that moved in 0.2.0 → their new module: importing them from here still works, with a warning (`coma_hf.moved`).
 _MOVED = {
     "build_coma": "coma_hf.training.building",
     "weights_fingerprint": "coma_hf.training.building",
@@ -87,11 +88,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    import warnings
-
-    warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}; the old place goes in 0.3.0", DeprecationWarning, 2)
-    return getattr(importlib.import_module(_MOVED[name]), name)
+__getattr__ = moved_names(__name__, _MOVED)
