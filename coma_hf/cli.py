@@ -107,6 +107,20 @@ def existing_folder(value: str | os.PathLike, flag: str, what: str = "folder") -
     return path
 
 
+def output_folder(value: str | os.PathLike, flag: str, remedy: str) -> Path:
+    """`value` as a folder to write into: it need not exist yet, but it must not be a file (`remedy`: what to pass)."""
+    if Path(value).is_file():
+        raise UsageError(flag, value, "is a file", remedy)
+    return Path(value)
+
+
+def output_file(value: str | os.PathLike, flag: str, remedy: str) -> Path:
+    """`value` as a file to write: it need not exist yet, but it must not be a folder (`remedy`: what to pass)."""
+    if Path(value).is_dir():
+        raise UsageError(flag, value, "is a folder", remedy)
+    return Path(value)
+
+
 def image_folder(value: str | os.PathLike, flag: str, extensions: Iterable[str] | None = None) -> Path:
     """`value` as a folder holding at least one image file (searched recursively)."""
     from .data.sources import IMAGE_EXTENSIONS

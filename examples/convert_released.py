@@ -16,7 +16,6 @@ The converted checkpoint encodes as their evaluation did (its processor records 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from coma_hf import cli
 from coma_hf.released import convert_released_checkpoint
@@ -31,8 +30,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.base_model is not None:
         cli.local_or_hub(args.base_model, "--base_model", "the adapter's base model")
     cli.count(args.num_compression_tokens, "--num_compression_tokens", what="number of tokens")
-    if Path(args.output_dir).is_file():
-        raise cli.UsageError("--output_dir", args.output_dir, "is a file", "pass a folder to write the checkpoint to")
+    cli.output_folder(args.output_dir, "--output_dir", "pass a folder to write the checkpoint to")
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -18,7 +18,6 @@ import argparse
 import itertools
 import logging
 import sys
-from pathlib import Path
 
 from coma_hf import cli, inference
 from coma_hf.data.sources import open_dataset
@@ -67,8 +66,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             cli.existing_file(value, flag, f"{flag[2:].upper()} file")
     if args.image_root is not None:
         cli.existing_folder(args.image_root, "--image_root")
-    if Path(args.output_dir).is_file():
-        raise cli.UsageError("--output_dir", args.output_dir, "is a file", "pass a folder for the shards")
+    cli.output_folder(args.output_dir, "--output_dir", "pass a folder for the shards")
     cli.batch_size(args.batch_size, "--batch_size")
     cli.count(args.shard_size, "--shard_size", what="number of rows")
     cli.count(args.max_rows, "--max_rows", what="number of rows")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from coma_hf import cli
+from coma_hf.configuration_coma import CoMaConfig
 from coma_hf.data.qa_generation import (
     DEFAULT_MAX_ANSWER_TOKENS,
     DEFAULT_MAX_QUESTION_TOKENS,
@@ -60,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check_arguments(args: argparse.Namespace) -> None:
     config = cli.checkpoint_config(args.model_name_or_path, "--model_name_or_path")
-    if config is not None and config.get("model_type") == "coma":
+    if config is not None and config.get("model_type") == CoMaConfig.model_type:
         raise cli.UsageError(
             "--model_name_or_path",
             args.model_name_or_path,
@@ -71,8 +72,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         cli.image_folder(args.images, "--images")
     if args.image_root is not None:
         cli.existing_folder(args.image_root, "--image_root")
-    if Path(args.output).is_dir():
-        raise cli.UsageError("--output", args.output, "is a folder", "pass the JSONL file to write")
+    cli.output_file(args.output, "--output", "pass the JSONL file to write")
     cli.batch_size(args.batch_size, "--batch_size")
     cli.count(args.max_question_tokens, "--max_question_tokens", what="number of tokens")
     cli.count(args.max_answer_tokens, "--max_answer_tokens", what="number of tokens")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from coma_hf import cli
 from coma_hf.data.image_selection import PAPER_PER_SUBSET, PAPER_SUBSETS, select_images, write_image_list
@@ -42,8 +41,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         cli.local_or_hub(source, "--mmeb_train", "MMEB-train (a folder or data files)")
     if args.image_root is not None:
         cli.existing_folder(args.image_root, "--image_root")
-    if Path(args.output).is_dir():
-        raise cli.UsageError("--output", args.output, "is a folder", "pass the JSONL file to write")
+    cli.output_file(args.output, "--output", "pass the JSONL file to write")
     cli.count(args.per_subset, "--per_subset", what="number of images")
 
 

@@ -24,10 +24,12 @@ RENAMED_TRAINING_ARGUMENTS = {"activation_checkpointing": "gradient_checkpointin
 def training_argument_name(name: str) -> str:
     """`name` as the installed transformers' `TrainingArguments` calls it (the old name of a renamed one where the
     new one does not exist yet)."""
+    if name not in RENAMED_TRAINING_ARGUMENTS:
+        return name
     from transformers import TrainingArguments
 
     fields = {field.name for field in dataclasses.fields(TrainingArguments)}
-    return name if name in fields or name not in RENAMED_TRAINING_ARGUMENTS else RENAMED_TRAINING_ARGUMENTS[name]
+    return name if name in fields else RENAMED_TRAINING_ARGUMENTS[name]
 
 
 def recipe_defaults(recipe: str, stage: str, configs: Path) -> dict:
