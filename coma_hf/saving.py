@@ -27,7 +27,8 @@ PRETRAIN_SUMMARY = "pretrain_summary.json"  # what examples/pretrain.py records 
 CONTRASTIVE_SUMMARY = "contrastive_summary.json"  # and examples/train_contrastive.py
 MMEB_RESULTS = "mmeb_results.json"  # and examples/evaluate.py
 CONVERSION_SUMMARY = "conversion_summary.json"  # and the converter of the authors' release
-SUMMARY_FILES = (PRETRAIN_SUMMARY, CONTRASTIVE_SUMMARY, MMEB_RESULTS, CONVERSION_SUMMARY)
+MTEB_RESULTS = "mteb_results.json"  # the main scores of an mteb results folder, for the card's model-index
+SUMMARY_FILES = (PRETRAIN_SUMMARY, CONTRASTIVE_SUMMARY, MMEB_RESULTS, CONVERSION_SUMMARY, MTEB_RESULTS)
 CARRIED_FILES = ("README.md", *SUMMARY_FILES)
 
 

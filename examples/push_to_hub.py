@@ -6,8 +6,9 @@ and the CoMa model card, in one commit.
     python examples/push_to_hub.py --repo_id org/coma --dry_run --output_dir outputs/upload   # write, list, no upload
 
 The card's evaluation table comes from `--eval_results` (default: `outputs/eval/mmeb_results.json` when it exists,
-written by `examples/evaluate.py`). The token is resolved as transformers does it: `HF_TOKEN`, else `hf auth login`;
-it is never written to a file or printed.
+written by `examples/evaluate.py`); `--mteb_results` (a results folder of `examples/evaluate_mteb.py`) adds each mteb
+task's main score to the card's `model-index`. The token is resolved as transformers does it: `HF_TOKEN`, else
+`hf auth login`; it is never written to a file or printed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise cli.UsageError("--repo_id", args.repo_id, "is not a Hub repository id", "pass owner/name")
     if args.eval_results is not None:
         cli.existing_file(args.eval_results, "--eval_results", "MMEB results JSON")
+    if args.mteb_results is not None:
+        cli.existing_folder(args.mteb_results, "--mteb_results", "mteb results folder")
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -41,12 +44,14 @@ def main(argv: list[str] | None = None) -> str | None:
     parser.add_argument("--commit_message", default="Upload CoMa model")
     parser.add_argument("--license", default="other", help="license identifier for the card's metadata")
     parser.add_argument("--eval_results", default=None, help=f"MMEB results JSON (default: {DEFAULT_EVAL_RESULTS})")
+    parser.add_argument("--mteb_results", default=None, help="mteb results folder (examples/evaluate_mteb.py)")
     parser.add_argument("--dry_run", action="store_true", help="write the folder to --output_dir and list it")
     parser.add_argument("--output_dir", default="outputs/upload", help="where --dry_run writes the folder")
     cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     check_arguments(args)
     eval_results = args.eval_results or (DEFAULT_EVAL_RESULTS if Path(DEFAULT_EVAL_RESULTS).is_file() else None)
+    mteb = {"mteb_results": args.mteb_results}
 
     if args.dry_run:
         folder = Path(args.output_dir)
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> str | None:
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         files = prepare_upload(
-            args.model_name_or_path, folder, args.repo_id, license=args.license, eval_results=eval_results
+            args.model_name_or_path, folder, args.repo_id, license=args.license, eval_results=eval_results, **mteb
         )
         print(f"Dry run: {len(files)} files that would be uploaded to {args.repo_id} are in {folder}:")
         for name in files:
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> str | None:
 
     with tempfile.TemporaryDirectory() as folder:
         files = prepare_upload(
-            args.model_name_or_path, folder, args.repo_id, license=args.license, eval_results=eval_results
+            args.model_name_or_path, folder, args.repo_id, license=args.license, eval_results=eval_results, **mteb
         )
         commit = upload_folder_to_hub(
             folder, args.repo_id, commit_message=args.commit_message, private=args.private, revision=args.revision

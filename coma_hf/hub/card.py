@@ -1,8 +1,9 @@
 """The model card of a CoMa checkpoint: `model_cards/coma.md` filled in from the checkpoint and its run's summaries.
 
 Inputs, all read from the checkpoint folder: `config.json` (backbone, K, pooling), `pretrain_summary.json` (stage 1),
-`contrastive_summary.json` (stage 2), `mmeb_results.json` (`examples/evaluate.py`) and `conversion_summary.json` (a
-checkpoint converted from the authors' release, `coma_hf.released`), each used when present.
+`contrastive_summary.json` (stage 2), `mmeb_results.json` (`examples/evaluate.py`), `mteb_results.json` (the main
+scores of an mteb results folder, `mteb_summary`) and `conversion_summary.json` (a checkpoint converted from the
+authors' release, `coma_hf.released`), each used when present.
 `save_checkpoint` is the package's one save: `save_pretrained` and then `write_model_card`, so every checkpoint a
 script or trainer saves carries an up-to-date `README.md` (sentence-transformers' own generated card is never
 written). A plain `CoMaModel.save_pretrained` writes no card of its own: it keeps the card of the folder the model was
@@ -26,6 +27,7 @@ from ..saving import (  # noqa: F401 - the summary names are re-exported: caller
     CONVERSION_SUMMARY,
     MAX_SHARD_SIZE,
     MMEB_RESULTS,
+    MTEB_RESULTS,
     PRETRAIN_SUMMARY,
     SUMMARY_FILES,
 )
@@ -74,7 +76,8 @@ def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, lic
         base_model=base_model,
         datasets=_hub_datasets(summaries),
         model_name=model_name,
-        eval_results=_eval_results(evaluation) if evaluation else None,
+        eval_results=(_eval_results(evaluation) if evaluation else []) + _mteb_eval_results(summaries[MTEB_RESULTS])
+        or None,
     )
     processor = read_json_file(folder / "processor_config.json") or {}
     text = backbone.get("text_config", {})
@@ -210,6 +213,56 @@ def _training_rows(summaries: dict) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def mteb_summary(results_folder: str | os.PathLike) -> dict:
+    """The main score of every task result under an mteb results folder (`mteb.ResultCache`'s layout, or any folder
+    of its task-result JSON files): `{"tasks": [{"task_name", "split", "subset", "main_score", "dataset_revision",
+    "mteb_version"}, …]}`. One model's results only: a task found twice is an error naming both files."""
+    tasks, seen = [], {}
+    for path in sorted(Path(results_folder).rglob("*.json")):
+        result = read_json_file(path)
+        if not result or "task_name" not in result or "scores" not in result:
+            continue  # model_meta.json and other files
+        if result["task_name"] in seen:
+            raise ValueError(
+                f"{results_folder}: {result['task_name']} appears twice ({seen[result['task_name']]} and {path}); "
+                "pass the results folder of one model and revision"
+            )
+        seen[result["task_name"]] = path
+        for split, scores in result["scores"].items():
+            tasks += [
+                {
+                    "task_name": result["task_name"],
+                    "split": split,
+                    "subset": score.get("hf_subset", "default"),
+                    "main_score": score["main_score"],
+                    "dataset_revision": result.get("dataset_revision"),
+                    "mteb_version": result.get("mteb_version"),
+                }
+                for score in scores
+            ]
+    if not tasks:
+        raise ValueError(f"{results_folder}: no mteb task results (JSON files with task_name and scores)")
+    return {"tasks": tasks}
+
+
+def _mteb_eval_results(summary: dict | None) -> list[EvalResult]:
+    """model-index entries in mteb's own card convention (dataset type `mteb/{task}`, metric `main_score`)."""
+    return [
+        EvalResult(
+            task_type="feature-extraction",
+            task_name=task["task_name"],
+            dataset_type=f"mteb/{task['task_name']}",
+            dataset_name=f"MTEB {task['task_name']} ({task['subset']})",
+            dataset_config=task["subset"],
+            dataset_split=task["split"],
+            dataset_revision=task["dataset_revision"],
+            metric_type="main_score",
+            metric_value=round(100 * task["main_score"], 2),
+        )
+        for task in (summary or {}).get("tasks", [])
+    ]
 
 
 def _eval_results(results: dict) -> list[EvalResult]:

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..saving import MMEB_RESULTS, SUMMARY_FILES
-from .card import write_model_card
+from ..saving import MMEB_RESULTS, MTEB_RESULTS, SUMMARY_FILES
+from .card import mteb_summary, write_model_card
 
 # An absolute path (POSIX or Windows) up to its last component; not the "//" of a URL, not a relative path.
 ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/\\])(?:/|[A-Za-z]:\\)(?:[^\s/\\'"]+[/\\])+([^\s/\\'"]*)""")
@@ -76,17 +76,20 @@ def prepare_upload(
     *,
     license: str = "other",
     eval_results: str | Path | None = None,
+    mteb_results: str | Path | None = None,
     **save_kwargs: Any,
 ) -> list[str]:
     """Write exactly what an upload of `model_or_folder` (a CoMa model, or a folder or Hub id to load one from) to
     `repo_id` holds into `folder`: what `save_pretrained` writes, `eval_results` (an MMEB results JSON) as
-    `mmeb_results.json`, the summaries scrubbed of local paths, and the card rendered for `repo_id`. Returns the
-    relative file names."""
+    `mmeb_results.json`, the main scores of `mteb_results` (an mteb results folder) as `mteb_results.json`, the
+    summaries scrubbed of local paths, and the card rendered for `repo_id`. Returns the relative file names."""
     model = _as_model(model_or_folder)
     folder = Path(folder)
     model.save_pretrained(folder, **save_kwargs)
     if eval_results:
         shutil.copyfile(eval_results, folder / MMEB_RESULTS)
+    if mteb_results:
+        (folder / MTEB_RESULTS).write_text(json.dumps(mteb_summary(mteb_results), indent=2))
     scrub_local_paths(folder)  # the summaries may name files by absolute path
     write_model_card(folder, repo_id=repo_id, license=license)
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
@@ -103,13 +106,22 @@ def push_to_hub(
     create_pr: bool = False,
     license: str = "other",
     eval_results: str | Path | None = None,
+    mteb_results: str | Path | None = None,
     **save_kwargs: Any,
 ) -> str:
     """Upload a CoMa model (or the one saved in a folder or Hub repository) — weights, remote code, processor,
     sentence-transformers files and the CoMa model card — in one commit; returns the commit URL. (transformers' own
     `model.push_to_hub` would replace the card.)"""
     with tempfile.TemporaryDirectory() as folder:
-        prepare_upload(model_or_folder, folder, repo_id, license=license, eval_results=eval_results, **save_kwargs)
+        prepare_upload(
+            model_or_folder,
+            folder,
+            repo_id,
+            license=license,
+            eval_results=eval_results,
+            mteb_results=mteb_results,
+            **save_kwargs,
+        )
         return upload_folder_to_hub(
             folder,
             repo_id,
