@@ -54,6 +54,7 @@ from coma_hf.inference import (
     verified_manifest,
     write_manifest,
 )
+from coma_hf.inference.index import LANCEDB_FOLDER
 from coma_hf.inputs import CoMaInputError, load_image
 from coma_hf.processing_coma import BackboneProcessorParts
 from coma_hf.reader import generate_answers, question_prompts, reader_processor
@@ -67,7 +68,7 @@ DEFAULT_SCENES = "outputs/demo/test_scenes"  # the synthetic test scenes, linked
 DEFAULT_CACHE = "outputs/demo/cache"
 SHARD_SIZE = 256  # rows per cached shard: how much an interrupted encode can lose
 PICK_LIMIT = 1000  # folder images offered in the ask tab's list (upload any other)
-INDEXES = ("auto", "faiss", "matrix")
+INDEXES = ("auto", "faiss", "matrix", "lancedb")
 MAX_CONCURRENCY = 64  # Gradio's worker threads: more requests at once only queue inside the model
 
 
@@ -95,7 +96,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes the demo).")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE, help="Where embedded folders are cached.")
     parser.add_argument(
-        "--index", choices=INDEXES, default="auto", help="faiss, a plain matrix product, or faiss when installed."
+        "--index",
+        choices=INDEXES,
+        default="auto",
+        help="faiss, a plain matrix product, a LanceDB table beside the cached shards, or faiss when installed.",
     )
     parser.add_argument("--batch_size", type=int, default=32, help="Images embedded at once.")
     parser.add_argument(
@@ -197,7 +201,8 @@ def load_coma(path: str, device: str):
 class FolderSearch:
     """Searches the images of `folder` with `model`: the folder is embedded once per cache key (see
     `coma_hf.inference.corpus_cache_key`) into `encode_corpus` shards under `cache_root`, then queried through faiss
-    (`index="faiss"`) or a matrix product (`"matrix"`)."""
+    (`index="faiss"`), a matrix product (`"matrix"`) or a LanceDB table in the entry (`"lancedb"`, with each file's
+    path, size and modification time)."""
 
     def __init__(
         self,
@@ -240,8 +245,20 @@ class FolderSearch:
                 raise DemoError(f"None of the {manifest['rows']} files in {self.folder} could be read ({reasons})")
             if self._loaded is None or self._loaded[0] != output:
                 # a missing or damaged index is (re)built here, by one thread
-                self._loaded = (output, load_faiss_index(output) if self.index == "faiss" else load_embeddings(output))
+                self._loaded = (output, self._load(output))
             return output, manifest, self._loaded[1]
+
+    def _load(self, output: Path) -> Any:
+        """What search reads from a cache entry: the faiss index and its ids, the LanceDB folder (synced with the
+        shards), or the ids and the vectors."""
+        if self.index == "faiss":
+            return load_faiss_index(output)
+        if self.index == "lancedb":
+            from coma_hf.inference.lancedb_store import listing_columns, sync_lancedb
+
+            sync_lancedb(output, output / LANCEDB_FOLDER, columns=listing_columns(self.folder))
+            return (output / LANCEDB_FOLDER,)
+        return load_embeddings(output)
 
     def _fingerprint(self) -> str:
         """The model's weights fingerprint, computed on first use."""
@@ -303,7 +320,12 @@ class FolderSearch:
             raise DemoError("Type a text query, add a query image, or both")
         _, manifest, loaded = self.corpus(progress)
         vectors = self.model.encode_query([query])
-        search = search_loaded_index if self.index == "faiss" else search_embeddings
+        if self.index == "lancedb":
+            from coma_hf.inference.lancedb_store import search_lancedb
+
+            search = search_lancedb
+        else:
+            search = search_loaded_index if self.index == "faiss" else search_embeddings
         return search(*loaded, vectors, top_k)[0], manifest
 
 
@@ -566,6 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     index = args.index if args.index != "auto" else ("faiss" if faiss_installed() else "matrix")
     if index == "faiss" and not faiss_installed():
         raise SystemExit("--index faiss needs faiss: pip install faiss-cpu")
+    if index == "lancedb" and importlib.util.find_spec("lancedb") is None:
+        raise SystemExit('--index lancedb needs lancedb: pip install -e ".[lancedb]"')
 
     model = load_coma(args.model_name_or_path, args.device)
     generator = model if generator_path == args.model_name_or_path else load_coma(generator_path, args.device)

@@ -22,15 +22,24 @@ nor sentence-transformers' multi-process encoding (returns everything in memory)
 * `shards`: shard names, atomic writes, reading, finished shards, the manifest, the damage checks (`shard_damage`,
   `verified_manifest`);
 * `encode`: the encode loop (`encode_corpus`);
-* `index`: the faiss index (`build_faiss_index`, `load_faiss_index` — which rebuilds a damaged one —,
-  `search_index`, `search_loaded_index`)
+* `index`: `search`, which picks a backend (`"matrix"`, `"faiss"`, `"lancedb"`); the faiss index
+  (`build_faiss_index`, `load_faiss_index` — which rebuilds a damaged one —, `search_index`, `search_loaded_index`)
   and the same search without faiss (`search_embeddings`);
+* `lancedb_store`: the shards in a LanceDB table with metadata (`sync_lancedb`, `search_lancedb`, `listing_columns`);
 * `cache`: cache keys for an embedded image folder (`folder_listing`, `corpus_cache_key`).
 """
 
 from .cache import corpus_cache_key, folder_listing
 from .encode import encode_corpus
-from .index import build_faiss_index, load_faiss_index, search_embeddings, search_index, search_loaded_index
+from .index import (
+    BACKENDS,
+    build_faiss_index,
+    load_faiss_index,
+    search,
+    search_embeddings,
+    search_index,
+    search_loaded_index,
+)
 from .shards import (
     FORMATS,
     finished_shards,
@@ -45,6 +54,7 @@ from .shards import (
 from .sources import CorpusRow, csv_rows, dataset_rows, image_folder_rows, jsonl_rows
 
 __all__ = [
+    "BACKENDS",
     "FORMATS",
     "CorpusRow",
     "build_faiss_index",
@@ -59,6 +69,7 @@ __all__ = [
     "load_embeddings",
     "load_faiss_index",
     "read_shard",
+    "search",
     "search_embeddings",
     "search_index",
     "search_loaded_index",

@@ -1,5 +1,5 @@
-"""An exact faiss index over a finished corpus folder, and searching it (`pip install faiss-cpu`); the same search
-without faiss as one matrix product (`search_embeddings`).
+"""Searching a finished corpus folder: `search` chooses the backend — one matrix product (`search_embeddings`), an
+exact faiss index (`pip install faiss-cpu`), or a LanceDB table with metadata and filters (`lancedb_store`).
 
 The index is derived data: `load_faiss_index` builds it when it is missing and rebuilds it from the shards, with a
 warning naming the file and what is wrong, when it is damaged (zero-length, unreadable, or not matching its id list).
@@ -16,12 +16,43 @@ from typing import Any
 import torch
 
 from ..storage import DamagedFileError, write_atomically
-from .shards import finished_shards, read_shard
+from .shards import finished_shards, load_embeddings, read_shard
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 INDEX_IDS_FILE = "index_ids.json"  # row i of the index is this list's id i
+BACKENDS = ("matrix", "faiss", "lancedb")
+LANCEDB_FOLDER = "lancedb"  # the default database folder, inside the corpus folder
+
+
+def search(
+    output_dir: str | os.PathLike,
+    queries: torch.Tensor,
+    top_k: int = 5,
+    backend: str = "matrix",
+    db_dir: str | os.PathLike | None = None,
+    where: str | None = None,
+    columns: dict[str, dict] | None = None,
+) -> list[list[tuple[str, float]]]:
+    """For each query vector, the `top_k` corpus ids with the highest cosine scores, best first, from the shards of
+    `output_dir` by `backend`: `"matrix"` (everything in memory, one product), `"faiss"` (`index.faiss`, built when
+    missing) or `"lancedb"` (the table in `db_dir`, default `{output_dir}/lancedb`, first synced with the shards and
+    given per-id `columns`; `where` filters its rows). The three agree on ids and scores, up to the order of equal
+    scores."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if (where is not None or columns is not None) and backend != "lancedb":
+        raise ValueError(f"filters and columns need the lancedb backend: the {backend} one has no metadata")
+    if backend == "faiss":
+        return search_index(output_dir, queries, top_k)
+    if backend == "lancedb":
+        from .lancedb_store import search_lancedb, sync_lancedb
+
+        db_dir = db_dir if db_dir is not None else Path(output_dir) / LANCEDB_FOLDER
+        sync_lancedb(output_dir, db_dir, columns=columns)
+        return search_lancedb(db_dir, queries, top_k, where)
+    return search_embeddings(*load_embeddings(output_dir), queries, top_k)
 
 
 def build_faiss_index(output_dir: str | os.PathLike) -> Path:
