@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -292,17 +293,22 @@ class CoMaProcessor(CoMaRenderingMixin, ProcessorMixin):
             self._token_cache[text] = ids
         return list(ids)
 
+    def prepare_image(self, image: Any, sample: Any = None) -> Image.Image:
+        """The picture the backbone's image processor is given for `image` (a PIL image, a path, bytes…): decoded,
+        upright and enlarged when tiny as the image settings say, its aspect ratio bounded. What a server that runs
+        the stock image processor (vLLM's `multi_modal_data`) must be sent."""
+        picture = load_image(
+            image,
+            sample=sample,
+            upright=self.apply_exif_orientation,
+            enlarge_below=self.enlarge_images_below,
+            enlarged_size=self.enlarged_image_size,
+        )
+        return fit_aspect_ratio(picture)
+
     def _image_block(self, image: Any, sample: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Vision tokens for one image, with its pixel patches and grid."""
-        picture = fit_aspect_ratio(
-            load_image(
-                image,
-                sample=sample,
-                upright=self.apply_exif_orientation,
-                enlarge_below=self.enlarge_images_below,
-                enlarged_size=self.enlarged_image_size,
-            )
-        )
+        picture = self.prepare_image(image, sample)
         try:
             features = self.image_processor(images=[picture], return_tensors="pt")
         except ValueError as error:  # an image the backbone's processor refuses for another reason

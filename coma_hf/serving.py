@@ -13,6 +13,10 @@ folder: the backbone's config and weights, the tokenizer (with the compression t
 remote-code pointers, and `coma_pooling.json`, everything else a server must be told (`pooling_spec`).
 
     python -m coma_hf.serving CHECKPOINT OUTPUT_DIR
+
+Through vLLM (`docs/serving.md`): serve the export with `--runner pooling --convert embed`, send each input as
+`vllm_prompt` renders it (token ids and the prepared image), ask for every token's final state
+(`pooling_task="token_embed"`) and pool it with `pool_token_states`, which reads `coma_pooling.json`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from .backbones import get_family
 from .configuration_coma import CoMaConfig
+from .inputs import split_input
 from .layout_coma import InputLayout
 from .processing_coma import CoMaProcessor
 from .saving import MAX_SHARD_SIZE
@@ -105,11 +110,46 @@ def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]
         "image_token": image_token,
         "image_placeholder": processor.image_placeholder,
         "image_placeholder_rule": PLACEHOLDER_RULES[mode],
-        "text_tokenization": "special-token strings inside the user's text stay plain text (split_special_tokens)",
+        "text_tokenization": "special-token strings inside the user's text stay plain text (split_special_tokens); "
+        "in parts mode the text is tokenized alone and each run of instruction and separators as one piece",
+        "truncation": "an input longer than max_length loses tokens from the end of its text (an MMEB row: the text "
+        "after the image first, then the text before it) until it fits; the rest is never cut",
         "query_instruction": processor.query_instruction,
         "document_instruction": processor.document_instruction,
         "max_length": processor.max_length,
     }
+
+
+def vllm_prompt(processor: CoMaProcessor, item: Any, instruction: str | None = None, sample: Any = None) -> dict:
+    """The request for one input to a server that runs the stock export (a vLLM `TokensPrompt`):
+
+    - `prompt_token_ids`: the input rendered by the checkpoint's processor (layout, truncation, special-token rule),
+      its image block expanded to one image token per visual token, the K compression-token ids last;
+    - `multi_modal_data`: `{"image": the picture as the processor prepares it}` (upright, enlarged when tiny,
+      aspect ratio bounded: `CoMaProcessor.prepare_image`), from which the export's image processor computes the
+      same grid, so the expanded image tokens match; absent for a text.
+
+    `item` is what `CoMaModel.encode` takes (a text, a PIL image, or `{"image", "text", "instruction", "layout"}`);
+    `instruction` goes with an input that has none of its own (`processor.query_instruction` for a query)."""
+    entry = split_input(item, sample)
+    own = entry.instruction if entry.instruction is not None else instruction
+    rendered = processor.render_embedding_input(entry.text, entry.image, own, sample=sample, layout=entry.layout)
+    prompt: dict[str, Any] = {"prompt_token_ids": list(rendered.input_ids)}
+    if entry.image is not None:
+        prompt["multi_modal_data"] = {"image": processor.prepare_image(entry.image, sample)}
+    return prompt
+
+
+def pool_token_states(token_states: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+    """One embedding `[embedding_dim or hidden]` from a server's per-token output for one input (`[length, hidden]`,
+    the final hidden states of every position: vLLM's `pooling_task="token_embed"` with `use_activation=False`), as
+    `coma_pooling.json` (`spec`) says: the last `pooled_positions` states, their mean or the last one, the first
+    `embedding_dim` dimensions when set, L2-normalised when `normalize`. Float32."""
+    states = torch.as_tensor(token_states).float()[-spec["pooled_positions"] :]
+    pooled = states.mean(dim=0) if spec["pooling"] == "mean" else states[-1]
+    if spec["embedding_dim"]:
+        pooled = pooled[: spec["embedding_dim"]]
+    return torch.nn.functional.normalize(pooled, dim=-1) if spec["normalize"] else pooled
 
 
 def export_stock_backbone(
