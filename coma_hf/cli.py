@@ -29,6 +29,7 @@ HUB_ID_PARTS = 2  # "owner/name"
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".safetensors")  # a local file, not a Hub id
 DEBUG_FLAG = "--debug"
 DEFAULT_STAGE2 = "outputs/stage2"  # where examples/train_contrastive.py saves by default
+DEFAULT_SYNTHETIC = "outputs/synthetic"  # where the scripts write and read the synthetic scenes and the mini-MMEB
 DEFAULT_RUNS = "python examples/pretrain.py && python examples/train_contrastive.py"  # the runs that make it
 MAKE_A_COMA_CHECKPOINT = (
     "pass a folder written by examples/pretrain.py or examples/train_contrastive.py, or convert the authors' release "

@@ -31,7 +31,7 @@ import torch
 
 from .backbones import get_family
 from .configuration_coma import CoMaConfig
-from .inputs import split_input
+from .inputs import MAX_ASPECT_RATIO, split_input
 from .layout_coma import InputLayout
 from .processing_coma import CoMaProcessor
 from .saving import MAX_SHARD_SIZE
@@ -101,6 +101,9 @@ def pooling_spec(config: CoMaConfig, processor: CoMaProcessor) -> dict[str, Any]
             "enlarge_images_below": processor.enlarge_images_below,
             "enlarged_image_size": processor.enlarged_image_size,
             "apply_exif_orientation": processor.apply_exif_orientation,
+            # beyond this long:short ratio the image is centred on a white canvas widened to it (a stock processor
+            # refuses such an image)
+            "max_aspect_ratio": MAX_ASPECT_RATIO,
         },
         # the rules of embedding_layout's mode; a named layout of the other mode follows that mode's rules
         "layout_mode": mode,

@@ -63,7 +63,7 @@ logger = logging.getLogger("app")
 
 # The default runs' outputs, as examples/pretrain.py and examples/train_contrastive.py name them by default
 DEFAULT_MODEL = cli.DEFAULT_STAGE2
-DEFAULT_SYNTHETIC = "outputs/synthetic"
+DEFAULT_SYNTHETIC = cli.DEFAULT_SYNTHETIC
 DEFAULT_SCENES = "outputs/demo/test_scenes"  # the synthetic test scenes, linked here on first start
 DEFAULT_CACHE = "outputs/demo/cache"
 SHARD_SIZE = 256  # rows per cached shard: how much an interrupted encode can lose

@@ -19,11 +19,11 @@ import argparse
 from pathlib import Path
 
 from coma_hf import cli
-from coma_hf.data.mini_mmeb import write_mini_mmeb
+from coma_hf.data.mini_mmeb import mini_mmeb_split
 from coma_hf.evaluation.mmeb import MMEBEvaluator, markdown_table
 from coma_hf.evaluation.mmeb_v2 import DATA_FORMATS, load_evaluation_datasets
 
-DEFAULT_SYNTHETIC = "outputs/synthetic"
+DEFAULT_SYNTHETIC = cli.DEFAULT_SYNTHETIC
 
 
 def load_model(name_or_path: str):
@@ -70,11 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_arguments(args)
     cli.configure_logging(args.debug)
 
-    data = args.data
-    if data is None:
-        data = str(Path(DEFAULT_SYNTHETIC) / "mini_mmeb" / "test")
-        if not Path(data).exists():
-            write_mini_mmeb(DEFAULT_SYNTHETIC, max_train_scenes=0)  # evaluation needs no training pairs
+    data = args.data if args.data is not None else str(mini_mmeb_split(DEFAULT_SYNTHETIC))
     names = args.datasets.split(",") if args.datasets else None
     datasets = load_evaluation_datasets(data, names, args.image_root, args.split, args.data_format)
     results = MMEBEvaluator(datasets, batch_size=args.batch_size)(load_model(args.model_name_or_path), args.output_dir)

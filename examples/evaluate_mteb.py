@@ -15,11 +15,10 @@ layout: `results/{model}/{revision}/{task}.json`) under `--output_dir`, which `e
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from coma_hf import cli
 
-DEFAULT_SYNTHETIC = "outputs/synthetic"
+DEFAULT_SYNTHETIC = cli.DEFAULT_SYNTHETIC
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -38,17 +37,12 @@ def chosen_tasks(args: argparse.Namespace) -> list:
     default, generated if absent)."""
     import mteb
 
+    from coma_hf.data.mini_mmeb import mini_mmeb_split
     from coma_hf.integrations.mteb_tasks import mmeb_tasks
 
     if args.tasks:
         return list(mteb.get_tasks(tasks=args.tasks.split(",")))
-    data = args.data
-    if data is None:
-        data = str(Path(DEFAULT_SYNTHETIC) / "mini_mmeb" / "test")
-        if not Path(data).exists():
-            from coma_hf.data.mini_mmeb import write_mini_mmeb
-
-            write_mini_mmeb(DEFAULT_SYNTHETIC, max_train_scenes=0)  # evaluation needs no training pairs
+    data = args.data if args.data is not None else mini_mmeb_split(DEFAULT_SYNTHETIC)
     return mmeb_tasks(data, args.datasets.split(",") if args.datasets else None)
 
 

@@ -34,8 +34,8 @@ def _write_corpus(folder, vectors: torch.Tensor, shard_size: int, prefix: str = 
 
 
 def _same_up_to_ties(expected: list[tuple[str, float]], found: list[tuple[str, float]]) -> None:
-    """Equal ids in order and scores within 1e-5; ids with equal scores compare as sets (their order is not defined),
-    and the last score's group is cut by top_k, so it only has to be a subset."""
+    """Equal scores within 1e-5, position by position; the ids of equal scores compare as sets (their order is not
+    defined)."""
     assert len(found) == len(expected)
     for (_, want), (_, got) in zip(expected, found, strict=True):
         assert got == pytest.approx(want, abs=1e-5)
@@ -86,11 +86,17 @@ def test_syncing_again_adds_nothing_and_new_shards_only_once(tmp_path):
     vectors = _unit(250, 8)
     _write_corpus(tmp_path, vectors[:200], shard_size=100)
     db = tmp_path / "db"
-    assert sync_lancedb(tmp_path, db) == {"added_shards": 2, "removed_shards": 0, "rows": 200, "indexed": False}
+    assert sync_lancedb(tmp_path, db) == {
+        "added_shards": 2,
+        "removed_shards": 0,
+        "rows": 200,
+        "indexed": False,
+        "rebuilt": False,
+    }
     assert sync_lancedb(tmp_path, db)["added_shards"] == 0
     metadata = {"start": 200, "end": 250, "skipped": []}  # a third shard appears
     write_shard(tmp_path / shard_name(200, 250), [f"row{index}" for index in range(200, 250)], vectors[200:], metadata)
-    assert sync_lancedb(tmp_path, db) == {"added_shards": 1, "removed_shards": 0, "rows": 250, "indexed": False}
+    assert sync_lancedb(tmp_path, db)["added_shards"] == 1
     table = lancedb.connect(str(db)).open_table("corpus").to_arrow()
     assert sorted(table.column("id").to_pylist()) == sorted(f"row{index}" for index in range(250))
 
@@ -110,7 +116,12 @@ def test_a_grown_corpus_replaces_its_last_short_shard_in_the_table(tmp_path):
     encode_corpus(_Hashing(), rows[:5], output, shard_size=4)  # shards 0-4 and 4-5
     sync_lancedb(output, db)
     encode_corpus(_Hashing(), rows, output, shard_size=4)  # 4-5 is replaced by 4-7
-    assert sync_lancedb(output, db) == {"added_shards": 1, "removed_shards": 1, "rows": 7, "indexed": False}
+    assert {key: value for key, value in sync_lancedb(output, db).items() if key != "rebuilt"} == {
+        "added_shards": 1,
+        "removed_shards": 1,
+        "rows": 7,
+        "indexed": False,
+    }
     table = lancedb.connect(str(db)).open_table("corpus").to_arrow()
     assert sorted(table.column("id").to_pylist()) == [f"t{index}" for index in range(7)]
     assert set(table.column("shard").to_pylist()) == {shard_name(0, 4), shard_name(4, 7)}
@@ -175,3 +186,57 @@ def test_the_demo_searches_its_cached_folder_in_lancedb_as_in_memory(tmp_path):
     (entry,) = (tmp_path / "cache-lancedb").iterdir()
     table = lancedb.connect(str(entry / "lancedb")).open_table("corpus").to_arrow()
     assert sorted(table.column("path").to_pylist()) == [f"scene{index}.png" for index in range(5)]
+
+
+def test_columns_new_to_the_table_rebuild_it_and_a_sync_without_columns_keeps_them(tmp_path):
+    names = [f"img{index}.png" for index in range(6)]
+    for index, name in enumerate(names):
+        random_image(index).save(tmp_path / name)
+    folder, db = tmp_path / "corpus", tmp_path / "db"
+    folder.mkdir()
+    vectors = _unit(6, 8)
+    write_shard(folder / shard_name(0, 3), names[:3], vectors[:3], {"start": 0, "end": 3, "skipped": []})
+    sync_lancedb(folder, db)  # no columns yet (search_corpus without --images)
+    assert sync_lancedb(folder, db, columns=listing_columns(tmp_path))["rebuilt"]
+    write_shard(folder / shard_name(3, 6), names[3:], vectors[3:], {"start": 3, "end": 6, "skipped": []})
+    assert sync_lancedb(folder, db) == {  # the new shard's rows get the table's fields, empty
+        "added_shards": 1,
+        "removed_shards": 0,
+        "rows": 6,
+        "indexed": False,
+        "rebuilt": False,
+    }
+    table = lancedb.connect(str(db)).open_table("corpus").to_arrow().sort_by("id")
+    assert table.column("path").to_pylist() == names[:3] + [None] * 3
+    with pytest.raises(ValueError, match="table's own"):
+        sync_lancedb(folder, db, columns={names[0]: {"shard": "x"}})
+
+
+def test_a_shard_of_skipped_rows_and_an_empty_corpus(tmp_path):
+    folder, db = tmp_path / "corpus", tmp_path / "db"
+    folder.mkdir()
+    skipped = [{"row": 0, "id": "a", "error": "corrupt"}]
+    write_shard(folder / shard_name(0, 1), [], torch.empty(0, 8), {"start": 0, "end": 1, "skipped": skipped})
+    assert sync_lancedb(folder, db)["added_shards"] == 0  # nothing stored, and nothing reported added again
+    assert search(folder, _unit(2, 8), backend="lancedb", db_dir=db) == [[], []]
+    write_shard(folder / shard_name(1, 3), ["b", "c"], _unit(2, 8), {"start": 1, "end": 3, "skipped": []})
+    assert sync_lancedb(folder, db)["added_shards"] == 1 and sync_lancedb(folder, db)["added_shards"] == 0
+
+
+def test_the_index_follows_the_size_and_search_can_ask_for_exact(tmp_path):
+    vectors = _unit(400, 16)
+    ids = _write_corpus(tmp_path, vectors, shard_size=200)
+    db = tmp_path / "db"
+    assert sync_lancedb(tmp_path, db, index_min_rows=300)["indexed"]
+    queries = _unit(3, 16, seed=5)
+    exact = search(tmp_path, queries, top_k=5, backend="lancedb", db_dir=db, exact=True)
+    for want, got in zip(search_embeddings(ids, vectors, queries, top_k=5), exact, strict=True):
+        _same_up_to_ties(want, got)
+    (tmp_path / shard_name(200, 400)).unlink()  # the corpus shrinks below the threshold: the index goes
+    assert sync_lancedb(tmp_path, db, index_min_rows=300) == {
+        "added_shards": 0,
+        "removed_shards": 1,
+        "rows": 200,
+        "indexed": False,
+        "rebuilt": False,
+    }

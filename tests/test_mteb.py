@@ -134,6 +134,10 @@ def test_an_mmeb_row_gets_no_second_instruction_and_a_prompted_task_gets_its_own
     assert encoder.instruction(prompted, PromptType.document) == model.processor.document_instruction
     by_side = prompted.model_copy(update={"prompt": {"query": "q?", "document": "d!"}})
     assert encoder.instruction(by_side, PromptType.document) == "d!"
+    assert encoder.instruction(by_side, PromptType.query) == "q?"
+    query_only = prompted.model_copy(update={"prompt": {"query": "q?"}})  # most of MIEB's retrieval tasks
+    assert encoder.instruction(query_only, PromptType.document) == model.processor.document_instruction
+    assert encoder.instruction(query_only, None) is None  # a prompt dict read without a side is no instruction
 
 
 def test_batches_become_one_input_per_row():
@@ -174,7 +178,7 @@ def test_one_command_scores_a_trained_checkpoint_as_mmeb_evaluator_does(trained,
         + command_line(mteb_results=tmp_path / "mteb")
     )
     card = (upload / "README.md").read_text()
-    assert "type: mteb/MMEB-Mini-Count" in card and f"value: {round(100 * scores['MMEB-Mini-Count'], 2)}" in card
+    assert "type: local/MMEB-Mini-Count" in card and f"value: {round(100 * scores['MMEB-Mini-Count'], 2)}" in card
     assert json.loads((upload / "mteb_results.json").read_text()) == summary
 
 

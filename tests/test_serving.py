@@ -91,6 +91,14 @@ SERVER = textwrap.dedent(
         below = settings["enlarge_images_below"]
         if below and (image.width < below or image.height < below):
             image = image.resize((settings["enlarged_image_size"],) * 2)
+        width, height = image.size
+        limit = settings["max_aspect_ratio"]
+        if max(width, height) > limit * min(width, height):  # centred on a white canvas widened to the limit
+            short = -(-max(width, height) // limit)
+            size = (width, short) if width >= height else (short, height)
+            canvas = Image.new("RGB", size, (255, 255, 255))
+            canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+            image = canvas
         return image
 
 
@@ -185,13 +193,16 @@ LONG_TEXT = " ".join(f"shape{index} left of circle{index}" for index in range(60
 def _rows(folder: Path) -> list[dict]:
     """Image, text and image + text, with and without an instruction, an MMEB row with its image placeholder, and the
     rows that need the spec's image settings and special-token rule: a text holding a special-token string, an image
-    under one visual token (28 px: enlarged in the released layout), an EXIF-rotated JPEG, a text cut at max_length."""
+    under one visual token (28 px: enlarged in the released layout), an EXIF-rotated JPEG, a text cut at max_length,
+    an image beyond 200:1."""
     images = []
     for seed, size in ((1, (84, 112)), (2, (140, 56))):
         images.append(str(folder / f"image{seed}.png"))
         random_image(seed, size).save(images[-1])
     tiny = folder / "tiny.png"
     random_image(3, (20, 14)).save(tiny)
+    sliver = folder / "sliver.png"
+    random_image(5, (1206, 3)).save(sliver)  # 402:1, beyond the 200:1 a stock processor accepts
     rotated = folder / "rotated.jpg"
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6  # stored sideways: upright is 90° clockwise
@@ -207,6 +218,7 @@ def _rows(folder: Path) -> list[dict]:
         {"image": str(tiny), "text": None, "instruction": INSTRUCTION},
         {"image": str(rotated), "text": "which way is up?", "instruction": None},
         {"image": None, "text": LONG_TEXT, "instruction": INSTRUCTION},
+        {"image": str(sliver), "text": None, "instruction": INSTRUCTION},
     ]
 
 

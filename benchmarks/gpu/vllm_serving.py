@@ -12,7 +12,8 @@ inputs (synthetic scenes: image, text, and image + text) two ways, in `--dtype`:
   `llm.encode(..., pooling_task="token_embed")` for every position's final state, pooled by `pool_token_states`.
 
 Records the agreement of the vectors (cosine of each pair: minimum and mean) and the throughput of each path
-(inputs/s, after one warm-up batch), prints a table and writes JSON. Until it runs on such a machine,
+(inputs/s, after one warm-up batch; vLLM's includes rendering each request on the client, as a user's would), prints a
+table and writes JSON. Until it runs on such a machine,
 `docs/performance.md` says "pending: needs vLLM on a GPU".
 """
 
@@ -91,17 +92,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not (export / POOLING_FILE).exists():
         export_stock_backbone(args.checkpoint, export, dtype=args.dtype)
     spec = json.loads((export / POOLING_FILE).read_text())
-    model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True, dtype=getattr(torch, args.dtype))
-    model = model.to("cuda").eval()
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True, dtype=dtype).to("cuda").eval()
     instruction = spec[f"{args.role}_instruction"]
     inputs = scene_inputs(args.num_inputs)
-    encode = lambda items: model.encode(items, instruction=instruction, batch_size=args.batch_size)  # noqa: E731
-    encode(inputs[: args.batch_size])  # warm-up
-    expected, encode_seconds = timed(encode, inputs)
+    model.encode(inputs[: args.batch_size], instruction=instruction, batch_size=args.batch_size)  # warm-up
+    expected, encode_seconds = timed(model.encode, inputs, instruction, args.batch_size)
+    processor = model.processor
+    del model  # vLLM takes a share of the GPU's memory at start and refuses to start without it
+    torch.cuda.empty_cache()
 
     llm = LLM(model=str(export), runner="pooling", convert="embed", dtype=args.dtype)
-    vllm_vectors(llm, model.processor, inputs[: args.batch_size], spec, instruction)  # warm-up
-    served, vllm_seconds = timed(vllm_vectors, llm, model.processor, inputs, spec, instruction)
+    vllm_vectors(llm, processor, inputs[: args.batch_size], spec, instruction)  # warm-up
+    served, vllm_seconds = timed(vllm_vectors, llm, processor, inputs, spec, instruction)
     result = {
         "machine": torch.cuda.get_device_name(),
         "checkpoint": args.checkpoint,

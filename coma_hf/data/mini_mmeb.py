@@ -380,3 +380,12 @@ def write_mini_mmeb(synthetic_dir: str | Path, max_train_scenes: int | None = 20
         pairs = training_pairs(records, seed, root, crops)
         (output / "train.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     return output
+
+
+def mini_mmeb_split(synthetic_dir: str | Path, split: str = "test") -> Path:
+    """The folder of one mini-MMEB evaluation split under `synthetic_dir`, written first (without training pairs,
+    which evaluation does not need) when absent."""
+    folder = Path(synthetic_dir) / "mini_mmeb" / split
+    if not folder.exists():
+        write_mini_mmeb(synthetic_dir, max_train_scenes=0)
+    return folder

@@ -217,23 +217,28 @@ def _training_rows(summaries: dict) -> list[tuple[str, str]]:
 
 def mteb_summary(results_folder: str | os.PathLike) -> dict:
     """The main score of every task result under an mteb results folder (`mteb.ResultCache`'s layout, or any folder
-    of its task-result JSON files): `{"tasks": [{"task_name", "split", "subset", "main_score", "dataset_revision",
-    "mteb_version"}, …]}`. One model's results only: a task found twice is an error naming both files."""
+    of its task-result JSON files): `{"tasks": [{"task_name", "task_type", "dataset", "metric", "split", "subset",
+    "main_score", "dataset_revision", "mteb_version"}, …]}`. The task's type, dataset path and main-score name come
+    from mteb's registry when mteb knows the task (`local` and `main_score` for a task it does not, such as an
+    MMEB-format folder's). One model's results only: a task found twice is an error naming both files."""
     tasks, seen = [], {}
     for path in sorted(Path(results_folder).rglob("*.json")):
         result = read_json_file(path)
         if not result or "task_name" not in result or "scores" not in result:
             continue  # model_meta.json and other files
-        if result["task_name"] in seen:
+        name = result["task_name"]
+        if name in seen:
             raise ValueError(
-                f"{results_folder}: {result['task_name']} appears twice ({seen[result['task_name']]} and {path}); "
-                "pass the results folder of one model and revision"
+                f"{results_folder}: {name} appears twice ({seen[name]} and {path}); pass the results folder of one "
+                "model and revision (results/<model>/<revision>)"
             )
-        seen[result["task_name"]] = path
+        seen[name] = path
+        card = _mteb_task_card(name)
         for split, scores in result["scores"].items():
             tasks += [
                 {
-                    "task_name": result["task_name"],
+                    "task_name": name,
+                    **card,
                     "split": split,
                     "subset": score.get("hf_subset", "default"),
                     "main_score": score["main_score"],
@@ -247,18 +252,29 @@ def mteb_summary(results_folder: str | os.PathLike) -> dict:
     return {"tasks": tasks}
 
 
+def _mteb_task_card(name: str) -> dict:
+    """`{"task_type", "dataset", "metric"}` of an mteb task, from its registry (as mteb's own cards name them)."""
+    try:
+        import mteb
+
+        metadata = mteb.get_task(name).metadata
+    except (ImportError, KeyError):
+        return {"task_type": "local", "dataset": f"local/{name}", "metric": "main_score"}
+    return {"task_type": metadata.type, "dataset": metadata.dataset["path"], "metric": metadata.main_score}
+
+
 def _mteb_eval_results(summary: dict | None) -> list[EvalResult]:
-    """model-index entries in mteb's own card convention (dataset type `mteb/{task}`, metric `main_score`)."""
+    """model-index entries as mteb's cards write them: the task type, the task's dataset path, its main score."""
     return [
         EvalResult(
-            task_type="feature-extraction",
+            task_type=task["task_type"],
             task_name=task["task_name"],
-            dataset_type=f"mteb/{task['task_name']}",
+            dataset_type=task["dataset"],
             dataset_name=f"MTEB {task['task_name']} ({task['subset']})",
             dataset_config=task["subset"],
             dataset_split=task["split"],
             dataset_revision=task["dataset_revision"],
-            metric_type="main_score",
+            metric_type=task["metric"],
             metric_value=round(100 * task["main_score"], 2),
         )
         for task in (summary or {}).get("tasks", [])

@@ -34,12 +34,13 @@ def search(
     db_dir: str | os.PathLike | None = None,
     where: str | None = None,
     columns: dict[str, dict] | None = None,
+    exact: bool = False,
 ) -> list[list[tuple[str, float]]]:
     """For each query vector, the `top_k` corpus ids with the highest cosine scores, best first, from the shards of
     `output_dir` by `backend`: `"matrix"` (everything in memory, one product), `"faiss"` (`index.faiss`, built when
     missing) or `"lancedb"` (the table in `db_dir`, default `{output_dir}/lancedb`, first synced with the shards and
-    given per-id `columns`; `where` filters its rows). The three agree on ids and scores, up to the order of equal
-    scores."""
+    given per-id `columns`; `where` filters its rows; from `IVF_MIN_ROWS` rows its search is approximate unless
+    `exact`). Exact searches agree on ids and scores, up to the order of equal scores."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if (where is not None or columns is not None) and backend != "lancedb":
@@ -51,7 +52,7 @@ def search(
 
         db_dir = db_dir if db_dir is not None else Path(output_dir) / LANCEDB_FOLDER
         sync_lancedb(output_dir, db_dir, columns=columns)
-        return search_lancedb(db_dir, queries, top_k, where)
+        return search_lancedb(db_dir, queries, top_k, where, exact=exact)
     return search_embeddings(*load_embeddings(output_dir), queries, top_k)
 
 

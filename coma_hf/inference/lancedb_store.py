@@ -5,9 +5,10 @@ A table row is one embedded corpus row: `id`, `embedding` (unit-norm float32), `
 `shard_sha256`, plus any per-id columns the caller hands over (`listing_columns` gives an image folder's `path`,
 `bytes` and `modified_ns`). `sync_lancedb` makes the table match the folder's finished shards: it adds the rows of
 shards not yet in it, and removes the rows of shards that are gone or changed. So a re-run adds nothing twice, and
-when a grown corpus replaces its last short shard (`encode_corpus`), the table replaces that shard's rows too.
+when a grown corpus replaces its last short shard (`encode_corpus`), the table replaces that shard's rows too. It
+reads the table's shard names, not its vectors. Two syncs of one table must not run at once.
 
-Past `IVF_MIN_ROWS` rows the table gets an IVF index (`lancedb.index.IvfFlat`, cosine, about √rows partitions);
+From `IVF_MIN_ROWS` rows the table gets an IVF index (`lancedb.index.IvfFlat`, cosine, about √rows partitions);
 below it every search is exact (a flat scan). `exact=True` scans even past it.
 """
 
@@ -23,10 +24,11 @@ import torch
 
 from ..storage import file_sha256
 from .cache import folder_listing
-from .shards import finished_shards, read_shard
+from .shards import finished_shards, manifest_entries, read_shard
 
 TABLE = "corpus"
 VECTOR_COLUMN = "embedding"
+BASE_COLUMNS = ("id", VECTOR_COLUMN, "shard", "shard_sha256")  # every row's; the caller's columns come after
 IVF_MIN_ROWS = 20_000  # a flat scan of fewer rows is fast enough, and exact
 NPROBES = 40  # partitions an IVF search visits: recall@10 0.93-0.96 on the 20k test corpus (about 0.8 at 20)
 
@@ -47,36 +49,60 @@ def sync_lancedb(
     index_min_rows: int = IVF_MIN_ROWS,
 ) -> dict:
     """Bring the LanceDB table `table_name` in `db_dir` in line with the finished shards of `output_dir`; returns
-    `{"added_shards", "removed_shards", "rows", "indexed"}`. `columns` maps an id to extra fields for its row (every
-    id gets the same keys; a missing id gets nulls)."""
+    `{"added_shards", "removed_shards", "rows", "indexed", "rebuilt"}`.
+
+    `columns` maps an id to extra fields for its row (a missing id gets nulls). When they name other fields than the
+    table holds, the table is rebuilt with them (`rebuilt`); without `columns` the table keeps its fields, and rows
+    of new shards get nulls there. A shard's SHA-256 is the manifest's when the manifest vouches for the file, else
+    computed. The IVF index is (re)built when rows changed and the table has `index_min_rows` rows, and dropped
+    below that."""
     import lancedb
 
     database = lancedb.connect(str(db_dir))
-    shards = {path.name: (path, file_sha256(path)) for path in finished_shards(output_dir)}
     table = database.open_table(table_name) if table_name in _table_names(database) else None
+    extra = sorted({key for fields in (columns or {}).values() for key in fields})
+    if reserved := set(extra) & set(BASE_COLUMNS):
+        raise ValueError(f"columns {sorted(reserved)} are the table's own; rename them")
+    rebuilt = table is not None and columns is not None and extra != _extra_columns(table.schema)
+    if rebuilt:
+        database.drop_table(table_name)
+        table = None
+    recorded = manifest_entries(output_dir)
+    shards = {path.name: (path, _sha256(path, recorded)) for path in finished_shards(output_dir)}
     stored = _stored_shards(table)
     stale = sorted(name for name, sha in stored.items() if shards.get(name, (None, None))[1] != sha)
-    new = [name for name in shards if stored.get(name) != shards[name][1]]
-    if table is not None and stale:
+    if stale:
         table.delete(" OR ".join(f"shard = {_sql_string(name)}" for name in stale))
-    for name in new:
-        batch = _shard_table(*shards[name], columns)
-        if batch is None:
+    added = 0
+    for name in (name for name in shards if stored.get(name) != shards[name][1]):
+        batch = _shard_table(*shards[name], columns, table.schema if table is not None else None)
+        if batch is None:  # every row of the shard was skipped: nothing to store
             continue
         if table is None:
             table = database.create_table(table_name, data=batch)
         else:
             table.add(batch)
+        added += 1
     rows = table.count_rows() if table is not None else 0
-    indexed = table is not None and rows >= index_min_rows
-    if indexed and (new or stale or not table.list_indices()):
-        partitions = max(1, round(math.sqrt(rows)))
-        table.create_index(
-            VECTOR_COLUMN,
-            config=lancedb.index.IvfFlat(distance_type="cosine", num_partitions=partitions),
-            replace=True,
-        )
-    return {"added_shards": len(new), "removed_shards": len(stale), "rows": rows, "indexed": indexed}
+    _index(table, rows, index_min_rows, changed=bool(added or stale))
+    indexed = table is not None and bool(table.list_indices())
+    return {"added_shards": added, "removed_shards": len(stale), "rows": rows, "indexed": indexed, "rebuilt": rebuilt}
+
+
+def _index(table: Any, rows: int, index_min_rows: int, changed: bool) -> None:
+    """An IVF index (cosine, about √rows partitions) from `index_min_rows` rows on, rebuilt when rows changed;
+    none below (an index left from a larger table is dropped, so search is exact again)."""
+    import lancedb
+
+    if table is None:
+        return
+    indices = table.list_indices()
+    if rows < index_min_rows:
+        for index in indices:
+            table.drop_index(index.name)
+    elif changed or not indices:
+        config = lancedb.index.IvfFlat(distance_type="cosine", num_partitions=max(1, round(math.sqrt(rows))))
+        table.create_index(VECTOR_COLUMN, config=config, replace=True)
 
 
 def search_lancedb(
@@ -91,7 +117,10 @@ def search_lancedb(
     filter over the table's columns, e.g. `"path LIKE 'cats/%'"`), best first."""
     import lancedb
 
-    table = lancedb.connect(str(db_dir)).open_table(table_name)
+    database = lancedb.connect(str(db_dir))
+    if table_name not in _table_names(database):  # no shard held a row
+        return [[] for _ in range(len(queries))]
+    table = database.open_table(table_name)
     results = []
     for vector in queries.float().numpy():
         query = table.search(vector, vector_column_name=VECTOR_COLUMN).distance_type("cosine").limit(top_k)
@@ -108,16 +137,28 @@ def _table_names(database: Any) -> list[str]:
     return list(getattr(listed, "tables", listed))
 
 
+def _extra_columns(schema: Any) -> list[str]:
+    """The caller's columns of a table schema (all but `BASE_COLUMNS`), sorted."""
+    return sorted(name for name in schema.names if name not in BASE_COLUMNS)
+
+
+def _sha256(path: Path, recorded: dict[str, dict]) -> str:
+    entry = recorded.get(path.name)
+    return entry["sha256"] if entry and "sha256" in entry else file_sha256(path)
+
+
 def _stored_shards(table: Any) -> dict[str, str]:
-    """`shard file name → sha256` of the rows in `table` (none for no table)."""
+    """`shard file name → sha256` of the rows in `table` (none for no table), read without the vectors."""
     if table is None:
         return {}
-    pairs = table.to_arrow().select(["shard", "shard_sha256"]).group_by(["shard", "shard_sha256"]).aggregate([])
+    scan = table.search().select(["shard", "shard_sha256"]).limit(None).to_arrow()
+    pairs = scan.group_by(["shard", "shard_sha256"]).aggregate([])
     return dict(zip(pairs.column("shard").to_pylist(), pairs.column("shard_sha256").to_pylist(), strict=True))
 
 
-def _shard_table(path: Path, sha256: str, columns: Mapping[str, dict] | None) -> Any:
-    """One shard as an Arrow table of table rows (`None` when every row of it was skipped)."""
+def _shard_table(path: Path, sha256: str, columns: Mapping[str, dict] | None, schema: Any = None) -> Any:
+    """One shard as an Arrow table of table rows (`None` when every row of it was skipped); with the table's
+    `schema`, its extra fields typed as there (null where `columns` has no value)."""
     import pyarrow as pa
 
     ids, vectors, _ = read_shard(path)
@@ -131,10 +172,10 @@ def _shard_table(path: Path, sha256: str, columns: Mapping[str, dict] | None) ->
         "shard": pa.array([path.name] * len(ids), pa.string()),
         "shard_sha256": pa.array([sha256] * len(ids), pa.string()),
     }
-    if columns:
-        keys = sorted({key for fields in columns.values() for key in fields})
-        for key in keys:
-            data[key] = pa.array([columns.get(identifier, {}).get(key) for identifier in ids])
+    keys = _extra_columns(schema) if schema is not None else sorted({k for f in (columns or {}).values() for k in f})
+    for key in keys:
+        values = [(columns or {}).get(identifier, {}).get(key) for identifier in ids]
+        data[key] = pa.array(values, type=schema.field(key).type if schema is not None else None)
     return pa.table(data)
 
 

@@ -30,6 +30,7 @@ from mteb.types import PromptType
 from transformers import AutoModel
 from transformers.utils import logging as hf_logging
 
+from ..hub.card import HUB_ID
 from ..training.building import weights_fingerprint
 from .mteb_tasks import MMEB_FOLDER
 
@@ -99,18 +100,17 @@ class CoMaEncoder(AbsEncoder):
         return torch.cat(chunks).numpy()
 
     def instruction(self, task_metadata, prompt_type: PromptType | None) -> str | None:
-        """CoMa's instruction for this side of this task: `None` for MMEB rows (they carry their own) or when mteb's
-        is empty, the processor's `document_instruction` for documents of a task without a document prompt, else
-        mteb's."""
+        """CoMa's instruction for this side of this task: none for MMEB rows (they carry their own); the processor's
+        `document_instruction` for documents of a task without a document prompt of its own (a task prompt, or a
+        `{"query": …}` dict, describes the query side); else mteb's (`get_instruction`), none when that is empty or
+        not a string (a prompt dict read without a side)."""
         if task_metadata.dataset.get("path") == MMEB_FOLDER:
             return None
-        instruction = self.get_instruction(task_metadata, prompt_type)
-        if not instruction:
-            return None
-        has_document_prompt = isinstance(task_metadata.prompt, dict) and task_metadata.prompt.get("document")
-        if prompt_type == PromptType.document and not has_document_prompt:
+        prompt = task_metadata.prompt
+        if prompt_type == PromptType.document and not (isinstance(prompt, dict) and prompt.get("document")):
             return self.model.processor.document_instruction
-        return instruction
+        instruction = self.get_instruction(task_metadata, prompt_type)
+        return instruction if isinstance(instruction, str) and instruction else None
 
 
 def from_sentence_transformer(model: Any, name: str | None = None) -> AbsEncoder:
@@ -129,7 +129,10 @@ def from_sentence_transformer(model: Any, name: str | None = None) -> AbsEncoder
 def batch_inputs(batch: dict[str, list]) -> list[dict]:
     """mteb's column batch as `CoMaModel.encode` inputs, one dict per row; an empty text or a missing image is
     left out, so a row is an image, a text, or both."""
-    size = len(next(iter(value for key, value in batch.items() if key in ("image", "text"))))
+    columns = [value for key, value in batch.items() if key in ("image", "text")]
+    if not columns:
+        raise ValueError(f"an mteb batch without image or text (keys: {sorted(batch)}): CoMa embeds images and texts")
+    size = len(columns[0])
     rows = []
     for index in range(size):
         row = {}
@@ -144,11 +147,11 @@ def batch_inputs(batch: dict[str, list]) -> list[dict]:
 
 
 def model_meta(model: Any, name: str | None = None, revision: str | None = None) -> ModelMeta:
-    """mteb's `ModelMeta` for a `CoMaModel`: image and text, cosine, instructions, the embedding size (and the
-    Matryoshka size when set), and in `experiment_kwargs` what defines a CoMa embedding (K, pooling, attention)."""
+    """mteb's `ModelMeta` for a `CoMaModel`: image and text, cosine, instructions, the embedding size, and in
+    `experiment_kwargs` what defines a CoMa embedding (K, pooling, attention rule)."""
     config = model.config
     source = str(model.name_or_path or "")
-    hub_id = source if source and not Path(source).exists() else None
+    hub_id = source if HUB_ID.match(source) and not Path(source).exists() else None
     if name is None:
         name = hub_id or f"{LOCAL_ORGANIZATION}/{Path(source).name or 'coma'}"
     if revision is None:
@@ -164,7 +167,7 @@ def model_meta(model: Any, name: str | None = None, revision: str | None = None)
             "use_instructions": True,
             "n_parameters": sum(parameter.numel() for parameter in model.parameters()),
             "max_tokens": model.processor.max_length,
-            "framework": ["PyTorch", "Sentence Transformers"],
+            "framework": ["PyTorch"],
             "reference": f"https://huggingface.co/{hub_id}" if hub_id else None,
             "experiment_kwargs": {
                 "num_compression_tokens": config.num_compression_tokens,

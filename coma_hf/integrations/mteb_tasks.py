@@ -12,14 +12,17 @@ sha256), which tells `coma_hf.integrations.mteb` to add no instruction: an MMEB 
 
 Where mteb's numbers and `MMEBEvaluator`'s agree, and where they cannot: `recall_at_1` (retrieval) and `accuracy`
 (classification) are MMEB's precision@1 when no candidate ties the gold. A tie is a miss for `MMEBEvaluator`; mteb
-breaks it (retrieval by pytrec_eval's document-id order, classification to the first label in
+breaks it (retrieval by document id, descending, as pytrec_eval sorts; classification to the first label in
 `get_candidate_labels`), and a candidate listed twice in one row is one document here.
+
+A task's split is its folder's name when that names one (`dev`, `test`, …), else `test`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
@@ -32,13 +35,13 @@ from mteb.abstasks.zeroshot_classification import AbsTaskZeroShotClassification
 from ..evaluation.mmeb import EvalItem, MMEBDataset, load_mmeb_datasets
 
 PREFIX = "MMEB-"
+SPLITS = ("train", "dev", "validation", "test")  # a folder with one of these names is that split
 MMEB_FOLDER = "coma_hf/mmeb-format-folder"  # the tasks' dataset path: rows in MMEB's layout, instructions included
-SPLIT = "test"  # mteb's split name for whichever split the folder holds
+DEFAULT_SPLIT = "test"  # the split of a folder not named after one
 RETRIEVAL_SCORE = "recall_at_1"  # MMEB's precision@1: one relevant document per query
 CLASSIFICATION_SCORE = "accuracy"
 _METADATA = {  # what mteb requires of a task's card; these tasks are local files
     "reference": None,
-    "eval_splits": [SPLIT],
     "eval_langs": ["eng-Latn"],
     "date": None,
     "domains": [],
@@ -60,19 +63,22 @@ def mmeb_tasks(
 ) -> list[Any]:
     """One mteb task per dataset of an MMEB-format folder (`load_mmeb_datasets`' rules: the manifest, the image
     root), zero-shot classification or Any2Any retrieval as the rows are."""
-    return [mmeb_task(dataset, prefix) for dataset in load_mmeb_datasets(folder, names, image_root)]
+    split = Path(folder).name if Path(folder).name in SPLITS else DEFAULT_SPLIT
+    return [mmeb_task(dataset, prefix, split) for dataset in load_mmeb_datasets(folder, names, image_root)]
 
 
-def mmeb_task(dataset: MMEBDataset, prefix: str = PREFIX) -> Any:
+def mmeb_task(dataset: MMEBDataset, prefix: str = PREFIX, split: str = DEFAULT_SPLIT) -> Any:
     """The mteb task of one MMEB dataset (verbatim rows only: the release's prepared rows name processor layouts,
     which mteb cannot pass on)."""
     if dataset.parser is not None:
         raise ValueError(f"{dataset.name}: rows prepared by the release's rules ({dataset.parser}) are not mteb rows")
+    if not dataset.rows:
+        raise ValueError(f"{dataset.name}: no rows to evaluate")
     queries, candidate_lists = dataset.items()
     labels = shared_labels(queries, candidate_lists)
     if labels is not None:
-        return _zero_shot_task(dataset, prefix, queries, candidate_lists, labels)
-    return _retrieval_task(dataset, prefix, queries, candidate_lists)
+        return _zero_shot_task(dataset, prefix, split, queries, candidate_lists, labels)
+    return _retrieval_task(dataset, prefix, split, queries, candidate_lists)
 
 
 def shared_labels(queries: list[EvalItem], candidate_lists: list[list[EvalItem]]) -> list[str] | None:
@@ -87,7 +93,9 @@ def shared_labels(queries: list[EvalItem], candidate_lists: list[list[EvalItem]]
     return sorted(first)
 
 
-def _metadata(dataset: MMEBDataset, prefix: str, task_type: str, category: str, main_score: str) -> TaskMetadata:
+def _metadata(
+    dataset: MMEBDataset, prefix: str, split: str, task_type: str, category: str, main_score: str
+) -> TaskMetadata:
     return TaskMetadata(
         name=f"{prefix}{dataset.name}",
         description=f"{dataset.name} ({dataset.meta_task}, {dataset.distribution}) read from an MMEB-format folder.",
@@ -96,6 +104,7 @@ def _metadata(dataset: MMEBDataset, prefix: str, task_type: str, category: str, 
         modalities=["image", "text"],
         main_score=main_score,
         dataset={"path": MMEB_FOLDER, "revision": dataset.split_sha256 or "unknown"},
+        eval_splits=[split],
         **_METADATA,
     )
 
@@ -121,7 +130,7 @@ class MMEBRetrievalTask(AbsTaskRetrieval):
     split_data: RetrievalSplitData
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-        self.dataset = {"default": {SPLIT: self.split_data}}
+        self.dataset = {"default": {self.metadata.eval_splits[0]: self.split_data}}
         self.data_loaded = True
 
 
@@ -134,14 +143,14 @@ class MMEBZeroShotTask(AbsTaskZeroShotClassification):
     table: Dataset
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-        self.dataset = {SPLIT: self.table}
+        self.dataset = {self.metadata.eval_splits[0]: self.table}
         self.data_loaded = True
 
     def get_candidate_labels(self) -> list[str]:
         return list(self.labels)
 
 
-def _retrieval_task(dataset, prefix, queries, candidate_lists) -> MMEBRetrievalTask:
+def _retrieval_task(dataset, prefix, split, queries, candidate_lists) -> MMEBRetrievalTask:
     documents = list(dict.fromkeys(item for items in candidate_lists for item in items))
     document_id = {item: f"d{index}" for index, item in enumerate(documents)}
     query_ids = [f"q{index}" for index in range(len(queries))]
@@ -156,19 +165,20 @@ def _retrieval_task(dataset, prefix, queries, candidate_lists) -> MMEBRetrievalT
             for qid, items in zip(query_ids, candidate_lists, strict=True)
         },
     )
-    metadata = _metadata(dataset, prefix, "Any2AnyRetrieval", f"{query_letters}2{document_letters}", RETRIEVAL_SCORE)
+    category = f"{query_letters}2{document_letters}"
+    metadata = _metadata(dataset, prefix, split, "Any2AnyRetrieval", category, RETRIEVAL_SCORE)
     task_class = type(_class_name(dataset), (MMEBRetrievalTask,), {"metadata": metadata, "split_data": split_data})
     return task_class()
 
 
-def _zero_shot_task(dataset, prefix, queries, candidate_lists, labels) -> MMEBZeroShotTask:
+def _zero_shot_task(dataset, prefix, split, queries, candidate_lists, labels) -> MMEBZeroShotTask:
     columns = {
         "image": [query.image for query in queries],
         "text": [query.text for query in queries],
         "label": [labels.index(candidates[0].text) for candidates in candidate_lists],
     }
     table = Dataset.from_dict(columns).cast_column("image", ImageFeature())
-    metadata = _metadata(dataset, prefix, "ZeroShotClassification", "it2t", CLASSIFICATION_SCORE)
+    metadata = _metadata(dataset, prefix, split, "ZeroShotClassification", "it2t", CLASSIFICATION_SCORE)
     task_class = type(
         _class_name(dataset), (MMEBZeroShotTask,), {"metadata": metadata, "labels": labels, "table": table}
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..cli import DEFAULT_SYNTHETIC
 from ..released.recipe import COMPATIBILITY
 from .peft import LANGUAGE_MODEL_ATTENTION, LORA_INITS
 
@@ -101,7 +102,7 @@ class DataSourceArguments:
 
     image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
     synthetic_dir: str = field(
-        default="outputs/synthetic", metadata={"help": "Where the synthetic scenes are written and read."}
+        default=DEFAULT_SYNTHETIC, metadata={"help": "Where the synthetic scenes are written and read."}
     )
     validate_data: bool = field(default=False, metadata={"help": "Check every row before training."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) rows that cannot be used."})
