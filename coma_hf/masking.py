@@ -10,14 +10,22 @@ For one sample whose compression tokens occupy positions `[start, end)`:
 So whatever the answers know about the input passed through the K compression states. Padding keys are never seen.
 A sample without compression tokens has `start = end = length`: plain causal attention.
 
+`may_attend` is the rule, a pure predicate. Two masks are derived from it: the dense float mask `[batch, 1, L, L]`
+that sdpa and eager attention take (`build_attention_mask`), and flex attention's block-sparse `BlockMask`
+(`block_mask`), whose `mask_mod` is the same predicate over each row's span and padding.
+
 Part of the remote code shipped with every checkpoint: imports only torch.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 RULES = ("bottleneck", "causal", "blocked")
+FLEX_ATTENTION = "flex_attention"
+FLEX_BLOCK_SIZE = 128  # flex attention's default block: a block of keys is skipped, scanned whole or masked
 
 
 def may_attend(
@@ -99,10 +107,76 @@ def build_attention_mask(
     return additive_mask(attention_allowed(padding_mask, start, end, rule), dtype)
 
 
+def block_mask(
+    padding_mask: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    rule: str = "bottleneck",
+    block_size: int = FLEX_BLOCK_SIZE,
+):
+    """Flex attention's `BlockMask` of the same rule as `attention_allowed` (`[batch, 1, length, length]`).
+
+    Its `mask_mod` is `may_attend` closed over each row's `start`, `end` and padding (a padding query attends to
+    itself). Which key blocks each query block skips, scans whole, or masks is found one query block at a time
+    (`[batch, block_size, length]` booleans), so no `[length, length]` tensor exists, and nothing is compiled: torch's
+    `create_block_mask` materialises the dense mask unless compiled, which costs an inductor compile per shape on CPU.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, length = padding_mask.shape
+    device = padding_mask.device
+    num_blocks = math.ceil(length / block_size)
+    # padded to whole blocks: flex may call mask_mod at positions past the end of the last block
+    real = torch.nn.functional.pad(padding_mask.bool(), (0, num_blocks * block_size - length))
+
+    def mask_mod(b, h, q, k):
+        allowed = may_attend(q, k, start[b], end[b], rule) & real[b, k]
+        return allowed | ((q == k) & ~real[b, q])
+
+    keys = torch.arange(length, device=device)
+    rows = torch.arange(batch, device=device).view(batch, 1, 1)
+    partial = torch.zeros(batch, num_blocks, num_blocks, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    for index in range(num_blocks):
+        queries = keys[index * block_size : (index + 1) * block_size]
+        allowed = mask_mod(rows, 0, queries.view(1, -1, 1), keys.view(1, 1, -1))  # [batch, block, length]
+        padded = torch.nn.functional.pad(allowed, (0, num_blocks * block_size - length))
+        by_block = padded.view(batch, len(queries), num_blocks, block_size)
+        any_allowed, all_allowed = by_block.any(dim=(1, 3)), by_block.all(dim=(1, 3))
+        full[:, index] = all_allowed
+        partial[:, index] = any_allowed & ~all_allowed
+    return BlockMask.from_kv_blocks(
+        *_kv_blocks(partial),
+        *_kv_blocks(full),
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(length, length),
+    )
+
+
+def _kv_blocks(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(counts [batch, 1, q_blocks], indices [batch, 1, q_blocks, kv_blocks])` of the chosen key blocks of each
+    query block, the chosen ones first (the layout `BlockMask.from_kv_blocks` takes), int32."""
+    counts = chosen.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort(~chosen, dim=-1, stable=True).to(torch.int32)
+    return counts[:, None], indices[:, None]
+
+
 def check_language_model_attention(implementation: str | None) -> None:
-    """The compression rule needs an explicit mask, which flash-attention kernels cannot take."""
+    """The compression rule needs a mask: a dense one (sdpa, eager) or a mask function (flex attention); flash
+    attention kernels take neither."""
     if implementation and "flash" in implementation:
         raise ValueError(
             f"The language model is set to {implementation!r}, which cannot apply CoMa's compression mask. Use "
-            "'sdpa' or 'eager' for the language model (flash attention is fine for the vision tower)."
+            "'sdpa', 'eager' or 'flex_attention' for the language model (flash attention is fine for the vision "
+            "tower)."
+        )
+
+
+def check_trainable_attention(implementation: str | None, device: torch.device) -> None:
+    """Flex attention has no backward on CPU (torch raises `NotImplementedError` mid-step): refuse before training."""
+    if implementation == FLEX_ATTENTION and torch.device(device).type == "cpu":
+        raise ValueError(
+            "flex_attention has no backward pass on CPU, so this model cannot train here: train with "
+            "attn_implementation='sdpa' on CPU, or with flex_attention on a GPU (flex serves inference on CPU)."
         )

@@ -28,7 +28,14 @@ from .configuration_coma import CoMaConfig
 from .constants_coma import IGNORE_INDEX, MODEL_INPUT_NAMES, BatchKey
 from .encoding_coma import CoMaEncodeMixin
 from .inputs import CoMaInputError
-from .masking import additive_mask, build_attention_mask, check_language_model_attention, compression_span
+from .masking import (
+    FLEX_ATTENTION,
+    additive_mask,
+    block_mask,
+    build_attention_mask,
+    check_language_model_attention,
+    compression_span,
+)
 from .saving import MAX_SHARD_SIZE, save_atomically, save_model_files
 from .vision_attention import use_batched_vision_attention, vision_attention_implementation
 
@@ -108,7 +115,7 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _supports_sdpa = True
     _supports_flash_attn = True  # vision tower only; the language model refuses flash (see masking.py)
-    _supports_flex_attn = False  # the compression rule is a dense float mask, which flex attention cannot take
+    _supports_flex_attn = True  # language model only, the rule as a BlockMask; see `set_attn_implementation`
     _supports_attention_backend = True
     accepts_loss_kwargs = True  # the loss is normalised by Trainer's `num_items_in_batch`
 
@@ -146,11 +153,28 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers', reading weights from safetensors only: a folder or repository that offers just a pickled
-        `pytorch_model.bin` is refused (`OSError`) instead of unpickled."""
+        `pytorch_model.bin` is refused (`OSError`) instead of unpickled. `attn_implementation="flex_attention"` is
+        routed as `set_attn_implementation` says."""
         if kwargs.get("use_safetensors") is False:
             raise ValueError("CoMa checkpoints load from safetensors only (use_safetensors=False is not supported)")
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(*args, **kwargs)
+        if kwargs.get("attn_implementation") != FLEX_ATTENTION:
+            return super().from_pretrained(*args, **kwargs)
+        model = super().from_pretrained(*args, **{**kwargs, "attn_implementation": "sdpa"})
+        model.set_attn_implementation(FLEX_ATTENTION)
+        return model
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """As transformers', except `"flex_attention"`: the language model runs flex attention under the bottleneck
+        rule's `BlockMask` (`masking.block_mask`), everything else sdpa (the vision tower keeps its own fast path,
+        `config.vision_attention`). The stock Qwen-VL classes declare no flex support, though their attention layers
+        dispatch on `config._attn_implementation`, so the language model's config is set directly."""
+        if attn_implementation != FLEX_ATTENTION:
+            return super().set_attn_implementation(attn_implementation, allow_all_kernels)
+        super().set_attn_implementation("sdpa", allow_all_kernels)
+        self.config.get_text_config()._attn_implementation_internal = FLEX_ATTENTION
+        self.config._attn_implementation_internal = FLEX_ATTENTION
+        return None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and remote code, the processor (tokenizer, image processor), the
@@ -193,7 +217,11 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
         position_ids, _ = self.model.get_rope_index(
             input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )
-        mask = build_attention_mask(attention_mask, start, end, self.dtype, rule or self.config.attention_rule)
+        rule = rule or self.config.attention_rule
+        if self.config.get_text_config()._attn_implementation == FLEX_ATTENTION:
+            mask = block_mask(attention_mask, start, end, rule)
+        else:
+            mask = build_attention_mask(attention_mask, start, end, self.dtype, rule)
         output = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -354,24 +382,31 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
         end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         generated = torch.empty(batch, 0, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            mask = additive_mask(_decoding_allowed(key_valid, token_ids.shape[1]), self.dtype)
-            output = decoder(
-                inputs_embeds=self.get_input_embeddings()(token_ids),
-                attention_mask=mask,
-                position_ids=positions[None].expand(3, -1, -1),
-                use_cache=True,
-                **{cache_name: cache},
-            )
-            next_ids = self.lm_head(output.last_hidden_state[:, -1]).argmax(dim=-1)
-            next_ids = torch.where(finished, torch.full_like(next_ids, end_id), next_ids)
-            generated = torch.cat([generated, next_ids[:, None]], dim=1)
-            finished |= next_ids == end_id
-            if bool(finished.all()):
-                break
-            token_ids = next_ids[:, None]
-            positions = positions[:, -1:] + 1
-            key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        text_config = self.config.get_text_config()
+        implementation = text_config._attn_implementation
+        if implementation == FLEX_ATTENTION:  # the decoder's mask is dense and tiny (new tokens × the cache): sdpa
+            text_config._attn_implementation_internal = "sdpa"
+        try:
+            for _ in range(max_new_tokens):
+                mask = additive_mask(_decoding_allowed(key_valid, token_ids.shape[1]), self.dtype)
+                output = decoder(
+                    inputs_embeds=self.get_input_embeddings()(token_ids),
+                    attention_mask=mask,
+                    position_ids=positions[None].expand(3, -1, -1),
+                    use_cache=True,
+                    **{cache_name: cache},
+                )
+                next_ids = self.lm_head(output.last_hidden_state[:, -1]).argmax(dim=-1)
+                next_ids = torch.where(finished, torch.full_like(next_ids, end_id), next_ids)
+                generated = torch.cat([generated, next_ids[:, None]], dim=1)
+                finished |= next_ids == end_id
+                if bool(finished.all()):
+                    break
+                token_ids = next_ids[:, None]
+                positions = positions[:, -1:] + 1
+                key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        finally:
+            text_config._attn_implementation_internal = implementation
         if return_token_ids:
             return generated
         return [_decode_until(processor, row.tolist(), end_id) for row in generated]

@@ -36,6 +36,7 @@ from transformers import Trainer, TrainerCallback
 from ..configuration_coma import POOLING_MODES
 from ..constants_coma import IGNORE_INDEX, BatchKey
 from ..hub import save_checkpoint, write_model_card
+from ..masking import check_trainable_attention
 from ..storage import safetensors_damage
 from .collators import CoMaCompressionCollator, CoMaContrastiveCollator
 from .distillation import answer_kl_sum, check_objective, frozen_teacher, uses_teacher
@@ -85,7 +86,9 @@ class _CoMaTrainerMixin:
             logger.info("Resuming from %s", resume_from_checkpoint or "the start (no complete checkpoint yet)")
         self._step_losses, self._first_step_rows = {}, 0
         if self.model is not None:  # every checkpoint of this run says which stage its weights were last trained by
-            self._coma_model_and_processor()[0].config.training_stage = self.training_stage
+            coma = self._coma_model_and_processor()[0]
+            check_trainable_attention(coma.config.get_text_config()._attn_implementation, self.args.device)
+            coma.config.training_stage = self.training_stage
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._record_first_and_last_step_loss()
         return output
