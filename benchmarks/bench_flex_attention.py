@@ -33,7 +33,7 @@ model, processor = build_tiny_coma(num_compression_tokens=32, max_length=None)
 model.eval()
 if attention == "flex_attention":
     model.set_attn_implementation("flex_attention")
-ids = torch.randint(100, 1000, (batch, length))
+ids = torch.randint(100, 600, (batch, length))  # plain text tokens of the tiny vocabulary
 ids[:, -32:] = torch.tensor(model.config.compression_token_ids)
 mask = torch.ones(batch, length, dtype=torch.long)
 mask[1:, : length // 4] = 0  # left padding in every row but the first

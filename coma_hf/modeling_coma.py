@@ -11,7 +11,8 @@ Part of the remote code shipped with every checkpoint: imports only torch, trans
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -377,39 +378,62 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
         cache = DynamicCache()
         for layer_index, (keys, values) in enumerate(compression.key_values):
             cache.update(keys.clone(), values.clone(), layer_index)
-        decoder = language_model(self.model)
-        cache_name = cache_argument_name(decoder)
         end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        generated = torch.empty(batch, 0, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        text_config = self.config.get_text_config()
-        implementation = text_config._attn_implementation
-        if implementation == FLEX_ATTENTION:  # the decoder's mask is dense and tiny (new tokens × the cache): sdpa
-            text_config._attn_implementation_internal = "sdpa"
-        try:
-            for _ in range(max_new_tokens):
-                mask = additive_mask(_decoding_allowed(key_valid, token_ids.shape[1]), self.dtype)
-                output = decoder(
-                    inputs_embeds=self.get_input_embeddings()(token_ids),
-                    attention_mask=mask,
-                    position_ids=positions[None].expand(3, -1, -1),
-                    use_cache=True,
-                    **{cache_name: cache},
-                )
-                next_ids = self.lm_head(output.last_hidden_state[:, -1]).argmax(dim=-1)
-                next_ids = torch.where(finished, torch.full_like(next_ids, end_id), next_ids)
-                generated = torch.cat([generated, next_ids[:, None]], dim=1)
-                finished |= next_ids == end_id
-                if bool(finished.all()):
-                    break
-                token_ids = next_ids[:, None]
-                positions = positions[:, -1:] + 1
-                key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
-        finally:
-            text_config._attn_implementation_internal = implementation
+        with _sdpa_for_decoding(self.config.get_text_config()):
+            generated = _greedy_decode(self, cache, token_ids, positions, key_valid, max_new_tokens, end_id)
         if return_token_ids:
             return generated
         return [_decode_until(processor, row.tolist(), end_id) for row in generated]
+
+
+def _greedy_decode(
+    model: CoMaModel,
+    cache: DynamicCache,
+    token_ids: torch.LongTensor,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    max_new_tokens: int,
+    end_id: int,
+) -> torch.LongTensor:
+    """`[batch, steps]` ids `model` generates greedily from `token_ids` (the question prompts) over `cache` (the K
+    compression positions); `key_valid` marks the cache's and prompts' real keys; finished rows get `end_id`."""
+    batch, device = token_ids.shape[0], token_ids.device
+    decoder = language_model(model.model)
+    cache_name = cache_argument_name(decoder)
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        mask = additive_mask(_decoding_allowed(key_valid, token_ids.shape[1]), model.dtype)
+        output = decoder(
+            inputs_embeds=model.get_input_embeddings()(token_ids),
+            attention_mask=mask,
+            position_ids=positions[None].expand(3, -1, -1),
+            use_cache=True,
+            **{cache_name: cache},
+        )
+        next_ids = model.lm_head(output.last_hidden_state[:, -1]).argmax(dim=-1)
+        next_ids = torch.where(finished, torch.full_like(next_ids, end_id), next_ids)
+        generated = torch.cat([generated, next_ids[:, None]], dim=1)
+        finished |= next_ids == end_id
+        if bool(finished.all()):
+            break
+        token_ids = next_ids[:, None]
+        positions = positions[:, -1:] + 1
+        key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+    return generated
+
+
+@contextlib.contextmanager
+def _sdpa_for_decoding(text_config) -> Iterator[None]:
+    """The language model on sdpa while the hand-written decoder runs, when it is on flex attention: the decoder's
+    mask is dense and tiny (new tokens × the cache), which flex would compile anew for every step's shape."""
+    implementation = text_config._attn_implementation
+    if implementation == FLEX_ATTENTION:
+        text_config._attn_implementation_internal = "sdpa"
+    try:
+        yield
+    finally:
+        text_config._attn_implementation_internal = implementation
 
 
 def _pass_dtype_to_backbone_parts(config: CoMaConfig) -> None:
