@@ -387,6 +387,14 @@ def test_fsdp_stage_one_on_two_processes_matches_one_process_with_the_same_globa
     assert (trained["distributed_type"], trained["fsdp_version"]) == ("FSDP", 2)
     # the shipped config's policy wrapped the backbone's own decoder and vision blocks
     assert trained["wrapped_layers"] == ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    # and FSDP2 sharded them: those blocks (and the root) are FSDPModules, every parameter a DTensor, and on each rank
+    # the local shard of every parameter that can be split is smaller than the whole (what DDP would never do)
+    sharding = trained["sharding"]
+    assert {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"} <= {
+        name.removeprefix("FSDP") for name in sharding["fsdp_modules"]
+    }
+    assert sharding["dtensors_sharded_on_dim0"] == sharding["parameters"] > 0
+    assert sharding["smaller_here"] == sharding["splittable"] > 0.9 * sharding["parameters"]
     assert "Stage 1: per-device batch 2 × accumulation 1 × 2 processes = global batch 4" in log
     one = load_example("pretrain").main(
         FSDP_STAGE1

@@ -13,8 +13,9 @@ configured beforehand). Everything else — the config's FSDP settings as the la
 accelerate's FSDP2 preparation, gathering and saving — runs unchanged.
 
 Each segment's outcome goes to RECORD (JSON, one entry per segment, written by every process as RECORD.RANK): the
-distributed type and FSDP version accelerate trained with, the layer classes its wrap policy wrapped, or the
-`SystemExit` message of a script that refused to start.
+distributed type and FSDP version accelerate trained with, the layer classes its wrap policy wrapped, how the trained
+model was sharded (`sharding`: which modules are FSDP2's `FSDPModule`s, how many parameters are DTensors and how many
+of those hold less than the full tensor on this rank), or the `SystemExit` message of a script that refused to start.
 """
 
 from __future__ import annotations
@@ -53,13 +54,46 @@ def wrapped_layers(state: AcceleratorState) -> list[str] | None:
     return None if classes is None else sorted(klass.__name__ for klass in classes)
 
 
+def sharding(model) -> dict:
+    """How FSDP2 left `model` on this rank (the same on every rank when it sharded): the classes of its `FSDPModule`s,
+    how many parameters are DTensors sharded on dimension 0 over all processes, and of those long enough to split
+    (dimension 0 at least the process count) how many hold fewer elements here than the whole tensor."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+
+    distributed = [parameter for parameter in model.parameters() if isinstance(parameter, DTensor)]
+    splittable = [parameter for parameter in distributed if parameter.shape[0] >= parameter.device_mesh.size()]
+    return {
+        "fsdp_modules": sorted(
+            {type(module).__name__ for module in model.modules() if isinstance(module, FSDPModule)}
+        ),
+        "parameters": sum(1 for _ in model.parameters()),
+        "dtensors_sharded_on_dim0": sum(parameter.placements == (Shard(0),) for parameter in distributed),
+        "splittable": len(splittable),
+        "smaller_here": sum(parameter.to_local().numel() < parameter.numel() for parameter in splittable),
+    }
+
+
 def run(script: str, arguments: list[str]) -> dict:
-    """`examples/{script}.py` under FSDP on CPU; what accelerate trained with, or the message it stopped with."""
+    """`examples/{script}.py` under FSDP on CPU; what accelerate trained with and how the model was sharded, or the
+    message it stopped with."""
+    from coma_hf.training import trainers as trainer_module
+
     configure_fsdp_on_cpu()
+    module, trainers = load_example(script), []
+    originals = {name: getattr(trainer_module, name) for name in ("CoMaCompressionTrainer", "CoMaContrastiveTrainer")}
+    for name, trainer_class in originals.items():  # a script imports its trainer at the top or inside main
+        recording = _recording(trainer_class, trainers)
+        setattr(trainer_module, name, recording)
+        if hasattr(module, name):
+            setattr(module, name, recording)
     try:
-        load_example(script).main(arguments + USE_CONFIGURED_STATE)
+        module.main(arguments + USE_CONFIGURED_STATE)
     except SystemExit as stop:
         return {"script": script, "exit": str(stop)}
+    finally:
+        for name, trainer_class in originals.items():
+            setattr(trainer_module, name, trainer_class)
     state = AcceleratorState()
     return {
         "script": script,
@@ -67,7 +101,26 @@ def run(script: str, arguments: list[str]) -> dict:
         "distributed_type": str(state.distributed_type.value),
         "fsdp_version": state.fsdp_plugin.fsdp_version,
         "wrapped_layers": wrapped_layers(state),
+        "sharding": trainers[0].sharding if trainers else None,
     }
+
+
+def _recording(trainer_class: type, trainers: list) -> type:
+    """`trainer_class`, keeping each instance in `trainers` with the `sharding` of the model its first training step
+    ran (the prepared model, as FSDP2 sharded it)."""
+
+    class Recording(trainer_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.sharding = None
+            trainers.append(self)
+
+        def training_step(self, model, *args, **kwargs):
+            if self.sharding is None:
+                self.sharding = sharding(model)
+            return super().training_step(model, *args, **kwargs)
+
+    return Recording
 
 
 def main(record: str, *rest: str) -> None:
