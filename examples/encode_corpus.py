@@ -10,6 +10,10 @@ Run the same command again to resume: finished shards are skipped, with any numb
 (against the manifest's size and SHA-256, else by opening them); a shard that storage damaged is redone, and the log
 names it. `--faiss_index` then builds an exact cosine index (`pip install faiss-cpu`); `examples/search_corpus.py`
 queries it (rebuilding a damaged index from the shards).
+
+`--engine ray` writes the same shards and manifest from a Ray Data actor pool (`--num_actors`, one model each, a GPU
+each when the cluster has GPUs), on a local Ray or the cluster at `--ray_address` / `RAY_ADDRESS`
+(`coma_hf.inference.ray_engine`; `pip install -e ".[ray]"`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Which configured instruction goes with every row (none: no instruction).",
     )
     parser.add_argument("--faiss_index", action="store_true", help="Build index.faiss over all shards at the end.")
+    parser.add_argument(
+        "--engine",
+        choices=("accelerate", "ray"),
+        default="accelerate",
+        help="accelerate: this launch's processes; ray: a Ray Data actor pool (pip install -e '.[ray]').",
+    )
+    parser.add_argument("--num_actors", type=int, default=1, help="Ray: actors (one model each; one GPU each if any).")
+    parser.add_argument("--ray_address", help="Ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).")
     parser.add_argument("--dtype", default="float32", help="Model dtype (bfloat16 on GPUs).")
     cli.add_debug_flag(parser)
     return parser.parse_args(argv)
@@ -70,6 +82,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     cli.batch_size(args.batch_size, "--batch_size")
     cli.count(args.shard_size, "--shard_size", what="number of rows")
     cli.count(args.max_rows, "--max_rows", what="number of rows")
+    cli.count(args.num_actors, "--num_actors", what="number of actors")
+    if args.engine != "ray" and (args.ray_address or args.num_actors != 1):
+        raise cli.UsageError("--num_actors and --ray_address need --engine ray")
 
 
 def corpus_rows(args: argparse.Namespace):
@@ -91,10 +106,54 @@ def load_dataset(args: argparse.Namespace):
     return open_dataset(args.dataset, args.config_name, split=args.split, streaming=args.streaming)
 
 
+def main_on_ray(args: argparse.Namespace) -> dict:
+    """The corpus through a Ray Data actor pool (`coma_hf.inference.ray_engine`): the same shards and manifest."""
+    import ray
+
+    from coma_hf.inference.ray_engine import encode_corpus_ray
+
+    if args.ray_address:
+        ray.init(address=args.ray_address, include_dashboard=False)
+    counts = encode_corpus_ray(
+        args.model,
+        corpus_rows(args),
+        args.output_dir,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        file_format=args.format,
+        role=args.role,
+        num_actors=args.num_actors,
+        dtype=args.dtype,
+    )
+    return {"process": counts, "manifest": finish(args, instruction_of_role=args.role)}
+
+
+def finish(args: argparse.Namespace, instruction_of_role: str | None = None, instruction: str | None = None) -> dict:
+    """The manifest (and the faiss index when asked for) once every shard is written; the summary printed."""
+    if instruction_of_role is not None:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        roles = {"document": processor.document_instruction, "query": processor.query_instruction}
+        instruction = roles.get(instruction_of_role)
+    manifest = inference.write_manifest(args.output_dir, model=args.model, instruction=instruction)
+    if args.faiss_index:
+        inference.build_faiss_index(args.output_dir)
+    print(
+        f"{manifest['embedded']} of {manifest['rows']} rows embedded ({manifest['skipped']} skipped) in "
+        f"{len(manifest['shards'])} shards under {args.output_dir}"
+    )
+    for entry in manifest["skipped_rows"][:20]:
+        print(f"  skipped row {entry['row']} (id {entry['id']}): {entry['error']}")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     check_arguments(args)
     cli.configure_logging(args.debug)
+    if args.engine == "ray":
+        return main_on_ray(args)
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -125,17 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
     logger.info("process %d: %s", state.process_index, counts)
     state.wait_for_everyone()
-    manifest = {}
-    if state.is_main_process:
-        manifest = inference.write_manifest(args.output_dir, model=args.model, instruction=instruction)
-        if args.faiss_index:
-            inference.build_faiss_index(args.output_dir)
-        print(
-            f"{manifest['embedded']} of {manifest['rows']} rows embedded ({manifest['skipped']} skipped) in "
-            f"{len(manifest['shards'])} shards under {args.output_dir}"
-        )
-        for entry in manifest["skipped_rows"][:20]:
-            print(f"  skipped row {entry['row']} (id {entry['id']}): {entry['error']}")
+    manifest = finish(args, instruction=instruction) if state.is_main_process else {}
     return {"process": counts, "manifest": manifest}
 
 

@@ -64,7 +64,7 @@ def encode_corpus(
         start = shard * shard_size
         block = itertools.islice(stream, shard_size)
         mine = shard % num_processes == process_index
-        if not mine or (start in finished and _whole(finished[start], recorded, counts)):
+        if not mine or (start in finished and shard_is_whole(finished[start], recorded, counts)):
             size = sum(1 for _ in block)  # read past it without keeping its rows
             counts["rows"] += size
             if size and mine:
@@ -73,31 +73,51 @@ def encode_corpus(
             if size < shard_size:
                 break
             continue
-        size, ids, vectors, skipped = _embed_block(model, block, batch_size, instruction, progress)
+        size, embedded, skipped = encode_shard(
+            model, block, start, output, batch_size, file_format, instruction, progress
+        )
         counts["rows"] += size
         if size == 0:
             break
-        end = start + size
-        metadata = {
-            "start": start,
-            "end": end,
-            "skipped": [skipped_entry(bad) for bad in skipped],
-            "instruction": instruction,
-        }
-        path = output / shard_name(start, end, file_format)
-        write_shard(path, ids, vectors, metadata)
-        remove_shorter_shards(output, path)  # the last shard of an earlier, smaller corpus
-        counts["embedded"] += len(ids)
-        counts["skipped"] += len(skipped)
+        counts["embedded"] += embedded
+        counts["skipped"] += skipped
         counts["shards_written"] += 1
-        for bad in skipped:
-            logger.warning("Skipped row %d (id %s): %s", bad.index, bad.id, bad.error)
         if size < shard_size:
             break
     return counts
 
 
-def _whole(path: Path, recorded: dict[str, dict], counts: dict) -> bool:
+def encode_shard(
+    model,
+    rows: Iterable[CorpusRow],
+    start: int,
+    output: Path,
+    batch_size: int,
+    file_format: str,
+    instruction: str | None,
+    progress: Any = None,
+) -> tuple[int, int, int]:
+    """Embed one shard's rows (corpus positions from `start`) and write its file, replacing a shorter shard that
+    started there (the last shard of an earlier, smaller corpus); returns `(rows, embedded, skipped)`. Nothing is
+    written for no rows. The one shard writer of every engine (`encode_corpus`, `encode_corpus_ray`)."""
+    size, ids, vectors, skipped = _embed_block(model, iter(rows), batch_size, instruction, progress)
+    if size == 0:
+        return 0, 0, 0
+    metadata = {
+        "start": start,
+        "end": start + size,
+        "skipped": [skipped_entry(bad) for bad in skipped],
+        "instruction": instruction,
+    }
+    path = output / shard_name(start, start + size, file_format)
+    write_shard(path, ids, vectors, metadata)
+    remove_shorter_shards(output, path)
+    for bad in skipped:
+        logger.warning("Skipped row %d (id %s): %s", bad.index, bad.id, bad.error)
+    return size, len(ids), len(skipped)
+
+
+def shard_is_whole(path: Path, recorded: dict[str, dict], counts: dict) -> bool:
     """Whether a finished shard can be skipped; a damaged one is counted and named in a warning, and is redone."""
     damage = shard_damage(path, recorded.get(path.name))
     if damage is None:
