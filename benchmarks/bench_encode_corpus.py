@@ -60,21 +60,15 @@ def tiny_checkpoint(folder: Path) -> Path:
     return folder
 
 
+def script_arguments(model: Path, images: Path, rows: int, output: Path, args: argparse.Namespace) -> list[str]:
+    """`examples/encode_corpus.py`'s arguments for the first `rows` images (the benchmarks' shard and batch size)."""
+    options = {"model": model, "images": images, "max_rows": rows, "output_dir": output}
+    options.update(shard_size=args.shard_size, batch_size=args.batch_size)
+    return [token for name, value in options.items() for token in (f"--{name}", str(value))]
+
+
 def run(model: Path, images: Path, rows: int, output: Path, args: argparse.Namespace) -> dict:
-    argv = [
-        "--model",
-        str(model),
-        "--images",
-        str(images),
-        "--max_rows",
-        str(rows),
-        "--output_dir",
-        str(output),
-        "--shard_size",
-        str(args.shard_size),
-        "--batch_size",
-        str(args.batch_size),
-    ]
+    argv = script_arguments(model, images, rows, output, args)
     code = CHILD.format(examples=str(EXAMPLE.parent))
     done = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.split("RESULT ", 1)[1])

@@ -23,7 +23,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_encode import report  # noqa: E402
-from bench_encode_corpus import EXAMPLE, tiny_checkpoint, write_images  # noqa: E402
+from bench_encode_corpus import EXAMPLE, script_arguments, tiny_checkpoint, write_images  # noqa: E402
 
 ENGINES = ("accelerate", "ray")
 
@@ -40,15 +40,7 @@ def tree_rss_mb(process: psutil.Process) -> float:
 
 
 def run(engine: str, model: Path, images: Path, rows: int, output: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, str(EXAMPLE), "--model", str(model), "--images", str(images), "--max_rows", str(rows)]
-    command += [
-        "--output_dir",
-        str(output),
-        "--shard_size",
-        str(args.shard_size),
-        "--batch_size",
-        str(args.batch_size),
-    ]
+    command = [sys.executable, str(EXAMPLE), *script_arguments(model, images, rows, output, args)]
     if engine == "ray":
         command += ["--engine", "ray", "--num_actors", str(args.num_actors)]
     started = time.perf_counter()
