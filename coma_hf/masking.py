@@ -120,6 +120,7 @@ def block_mask(
     itself). Which key blocks each query block skips, scans whole, or masks is found one query block at a time
     (`[batch, block_size, length]` booleans), so no `[length, length]` tensor exists, and nothing is compiled: torch's
     `create_block_mask` materialises the dense mask unless compiled, which costs an inductor compile per shape on CPU.
+    The blocks are the ones `create_block_mask` finds (positions past the end count as masked).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -133,15 +134,16 @@ def block_mask(
         allowed = may_attend(q, k, start[b], end[b], rule) & real[b, k]
         return allowed | ((q == k) & ~real[b, q])
 
-    keys = torch.arange(length, device=device)
     rows = torch.arange(batch, device=device).view(batch, 1, 1)
     partial = torch.zeros(batch, num_blocks, num_blocks, dtype=torch.bool, device=device)
     full = torch.zeros_like(partial)
+    padded_keys = torch.arange(num_blocks * block_size, device=device)
     for index in range(num_blocks):
-        queries = keys[index * block_size : (index + 1) * block_size]
-        allowed = mask_mod(rows, 0, queries.view(1, -1, 1), keys.view(1, 1, -1))  # [batch, block, length]
-        padded = torch.nn.functional.pad(allowed, (0, num_blocks * block_size - length))
-        by_block = padded.view(batch, len(queries), num_blocks, block_size)
+        queries = padded_keys[index * block_size : (index + 1) * block_size]
+        # queries and keys past the end count as masked, as torch's `create_block_mask` pads them
+        allowed = mask_mod(rows, 0, queries.view(1, -1, 1), padded_keys.view(1, 1, -1))
+        allowed &= (queries < length).view(1, -1, 1) & (padded_keys < length).view(1, 1, -1)
+        by_block = allowed.view(batch, block_size, num_blocks, block_size)
         any_allowed, all_allowed = by_block.any(dim=(1, 3)), by_block.all(dim=(1, 3))
         full[:, index] = all_allowed
         partial[:, index] = any_allowed & ~all_allowed

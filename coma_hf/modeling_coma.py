@@ -12,6 +12,7 @@ Part of the remote code shipped with every checkpoint: imports only torch, trans
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +130,7 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
         text_config = config.get_text_config()
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         self._processor = None  # the `CoMaProcessor`, loaded on first use (`CoMaEncodeMixin.processor`)
+        self._flex_language_model = False  # set by `set_attn_implementation("flex_attention")`
         self.post_init()
         self.apply_vision_attention()
 
@@ -159,20 +161,32 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("CoMa checkpoints load from safetensors only (use_safetensors=False is not supported)")
         kwargs["use_safetensors"] = True
-        if kwargs.get("attn_implementation") != FLEX_ATTENTION:
+        requested = kwargs.get("attn_implementation")
+        if isinstance(requested, dict) and FLEX_ATTENTION in str(requested):
+            raise ValueError(
+                "Ask for flex attention as attn_implementation='flex_attention' (see set_attn_implementation)"
+            )
+        if requested != FLEX_ATTENTION:
             return super().from_pretrained(*args, **kwargs)
         model = super().from_pretrained(*args, **{**kwargs, "attn_implementation": "sdpa"})
         model.set_attn_implementation(FLEX_ATTENTION)
         return model
 
-    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs):
         """As transformers', except `"flex_attention"`: the language model runs flex attention under the bottleneck
-        rule's `BlockMask` (`masking.block_mask`), everything else sdpa (the vision tower keeps its own fast path,
-        `config.vision_attention`). The stock Qwen-VL classes declare no flex support, though their attention layers
-        dispatch on `config._attn_implementation`, so the language model's config is set directly."""
-        if attn_implementation != FLEX_ATTENTION:
-            return super().set_attn_implementation(attn_implementation, allow_all_kernels)
-        super().set_attn_implementation("sdpa", allow_all_kernels)
+        rule's `BlockMask` (`masking.block_mask`), everything else sdpa (the vision tower keeps the batched attention
+        of `config.vision_attention="auto"`; with `"stock"` it runs sdpa). The stock Qwen-VL classes declare no flex
+        support, though their attention layers dispatch on `config._attn_implementation`, so the language model's
+        config is set directly. A dict naming flex is refused: its sub-models would refuse it by name."""
+        if isinstance(attn_implementation, dict) and FLEX_ATTENTION in str(attn_implementation):
+            raise ValueError(
+                "Ask for flex attention as attn_implementation='flex_attention': CoMa routes it to the language model "
+                "(the stock Qwen-VL sub-models refuse it by name)"
+            )
+        self._flex_language_model = attn_implementation == FLEX_ATTENTION
+        if not self._flex_language_model:
+            return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        super().set_attn_implementation("sdpa", *args, **kwargs)
         self.config.get_text_config()._attn_implementation_internal = FLEX_ATTENTION
         self.config._attn_implementation_internal = FLEX_ATTENTION
         return None
@@ -219,19 +233,23 @@ class CoMaModel(CoMaEncodeMixin, CoMaBuildMixin, PreTrainedModel):
             input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )
         rule = rule or self.config.attention_rule
-        if self.config.get_text_config()._attn_implementation == FLEX_ATTENTION:
-            mask = block_mask(attention_mask, start, end, rule)
-        else:
-            mask = build_attention_mask(attention_mask, start, end, self.dtype, rule)
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            use_cache=use_cache,
-        )
+        # a flex model's decoder switches it to sdpa for a while (`_sdpa_for_decoding`): read and run under the lock
+        with _FLEX_SWITCH if self._flex_language_model else contextlib.nullcontext():
+            flex = self.config.get_text_config()._attn_implementation == FLEX_ATTENTION
+            if flex:
+                mask = block_mask(attention_mask, start, end, rule)
+            else:
+                mask = build_attention_mask(attention_mask, start, end, self.dtype, rule)
+            with _static_flex_compile(flex, input_ids.device):
+                output = self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw,
+                    mm_token_type_ids=mm_token_type_ids,
+                    use_cache=use_cache,
+                )
         return output, start, end, position_ids
 
     def backbone_hidden_states(self, rule: str | None = None, **inputs) -> torch.Tensor:
@@ -423,17 +441,31 @@ def _greedy_decode(
     return generated
 
 
+# Held while a forward reads the language model's attention implementation and while the decoder switches it, so a
+# forward on another thread never builds a flex mask for layers the decoder has set to sdpa.
+_FLEX_SWITCH = threading.RLock()
+
+
 @contextlib.contextmanager
 def _sdpa_for_decoding(text_config) -> Iterator[None]:
     """The language model on sdpa while the hand-written decoder runs, when it is on flex attention: the decoder's
     mask is dense and tiny (new tokens × the cache), which flex would compile anew for every step's shape."""
-    implementation = text_config._attn_implementation
-    if implementation == FLEX_ATTENTION:
-        text_config._attn_implementation_internal = "sdpa"
-    try:
-        yield
-    finally:
-        text_config._attn_implementation_internal = implementation
+    with _FLEX_SWITCH:
+        implementation = text_config._attn_implementation
+        if implementation == FLEX_ATTENTION:
+            text_config._attn_implementation_internal = "sdpa"
+        try:
+            yield
+        finally:
+            text_config._attn_implementation_internal = implementation
+
+
+def _static_flex_compile(flex: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """On the CPU, flex attention compiled for each shape as it comes: torch 2.13's inductor fails to build the CPU
+    flex kernel for dynamic shapes (what a second shape recompiles to by default), a C++ compile error."""
+    if flex and device.type == "cpu":
+        return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+    return contextlib.nullcontext()
 
 
 def _pass_dtype_to_backbone_parts(config: CoMaConfig) -> None:

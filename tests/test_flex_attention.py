@@ -42,6 +42,26 @@ def _dense_from_block_mask(mask, batch: int, length: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rule", ["bottleneck", "causal"])
+def test_the_block_mask_has_torchs_blocks(rule):
+    """The same blocks as torch's own `create_block_mask` over the same `mask_mod` (uncompiled: it builds the dense
+    mask, which `block_mask` avoids), at a length that is no multiple of the block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    padding = torch.ones(2, 70, dtype=torch.long)
+    padding[1, :21] = 0
+    mask = block_mask(padding, torch.tensor([40, 50]), torch.tensor([48, 58]), rule, block_size=16)
+    reference = create_block_mask(mask.mask_mod, 2, 1, 70, 70, device="cpu", BLOCK_SIZE=16, _compile=False)
+    for name in ("kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(mask, name), getattr(reference, name)), name
+    for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        for b in range(2):
+            for q_block in range(getattr(mask, counts).shape[-1]):
+                count = int(getattr(mask, counts)[b, 0, q_block])
+                ours = set(getattr(mask, indices)[b, 0, q_block, :count].tolist())
+                assert ours == set(getattr(reference, indices)[b, 0, q_block, :count].tolist())
+
+
+@pytest.mark.parametrize("rule", ["bottleneck", "causal"])
 def test_the_block_mask_is_the_dense_mask_and_skips_blocks(rule):
     batch, length = 3, 70
     padding = torch.ones(batch, length, dtype=torch.long)
@@ -117,3 +137,47 @@ def test_training_under_flex_on_cpu_stops_before_it_starts(tmp_path):
     with pytest.raises(ValueError, match="no backward pass on CPU.*sdpa.*GPU"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_long_padded_inputs_run_through_flex_with_a_block_mask_and_equal_sdpa(monkeypatch):
+    """Inputs of several 128-token blocks, rows of different lengths, tokens after the compression tokens (stage 1's
+    answers): skipped, full and partial blocks and a short last block all reach the flex kernel, which must be handed
+    the `BlockMask` (a dense mask would give the same numbers through flex's score path)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, processor = build_tiny_coma(num_compression_tokens=4, max_length=None)
+    model.eval()
+    flex = _flex_copy(model)
+    words = "a red circle left of two blue squares and a green star above a digit"
+    samples = [
+        {"text": f"{words} " * 40, "conversation": [{"question": "what colour is the circle?", "answer": "red"}] * 3},
+        {
+            "image": random_image(4),
+            "text": f"{words} " * 12,
+            "conversation": [{"question": "how many?", "answer": "3"}],
+        },
+    ]
+    batch = processor.process_qa_samples(samples)
+    assert batch["input_ids"].shape[1] > 3 * 128 and batch["input_ids"].shape[1] % 128
+    masks = []
+    flex_forward = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        masks.append(attention_mask)
+        return flex_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention", spy)
+    with torch.no_grad():
+        torch.testing.assert_close(flex(**batch).loss, model(**batch).loss, atol=1e-5, rtol=0)
+    assert masks and all(isinstance(mask, BlockMask) for mask in masks)
+    skipped = ~masks[0].to_dense().bool()
+    assert bool(skipped.any())  # the bottleneck and causality skip whole blocks here
+    long_inputs = [f"{words} " * 30, {"image": random_image(5), "text": words}]
+    torch.testing.assert_close(flex.encode(long_inputs), model.encode(long_inputs), atol=1e-5, rtol=0)
+
+
+def test_flex_named_in_a_dict_is_refused_with_the_way_to_ask():
+    model, _ = build_tiny_coma(num_compression_tokens=4)
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
+        model.set_attn_implementation({"text_config": "flex_attention"})
