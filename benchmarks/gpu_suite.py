@@ -102,12 +102,15 @@ def flex_gradients(gpu: bool) -> dict:
 
 
 def peak_bytes(run, gpu: bool) -> int | None:
+    """The memory one call of `run` allocates above what was allocated before it (GPU only)."""
     if not gpu:
         return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     run()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def encode(gpu: bool, repeats: int) -> dict:
@@ -128,41 +131,51 @@ def encode(gpu: bool, repeats: int) -> dict:
 
 
 def stage1(gpu: bool, repeats: int) -> dict:
-    """Forward + backward of stage 1 at L ≈ 400 and at a long L: dense mask, flex, and the stock causal model."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    """Forward + backward of stage 1 at L ≈ 400 and at a long L: dense mask, flex, and the stock causal model (one
+    model per configuration, built once and freed before the next)."""
     rows = {}
-    for label, long in (("L~400", None), (f"L~{LONG_LENGTH}", LONG_LENGTH if gpu else 256)):
-        for attention in ("sdpa", "flex_attention", "stock causal") if gpu else ("sdpa", "stock causal"):
-            model, processor = build(gpu, "sdpa" if attention == "stock causal" else attention)
-            model.train()
+    lengths = (("L~400", None), (f"L~{LONG_LENGTH}", LONG_LENGTH if gpu else 256))
+    for attention in ("sdpa", "flex_attention", "stock causal") if gpu else ("sdpa", "stock causal"):
+        model, processor = build(gpu, "sdpa" if attention == "stock causal" else attention)
+        model.train()
+        stock = _stock_causal(model) if attention == "stock causal" else None
+        for label, long in lengths:
             batch = stage1_batch(processor, 2 if long else 8, long, model.device)
-            if attention == "stock causal":
-                stock = Qwen2_5_VLForConditionalGeneration(model.config.backbone_config).to(model.device, model.dtype)
-                stock.model.load_state_dict(model.model.state_dict())
-                inputs = {key: value for key, value in batch.items() if key != "labels"}
-
-                def step(stock=stock, inputs=inputs, labels=batch["labels"]):
-                    stock.zero_grad(set_to_none=True)
-                    stock(**inputs, labels=labels).loss.backward()
-
-                parameters = sum(p.numel() for p in stock.parameters())
-            else:
-
-                def step(model=model, batch=batch):
-                    model.zero_grad(set_to_none=True)
-                    model(**batch).loss.backward()
-
-                parameters = sum(p.numel() for p in model.parameters())
+            step, parameters = _stage1_step(stock or model, batch, stock is not None)
             seconds = _median_seconds(step, repeats, gpu, grad=True)
-            tokens = int(batch["attention_mask"].sum())
             rows[f"{label} {attention}"] = {
                 "length": int(batch["input_ids"].shape[1]),
                 "seconds_per_step": seconds,
                 "peak_memory_bytes": peak_bytes(step, gpu),
-                "mfu": 6.0 * parameters * tokens / seconds / bench_encode.H100_BF16_PEAK if gpu else None,
+                "mfu": 6.0 * parameters * int(batch["attention_mask"].sum()) / seconds / bench_encode.H100_BF16_PEAK
+                if gpu
+                else None,
             }
+        del model, stock
+        if gpu:
+            torch.cuda.empty_cache()
     return rows
+
+
+def _stock_causal(model):
+    """The family's stock class with `model`'s weights: the same ids through plain causal attention."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    stock = Qwen2_5_VLForConditionalGeneration(model.config.backbone_config).to(model.device, model.dtype)
+    stock.model.load_state_dict(model.model.state_dict())
+    return stock.train()
+
+
+def _stage1_step(model, batch: dict, stock: bool):
+    """A no-argument forward + backward of `batch`, and the parameter count for MFU."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"} if stock else batch
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        output = model(**inputs, labels=batch["labels"]) if stock else model(**batch)
+        output.loss.backward()
+
+    return step, sum(parameter.numel() for parameter in model.parameters())
 
 
 def stage2(gpu: bool, repeats: int) -> dict:

@@ -19,8 +19,10 @@ each when the cluster has GPUs), on a local Ray or the cluster at `--ray_address
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import logging
+import os
 import sys
 
 from coma_hf import cli, inference
@@ -85,6 +87,16 @@ def check_arguments(args: argparse.Namespace) -> None:
     cli.count(args.num_actors, "--num_actors", what="number of actors")
     if args.engine != "ray" and (args.ray_address or args.num_actors != 1):
         raise cli.UsageError("--num_actors and --ray_address need --engine ray")
+    if args.engine == "ray":
+        if args.dataset:
+            raise cli.UsageError(
+                "--engine ray reads --images, --jsonl or --csv: a --dataset source would send every image through "
+                "the driver; use the accelerate engine for it"
+            )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise cli.UsageError("--engine ray runs as one process: start it with python, not accelerate launch")
+        if importlib.util.find_spec("ray") is None:
+            raise cli.UsageError('--engine ray needs Ray Data: pip install -e ".[ray]"')
 
 
 def corpus_rows(args: argparse.Namespace):
@@ -134,8 +146,7 @@ def finish(args: argparse.Namespace, instruction_of_role: str | None = None, ins
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-        roles = {"document": processor.document_instruction, "query": processor.query_instruction}
-        instruction = roles.get(instruction_of_role)
+        instruction = inference.role_instruction(processor, instruction_of_role)
     manifest = inference.write_manifest(args.output_dir, model=args.model, instruction=instruction)
     if args.faiss_index:
         inference.build_faiss_index(args.output_dir)
@@ -162,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     state = PartialState()  # one process, or one per GPU under `accelerate launch`
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype))
     model = model.to(state.device).eval()
-    instruction = {"document": model.processor.document_instruction, "query": model.processor.query_instruction}.get(
-        args.role
-    )
+    instruction = inference.role_instruction(model.processor, args.role)
     progress = tqdm(
         desc=f"process {state.process_index}", unit="row", disable=not state.is_local_main_process, total=args.max_rows
     )

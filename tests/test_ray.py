@@ -126,3 +126,31 @@ def test_encode_corpus_script_runs_on_ray(local_ray, corpus, tmp_path):
     for name, (ids, vectors, _) in _shards(reference).items():
         torch.testing.assert_close(_shards(tmp_path)[name][1], vectors, atol=1e-5, rtol=0)
         assert _shards(tmp_path)[name][0] == ids
+
+
+def test_jsonl_rows_of_text_images_and_bad_lines(local_ray, corpus, tmp_path):
+    """Text rows, image rows, a row with both and a line that is not JSON, through Ray and through encode_corpus."""
+    import json
+
+    root, images, _ = corpus
+    lines = [
+        json.dumps({"id": "t1", "text": "a red circle"}),
+        json.dumps({"id": "i1", "image": str(images / "001.png")}),
+        "{not json",
+        json.dumps({"id": "b1", "text": "what colour?", "image": str(images / "002.png")}),
+        json.dumps({"id": "t2", "text": "two blue squares"}),
+    ]
+    corpus_file = tmp_path / "corpus.jsonl"
+    corpus_file.write_text("\n".join(lines) + "\n")
+    model, _ = tiny_coma()
+    instruction = model.processor.document_instruction
+    inference.encode_corpus(
+        model, inference.jsonl_rows(corpus_file), tmp_path / "ref", shard_size=2, instruction=instruction
+    )
+    counts = encode_corpus_ray(root / "model", inference.jsonl_rows(corpus_file), tmp_path / "ray", shard_size=2)
+    assert counts["embedded"] == 4 and counts["skipped"] == 1
+    expected, ours = _shards(tmp_path / "ref"), _shards(tmp_path / "ray")
+    assert sorted(ours) == sorted(expected)
+    for name, (ids, vectors, metadata) in expected.items():
+        assert ours[name][0] == ids and ours[name][2]["skipped"] == metadata["skipped"]
+        torch.testing.assert_close(ours[name][1], vectors, atol=1e-5, rtol=0)

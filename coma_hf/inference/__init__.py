@@ -30,7 +30,7 @@ nor sentence-transformers' multi-process encoding (returns everything in memory)
 """
 
 from .cache import corpus_cache_key, folder_listing
-from .encode import encode_corpus
+from .encode import ROLES, encode_corpus, role_instruction
 from .index import (
     BACKENDS,
     build_faiss_index,
@@ -56,6 +56,7 @@ from .sources import CorpusRow, csv_rows, dataset_rows, image_folder_rows, jsonl
 __all__ = [
     "BACKENDS",
     "FORMATS",
+    "ROLES",
     "CorpusRow",
     "build_faiss_index",
     "corpus_cache_key",
@@ -69,6 +70,7 @@ __all__ = [
     "load_embeddings",
     "load_faiss_index",
     "read_shard",
+    "role_instruction",
     "search",
     "search_embeddings",
     "search_index",

@@ -28,6 +28,16 @@ from .sources import CorpusRow
 
 logger = logging.getLogger(__name__)
 
+COUNTS = ("rows", "embedded", "skipped", "shards_written", "shards_already_done", "damaged_shards_redone")
+ROLES = ("document", "query", "none")  # which of the processor's instructions goes with every row
+
+
+def role_instruction(processor, role: str) -> str | None:
+    """The processor's instruction for `role`: its `document_instruction`, its `query_instruction`, or none."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return {"document": processor.document_instruction, "query": processor.query_instruction}.get(role)
+
 
 # Kept long: 20 lines of docstring; the loop is one pass over the corpus with its shards and resume.
 def encode_corpus(
@@ -56,9 +66,7 @@ def encode_corpus(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     finished, recorded = finished_spans(output, shard_size), manifest_entries(output)
-    counts = dict.fromkeys(
-        ("rows", "embedded", "skipped", "shards_written", "shards_already_done", "damaged_shards_redone"), 0
-    )
+    counts = dict.fromkeys(COUNTS, 0)
     stream = iter(rows)
     for shard in itertools.count():
         start = shard * shard_size

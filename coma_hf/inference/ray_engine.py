@@ -9,6 +9,9 @@ file skipped and counted, not a failed block as with `ray.data.read_images`) and
 writer (`encode.encode_shard`). A worker that dies is restarted and its shard retried; shard writes are atomic, so a
 retried shard is written once. Search, LanceDB and the demo read the result as they read `encode_corpus`'s.
 
+The driver holds the rows of the shards still to write (an id and an input each: for a folder, JSONL or CSV a text
+and an image path, about 100 bytes), and every node sees the same filesystem for the images and the output.
+
 Written on `map_batches` over shard ranges rather than `read_binary_files` + a shuffle into shards: a shard must hold
 exactly its corpus positions for resuming and for equal output, and grouping bytes into shards would move every
 image through the object store twice.
@@ -22,11 +25,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .encode import encode_shard, shard_is_whole
+from .encode import COUNTS, ROLES, encode_shard, role_instruction, shard_is_whole
 from .shards import FORMATS, finished_spans, manifest_entries
 from .sources import CorpusRow
-
-COUNTS = ("rows", "embedded", "skipped", "shards_written", "shards_already_done", "damaged_shards_redone")
 
 
 def encode_corpus_ray(
@@ -48,12 +49,20 @@ def encode_corpus_ray(
     `role` picks the checkpoint processor's instruction (`"document"`, `"query"` or `"none"`). `num_gpus_per_actor`
     defaults to 1 when the cluster has GPUs, else 0. `encoder_class` replaces `ShardEncoder` (same constructor)."""
     import ray
+    import torch
 
     if file_format not in FORMATS:
         raise ValueError(f"file_format must be one of {FORMATS}, got {file_format!r}")
     if shard_size < 1 or batch_size < 1 or num_actors < 1:
         raise ValueError("shard_size, batch_size and num_actors must be positive")
-    output = Path(output_dir)
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, …), got {dtype!r}")
+    # absolute: a cluster's workers run in the raylet's working directory, not the driver's
+    output = Path(output_dir).resolve()
+    if Path(model_name_or_path).exists():
+        model_name_or_path = Path(model_name_or_path).resolve()
     output.mkdir(parents=True, exist_ok=True)
     counts = dict.fromkeys(COUNTS, 0)
     shards = pending_shards(rows, output, shard_size, counts)
@@ -100,7 +109,7 @@ def pending_shards(rows: Iterable[CorpusRow], output: Path, shard_size: int, cou
         counts["rows"] += len(block)
         if not block:
             break
-        if start in finished and len(block) == shard_size and shard_is_whole(finished[start], recorded, counts):
+        if start in finished and shard_is_whole(finished[start], recorded, counts):
             counts["shards_already_done"] += 1
         else:
             shards.append({"start": start, "rows": [_as_item(row) for row in block]})
@@ -110,7 +119,11 @@ def pending_shards(rows: Iterable[CorpusRow], output: Path, shard_size: int, cou
 
 
 def _as_item(row: CorpusRow) -> dict:
-    return {"position": row.position, "id": row.id, "input": row.input, "error": row.error}
+    """A row as the actors receive it, an image path made absolute (workers run elsewhere)."""
+    value = dict(row.input) if row.input else row.input
+    if value and isinstance(value.get("image"), (str, os.PathLike)):
+        value["image"] = os.path.abspath(value["image"])
+    return {"position": row.position, "id": row.id, "input": value, "error": row.error}
 
 
 class ShardEncoder:
@@ -120,14 +133,14 @@ class ShardEncoder:
     def __init__(
         self, model_name_or_path: str, output_dir: str, batch_size: int, file_format: str, role: str, dtype: str
     ):
+        import ray
         import torch
         from transformers import AutoModel
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if ray.get_gpu_ids() else "cpu"  # only a GPU Ray gave this actor
         model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=True, dtype=getattr(torch, dtype))
         self.model = model.to(device).eval()
-        processor = self.model.processor
-        self.instruction = {"document": processor.document_instruction, "query": processor.query_instruction}.get(role)
+        self.instruction = role_instruction(self.model.processor, role)
         self.output, self.batch_size, self.file_format = Path(output_dir), batch_size, file_format
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
