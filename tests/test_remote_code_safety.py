@@ -31,6 +31,7 @@ ALLOWED_MODULES = {
     "functools",
     "itertools",
     "contextlib",
+    "threading",  # a lock, no I/O
     "warnings",
     "numpy",
     "PIL",
