@@ -5,7 +5,10 @@ the whole split as the corpus (not MMEB's 16 candidates).
     python benchmarks/default_search.py                                  # outputs/stage1 and outputs/stage2, test
     python benchmarks/default_search.py --checkpoints outputs/stage2 --split dev
 
-Reported per checkpoint:
+Reported per checkpoint and per rendering: `demo` (queries with the processor's query instruction, images with its
+document instruction, as `encode_query` / `encode_document` and the demo do) and `as_trained` (a query as the
+mini-MMEB's caption→image rows put it, "Find me an image that matches the given caption: …", images without an
+instruction, as stage 2's pairs render them):
 - **caption → image**: each scene's caption as the query; P@1 and R@5 that the scene itself (or a scene with the
   same caption) is found among all scenes of the split;
 - **"a {colour} {shape}"**: for every colour–shape pair some scene holds, precision@8 (top-8 scenes that hold such a
@@ -29,6 +32,8 @@ from coma_hf.data.sources import read_jsonl_records  # noqa: E402
 from coma_hf.data.synthetic import NUMBER_WORDS  # noqa: E402
 
 TOP = 8  # the demo's default number of results
+TRAINED_QUERY = "Find me an image that matches the given caption: {}"  # the mini-MMEB's caption→image query text
+RENDERINGS = ("demo", "as_trained")
 
 
 def scene_facts(record: dict) -> dict:
@@ -63,14 +68,29 @@ def precision_at(scores: torch.Tensor, relevant: list[bool], k: int = TOP) -> fl
     return sum(relevant[index] for index in order.tolist()) / k
 
 
-def evaluate(checkpoint: str, records: list[dict], root: Path) -> dict:
-    """The search metrics of one checkpoint over `records` (scene images under `root`)."""
+def evaluate(checkpoint: str, records: list[dict], root: Path) -> list[dict]:
+    """The search metrics of one checkpoint over `records` (scene images under `root`), one result per rendering."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
-    images = model.encode_document([{"image": str(root / record["image"])} for record in records], batch_size=32)
+    scenes = [{"image": str(root / record["image"])} for record in records]
+    results = []
+    for rendering in RENDERINGS:
+        if rendering == "demo":
+            images = model.encode_document(scenes, batch_size=32)
+            embed = lambda texts: model.encode_query(texts, batch_size=32)  # noqa: E731
+        else:
+            images = model.encode(scenes, batch_size=32)
+            embed = lambda texts: model.encode([TRAINED_QUERY.format(t) for t in texts], batch_size=32)  # noqa: E731
+        results.append({"checkpoint": checkpoint, "rendering": rendering, **_metrics(records, images, embed)})
+    return results
+
+
+def _metrics(records: list[dict], images: torch.Tensor, embed) -> dict:
+    """Caption→image P@1 / R@5 and the attribute queries' precision@8, with `embed` turning query texts into
+    vectors."""
     captions = [record["caption"] for record in records]
-    caption_scores = model.encode_query(captions, batch_size=32) @ images.T
+    caption_scores = embed(captions) @ images.T
     hits_at_1 = hits_at_5 = 0
     for row, caption in enumerate(captions):
         same = {index for index, other in enumerate(captions) if other == caption}
@@ -78,7 +98,6 @@ def evaluate(checkpoint: str, records: list[dict], root: Path) -> dict:
         hits_at_1 += order[0] in same
         hits_at_5 += bool(same & set(order[:5]))
     result = {
-        "checkpoint": checkpoint,
         "scenes": len(records),
         "caption_p_at_1": hits_at_1 / len(records),
         "caption_r_at_5": hits_at_5 / len(records),
@@ -86,7 +105,7 @@ def evaluate(checkpoint: str, records: list[dict], root: Path) -> dict:
     }
     for kind, queries in attribute_queries([scene_facts(record) for record in records]).items():
         texts = list(queries)
-        scores = model.encode_query(texts, batch_size=32) @ images.T
+        scores = embed(texts) @ images.T
         precisions = [precision_at(scores[row], queries[text]) for row, text in enumerate(texts)]
         base_rates = [sum(queries[text]) / len(records) for text in texts]
         result[kind] = {
@@ -107,11 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     root = Path(args.synthetic_dir)
     records = read_jsonl_records(root / f"{args.split}.jsonl")
-    results = [evaluate(checkpoint, records, root) for checkpoint in args.checkpoints.split(",")]
+    results = [result for checkpoint in args.checkpoints.split(",") for result in evaluate(checkpoint, records, root)]
     table = [
-        f"| checkpoint | caption P@1 | caption R@5 | colour shape P@{TOP} (base) | count P@{TOP} (base) "
+        f"| checkpoint | rendering | caption P@1 | caption R@5 | colour shape P@{TOP} (base) | count P@{TOP} (base) "
         f"| digit P@{TOP} (base) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         cells = [
@@ -119,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             for kind in ("colour shape", "count", "digit")
         ]
         table.append(
-            f"| {r['checkpoint']} | {r['caption_p_at_1']:.2f} | {r['caption_r_at_5']:.2f} | "
+            f"| {r['checkpoint']} | {r['rendering']} | {r['caption_p_at_1']:.2f} | {r['caption_r_at_5']:.2f} | "
             + " | ".join(cells)
             + " |"
         )

@@ -59,7 +59,9 @@ def test_the_benchmark_scores_a_checkpoint_over_a_split(search, tmp_path):
             str(output),
         ]
     )
-    (result,) = json.loads(output.read_text())["results"]
+    results = json.loads(output.read_text())["results"]
+    assert [result["rendering"] for result in results] == ["demo", "as_trained"]
+    result = results[0]
     assert result["scenes"] == 10 and result["chance_p_at_1"] == 0.1
     assert 0 <= result["caption_p_at_1"] <= result["caption_r_at_5"] <= 1
     colour_shape = result["colour shape"]
