@@ -137,16 +137,14 @@ def main_on_ray(args: argparse.Namespace) -> dict:
         num_actors=args.num_actors,
         dtype=args.dtype,
     )
-    return {"process": counts, "manifest": finish(args, instruction_of_role=args.role)}
+    from transformers import AutoProcessor  # the driver loads no model: the instruction the manifest records
+
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    return {"process": counts, "manifest": finish(args, inference.role_instruction(processor, args.role))}
 
 
-def finish(args: argparse.Namespace, instruction_of_role: str | None = None, instruction: str | None = None) -> dict:
+def finish(args: argparse.Namespace, instruction: str | None) -> dict:
     """The manifest (and the faiss index when asked for) once every shard is written; the summary printed."""
-    if instruction_of_role is not None:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-        instruction = inference.role_instruction(processor, instruction_of_role)
     manifest = inference.write_manifest(args.output_dir, model=args.model, instruction=instruction)
     if args.faiss_index:
         inference.build_faiss_index(args.output_dir)
@@ -193,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
     logger.info("process %d: %s", state.process_index, counts)
     state.wait_for_everyone()
-    manifest = finish(args, instruction=instruction) if state.is_main_process else {}
+    manifest = finish(args, instruction) if state.is_main_process else {}
     return {"process": counts, "manifest": manifest}
 
 

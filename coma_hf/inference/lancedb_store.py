@@ -75,7 +75,8 @@ def sync_lancedb(
         table.delete(" OR ".join(f"shard = {_sql_string(name)}" for name in stale))
     added = 0
     for name in (name for name in shards if stored.get(name) != shards[name][1]):
-        batch = _shard_table(*shards[name], columns, table.schema if table is not None else None)
+        schema = table.schema if table is not None else None
+        batch = _shard_table(*shards[name], columns, _extra_columns(schema) if schema is not None else extra, schema)
         if batch is None:  # every row of the shard was skipped: nothing to store
             continue
         if table is None:
@@ -156,9 +157,11 @@ def _stored_shards(table: Any) -> dict[str, str]:
     return dict(zip(pairs.column("shard").to_pylist(), pairs.column("shard_sha256").to_pylist(), strict=True))
 
 
-def _shard_table(path: Path, sha256: str, columns: Mapping[str, dict] | None, schema: Any = None) -> Any:
-    """One shard as an Arrow table of table rows (`None` when every row of it was skipped); with the table's
-    `schema`, its extra fields typed as there (null where `columns` has no value)."""
+def _shard_table(
+    path: Path, sha256: str, columns: Mapping[str, dict] | None, keys: list[str], schema: Any = None
+) -> Any:
+    """One shard as an Arrow table of table rows (`None` when every row of it was skipped), with the extra fields
+    `keys` (null where `columns` has no value), typed as the table's `schema` has them when given."""
     import pyarrow as pa
 
     ids, vectors, _ = read_shard(path)
@@ -172,7 +175,6 @@ def _shard_table(path: Path, sha256: str, columns: Mapping[str, dict] | None, sc
         "shard": pa.array([path.name] * len(ids), pa.string()),
         "shard_sha256": pa.array([sha256] * len(ids), pa.string()),
     }
-    keys = _extra_columns(schema) if schema is not None else sorted({k for f in (columns or {}).values() for k in f})
     for key in keys:
         values = [(columns or {}).get(identifier, {}).get(key) for identifier in ids]
         data[key] = pa.array(values, type=schema.field(key).type if schema is not None else None)
